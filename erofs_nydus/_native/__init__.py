@@ -1,0 +1,1 @@
+"""Compiled kernel ABI bindings (cffi API mode): _cachefiles and _fanotify."""

@@ -1,0 +1,60 @@
+"""The `erofs-nydus` command line.
+
+Thin commands: parse options, call one core function, print the result.  Every
+`ErofsNydusError` becomes a one-line message on stderr and the error's exit code;
+nothing a user can cause ends in a traceback.
+
+Command groups live in sibling modules (one per area) that register themselves on
+`main` when imported; the list below is the only place that names them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from erofs_nydus.errors import ErofsNydusError
+
+_COMMAND_MODULES = ("build", "runtime", "registry", "ops")
+
+
+class _Group(click.Group):
+    """A click group that turns project errors into clean messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ErofsNydusError as exc:
+            click.echo(f"erofs-nydus: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("erofs-nydus: interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(141)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="erofs_nydus")
+def main() -> None:
+    """Build RAFS v6 (Nydus) images and mount them lazily with the Linux kernel.
+
+    Images are an EROFS metadata "bootstrap" plus chunked, compressed data blobs.
+    A daemon fills each blob's uncompressed address space on demand, through
+    fanotify pre-content hooks (Linux >= 6.14) or /dev/cachefiles (fscache).
+    """
+
+
+def _load_commands() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"erofs_nydus.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"erofs_nydus.cli.{name}":
+                raise
+
+
+_load_commands()

@@ -1,0 +1,3 @@
+"""Shared pytest configuration: fixture plugins live in their own modules."""
+
+pytest_plugins = ["fixtures_trees", "registry_fixture"]

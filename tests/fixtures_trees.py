@@ -1,0 +1,1 @@
+"""Tree fixtures (synthetic tree, debootstrap rootfs) and tree comparison."""

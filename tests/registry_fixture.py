@@ -1,0 +1,1 @@
+"""Fixtures that start a real docker-registry on 127.0.0.1."""
