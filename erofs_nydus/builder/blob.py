@@ -1,0 +1,348 @@
+"""Chunk store for one data blob: digest, dedup, compress, append.
+
+Blob file layout (what `nydus-image create -D` writes, no ToC):
+    chunk data (compressed back to back from offset 0)
+    | CI array (V1, 16 B per chunk; lz4-compressed when that is smaller)
+    | 4 KiB BlobCIHeader (magic 0xB10BB10B at 0 and 4092)
+The blob id is the sha256 of the whole file.  Chunk i occupies
+[uncompressed_offset, +round_up_4k(size)) of the uncompressed address space, which
+`--blob-cache-dir` writes out as `<blob id>.blob.data` (sparse where all-zero).
+
+Everything is written to temporary names in the target directories and renamed
+only by `finish()`; `abort()` removes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from typing import IO, BinaryIO
+
+import lz4.block
+
+from erofs_nydus.errors import ErofsNydusError, FormatError, SourceError
+from erofs_nydus.image import BlobInfo, ChunkInfo
+from erofs_nydus.layout import build
+from erofs_nydus.layout.common import BLOCK_SIZE, align
+from erofs_nydus.layout.rafs import (
+    BLOB_CI_HEADER_SIZE,
+    BLOB_CI_MAGIC,
+    BLOB_FEATURE_ALIGNED,
+    COMPRESSOR_IDS,
+    MAX_CHUNKS_PER_BLOB,
+    BlobCIHeader,
+    CIEntryV1,
+    encode_ci_v1,
+)
+
+_ZEROS = bytes(16 << 20)
+
+
+@dataclass(slots=True)
+class BlobStats:
+    chunks_referenced: int = 0  # chunk references from files (incl. duplicates)
+    bytes_referenced: int = 0  # uncompressed bytes referenced by files
+    chunks_stored: int = 0
+    bytes_stored_uncompressed: int = 0
+    bytes_stored_compressed: int = 0
+    chunks_deduplicated: int = 0
+    chunks_from_dict: int = 0
+
+
+def compress_chunk(data: bytes, compressor: str) -> bytes | None:
+    """Compress one chunk; None when the result would not be smaller (store raw)."""
+    if compressor == "none":
+        return None
+    out: bytes = lz4.block.compress(data, mode="default", store_size=False)
+    return out if len(out) < len(data) else None
+
+
+def decompress_chunk(buf: bytes, chunk: ChunkInfo) -> bytes:
+    if not chunk.compressed:
+        return buf
+    try:
+        data: bytes = lz4.block.decompress(buf, uncompressed_size=chunk.uncompressed_size)
+    except lz4.block.LZ4BlockError as exc:
+        raise FormatError(f"chunk {chunk.digest.hex()[:16]}: lz4 data corrupt: {exc}") from exc
+    if len(data) != chunk.uncompressed_size:
+        raise FormatError(f"chunk {chunk.digest.hex()[:16]}: decompressed to {len(data)} bytes")
+    return data
+
+
+class ChunkLookup:
+    """Read-only digest -> chunk map from other images (the `--chunk-dict` feature)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[bytes, int], ChunkInfo] = {}
+        self.blobs: list[BlobInfo] = []
+
+    def add_blob(self, blob: BlobInfo, chunks: list[ChunkInfo]) -> None:
+        """Register a dictionary blob; its chunks are relabelled with a lookup-wide index."""
+        if any(b.blob_id == blob.blob_id for b in self.blobs):
+            return
+        index = len(self.blobs)
+        self.blobs.append(replace(blob, blob_index=index))
+        for c in chunks:
+            self._by_key.setdefault((c.digest, c.uncompressed_size), replace(c, blob_index=index))
+
+    def get(self, digest: bytes, size: int) -> ChunkInfo | None:
+        return self._by_key.get((digest, size))
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
+class BlobWriter:
+    """Appends unique chunks of one build to a new blob (and its cache file)."""
+
+    def __init__(self, blob_dir: str, *, chunk_size: int, compressor: str, blob_index: int = 0,
+                 cache_dir: str | None = None, chunk_dict: ChunkLookup | None = None) -> None:
+        self.blob_dir = blob_dir
+        self.cache_dir = cache_dir
+        self.chunk_size = chunk_size
+        self.compressor = compressor
+        self.blob_index = blob_index
+        self.chunk_dict = chunk_dict
+        self.stats = BlobStats()
+        self.used_dict_chunks: dict[tuple[bytes, int], ChunkInfo] = {}
+        self._chunks: list[ChunkInfo] = []
+        self._dedup: dict[tuple[bytes, int], ChunkInfo] = {}
+        self._coff = 0
+        self._uoff = 0
+        self._hash = hashlib.sha256()
+        self._zero_digests: dict[int, bytes] = {}
+        self._blob_f: BinaryIO | None = None
+        self._cache_f: BinaryIO | None = None
+        self._tmp_paths: list[str] = []
+        self.created: list[str] = []  # files finish() created that did not exist before
+
+    # -- temp files -------------------------------------------------------------------------
+    def _open_tmp(self, directory: str, suffix: str) -> BinaryIO:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix=".erofs-nydus-", suffix=suffix, dir=directory)
+        except OSError as exc:
+            raise SourceError(f"cannot create a file in {directory}: {exc.strerror}") from exc
+        self._tmp_paths.append(path)
+        return os.fdopen(fd, "wb")
+
+    def _ensure_open(self) -> None:
+        if self._blob_f is None:
+            self._blob_f = self._open_tmp(self.blob_dir, ".blob")
+            if self.cache_dir is not None:
+                self._cache_f = self._open_tmp(self.cache_dir, ".blob.data")
+
+    def _write_blob(self, data: bytes) -> None:
+        assert self._blob_f is not None
+        self._blob_f.write(data)
+        self._hash.update(data)
+
+    # -- chunks -----------------------------------------------------------------------------
+    def zero_digest(self, size: int) -> bytes:
+        d = self._zero_digests.get(size)
+        if d is None:
+            d = self._zero_digests[size] = hashlib.sha256(_ZEROS[:size]).digest()
+        return d
+
+    def add_chunk(self, data: bytes, file_offset: int, digest: bytes | None = None) -> ChunkInfo:
+        """Store (or deduplicate) one chunk and return where it lives."""
+        size = len(data)
+        if digest is None:
+            digest = hashlib.sha256(data).digest()
+        self.stats.chunks_referenced += 1
+        self.stats.bytes_referenced += size
+        key = (digest, size)
+        found = self._dedup.get(key)
+        if found is not None:
+            self.stats.chunks_deduplicated += 1
+            return found
+        if self.chunk_dict is not None:
+            found = self.chunk_dict.get(digest, size)
+            if found is not None:
+                self.stats.chunks_from_dict += 1
+                self.used_dict_chunks[key] = found
+                self._dedup[key] = found
+                return found
+        if len(self._chunks) >= MAX_CHUNKS_PER_BLOB:
+            raise SourceError(f"more than {MAX_CHUNKS_PER_BLOB} unique chunks in one blob; "
+                              "use a larger --chunk-size")
+        self._ensure_open()
+        packed = compress_chunk(data, self.compressor)
+        stored = packed if packed is not None else data
+        chunk = ChunkInfo(
+            digest=digest, blob_index=self.blob_index, index=len(self._chunks),
+            compressed_offset=self._coff, compressed_size=len(stored),
+            uncompressed_offset=self._uoff, uncompressed_size=size,
+            compressed=packed is not None,
+        )
+        self._write_blob(stored)
+        if self._cache_f is not None:
+            if data == _ZEROS[:size]:
+                self._cache_f.seek(align(size, BLOCK_SIZE), os.SEEK_CUR)
+            else:
+                self._cache_f.write(data)
+                pad = align(size, BLOCK_SIZE) - size
+                if pad:
+                    self._cache_f.write(_ZEROS[:pad])
+        self._coff += len(stored)
+        self._uoff += align(size, BLOCK_SIZE)
+        self._chunks.append(chunk)
+        self._dedup[key] = chunk
+        self.stats.chunks_stored += 1
+        self.stats.bytes_stored_uncompressed += size
+        self.stats.bytes_stored_compressed += len(stored)
+        return chunk
+
+    def add_stream(self, read: IO[bytes], size: int, name: str) -> list[ChunkInfo]:
+        """Chunk `size` bytes read sequentially from a file object."""
+        chunks: list[ChunkInfo] = []
+        off = 0
+        while off < size:
+            want = min(self.chunk_size, size - off)
+            try:
+                data = read.read(want)
+            except OSError as exc:
+                raise SourceError(f"{name}: read error: {exc}") from exc
+            if len(data) != want:
+                raise SourceError(f"{name}: unexpected end of data at byte {off + len(data)} "
+                                  f"of {size}")
+            chunks.append(self.add_chunk(data, off))
+            off += want
+        return chunks
+
+    def add_file(self, path: bytes, size: int, name: str) -> list[ChunkInfo]:
+        """Chunk a file on disk, skipping holes of sparse files without reading them."""
+        chunks: list[ChunkInfo] = []
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = -1
+        except OSError as exc:
+            raise SourceError(f"{name}: cannot open: {exc.strerror}") from exc
+        try:
+            if fd < 0:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            next_data: int | None = -1
+            off = 0
+            while off < size:
+                want = min(self.chunk_size, size - off)
+                if next_data is not None and next_data < off:
+                    next_data = _seek_data(fd, off)
+                if next_data is None or next_data >= off + want:
+                    chunks.append(self.add_chunk(_ZEROS[:want], off, self.zero_digest(want)))
+                else:
+                    data = os.pread(fd, want, off)
+                    if len(data) != want:
+                        raise SourceError(f"{name}: file shrank while reading "
+                                          f"(EOF at {off + len(data)} of {size})")
+                    chunks.append(self.add_chunk(data, off))
+                off += want
+        except OSError as exc:
+            raise SourceError(f"{name}: read error: {exc.strerror}") from exc
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return chunks
+
+    # -- finish -----------------------------------------------------------------------------
+    def finish(self) -> BlobInfo | None:
+        """Write the CI table and header, rename into place; None if no chunk was stored."""
+        if self._blob_f is None:
+            self.abort()
+            return None
+        ci_raw = b"".join(
+            build(CIEntryV1, dict(zip(("uncomp_info", "comp_info"), encode_ci_v1(
+                c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
+                c.compressed_size), strict=True)))
+            for c in self._chunks
+        )
+        ci_packed = compress_chunk(ci_raw, self.compressor)
+        ci_compressor = self.compressor if ci_packed is not None else "none"
+        ci_bytes = ci_packed if ci_packed is not None else ci_raw
+        ci_offset = self._coff
+        header = build(BlobCIHeader, {
+            "magic": BLOB_CI_MAGIC, "features": BLOB_FEATURE_ALIGNED,
+            "ci_compressor": COMPRESSOR_IDS[ci_compressor], "ci_entries": len(self._chunks),
+            "ci_offset": ci_offset, "ci_compressed_size": len(ci_bytes),
+            "ci_uncompressed_size": len(ci_raw), "zran_offset": 0, "zran_size": 0,
+            "zran_count": 0, "reserved": bytes(4032), "magic2": BLOB_CI_MAGIC,
+        })
+        assert len(header) == BLOB_CI_HEADER_SIZE
+        try:
+            self._write_blob(ci_bytes)
+            self._write_blob(header)
+            blob_id = self._hash.hexdigest()
+            self._close_files(sync=True)
+            blob_tmp = self._tmp_paths[0]
+            os.chmod(blob_tmp, 0o644)
+            self._install(blob_tmp, os.path.join(self.blob_dir, blob_id))
+            if self.cache_dir is not None:
+                cache_tmp = self._tmp_paths[1]
+                os.chmod(cache_tmp, 0o644)
+                self._install(cache_tmp, os.path.join(self.cache_dir, blob_id + ".blob.data"))
+        except OSError as exc:
+            self.abort()
+            raise SourceError(f"cannot write blob: {exc.strerror}") from exc
+        self._tmp_paths.clear()
+        return BlobInfo(
+            blob_id=blob_id, blob_index=self.blob_index, chunk_size=self.chunk_size,
+            chunk_count=len(self._chunks), compressor=self.compressor, digester="sha256",
+            compressed_size=self._coff, uncompressed_size=self._uoff, ci_offset=ci_offset,
+            ci_compressed_size=len(ci_bytes), ci_uncompressed_size=len(ci_raw),
+            features=BLOB_FEATURE_ALIGNED,
+        )
+
+    def _install(self, tmp: str, final: str) -> None:
+        if not os.path.exists(final):
+            self.created.append(final)
+        os.replace(tmp, final)
+
+    def remove_created(self) -> None:
+        """Undo finish(): remove the files it created (used when a later step fails)."""
+        for path in self.created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.created.clear()
+
+    @property
+    def chunks(self) -> list[ChunkInfo]:
+        return self._chunks
+
+    def _close_files(self, sync: bool) -> None:
+        for f in (self._blob_f, self._cache_f):
+            if f is None or f.closed:
+                continue
+            if sync:
+                if f is self._cache_f:
+                    f.truncate(self._uoff)
+                f.flush()
+                os.fsync(f.fileno())
+            f.close()
+
+    def abort(self) -> None:
+        """Remove every temporary file; safe to call more than once."""
+        try:
+            self._close_files(sync=False)
+        except (OSError, ErofsNydusError):
+            pass
+        for path in self._tmp_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._tmp_paths.clear()
+
+
+def _seek_data(fd: int, off: int) -> int | None:
+    """Next offset >= off holding data, None if only a hole follows."""
+    try:
+        return os.lseek(fd, off, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        return off

@@ -1,0 +1,215 @@
+"""`create_image`: the builder's one entry point.
+
+source -> tree (chunking data into the blob writer as it goes) -> blob finished and
+renamed -> bootstrap planned, written to a temp name, renamed.  Any error removes
+every temporary file, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO
+
+from erofs_nydus.builder.blob import BlobStats, BlobWriter, ChunkLookup
+from erofs_nydus.builder.bootstrap import write_bootstrap
+from erofs_nydus.builder.source import tree_from_dir, tree_from_tar
+from erofs_nydus.errors import SourceError, UsageError
+from erofs_nydus.image import BlobInfo, ChunkInfo
+from erofs_nydus.layout.rafs import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from erofs_nydus.tree import Node
+
+COMPRESSORS = ("lz4", "none")
+
+
+@dataclass(slots=True)
+class BuildOptions:
+    chunk_size: int = 0x100000
+    compressor: str = "lz4"
+    blob_cache_dir: str | None = None
+    chunk_dicts: list[str] = field(default_factory=list)
+    whiteout_spec: str = "none"
+
+    def validate(self) -> None:
+        cs = self.chunk_size
+        if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+            raise UsageError(f"--chunk-size {cs:#x}: must be a power of two between "
+                             f"{MIN_CHUNK_SIZE:#x} and {MAX_CHUNK_SIZE:#x}")
+        if self.compressor not in COMPRESSORS:
+            raise UsageError(f"--compressor {self.compressor}: choose one of {COMPRESSORS}")
+
+
+@dataclass(slots=True)
+class BuildResult:
+    bootstrap: str
+    bootstrap_size: int
+    inodes: int
+    blobs: list[BlobInfo]
+    new_blob: BlobInfo | None
+    stats: BlobStats
+    chunk_size: int
+    compressor: str
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "bootstrap": self.bootstrap,
+            "bootstrap_size": self.bootstrap_size,
+            "inodes": self.inodes,
+            "chunk_size": self.chunk_size,
+            "compressor": self.compressor,
+            "blobs": [
+                {"blob_id": b.blob_id, "blob_index": b.blob_index,
+                 "compressed_size": b.compressed_size,
+                 "blob_file_size": b.ci_offset + b.ci_compressed_size + 4096,
+                 "uncompressed_size": b.uncompressed_size, "chunk_count": b.chunk_count,
+                 "new": self.new_blob is not None and b.blob_id == self.new_blob.blob_id}
+                for b in self.blobs
+            ],
+            "dedup": {
+                "chunks_referenced": s.chunks_referenced,
+                "bytes_referenced": s.bytes_referenced,
+                "chunks_stored": s.chunks_stored,
+                "bytes_stored_uncompressed": s.bytes_stored_uncompressed,
+                "bytes_stored_compressed": s.bytes_stored_compressed,
+                "chunks_deduplicated": s.chunks_deduplicated,
+                "chunks_from_chunk_dict": s.chunks_from_dict,
+            },
+        }
+
+
+def _open_source(source: str) -> tuple[str, BinaryIO | None]:
+    """Classify SOURCE: ("dir", None) or ("tar", stream)."""
+    if source == "-":
+        return "tar", sys.stdin.buffer
+    try:
+        st = os.stat(source)
+    except OSError as exc:
+        raise SourceError(f"{source}: {exc.strerror}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        return "dir", None
+    try:
+        return "tar", open(source, "rb")
+    except OSError as exc:
+        raise SourceError(f"{source}: {exc.strerror}") from exc
+
+
+def _load_chunk_dicts(paths: list[str], opts: BuildOptions) -> ChunkLookup | None:
+    if not paths:
+        return None
+    from erofs_nydus.reader import read_bootstrap_file
+
+    lookup = ChunkLookup()
+    for path in paths:
+        img = read_bootstrap_file(path)
+        if img.chunk_size != opts.chunk_size:
+            raise UsageError(f"--chunk-dict {path}: chunk size {img.chunk_size:#x} differs from "
+                             f"--chunk-size {opts.chunk_size:#x}")
+        for b in img.blobs:
+            if b.compressor != opts.compressor:
+                raise UsageError(f"--chunk-dict {path}: blob {b.blob_id[:12]} uses compressor "
+                                 f"{b.compressor}, this build uses {opts.compressor}")
+            lookup.add_blob(b, img.chunks[b.blob_index])
+    return lookup
+
+
+def _assign_blobs(root: Node, writer: BlobWriter, new_blob: BlobInfo | None,
+                  lookup: ChunkLookup | None) -> tuple[list[BlobInfo], list[ChunkInfo]]:
+    """Final blob table: used dictionary blobs first (lookup order), then the new blob.
+
+    Chunks are relabelled with their final blob_index; files are updated in place.
+    """
+    used = sorted({c.blob_index for c in writer.used_dict_chunks.values()})
+    assert lookup is not None or not used
+    dict_blobs = [lookup.blobs[i] for i in used] if lookup is not None else []
+    final_of_dict = {lookup_index: pos for pos, lookup_index in enumerate(used)}
+    blobs = [replace(b, blob_index=i) for i, b in enumerate(dict_blobs)]
+    if new_blob is not None:
+        blobs.append(replace(new_blob, blob_index=len(blobs)))
+    new_index = len(blobs) - 1
+    new_ids = {id(c) for c in writer.chunks}
+    relabelled: dict[int, ChunkInfo] = {}
+
+    def relabel(c: ChunkInfo) -> ChunkInfo:
+        got = relabelled.get(id(c))
+        if got is None:
+            idx = new_index if id(c) in new_ids else final_of_dict[c.blob_index]
+            got = relabelled[id(c)] = c if idx == c.blob_index else replace(c, blob_index=idx)
+        return got
+
+    seen: set[int] = set()
+    for _, node in root.walk():
+        if node.inode.chunks and id(node.inode) not in seen:
+            seen.add(id(node.inode))
+            node.inode.chunks = [relabel(c) for c in node.inode.chunks]
+    table = [relabel(c) for c in writer.chunks]
+    table += [relabel(c) for c in writer.used_dict_chunks.values()]
+    return blobs, table
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".erofs-nydus-", suffix=".boot", dir=directory)
+    except OSError as exc:
+        raise SourceError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise SourceError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def create_image(source: str, bootstrap: str, blob_dir: str,
+                 opts: BuildOptions | None = None) -> BuildResult:
+    """Build `source` (directory, tar, tar.gz or "-") into `bootstrap` + a blob in `blob_dir`."""
+    opts = opts or BuildOptions()
+    opts.validate()
+    lookup = _load_chunk_dicts(opts.chunk_dicts, opts)
+    kind, stream = _open_source(source)
+    writer = BlobWriter(blob_dir, chunk_size=opts.chunk_size, compressor=opts.compressor,
+                        cache_dir=opts.blob_cache_dir, chunk_dict=lookup)
+    new_blob: BlobInfo | None = None
+    try:
+        try:
+            if kind == "dir":
+                root = tree_from_dir(source, writer)
+            else:
+                assert stream is not None
+                root = tree_from_tar(stream, writer, label="stdin" if source == "-" else source)
+        finally:
+            if stream is not None and stream is not sys.stdin.buffer:
+                stream.close()
+        if opts.whiteout_spec != "none":
+            from erofs_nydus.whiteout import normalize_whiteouts
+
+            normalize_whiteouts(root, opts.whiteout_spec)
+        new_blob = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    blobs, table = _assign_blobs(root, writer, new_blob, lookup)
+    if new_blob is not None:
+        new_blob = blobs[-1]
+    plan = write_bootstrap(root, blobs, table, chunk_size=opts.chunk_size,
+                           compressor=opts.compressor)
+    try:
+        write_file_atomic(bootstrap, plan.data)
+    except BaseException:
+        writer.remove_created()
+        raise
+    return BuildResult(bootstrap=bootstrap, bootstrap_size=len(plan.data), inodes=plan.inode_count,
+                       blobs=blobs, new_blob=new_blob, stats=writer.stats,
+                       chunk_size=opts.chunk_size, compressor=opts.compressor)

@@ -1,0 +1,5 @@
+"""`python -m erofs_nydus.cli`."""
+
+from erofs_nydus.cli import main
+
+main()

@@ -1,0 +1,435 @@
+"""Bootstrap reader: parse, validate, and rebuild the file tree of a RAFS v6 image.
+
+The checks mirror what the kernel and Nydus's `v6.rs` reject (reference/nydus-rafs-v6.md
+section 7 and kernel-interfaces.md section C); `problems()` lists them one line each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import stat
+from dataclasses import dataclass
+
+from erofs_nydus.errors import FormatError
+from erofs_nydus.image import BlobInfo, ChunkInfo, RafsImage
+from erofs_nydus.layout import erofs as E
+from erofs_nydus.layout import parse
+from erofs_nydus.layout import rafs as R
+from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
+from erofs_nydus.tree import Inode, Node
+
+_COMPRESSOR_NAMES = {v: k for k, v in R.COMPRESSOR_IDS.items()}
+_DIGESTER_NAMES = {v: k for k, v in R.DIGESTER_IDS.items()}
+_HEX = set("0123456789abcdef")
+_VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                stat.S_IFIFO, stat.S_IFSOCK}
+_FT_OF_TYPE = {stat.S_IFREG: E.FT_REG_FILE, stat.S_IFDIR: E.FT_DIR, stat.S_IFCHR: E.FT_CHRDEV,
+               stat.S_IFBLK: E.FT_BLKDEV, stat.S_IFIFO: E.FT_FIFO, stat.S_IFSOCK: E.FT_SOCK,
+               stat.S_IFLNK: E.FT_SYMLINK}
+
+
+@dataclass(slots=True)
+class RawInode:
+    nid: int
+    offset: int
+    extended: bool
+    datalayout: int
+    xattr_icount: int
+    mode: int
+    size: int
+    i_u: int
+    ino: int
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    nlink: int
+
+    @property
+    def isize(self) -> int:
+        return int(E.INODE_EXTENDED_SIZE if self.extended else E.INODE_COMPACT_SIZE)
+
+
+class BootstrapReader:
+    """Random access to one bootstrap held in memory."""
+
+    def __init__(self, data: bytes, name: str = "bootstrap") -> None:
+        self.data = data
+        self.name = name
+        if len(data) < 2 * BLOCK_SIZE:
+            raise FormatError(f"{name}: {len(data)} bytes is too small for a RAFS v6 bootstrap")
+        self.sb = parse(E.SuperBlock, data, E.EROFS_SUPER_OFFSET, "EROFS superblock")
+        if self.sb.magic != E.EROFS_SUPER_MAGIC:
+            raise FormatError(f"{name}: not an EROFS image (magic {self.sb.magic:#010x})")
+        self.ext = parse(R.SuperBlockExt, data, R.EXT_SUPERBLOCK_OFFSET, "RAFS ext superblock")
+        self.meta_base = self.sb.meta_blkaddr * BLOCK_SIZE
+        self._problems: list[str] = []
+        self.image = self._read_meta()
+
+    # -- superblocks, blob table, chunk table -------------------------------------------------
+    def _bad(self, msg: str) -> None:
+        self._problems.append(msg)
+
+    def _read_meta(self) -> RafsImage:
+        sb, ext, bad = self.sb, self.ext, self._bad
+        if sb.blkszbits != BLOCK_BITS:
+            bad(f"superblock: blkszbits {sb.blkszbits}, RAFS v6 needs {BLOCK_BITS}")
+        if sb.sb_extslots:
+            bad(f"superblock: sb_extslots {sb.sb_extslots}, expected 0")
+        if sb.u1:
+            bad(f"superblock: u1 {sb.u1}, expected 0")
+        if sb.xattr_blkaddr:
+            bad(f"superblock: xattr_blkaddr {sb.xattr_blkaddr}, shared xattrs are not allowed")
+        if sb.devt_slotoff != R.DEVT_SLOTOFF:
+            bad(f"superblock: devt_slotoff {sb.devt_slotoff}, expected {R.DEVT_SLOTOFF}")
+        if sb.feature_incompat != E.INCOMPAT_CHUNKED_FILE | E.INCOMPAT_DEVICE_TABLE:
+            bad(f"superblock: feature_incompat {sb.feature_incompat:#x}, expected 0xc")
+        if not sb.feature_compat & E.COMPAT_RAFS_V6:
+            bad(f"superblock: feature_compat {sb.feature_compat:#x} lacks RAFS_V6 (0x40000000)")
+        if sb.dirblkbits:
+            bad(f"superblock: dirblkbits {sb.dirblkbits}, expected 0")
+        if b"\0" not in sb.volume_name:
+            bad("superblock: volume_name has no NUL")
+        flags = ext.s_flags
+        comp = [v for k, v in R.COMPRESSION_FLAGS.items() if flags & k]
+        hashes = [v for k, v in R.HASH_FLAGS.items() if flags & k]
+        if len(comp) != 1:
+            bad(f"ext superblock: flags {flags:#x} must carry exactly one compression bit")
+        if len(hashes) != 1:
+            bad(f"ext superblock: flags {flags:#x} must carry exactly one hash bit")
+        cs = ext.s_chunk_size
+        if not (R.MIN_CHUNK_SIZE <= cs <= R.MAX_CHUNK_SIZE) or cs & (cs - 1):
+            raise FormatError(f"{self.name}: ext superblock: chunk size {cs:#x} invalid")
+        nblobs = sb.extra_devices
+        devslot_end = R.DEVICE_TABLE_OFFSET + E.DEVICE_SLOT_SIZE * nblobs
+        if nblobs > R.MAX_BLOBS:
+            raise FormatError(f"{self.name}: {nblobs} blobs, at most {R.MAX_BLOBS} allowed")
+        if ext.s_blob_table_size != R.BLOB_ENTRY_SIZE * nblobs:
+            raise FormatError(f"{self.name}: blob table size {ext.s_blob_table_size} does not "
+                              f"match {nblobs} devices")
+        bt = ext.s_blob_table_offset
+        if nblobs and (bt % BLOCK_SIZE or bt < devslot_end
+                       or bt + ext.s_blob_table_size > len(self.data)):
+            raise FormatError(f"{self.name}: blob table offset {bt:#x} invalid")
+        blobs: list[BlobInfo] = []
+        for i in range(nblobs):
+            e = parse(R.BlobEntry, self.data, bt + R.BLOB_ENTRY_SIZE * i, f"blob table entry {i}")
+            slot = parse(E.DeviceSlot, self.data, R.DEVICE_TABLE_OFFSET + E.DEVICE_SLOT_SIZE * i,
+                         f"device slot {i}")
+            blob_id = R.blob_id_str(e.blob_id)
+            where = f"blob {i} ({blob_id[:12]})"
+            if len(blob_id) != 64 or not set(blob_id) <= _HEX:
+                bad(f"{where}: blob id is not 64 lowercase hex chars")
+            if e.blob_index != i:
+                bad(f"{where}: blob_index {e.blob_index} at position {i}")
+            if e.chunk_size != cs:
+                bad(f"{where}: chunk size {e.chunk_size:#x} differs from the image's {cs:#x}")
+            if not e.features & R.BLOB_FEATURE_ALIGNED:
+                bad(f"{where}: ALIGNED feature missing")
+            if e.features & 0xFFFF & ~R.BLOB_FEATURE_KNOWN_INCOMPAT:
+                bad(f"{where}: unknown incompatible features {e.features:#x}")
+            if e.features & R.BLOB_FEATURE_CHUNK_INFO_V2:
+                bad(f"{where}: chunk info V2 blobs are not supported")
+            if e.ci_uncompressed_size != e.chunk_count * R.CI_ENTRY_V1_SIZE:
+                bad(f"{where}: ci_uncompressed_size {e.ci_uncompressed_size} != "
+                    f"{e.chunk_count} * 16")
+            if e.uncompressed_size % BLOCK_SIZE or e.uncompressed_size == 0:
+                bad(f"{where}: uncompressed size {e.uncompressed_size} not a non-zero 4 KiB "
+                    "multiple")
+            if R.blob_id_str(slot.tag) != blob_id:
+                bad(f"{where}: device slot tag {R.blob_id_str(slot.tag)!r} != blob id")
+            if slot.blocks != e.uncompressed_size >> BLOCK_BITS:
+                bad(f"{where}: device slot blocks {slot.blocks} != uncompressed size / 4096")
+            if slot.mapped_blkaddr:
+                bad(f"{where}: mapped_blkaddr {slot.mapped_blkaddr} must be 0")
+            compressor = _COMPRESSOR_NAMES.get(e.compression_algo)
+            if compressor not in ("none", "lz4"):
+                bad(f"{where}: unsupported compressor id {e.compression_algo}")
+                compressor = "none"
+            digester = _DIGESTER_NAMES.get(e.digest_algo, "unknown")
+            if digester != "sha256":
+                bad(f"{where}: unsupported digester {digester}")
+            ci_comp = _COMPRESSOR_NAMES.get(e.ci_compressor, "unknown")
+            if ci_comp not in ("none", "lz4"):
+                bad(f"{where}: unsupported chunk-info compressor id {e.ci_compressor}")
+            blobs.append(BlobInfo(
+                blob_id=blob_id, blob_index=i, chunk_size=e.chunk_size,
+                chunk_count=e.chunk_count, compressor=compressor, digester=digester,
+                compressed_size=e.compressed_size, uncompressed_size=e.uncompressed_size,
+                ci_offset=e.ci_offset, ci_compressed_size=e.ci_compressed_size,
+                ci_uncompressed_size=e.ci_uncompressed_size, features=e.features))
+        chunks: list[list[ChunkInfo]] = [[] for _ in blobs]
+        ct_off, ct_size = ext.s_chunk_table_offset, ext.s_chunk_table_size
+        if ct_size % R.CHUNK_INFO_SIZE or ct_off + ct_size > len(self.data) or (
+                ct_size and ct_off % BLOCK_SIZE):
+            raise FormatError(f"{self.name}: chunk table at {ct_off:#x}+{ct_size} is invalid")
+        self.by_addr: dict[tuple[int, int], ChunkInfo] = {}
+        prev_digest = b""
+        for i in range(ct_size // R.CHUNK_INFO_SIZE):
+            (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
+             _crc) = R.CHUNK_INFO_PACK.unpack_from(self.data, ct_off + R.CHUNK_INFO_SIZE * i)
+            where = f"chunk table entry {i}"
+            if digest < prev_digest:
+                bad(f"{where}: chunk table not sorted by digest")
+            prev_digest = digest
+            if blob_index >= len(blobs):
+                bad(f"{where}: blob index {blob_index} >= {len(blobs)} blobs")
+                continue
+            b = blobs[blob_index]
+            if uoff % BLOCK_SIZE or uoff + usize > b.uncompressed_size:
+                bad(f"{where}: uncompressed range {uoff:#x}+{usize} outside blob")
+                continue
+            if not 0 < usize <= cs or not 0 < csize <= R.MAX_CHUNK_SIZE:
+                bad(f"{where}: chunk sizes {csize}/{usize} invalid")
+                continue
+            compressed = bool(cflags & R.CHUNK_FLAG_COMPRESSED)
+            if not compressed and csize != usize:
+                bad(f"{where}: uncompressed chunk with compressed size {csize} != {usize}")
+            if coff + csize > b.compressed_size:
+                bad(f"{where}: compressed range {coff:#x}+{csize} outside blob data")
+            c = ChunkInfo(digest=digest, blob_index=blob_index, index=index,
+                          compressed_offset=coff, compressed_size=csize,
+                          uncompressed_offset=uoff, uncompressed_size=usize,
+                          compressed=compressed)
+            if (blob_index, uoff) in self.by_addr:
+                bad(f"{where}: two chunks at blob {blob_index} offset {uoff:#x}")
+                continue
+            self.by_addr[(blob_index, uoff)] = c
+            chunks[blob_index].append(c)
+        for lst in chunks:
+            lst.sort(key=lambda c: c.uncompressed_offset)
+            for a, b2 in itertools.pairwise(lst):
+                if a.uncompressed_offset + a.aligned_size > b2.uncompressed_offset:
+                    bad(f"blob {a.blob_index}: chunks at {a.uncompressed_offset:#x} and "
+                        f"{b2.uncompressed_offset:#x} overlap")
+        return RafsImage(bootstrap_size=len(self.data), chunk_size=cs, flags=flags, blobs=blobs,
+                         chunks=chunks, fsid=hashlib.sha256(self.data).hexdigest())
+
+    # -- inodes and directories ---------------------------------------------------------------
+    def inode(self, nid: int) -> RawInode:
+        off = self.meta_base + (nid << E.ISLOT_BITS)
+        if off + E.INODE_COMPACT_SIZE > len(self.data):
+            raise FormatError(f"nid {nid}: inode offset {off:#x} beyond the bootstrap")
+        fmt = int.from_bytes(self.data[off:off + 2], "little")
+        if fmt >> 4:
+            raise FormatError(f"nid {nid}: i_format {fmt:#x} has unknown bits")
+        layout = E.datalayout_of(fmt)
+        if fmt & 1:
+            if off + E.INODE_EXTENDED_SIZE > len(self.data):
+                raise FormatError(f"nid {nid}: inode beyond the bootstrap")
+            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, nsec, nlink,
+             _r2) = E.INODE_EXTENDED_PACK.unpack_from(self.data, off)
+        else:
+            (_f, icount, mode, nlink, size, _r, i_u, ino, uid, gid,
+             _r2) = E.INODE_COMPACT_PACK.unpack_from(self.data, off)
+            mtime, nsec = self.sb.build_time, self.sb.build_time_nsec
+        if stat.S_IFMT(mode) not in _VALID_TYPES:
+            raise FormatError(f"nid {nid}: invalid file type in mode {mode:o}")
+        if layout not in (E.DATALAYOUT_FLAT_PLAIN, E.DATALAYOUT_FLAT_INLINE,
+                          E.DATALAYOUT_CHUNK_BASED):
+            raise FormatError(f"nid {nid}: unsupported data layout {layout}")
+        if size >> 63:
+            raise FormatError(f"nid {nid}: negative size")
+        return RawInode(nid, off, bool(fmt & 1), layout, icount, mode, size, i_u, ino, uid, gid,
+                        mtime, nsec, nlink)
+
+    def xattrs(self, ri: RawInode) -> dict[bytes, bytes]:
+        if ri.xattr_icount == 0:
+            return {}
+        start = ri.offset + ri.isize
+        total = E.xattr_ibody_size(ri.xattr_icount)
+        body = self.data[start:start + total]
+        if len(body) != total:
+            raise FormatError(f"nid {ri.nid}: xattr body beyond the bootstrap")
+        if body[4]:
+            raise FormatError(f"nid {ri.nid}: shared xattrs are not allowed in RAFS v6")
+        out: dict[bytes, bytes] = {}
+        pos = E.XATTR_IBODY_HEADER_SIZE
+        if pos == total:
+            raise FormatError(f"nid {ri.nid}: xattr icount 1 (header only) is invalid")
+        while pos < total:
+            if pos + 4 > total:
+                raise FormatError(f"nid {ri.nid}: truncated xattr entry")
+            nlen, index, vlen = E.XATTR_ENTRY_PACK.unpack_from(body, pos)
+            end = pos + 4 + nlen + vlen
+            if end > total:
+                raise FormatError(f"nid {ri.nid}: xattr entry overruns the xattr body")
+            prefix = E.XATTR_PREFIXES.get(index)
+            if prefix is None:
+                raise FormatError(f"nid {ri.nid}: unknown xattr name index {index}")
+            name = prefix + body[pos + 4:pos + 4 + nlen]
+            out[name] = body[pos + 4 + nlen:end]
+            pos = (end + 3) & ~3
+        return out
+
+    def flat_data(self, ri: RawInode) -> bytes:
+        """Content of a FLAT_PLAIN / FLAT_INLINE inode (directory or symlink)."""
+        size = ri.size
+        if ri.datalayout == E.DATALAYOUT_CHUNK_BASED:
+            raise FormatError(f"nid {ri.nid}: chunk-based directories/symlinks are not supported")
+        if size > 1 << 32:
+            raise FormatError(f"nid {ri.nid}: flat inode of {size} bytes is implausible")
+        if ri.datalayout == E.DATALAYOUT_FLAT_PLAIN:
+            head, tail = size, 0
+        else:
+            tail = size % BLOCK_SIZE or (BLOCK_SIZE if size else 0)
+            if size % BLOCK_SIZE == 0:
+                raise FormatError(f"nid {ri.nid}: FLAT_INLINE with a block-multiple size")
+            head = size - tail
+        out = b""
+        if head:
+            start = ri.i_u * BLOCK_SIZE
+            out = self.data[start:start + head]
+            if len(out) != head:
+                raise FormatError(f"nid {ri.nid}: data blocks beyond the bootstrap")
+        if tail:
+            start = ri.offset + ri.isize + E.xattr_ibody_size(ri.xattr_icount)
+            if start // BLOCK_SIZE != (start + tail - 1) // BLOCK_SIZE:
+                raise FormatError(f"nid {ri.nid}: inline data crosses a block boundary")
+            out += self.data[start:start + tail]
+            if len(out) != size:
+                raise FormatError(f"nid {ri.nid}: inline data beyond the bootstrap")
+        return out
+
+    def dirents(self, ri: RawInode) -> list[tuple[bytes, int, int]]:
+        """(name, nid, file_type) of a directory, checked for order and bounds."""
+        data = self.flat_data(ri)
+        out: list[tuple[bytes, int, int]] = []
+        for bstart in range(0, len(data), BLOCK_SIZE):
+            blk = data[bstart:bstart + BLOCK_SIZE]
+            nameoff0 = int.from_bytes(blk[8:10], "little")
+            if nameoff0 == 0 or nameoff0 % E.DIRENT_SIZE or nameoff0 >= len(blk):
+                raise FormatError(f"nid {ri.nid}: bad dirent nameoff {nameoff0} in block "
+                                  f"{bstart // BLOCK_SIZE}")
+            n = nameoff0 // E.DIRENT_SIZE
+            ents = [E.DIRENT_PACK.unpack_from(blk, i * E.DIRENT_SIZE) for i in range(n)]
+            for i, (nid, nameoff, ftype, _r) in enumerate(ents):
+                end = ents[i + 1][1] if i + 1 < n else len(blk)
+                if not nameoff0 <= nameoff < end <= len(blk):
+                    raise FormatError(f"nid {ri.nid}: dirent {i} name offsets out of order")
+                name = blk[nameoff:end]
+                if i + 1 == n:
+                    name = name.split(b"\0", 1)[0]
+                if not name or len(name) > 255:
+                    raise FormatError(f"nid {ri.nid}: dirent {i} has an invalid name length")
+                if out and out[-1][0] >= name:
+                    raise FormatError(f"nid {ri.nid}: dirents not sorted ({out[-1][0]!r} >= "
+                                      f"{name!r})")
+                out.append((name, nid, ftype))
+        return out
+
+    def chunk_refs(self, ri: RawInode) -> list[ChunkInfo]:
+        chunk_size = self.image.chunk_size
+        fmt = ri.i_u & 0xFFFF
+        if not fmt & E.CHUNK_FORMAT_INDEXES or fmt & ~0x3F:
+            raise FormatError(f"nid {ri.nid}: unsupported chunk format {fmt:#x} "
+                              "(RAFS v6 needs 8-byte chunk indexes)")
+        if (BLOCK_SIZE << (fmt & E.CHUNK_FORMAT_BLKBITS_MASK)) < chunk_size:
+            raise FormatError(f"nid {ri.nid}: inode chunk size smaller than the image's")
+        n = (ri.size + chunk_size - 1) // chunk_size
+        start = ri.offset + ri.isize + E.xattr_ibody_size(ri.xattr_icount)
+        start = (start + 7) & ~7
+        if start + 8 * n > len(self.data):
+            raise FormatError(f"nid {ri.nid}: chunk indexes beyond the bootstrap")
+        mask = (1 << (self.sb.extra_devices).bit_length()) - 1 if self.sb.extra_devices else 0
+        out = []
+        for i in range(n):
+            _adv, dev, blkaddr = E.CHUNK_INDEX_PACK.unpack_from(self.data, start + 8 * i)
+            dev &= mask
+            c = self.by_addr.get((dev - 1, blkaddr << BLOCK_BITS)) if dev else None
+            if c is None:
+                raise FormatError(f"nid {ri.nid}: chunk {i} (device {dev}, block {blkaddr}) is "
+                                  "not in the chunk table")
+            want = min(chunk_size, ri.size - i * chunk_size)
+            if c.uncompressed_size != want:
+                raise FormatError(f"nid {ri.nid}: chunk {i} holds {c.uncompressed_size} bytes, "
+                                  f"file needs {want}")
+            out.append(c)
+        return out
+
+    # -- whole tree ---------------------------------------------------------------------------
+    def tree(self) -> Node:
+        """Rebuild the file tree; hard links share one `Inode`."""
+        root_ri = self.inode(self.sb.root_nid)
+        if not stat.S_ISDIR(root_ri.mode):
+            raise FormatError(f"root nid {self.sb.root_nid} is not a directory")
+        root = Node(b"", self._inode(root_ri))
+        seen: dict[int, Inode] = {self.sb.root_nid: root.inode}
+        stack = [(root, root_ri, b"/")]
+        while stack:
+            node, ri, path = stack.pop()
+            assert node.children is not None
+            for name, nid, ftype in self.dirents(ri):
+                if name in (b".", b".."):
+                    continue
+                cpath = path + name
+                shared = seen.get(nid)
+                if shared is not None:
+                    if shared.is_dir:
+                        raise FormatError(f"{cpath!r}: directory nid {nid} linked twice")
+                    node.children[name] = Node(name, shared)
+                    continue
+                cri = self.inode(nid)
+                if _FT_OF_TYPE[stat.S_IFMT(cri.mode)] != ftype:
+                    self._bad(f"{cpath!r}: dirent file type {ftype} does not match the inode")
+                child = Node(name, self._inode(cri))
+                seen[nid] = child.inode
+                node.children[name] = child
+                if child.children is not None:
+                    stack.append((child, cri, cpath + b"/"))
+        return root
+
+    def _inode(self, ri: RawInode) -> Inode:
+        ino = Inode(mode=ri.mode, uid=ri.uid, gid=ri.gid, mtime=ri.mtime,
+                    mtime_nsec=ri.mtime_nsec, size=ri.size, xattrs=self.xattrs(ri))
+        t = stat.S_IFMT(ri.mode)
+        if t == stat.S_IFREG:
+            if ri.datalayout != E.DATALAYOUT_CHUNK_BASED:
+                raise FormatError(f"nid {ri.nid}: regular file is not chunk-based")
+            ino.chunks = self.chunk_refs(ri)
+        elif t == stat.S_IFLNK:
+            ino.target = self.flat_data(ri)
+        elif t in (stat.S_IFCHR, stat.S_IFBLK):
+            ino.rdev_major, ino.rdev_minor = E.decode_dev(ri.i_u)
+            ino.size = 0
+        return ino
+
+    def problems(self) -> list[str]:
+        """Everything wrong with the metadata, one line each (walks the whole tree)."""
+        try:
+            self.tree()
+        except FormatError as exc:
+            self._bad(str(exc))
+        return list(self._problems)
+
+    def prefetch_nids(self) -> list[int]:
+        off, size = self.ext.s_prefetch_table_offset, self.ext.s_prefetch_table_size
+        if not off or not size:
+            return []
+        raw = self.data[off:off + size]
+        return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw) - 3, 4)]
+
+
+def read_image_meta(data: bytes, name: str = "bootstrap", strict: bool = True) -> RafsImage:
+    r = BootstrapReader(data, name)
+    if strict and r._problems:
+        raise FormatError(f"{name}: {r._problems[0]}")
+    return r.image
+
+
+def read_bootstrap_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
+
+
+def read_bootstrap_file(path: str) -> RafsImage:
+    return read_image_meta(read_bootstrap_bytes(path), os.path.basename(path))
+
+
+def open_bootstrap(path: str) -> BootstrapReader:
+    return BootstrapReader(read_bootstrap_bytes(path), os.path.basename(path))
