@@ -97,7 +97,7 @@ def tree_from_dir(top: str | bytes, writer: BlobWriter) -> Node:
             except OSError as exc:
                 raise SourceError(f"{where}: {exc.strerror}") from exc
             mode = cst.st_mode
-            if stat.S_ISREG(mode) and cst.st_nlink > 1:
+            if cst.st_nlink > 1 and not stat.S_ISDIR(mode):
                 shared = hardlinks.get((cst.st_dev, cst.st_ino))
                 if shared is not None:
                     assert node.children is not None
@@ -108,8 +108,6 @@ def tree_from_dir(top: str | bytes, writer: BlobWriter) -> Node:
             if stat.S_ISREG(mode):
                 inode.size = cst.st_size
                 inode.chunks = writer.add_file(cpath, cst.st_size, where)
-                if cst.st_nlink > 1:
-                    hardlinks[(cst.st_dev, cst.st_ino)] = inode
             elif stat.S_ISLNK(mode):
                 try:
                     inode.target = os.readlink(cpath)
@@ -123,6 +121,8 @@ def tree_from_dir(top: str | bytes, writer: BlobWriter) -> Node:
             elif not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)
                       or stat.S_ISSOCK(mode)):
                 raise SourceError(f"{where}: unsupported file type {stat.S_IFMT(mode):o}")
+            if cst.st_nlink > 1 and not stat.S_ISDIR(mode):
+                hardlinks[(cst.st_dev, cst.st_ino)] = inode
             assert node.children is not None
             node.children[name] = child
         stack.extend(reversed(subdirs))
@@ -252,11 +252,7 @@ def tree_from_tar(stream: BinaryIO, writer: BlobWriter, label: str = "tar") -> N
                                           f"{member.linkname!r}")
                     if tnode.children is not None:
                         raise SourceError(f"tar entry {where}: hard link to a directory")
-                    inode = tnode.inode
-                    if not inode.is_reg:  # only regular files share inodes (as Nydus does)
-                        inode = Inode(**{f: getattr(inode, f) for f in Inode.__slots__})
-                        inode.xattrs = dict(inode.xattrs)
-                    node = Node(parts[-1], inode)
+                    node = Node(parts[-1], tnode.inode)  # hard links share one inode
                 else:
                     node = Node(parts[-1], _tar_inode(member, where))
                     if member.isreg():

@@ -158,3 +158,59 @@ def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
 def _type_bits(t: str) -> int:
     return {"d": stat.S_IFDIR, "-": stat.S_IFREG, "l": stat.S_IFLNK, "c": stat.S_IFCHR,
             "b": stat.S_IFBLK, "p": stat.S_IFIFO, "s": stat.S_IFSOCK}.get(t, 0)
+
+
+@main.command()
+@click.argument("layers", nargs=-1, required=True, metavar="BOOTSTRAP...")
+@click.option("--bootstrap", "-B", required=True, metavar="FILE",
+              help="Where to write the merged bootstrap.")
+@click.option("--allow-missing-whiteouts", is_flag=True,
+              help="Warn instead of failing when a whiteout has nothing below to remove.")
+@click.option("--output-json", "-J", metavar="FILE", help="Write the result as JSON.")
+def merge(layers: tuple[str, ...], bootstrap: str, allow_missing_whiteouts: bool,
+          output_json: str | None) -> None:
+    """Flatten layer bootstraps (bottom layer first) into one image bootstrap.
+
+    OCI rules apply: `.wh.NAME` removes NAME from the layers below, `.wh..wh..opq`
+    hides a directory's lower contents, a file replaces a directory (and vice versa).
+    The merged device table lists every blob still referenced, bottom to top; mount
+    it with the blobs' cache files in that order.
+    """
+    from erofs_nydus.merge import merge_bootstraps
+
+    def warn(msg: str) -> None:
+        click.echo(f"erofs-nydus: warning: {msg}", err=True)
+
+    result = merge_bootstraps(list(layers), bootstrap,
+                              warn if allow_missing_whiteouts else None)
+    if output_json:
+        _write_json(result.to_json(), output_json)
+    if output_json != "-":
+        click.echo(f"bootstrap {bootstrap}: {result.bootstrap_size} bytes, {result.inodes} "
+                   f"inodes, {len(result.blobs)} blobs")
+
+
+@main.command(name="stat")
+@click.argument("bootstraps", nargs=-1, required=True, metavar="BOOTSTRAP...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def stat_cmd(bootstraps: tuple[str, ...], as_json: bool) -> None:
+    """Files, chunks, unique chunks and bytes stored vs referenced, per image and blob."""
+    from erofs_nydus.stats import image_stats
+
+    info = image_stats(list(bootstraps))
+    if as_json:
+        _write_json(info, None)
+        return
+    for img in info["images"]:
+        click.echo(f"{img['bootstrap']}: {img['files']} files, {img['chunks_referenced']} chunk "
+                   f"refs, {img['unique_chunks']} unique chunks, "
+                   f"{img['bytes_referenced']} bytes referenced, {img['bytes_stored']} stored "
+                   f"(dedup {img['dedup_ratio']:.1%})")
+        for b in img["blobs"]:
+            click.echo(f"  blob {b['blob_id'][:16]}: {b['chunks']} chunks, "
+                       f"{b['compressed_size']} bytes, {b['chunks_referenced']} refs")
+    t = info["total"]
+    if len(info["images"]) > 1:
+        click.echo(f"total: {t['unique_blobs']} blobs, {t['unique_chunks']} unique chunks, "
+                   f"{t['bytes_stored']} bytes stored for {t['bytes_referenced']} referenced "
+                   f"(dedup {t['dedup_ratio']:.1%})")
