@@ -46,6 +46,7 @@ class RawInode:
     mtime: int
     mtime_nsec: int
     nlink: int
+    reserved: int = 0
 
     @property
     def isize(self) -> int:
@@ -219,12 +220,13 @@ class BootstrapReader:
         if fmt & 1:
             if off + E.INODE_EXTENDED_SIZE > len(self.data):
                 raise FormatError(f"nid {nid}: inode beyond the bootstrap")
-            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, nsec, nlink,
+            (_f, icount, mode, reserved, size, i_u, ino, uid, gid, mtime, nsec, nlink,
              _r2) = E.INODE_EXTENDED_PACK.unpack_from(self.data, off)
         else:
             (_f, icount, mode, nlink, size, _r, i_u, ino, uid, gid,
              _r2) = E.INODE_COMPACT_PACK.unpack_from(self.data, off)
             mtime, nsec = self.sb.build_time, self.sb.build_time_nsec
+            reserved = 0
         if stat.S_IFMT(mode) not in _VALID_TYPES:
             raise FormatError(f"nid {nid}: invalid file type in mode {mode:o}")
         if layout not in (E.DATALAYOUT_FLAT_PLAIN, E.DATALAYOUT_FLAT_INLINE,
@@ -233,7 +235,7 @@ class BootstrapReader:
         if size >> 63:
             raise FormatError(f"nid {nid}: negative size")
         return RawInode(nid, off, bool(fmt & 1), layout, icount, mode, size, i_u, ino, uid, gid,
-                        mtime, nsec, nlink)
+                        mtime, nsec, nlink, reserved)
 
     def xattrs(self, ri: RawInode) -> dict[bytes, bytes]:
         if ri.xattr_icount == 0:
@@ -383,7 +385,9 @@ class BootstrapReader:
 
     def _inode(self, ri: RawInode) -> Inode:
         ino = Inode(mode=ri.mode, uid=ri.uid, gid=ri.gid, mtime=ri.mtime,
-                    mtime_nsec=ri.mtime_nsec, size=ri.size, xattrs=self.xattrs(ri))
+                    mtime_nsec=ri.mtime_nsec, size=ri.size, xattrs=self.xattrs(ri),
+                    implicit=bool(ri.reserved & E.I_RESERVED_IMPLICIT_DIR)
+                    and stat.S_ISDIR(ri.mode))
         t = stat.S_IFMT(ri.mode)
         if t == stat.S_IFREG:
             if ri.datalayout != E.DATALAYOUT_CHUNK_BASED:

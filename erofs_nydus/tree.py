@@ -27,6 +27,9 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     target: bytes = b""  # symlink target
     chunks: list[ChunkInfo] = field(default_factory=list)  # regular files
+    # A directory a tar layer never listed, synthesized as the parent of an entry: when
+    # layers are merged it must not override the lower layer's metadata for that path.
+    implicit: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -62,8 +65,8 @@ class Node:
                 stack.extend((base + b"/" + c.name, c) for c in reversed(node.sorted_children()))
 
 
-def new_dir(name: bytes, mode: int = 0o755) -> Node:
-    return Node(name, Inode(mode=stat.S_IFDIR | (mode & 0o7777)))
+def new_dir(name: bytes, mode: int = 0o755, implicit: bool = False) -> Node:
+    return Node(name, Inode(mode=stat.S_IFDIR | (mode & 0o7777), implicit=implicit))
 
 
 def lookup(root: Node, path: bytes) -> Node | None:

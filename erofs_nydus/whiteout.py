@@ -86,7 +86,8 @@ def apply_layer(lower: Node, upper: Node, path: bytes, warn: Callable[[str], Non
         low = lower.children.get(name)
         cpath = path + b"/" + name
         if up.children is not None and low is not None and low.children is not None:
-            low.inode = up.inode  # the upper directory's metadata wins, children merge
+            if not up.inode.implicit:
+                low.inode = up.inode  # the upper directory's metadata wins, children merge
             apply_layer(low, up, cpath, warn, layer)
         elif up.children is not None:
             fresh = Node(name, up.inode)
@@ -113,7 +114,8 @@ def merge_trees(layers: list[tuple[Node, list[BlobInfo]]], warn: Callable[[str],
     for i, (root, _blobs) in enumerate(layers):
         if root.children is None:
             raise MergeError(f"layer {i}: root is not a directory")
-        merged.inode = root.inode
+        if not root.inode.implicit or i == 0:
+            merged.inode = root.inode
         apply_layer(merged, root, b"", warn, i)
     blob_order: list[str] = []
     info_by_id: dict[str, BlobInfo] = {}

@@ -105,13 +105,16 @@ def synthetic_gnu_tar(
     return out
 
 
-def ensure_debootstrap_rootfs(suite: str = "bookworm", variant: str = "minbase") -> Path:
+def ensure_debootstrap_rootfs(suite: str = "bookworm", variant: str = "minbase",
+                              include: str = "") -> Path:
     """Path of the cached rootfs, building it with tools/debootstrap-rootfs if absent."""
     dest = cache_base() / "rootfs" / f"{suite}-{variant}"
+    if include:
+        dest = dest.with_name(dest.name + "+" + include.replace(",", "+"))
     if dest.is_dir():
         return dest
     proc = subprocess.run(
-        [str(DEBOOTSTRAP_SCRIPT), suite, variant],
+        [str(DEBOOTSTRAP_SCRIPT), suite, variant, *([include] if include else [])],
         capture_output=True,
         text=True,
         check=False,
@@ -128,3 +131,13 @@ def ensure_debootstrap_rootfs(suite: str = "bookworm", variant: str = "minbase")
 def debootstrap_rootfs() -> Iterator[Path]:
     _need_root("debootstrap")
     yield ensure_debootstrap_rootfs()
+
+
+# Packages the second debootstrap tree adds: a real "install packages" layer.
+EXTRA_PACKAGES = "less,procps,psmisc"
+
+
+@pytest.fixture(scope="session")
+def debootstrap_rootfs_extra() -> Iterator[Path]:
+    _need_root("debootstrap")
+    yield ensure_debootstrap_rootfs(include=EXTRA_PACKAGES)

@@ -400,7 +400,8 @@ def _emit_record(out: bytearray, rec: _Rec, meta_base: int, nid_of: object,
     if icount > 0xFFFF:
         raise FormatError(f"inode {rec.ino}: too many xattr bytes")
     raw = E.INODE_EXTENDED_PACK.pack(
-        E.i_format(rec.datalayout), icount, mode & 0xFFFF, 0, rec.size, i_u, rec.ino,
+        E.i_format(rec.datalayout), icount, mode & 0xFFFF,
+        E.I_RESERVED_IMPLICIT_DIR if ino.implicit and ino.is_dir else 0, rec.size, i_u, rec.ino,
         ino.uid, ino.gid, ino.mtime, ino.mtime_nsec, rec.nlink, bytes(16))
     off = rec.offset
     out[off:off + len(raw)] = raw

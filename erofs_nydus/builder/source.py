@@ -194,21 +194,29 @@ def _tar_inode(member: tarfile.TarInfo, where: str) -> Inode:
     return inode
 
 
-def _parent_of(root: Node, parts: list[bytes]) -> Node:
-    """Find or synthesize (mode 0755) the parent directory of `parts`."""
+def _parent_of(root: Node, parts: list[bytes], is_whiteout: bool) -> Node | None:
+    """Find or synthesize (implicit, mode 0755) the parent directory of `parts`.
+
+    A whiteout below a path this layer made a non-directory is moot (the new entry
+    already hides everything below it; umoci writes such pairs): None, skip it.
+    """
     node = root
     for part in parts[:-1]:
         assert node.children is not None
         child = node.children.get(part)
         if child is None or child.children is None:
-            child = new_dir(part)
+            if child is not None and is_whiteout:
+                return None
+            child = new_dir(part, implicit=True)
             node.children[part] = child
         node = child
     return node
 
 
 def _place(root: Node, parts: list[bytes], node: Node) -> None:
-    parent = _parent_of(root, parts)
+    parent = _parent_of(root, parts, parts[-1].startswith(b".wh."))
+    if parent is None:
+        return
     assert parent.children is not None
     old = parent.children.get(parts[-1])
     if old is not None and old.children is not None and node.children is not None:
@@ -218,7 +226,7 @@ def _place(root: Node, parts: list[bytes], node: Node) -> None:
 
 def tree_from_tar(stream: BinaryIO, writer: BlobWriter, label: str = "tar") -> Node:
     """Read a tar or tar.gz stream (gzip detected by magic) and return the root `Node`."""
-    root = new_dir(b"")
+    root = new_dir(b"", implicit=True)
     paths: dict[bytes, Node] = {}
     where = label
     try:

@@ -33,6 +33,11 @@ CHUNK_FORMAT_BLKBITS_MASK = 0x1F
 CHUNK_FORMAT_INDEXES = 0x20
 NULL_ADDR = 0xFFFFFFFF
 
+# i_reserved (u16 @6 of the extended inode) is ignored by the kernel; erofs_nydus keeps
+# layer-merge hints there.  IMPLICIT_DIR: a directory synthesized as the parent of a tar
+# entry, whose metadata a merge must not apply over the lower layers' directory.
+I_RESERVED_IMPLICIT_DIR = 0x1
+
 # dirent file types (d_type of the kernel's fs_ftype)
 FT_UNKNOWN, FT_REG_FILE, FT_DIR, FT_CHRDEV, FT_BLKDEV, FT_FIFO, FT_SOCK, FT_SYMLINK = range(8)
 
