@@ -10,7 +10,7 @@ import lz4.block
 
 from erofs_nydus.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.builder.blob import decompress_chunk
-from erofs_nydus.errors import BackendError, ErofsNydusError, FormatError
+from erofs_nydus.errors import BackendError, DigestMismatchError, ErofsNydusError, FormatError
 from erofs_nydus.image import BlobInfo, ChunkInfo
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
@@ -117,3 +117,17 @@ def _verify_ci(backend: BlobBackend, blob: BlobInfo, chunks: list[ChunkInfo]) ->
         if ci[c.index] != (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
                            c.compressed_size):
             raise FormatError(f"chunk {c.index}: chunk-info array disagrees with chunk table")
+
+
+def materialize_blob(backend: BlobBackend, blob: BlobInfo, chunks: list[ChunkInfo],
+                     out_path: str) -> None:
+    """Write a blob's whole uncompressed cache file (what the daemon fills lazily),
+    every chunk verified against its digest."""
+    with open(out_path, "wb") as f:
+        for c in chunks:
+            data = read_chunk(backend, blob.blob_id, c)
+            if hashlib.sha256(data).digest() != c.digest:
+                raise DigestMismatchError(f"blob {blob.blob_id[:12]} chunk {c.index}: "
+                                          "digest mismatch")
+            os.pwrite(f.fileno(), data, c.uncompressed_offset)
+        f.truncate(blob.uncompressed_size)

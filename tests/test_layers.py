@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import treeutil
-from layers_support import build_layers, layer_paths, umoci_image, umoci_unpack
+from layers_support import (
+    base_step,
+    build_layers,
+    layer_paths,
+    top_step,
+    umoci_image,
+    umoci_unpack,
+    upper_step,
+    write_file,
+)
 
 from erofs_nydus.builder import BuildOptions, create_image
 from erofs_nydus.errors import FormatError, UsageError
@@ -24,62 +33,9 @@ from erofs_nydus.tree import lookup
 IGNORE = frozenset({"root"})
 
 
-def _write(p: Path, data: bytes, mode: int = 0o644) -> None:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-    os.chmod(p, mode)
-
-
-def _base(r: Path) -> None:
-    _write(r / "etc/keep", b"keep\n")
-    _write(r / "etc/gone", b"deleted later\n")
-    _write(r / "opaque/old1", b"o1")
-    _write(r / "opaque/sub/old2", b"o2")
-    _write(r / "file2dir", b"becomes a directory")
-    _write(r / "dir2file/child", b"directory becomes a file")
-    _write(r / "deep/a/b/c/d/e/leaf", os.urandom(300000))
-    _write(r / "hl/one", b"hard linked" * 1000)
-    os.link(r / "hl/one", r / "hl/two")
-    os.link(r / "hl/one", r / "hl/three")
-    os.symlink("keep", r / "etc/link")
-    _write(r / "x/attrs", b"xattrs change")
-    os.setxattr(r / "x/attrs", "user.v", b"1")
-    os.setxattr(r / "x", "user.dir", b"old")
-    _write(r / "big", os.urandom(3 << 20))
-    os.mkfifo(r / "fifo")
-    os.chown(r / "etc/keep", 1000, 70000)
-
-
-def _upper(r: Path) -> None:
-    os.unlink(r / "etc/gone")
-    shutil.rmtree(r / "opaque")
-    _write(r / "opaque/new", b"only this survives")
-    os.unlink(r / "file2dir")
-    _write(r / "file2dir/inside", b"now a dir")
-    shutil.rmtree(r / "dir2file")
-    _write(r / "dir2file", b"now a file")
-    shutil.rmtree(r / "deep/a/b")
-    _write(r / "deep/a/b/c/other", b"replaced deep tree")
-    _write(r / "hl/two.new", b"x")
-    os.unlink(r / "hl/two")  # hard link group shrinks across layers
-    os.setxattr(r / "x/attrs", "user.v", b"2")
-    os.setxattr(r / "x/attrs", "trusted.t", b"added")
-    os.removexattr(r / "x", "user.dir")
-    os.chmod(r / "etc/keep", 0o4750)
-    os.unlink(r / "etc/link")
-    os.symlink("/elsewhere", r / "etc/link")
-
-
-def _top(r: Path) -> None:
-    _write(r / "etc/gone", b"resurrected\n")
-    os.unlink(r / "fifo")
-    os.mkdir(r / "fifo")
-    _write(r / "big", os.urandom(1 << 20) + (r / "big").read_bytes()[1 << 20:])
-
-
 @pytest.fixture(scope="module")
 def three_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return umoci_image(tmp_path_factory.mktemp("img"), [_base, _upper, _top])
+    return umoci_image(tmp_path_factory.mktemp("img"), [base_step, upper_step, top_step])
 
 
 @pytest.mark.kernel
@@ -115,9 +71,9 @@ def test_merge_blob_table_keeps_referenced_blobs(three_layers: Path, tmp_path: P
 
 def test_merge_drops_unreferenced_blob(tmp_path: Path) -> None:
     low, up = tmp_path / "low", tmp_path / "up"
-    _write(low / "data", os.urandom(10000))
-    _write(up / ".wh.data", b"")
-    _write(up / "other", b"")  # empty file: the upper layer has no blob at all
+    write_file(low / "data", os.urandom(10000))
+    write_file(up / ".wh.data", b"")
+    write_file(up / "other", b"")  # empty file: the upper layer has no blob at all
     boots = []
     for name, src in (("l", low), ("u", up)):
         create_image(str(src), str(tmp_path / f"{name}.boot"), str(tmp_path / "blobs"))
@@ -134,9 +90,9 @@ def test_merge_drops_unreferenced_blob(tmp_path: Path) -> None:
 ])
 def test_merge_bad_whiteouts(tmp_path: Path, upper: dict[str, bytes], message: str) -> None:
     low, up = tmp_path / "low", tmp_path / "up"
-    _write(low / "a", b"a")
+    write_file(low / "a", b"a")
     for name, data in upper.items():
-        _write(up / name, data)
+        write_file(up / name, data)
     boots = []
     for name, src in (("l", low), ("u", up)):
         create_image(str(src), str(tmp_path / f"{name}.boot"), str(tmp_path / "blobs"))
@@ -147,7 +103,7 @@ def test_merge_bad_whiteouts(tmp_path: Path, upper: dict[str, bytes], message: s
 
 
 def test_merge_rejects_mismatched_chunk_size(tmp_path: Path) -> None:
-    _write(tmp_path / "a/f", b"x" * 10000)
+    write_file(tmp_path / "a/f", b"x" * 10000)
     create_image(str(tmp_path / "a"), str(tmp_path / "1.boot"), str(tmp_path / "blobs"))
     create_image(str(tmp_path / "a"), str(tmp_path / "2.boot"), str(tmp_path / "blobs"),
                  BuildOptions(chunk_size=0x10000))
@@ -158,7 +114,7 @@ def test_merge_rejects_mismatched_chunk_size(tmp_path: Path) -> None:
 
 
 def test_merge_rejects_corrupt_layer(tmp_path: Path) -> None:
-    _write(tmp_path / "a/f", b"x" * 10000)
+    write_file(tmp_path / "a/f", b"x" * 10000)
     create_image(str(tmp_path / "a"), str(tmp_path / "1.boot"), str(tmp_path / "blobs"))
     data = bytearray((tmp_path / "1.boot").read_bytes())
     data[1024 + 88] = 3  # devt_slotoff
@@ -169,9 +125,9 @@ def test_merge_rejects_corrupt_layer(tmp_path: Path) -> None:
 
 def test_overlayfs_whiteouts_become_oci(tmp_path: Path) -> None:
     low, up = tmp_path / "low", tmp_path / "up"
-    _write(low / "gone", b"g")
-    _write(low / "op/hidden", b"h")
-    _write(up / "op/visible", b"v")
+    write_file(low / "gone", b"g")
+    write_file(low / "op/hidden", b"h")
+    write_file(up / "op/visible", b"v")
     os.mknod(up / "gone", 0o600 | 0o020000, os.makedev(0, 0))
     os.setxattr(up / "op", "trusted.overlay.opaque", b"y")
     create_image(str(low), str(tmp_path / "l.boot"), str(tmp_path / "blobs"))
@@ -189,9 +145,9 @@ def test_overlayfs_whiteouts_become_oci(tmp_path: Path) -> None:
 
 def test_chunk_dict_dedup_across_images(tmp_path: Path) -> None:
     shared = os.urandom(4 << 20)
-    _write(tmp_path / "v1/lib.so", shared)
-    _write(tmp_path / "v2/lib.so", shared)
-    _write(tmp_path / "v2/new", os.urandom(1 << 20))
+    write_file(tmp_path / "v1/lib.so", shared)
+    write_file(tmp_path / "v2/lib.so", shared)
+    write_file(tmp_path / "v2/new", os.urandom(1 << 20))
     r1 = create_image(str(tmp_path / "v1"), str(tmp_path / "v1.boot"), str(tmp_path / "blobs"))
     r2 = create_image(str(tmp_path / "v2"), str(tmp_path / "v2.boot"), str(tmp_path / "blobs"),
                       BuildOptions(chunk_dicts=[str(tmp_path / "v1.boot")]))
@@ -207,9 +163,9 @@ def test_chunk_dict_dedup_across_images(tmp_path: Path) -> None:
 @pytest.mark.kernel
 def test_chunk_dict_image_mounts(tmp_path: Path) -> None:
     shared = os.urandom(3 << 20)
-    _write(tmp_path / "v1/a", shared)
-    _write(tmp_path / "v2/a", shared)
-    _write(tmp_path / "v2/b", b"new" * 5000)
+    write_file(tmp_path / "v1/a", shared)
+    write_file(tmp_path / "v2/a", shared)
+    write_file(tmp_path / "v2/b", b"new" * 5000)
     create_image(str(tmp_path / "v1"), str(tmp_path / "v1.boot"), str(tmp_path / "blobs"),
                  BuildOptions(blob_cache_dir=str(tmp_path / "cache")))
     r2 = create_image(str(tmp_path / "v2"), str(tmp_path / "v2.boot"), str(tmp_path / "blobs"),
@@ -222,7 +178,7 @@ def test_chunk_dict_image_mounts(tmp_path: Path) -> None:
 
 
 def test_chunk_dict_rejects_other_chunk_size(tmp_path: Path) -> None:
-    _write(tmp_path / "v1/a", b"x" * 100)
+    write_file(tmp_path / "v1/a", b"x" * 100)
     create_image(str(tmp_path / "v1"), str(tmp_path / "v1.boot"), str(tmp_path / "blobs"))
     with pytest.raises(UsageError, match="chunk size"):
         create_image(str(tmp_path / "v1"), str(tmp_path / "v2.boot"), str(tmp_path / "blobs"),
@@ -235,7 +191,7 @@ def test_chunk_dict_rejects_other_chunk_size(tmp_path: Path) -> None:
 def test_too_many_blobs(tmp_path: Path) -> None:
     boots = []
     for i in range(255):
-        _write(tmp_path / f"s{i}/f{i}", f"layer {i}".encode() * 10)
+        write_file(tmp_path / f"s{i}/f{i}", f"layer {i}".encode() * 10)
         create_image(str(tmp_path / f"s{i}"), str(tmp_path / f"{i}.boot"), str(tmp_path / "b"))
         boots.append(str(tmp_path / f"{i}.boot"))
     with pytest.raises(UsageError, match="at most 254"):

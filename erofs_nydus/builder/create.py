@@ -172,25 +172,36 @@ def write_file_atomic(path: str, data: bytes) -> None:
         raise SourceError(f"cannot write {path}: {exc.strerror}") from exc
 
 
-def create_image(source: str, bootstrap: str, blob_dir: str,
-                 opts: BuildOptions | None = None) -> BuildResult:
-    """Build `source` (directory, tar, tar.gz or "-") into `bootstrap` + a blob in `blob_dir`."""
+def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
+                 opts: BuildOptions | None = None, label: str | None = None) -> BuildResult:
+    """Build `source` into `bootstrap` + a blob in `blob_dir`.
+
+    `source` is a directory, a tar or tar.gz file, "-" (stdin), or an open binary
+    stream of a tar/tar.gz (not closed here); `label` names it in error messages.
+    """
     opts = opts or BuildOptions()
     opts.validate()
     lookup = _load_chunk_dicts(opts.chunk_dicts, opts)
-    kind, stream = _open_source(source)
+    if isinstance(source, str):
+        kind, stream = _open_source(source)
+        owned = stream is not None and source != "-"
+        label = label or ("stdin" if source == "-" else source)
+    else:
+        kind, stream, owned = "tar", source, False
+        label = label or "tar stream"
     writer = BlobWriter(blob_dir, chunk_size=opts.chunk_size, compressor=opts.compressor,
                         cache_dir=opts.blob_cache_dir, chunk_dict=lookup)
     new_blob: BlobInfo | None = None
     try:
         try:
             if kind == "dir":
+                assert isinstance(source, str)
                 root = tree_from_dir(source, writer)
             else:
                 assert stream is not None
-                root = tree_from_tar(stream, writer, label="stdin" if source == "-" else source)
+                root = tree_from_tar(stream, writer, label=label)
         finally:
-            if stream is not None and stream is not sys.stdin.buffer:
+            if owned and stream is not None:
                 stream.close()
         if opts.whiteout_spec != "none":
             from erofs_nydus.whiteout import normalize_whiteouts

@@ -93,13 +93,31 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
 
 
 @main.command()
-@click.argument("bootstrap")
+@click.argument("bootstrap", metavar="BOOTSTRAP|REF")
 @click.option("--blob-dir", "-D", metavar="DIR",
               help="Also verify every blob in DIR: its id, chunk-info table and each chunk's "
                    "sha256.")
+@click.option("--source", metavar="REF",
+              help="For an image REF: the original OCI image; compare every file (metadata "
+                   "and content) with it.")
+@click.option("--plain-http", is_flag=True, help="For an image REF: talk HTTP to registries.")
+@click.option("--platform", metavar="OS/ARCH", help="For an image REF: platform to check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check(bootstrap: str, blob_dir: str | None, as_json: bool) -> None:
-    """Validate BOOTSTRAP against the RAFS v6 rules; exit 1 and list each problem."""
+def check(bootstrap: str, blob_dir: str | None, source: str | None, plain_http: bool,
+          platform: str | None, as_json: bool) -> None:
+    """Validate a bootstrap file, or a converted image by reference; exit 1 and list
+    each problem.
+
+    A file is checked against the RAFS v6 rules (and with --blob-dir, every chunk).  A
+    reference (host/repo:tag or oci:DIR:tag) that is not a local file is checked for
+    the Nydus manifest conventions, its bootstrap, every chunk of every blob, and with
+    --source the whole tree against the original OCI image.
+    """
+    if not os.path.exists(bootstrap) and (":" in bootstrap or "/" in bootstrap):
+        _check_ref(bootstrap, source, plain_http, platform, as_json)
+        return
+    if source is not None:
+        raise UsageError("--source applies to an image reference, not a bootstrap file")
     data = read_bootstrap_bytes(bootstrap)
     report = check_bootstrap(data, os.path.basename(bootstrap), blob_dir)
     if as_json:
@@ -111,6 +129,27 @@ def check(bootstrap: str, blob_dir: str | None, as_json: bool) -> None:
         if report.ok:
             extra = f", {report.chunks_verified} chunks verified" if blob_dir else ""
             click.echo(f"{bootstrap}: OK ({report.inodes} inodes, {report.blobs} blobs{extra})")
+    if not report.ok:
+        sys.exit(1)
+
+
+def _check_ref(ref: str, source: str | None, plain_http: bool, platform: str | None,
+               as_json: bool) -> None:
+    from erofs_nydus.remote_check import check_remote
+
+    opts: dict[str, object] = {"plain_http": True} if plain_http else {"plain_http": "loopback"}
+    report = check_remote(ref, source, platform=platform, client_options=opts)
+    if as_json:
+        _write_json({"ok": report.ok, "problems": report.problems, "blobs": report.blobs,
+                     "chunks_verified": report.chunks_verified,
+                     "entries_compared": report.entries_compared}, None)
+    else:
+        for p in report.problems:
+            click.echo(f"{ref}: {p}", err=True)
+        if report.ok:
+            extra = f", {report.entries_compared} entries match the source" if source else ""
+            click.echo(f"{ref}: OK ({report.blobs} blobs, {report.chunks_verified} chunks "
+                       f"verified{extra})")
     if not report.ok:
         sys.exit(1)
 
