@@ -346,3 +346,28 @@ def test_usage_errors_are_ours() -> None:
     with pytest.raises(UsageError):
         BuildOptions(chunk_size=3).validate()
     assert issubclass(SourceError, ErofsNydusError)
+
+
+def test_full_disk(tmp_path: Path) -> None:
+    """A blob dir on a 1 MiB tmpfs: one clear line naming the entry, nothing left behind."""
+    import subprocess
+    import sys
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a").write_bytes(b"small")
+        (src / "big-random").write_bytes(os.urandom(3 << 20))
+        proc = subprocess.run([sys.executable, "-m", "erofs_nydus.cli", "create", str(src),
+                               "-B", str(small / "b"), "-D", str(small / "blobs")],
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "big-random" in proc.stderr and "No space left" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert os.listdir(small / "blobs") == []
+        assert not (small / "b").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

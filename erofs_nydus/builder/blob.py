@@ -117,6 +117,7 @@ class BlobWriter:
         self._blob_f: BinaryIO | None = None
         self._cache_f: BinaryIO | None = None
         self._tmp_paths: list[str] = []
+        self._current = ""  # the entry being chunked, for error messages
         self.created: list[str] = []  # files finish() created that did not exist before
 
     # -- temp files -------------------------------------------------------------------------
@@ -170,6 +171,15 @@ class BlobWriter:
             raise SourceError(f"more than {MAX_CHUNKS_PER_BLOB} unique chunks in one blob; "
                               "use a larger --chunk-size")
         self._ensure_open()
+        try:
+            return self._store(data, digest, key)
+        except OSError as exc:
+            where = f"{self._current}: " if self._current else ""
+            raise SourceError(f"{where}cannot write the blob in {self.blob_dir}: "
+                              f"{exc.strerror}") from exc
+
+    def _store(self, data: bytes, digest: bytes, key: tuple[bytes, int]) -> ChunkInfo:
+        size = len(data)
         packed = compress_chunk(data, self.compressor)
         stored = packed if packed is not None else data
         chunk = ChunkInfo(
@@ -198,6 +208,7 @@ class BlobWriter:
 
     def add_stream(self, read: IO[bytes], size: int, name: str) -> list[ChunkInfo]:
         """Chunk `size` bytes read sequentially from a file object."""
+        self._current = name
         chunks: list[ChunkInfo] = []
         off = 0
         while off < size:
@@ -215,6 +226,7 @@ class BlobWriter:
 
     def add_file(self, path: bytes, size: int, name: str) -> list[ChunkInfo]:
         """Chunk a file on disk, skipping holes of sparse files without reading them."""
+        self._current = name
         chunks: list[ChunkInfo] = []
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
@@ -272,6 +284,7 @@ class BlobWriter:
         })
         assert len(header) == BLOB_CI_HEADER_SIZE
         try:
+            self._current = "chunk-info table"
             self._write_blob(ci_bytes)
             self._write_blob(header)
             blob_id = self._hash.hexdigest()
@@ -285,7 +298,7 @@ class BlobWriter:
                 self._install(cache_tmp, os.path.join(self.cache_dir, blob_id + ".blob.data"))
         except OSError as exc:
             self.abort()
-            raise SourceError(f"cannot write blob: {exc.strerror}") from exc
+            raise SourceError(f"cannot write the blob in {self.blob_dir}: {exc.strerror}") from exc
         self._tmp_paths.clear()
         return BlobInfo(
             blob_id=blob_id, blob_index=self.blob_index, chunk_size=self.chunk_size,
