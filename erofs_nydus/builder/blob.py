@@ -31,10 +31,10 @@ from erofs_nydus.layout.rafs import (
     BLOB_CI_HEADER_SIZE,
     BLOB_CI_MAGIC,
     BLOB_FEATURE_ALIGNED,
+    CI_ENTRY_V1_PACK,
     COMPRESSOR_IDS,
     MAX_CHUNKS_PER_BLOB,
     BlobCIHeader,
-    CIEntryV1,
     encode_ci_v1,
 )
 
@@ -266,9 +266,8 @@ class BlobWriter:
             self.abort()
             return None
         ci_raw = b"".join(
-            build(CIEntryV1, dict(zip(("uncomp_info", "comp_info"), encode_ci_v1(
-                c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
-                c.compressed_size), strict=True)))
+            CI_ENTRY_V1_PACK.pack(*encode_ci_v1(c.uncompressed_offset, c.uncompressed_size,
+                                                c.compressed_offset, c.compressed_size))
             for c in self._chunks
         )
         ci_packed = compress_chunk(ci_raw, self.compressor)
