@@ -66,7 +66,7 @@ def main() -> None:
                 Path(f).read_bytes()
             print(f"   read {min(20, len(files))} of {len(files)} files")
         t_run = time.perf_counter() - t0
-        stats = json.loads(sh([*CLI, "stats", str(mnt), "--json"],
+        stats = json.loads(sh([*CLI, "mount-stats", str(mnt), "--json"],
                               stdout=subprocess.PIPE).stdout)
         present = sum(b["present"] for b in stats["blobs"].values())
         m = stats.get("metrics", {})

@@ -1,0 +1,199 @@
+"""One blob's cache file: the blob's uncompressed, 4 KiB-aligned address space.
+
+`<cache-dir>/<blob_id>.blob.data` is a sparse file of `uncompressed_size` bytes;
+chunk i lives at its `uncompressed_offset`, zero-padded to 4 KiB.  Which chunks are
+present is recorded in `<blob_id>.chunkmap` (see `chunkmap.py`) and re-verified on
+open: a set bit whose extent has a hole in the file (SEEK_DATA/SEEK_HOLE) is cleared,
+so a chunk is never trusted without data behind it.
+
+Writes must never generate pre-content events (the daemon would wait on itself).
+The kernel decides at open time whether an open file reports them, so a descriptor
+opened before the file was marked is safe, and so is the fd a fanotify event
+carries; `write_chunk` takes the latter when a request source has one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+from erofs_nydus.daemon.chunkmap import ChunkMap
+from erofs_nydus.errors import DaemonError
+from erofs_nydus.image import BlobInfo, ChunkInfo
+
+__all__ = ["BlobCacheFile", "cache_paths"]
+
+_ZEROS = bytes(4096)
+
+
+def cache_paths(cache_dir: str, blob_id: str) -> tuple[str, str]:
+    """(data file, chunk map) paths of a blob in `cache_dir`."""
+    return (
+        os.path.join(cache_dir, f"{blob_id}.blob.data"),
+        os.path.join(cache_dir, f"{blob_id}.chunkmap"),
+    )
+
+
+def _has_hole(fd: int, start: int, end: int) -> bool:
+    """True if [start, end) of the file is not entirely backed by data."""
+    try:
+        data = os.lseek(fd, start, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data at or after start
+            return True
+        raise
+    if data > start:
+        return True
+    hole = os.lseek(fd, start, os.SEEK_HOLE)
+    return hole < end
+
+
+class BlobCacheFile:
+    """Cache file + presence map of one blob.  Thread-safe."""
+
+    def __init__(
+        self,
+        cache_dir: str,
+        blob: BlobInfo,
+        chunks: list[ChunkInfo],
+        *,
+        fd: int | None = None,
+        durable: bool = True,
+    ) -> None:
+        self.blob = blob
+        self.blob_id = blob.blob_id
+        self.size = blob.uncompressed_size
+        self.data_path, self.map_path = cache_paths(cache_dir, blob.blob_id)
+        self.durable = durable
+        self.lock = threading.Lock()
+        self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self._check_chunks()
+        nbits = max([blob.chunk_count, *(c.index + 1 for c in self.chunks)])
+        own_fd = fd is None
+        if fd is None:
+            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = fd
+        try:
+            st = os.fstat(fd)
+            self.dev_ino = (st.st_dev, st.st_ino)
+            fresh = st.st_size != self.size
+            if fresh:
+                # Unknown content: start from an all-hole file of the right size.
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, self.size)
+                for p in (self.map_path,):
+                    if os.path.exists(p):
+                        os.unlink(p)
+            self.map = ChunkMap.open(self.map_path, nbits)
+            self._missing = sum(1 for c in self.chunks if c.index not in self.map)
+            self.verify()
+        except BaseException:
+            if own_fd:
+                os.close(fd)
+            raise
+
+    def _check_chunks(self) -> None:
+        end = 0
+        for c in self.chunks:
+            if c.uncompressed_offset % 4096 or c.uncompressed_offset < end:
+                raise DaemonError(
+                    f"blob {self.blob_id}: chunk {c.index} at {c.uncompressed_offset} overlaps "
+                    "or is not 4 KiB aligned"
+                )
+            end = c.uncompressed_offset + c.aligned_size
+        if end > self.size:
+            raise DaemonError(
+                f"blob {self.blob_id}: chunks end at {end}, past uncompressed size {self.size}"
+            )
+
+    def add_chunks(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+        """Merge chunks another image lists for this blob; return the new ones.
+
+        Two bootstraps may list different subsets of one blob's chunks (a merged
+        image drops chunks only whited-out files used); serving the union keeps a
+        range from ever being answered without its chunk.
+        """
+        with self.lock:
+            known = {c.index: c for c in self.chunks}
+            new = []
+            for c in chunks:
+                old = known.get(c.index)
+                if old is None:
+                    if c.index >= self.map.nbits:
+                        raise DaemonError(
+                            f"blob {self.blob_id}: chunk index {c.index} beyond the blob's "
+                            f"{self.map.nbits} chunks"
+                        )
+                    new.append(c)
+                    known[c.index] = c
+                elif old != c:
+                    raise DaemonError(f"blob {self.blob_id}: images disagree about chunk {c.index}")
+            if not new:
+                return []
+            merged = sorted(known.values(), key=lambda c: c.uncompressed_offset)
+            saved, self.chunks = self.chunks, merged
+            try:
+                self._check_chunks()
+            except DaemonError:
+                self.chunks = saved
+                raise
+            self._missing += sum(1 for c in new if c.index not in self.map)
+            return new
+
+    def verify(self) -> int:
+        """Clear map bits whose chunk has a hole in the file; return how many were cleared."""
+        cleared = 0
+        with self.lock:
+            for c in self.chunks:
+                if c.index in self.map and _has_hole(
+                    self.fd, c.uncompressed_offset, c.uncompressed_offset + c.aligned_size
+                ):
+                    self.map.clear(c.index)
+                    self._missing += 1
+                    cleared += 1
+        return cleared
+
+    def present(self, chunk: ChunkInfo) -> bool:
+        return chunk.index in self.map
+
+    def complete(self) -> bool:
+        """All listed chunks present (O(1): a counter kept with the map)."""
+        return self._missing == 0
+
+    def present_bytes(self) -> int:
+        with self.lock:
+            return sum(c.aligned_size for c in self.chunks if c.index in self.map)
+
+    def write_chunk(self, chunk: ChunkInfo, data: bytes, fd: int | None = None) -> None:
+        """pwrite verified chunk bytes (zero-padded to 4 KiB) at the chunk's offset.
+
+        `fd` overrides the file's own descriptor: the fanotify source passes the
+        event's fd, which the kernel opened without notification.
+        """
+        fd = self.fd if fd is None else fd
+        pad = chunk.aligned_size - len(data)
+        buf = data + _ZEROS[:pad] if pad else data
+        off = chunk.uncompressed_offset
+        view = memoryview(buf)
+        while view:
+            n = os.pwrite(fd, view, off)
+            view = view[n:]
+            off += n
+
+    def commit(self, chunks: list[ChunkInfo]) -> None:
+        """Make written chunks durable, then record them as present."""
+        if not chunks:
+            return
+        if self.durable:
+            os.fdatasync(self.fd)
+        with self.lock:
+            fresh = [c.index for c in chunks if c.index not in self.map]
+            self.map.set_many(fresh)
+            self._missing -= len(set(fresh))
+
+    def close(self) -> None:
+        self.map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,158 @@
+"""Client side of a cache dir's daemon: start it, talk to it, wait for it to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from erofs_nydus.daemon.paths import RunPaths
+from erofs_nydus.errors import DaemonError
+
+__all__ = ["DaemonClient", "DaemonUnreachable"]
+
+
+class DaemonUnreachable(DaemonError):
+    """No daemon answers on the cache dir's control socket."""
+
+
+_SUPERVISOR_CMD = "from erofs_nydus.cli import main; main()"
+# Supervisors we started outlive this process; keeping their Popen objects avoids a
+# "still running" ResourceWarning when one would be garbage-collected.
+_SPAWNED: dict[str, list[subprocess.Popen[bytes]]] = {}
+
+
+class DaemonClient:
+    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
+        self.paths = RunPaths.of(cache_dir)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def request(self, op: str, *, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
+        """Send one request; raise the project error the daemon answered with."""
+        from erofs_nydus.daemon.worker import error_from_response
+
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(self.paths.socket)
+                s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    part = s.recv(1 << 16)
+                    if not part:
+                        break
+                    buf += part
+        except OSError as exc:
+            raise DaemonUnreachable(
+                f"daemon for {self.paths.cache_dir} not reachable at {self.paths.socket}: {exc}"
+            ) from exc
+        if not buf:
+            raise DaemonUnreachable(f"daemon for {self.paths.cache_dir} closed the connection")
+        resp: dict[str, Any] = json.loads(buf)
+        if not resp.get("ok"):
+            raise error_from_response(resp)
+        return resp
+
+    def alive(self) -> bool:
+        try:
+            self.request("ping", timeout=5.0)
+        except DaemonUnreachable:
+            return False
+        return True
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def supervisor_running(self) -> bool:
+        """True while some supervisor holds the cache dir's lock."""
+        try:
+            fd = os.open(self.paths.lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def supervisor_pid(self) -> int | None:
+        try:
+            with open(self.paths.lock, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def ensure_running(self, timeout: float = 20.0) -> bool:
+        """Start the supervisor + daemon unless one serves this cache dir.
+
+        Returns True if it was started now.  Daemonized: own session, stdio to
+        `<cache-dir>/daemon.log`.
+        """
+        if self.alive():
+            return False
+        spawned = 0
+        proc: subprocess.Popen[bytes] | None = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.alive():
+                return spawned > 0
+            # Spawn when no supervisor holds the lock and ours (if any) has exited:
+            # one that was just shutting down makes an attempt exit at once.
+            if (
+                (proc is None or proc.poll() is not None)
+                and not self.supervisor_running()
+                and spawned < 3
+            ):
+                proc = self._spawn()
+                spawned += 1
+            time.sleep(0.05)
+        raise DaemonError(
+            f"daemon for {self.paths.cache_dir} did not come up in {timeout:.0f} s; "
+            f"see {self.paths.log}"
+        )
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        os.makedirs(self.paths.cache_dir, exist_ok=True)
+        with open(self.paths.log, "ab") as logf:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _SUPERVISOR_CMD,
+                    "daemon",
+                    "--cache-dir",
+                    self.paths.cache_dir,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                close_fds=True,
+            )
+        _SPAWNED.setdefault(self.paths.cache_dir, []).append(proc)
+        return proc
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop daemon and supervisor (refused by the daemon while mounts remain)."""
+        if self.supervisor_running():
+            with contextlib.suppress(DaemonUnreachable):
+                self.request("shutdown")
+        deadline = time.monotonic() + timeout
+        while self.supervisor_running():
+            if time.monotonic() > deadline:
+                raise DaemonError(
+                    f"daemon for {self.paths.cache_dir} did not stop; see {self.paths.log}"
+                )
+            time.sleep(0.05)
+        for proc in _SPAWNED.pop(self.paths.cache_dir, []):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # reap the supervisors we started (no zombies)

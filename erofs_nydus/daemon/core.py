@@ -1,0 +1,318 @@
+"""Daemon core: make byte ranges of blob cache files exist, on demand.
+
+Kernel-interface independent: the fanotify and fscache request sources both call
+`BlobServer.fill(offset, length)` (from worker threads) and answer the kernel when
+it returns or raises.
+
+Fill algorithm for one request:
+  1. range -> chunks overlapping it (by uncompressed offset, binary search);
+  2. drop chunks already present; chunks another request is fetching are waited on
+     (per-chunk in-flight futures: each chunk is fetched once);
+  3. amplify: when the missing bytes are fewer than `amplify`, claim following
+     missing chunks up to that many bytes (0 disables);
+  4. group claimed chunks whose compressed extents touch (or are within
+     `merge_gap`) into one backend `read_range` each;
+  5. per chunk: lz4-decompress, check size and sha256 against the chunk table
+     BEFORE anything is written, pwrite at the aligned offset, then fdatasync and
+     set the presence bits.
+Errors for requested chunks (BackendError, DigestMismatchError, DaemonError for cache
+write failures) propagate to the caller; failures of amplified chunks only count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import cast
+
+import lz4.block
+
+from erofs_nydus.backend import BlobBackend
+from erofs_nydus.daemon.blobcache import BlobCacheFile
+from erofs_nydus.errors import BackendError, DaemonError, DigestMismatchError, ErofsNydusError
+from erofs_nydus.image import ChunkInfo
+
+__all__ = ["DEFAULT_AMPLIFY", "BlobServer", "Metrics"]
+
+DEFAULT_AMPLIFY = 1 << 20
+MAX_BACKEND_READ = 16 << 20
+
+
+@dataclass
+class Metrics:
+    """Counters shared by every blob a daemon serves.  Update under `lock`."""
+
+    reads: int = 0  # fill requests
+    hits: int = 0  # requests whose chunks were all present
+    bytes_fetched: int = 0  # compressed bytes read from backends
+    bytes_filled: int = 0  # uncompressed bytes written to cache files
+    chunks_fetched: int = 0
+    backend_requests: int = 0
+    backend_errors: int = 0
+    digest_failures: int = 0
+    write_errors: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            lat = sorted(self.latencies)
+            out: dict[str, float] = {
+                k: getattr(self, k)
+                for k in (
+                    "reads",
+                    "hits",
+                    "bytes_fetched",
+                    "bytes_filled",
+                    "chunks_fetched",
+                    "backend_requests",
+                    "backend_errors",
+                    "digest_failures",
+                    "write_errors",
+                )
+            }
+        out["misses"] = len(lat)
+        if lat:
+            out["miss_latency_median_ms"] = lat[len(lat) // 2] * 1000
+            out["miss_latency_p99_ms"] = lat[min(len(lat) - 1, (len(lat) * 99) // 100)] * 1000
+        return out
+
+
+class BlobServer:
+    """Serves one blob: its cache file, its backend, its in-flight fetches."""
+
+    def __init__(
+        self,
+        cache: BlobCacheFile,
+        backend: BlobBackend,
+        *,
+        amplify: int = DEFAULT_AMPLIFY,
+        merge_gap: int = 0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cache = cache
+        self.backend = backend
+        self.amplify = amplify
+        self.merge_gap = merge_gap
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.blob_id = cache.blob_id
+        self._chunks = cache.chunks
+        self._starts = [c.uncompressed_offset for c in self._chunks]
+        self._inflight: dict[int, Future[None]] = {}
+
+    def add_chunks(self, chunks: list[ChunkInfo]) -> int:
+        """Serve the union of this blob's chunk list and `chunks`; return how many were new."""
+        new = self.cache.add_chunks(chunks)
+        if new:
+            with self.cache.lock:
+                self._chunks = self.cache.chunks
+                self._starts = [c.uncompressed_offset for c in self._chunks]
+        return len(new)
+
+    # -- mapping ------------------------------------------------------------------
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        """Positions [lo, hi) in the sorted chunk list overlapping [offset, offset+length)."""
+        end = offset + length
+        lo = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        if lo < len(self._chunks):
+            c = self._chunks[lo]
+            if c.uncompressed_offset + c.aligned_size <= offset:
+                lo += 1
+        hi = bisect.bisect_left(self._starts, end)
+        return lo, max(hi, lo)
+
+    def chunks_in_range(self, offset: int, length: int) -> list[ChunkInfo]:
+        lo, hi = self._span(offset, length)
+        return self._chunks[lo:hi]
+
+    def is_present(self, offset: int, length: int) -> bool:
+        """True if every chunk overlapping the range is present (cheap: no I/O)."""
+        lo, hi = self._span(offset, max(length, 0))
+        with self.cache.lock:
+            return all(c.index in self.cache.map for c in self._chunks[lo:hi])
+
+    # -- filling ------------------------------------------------------------------
+
+    def fill(self, offset: int, length: int, *, fd: int | None = None) -> None:
+        """Ensure [offset, offset+length) of the cache file holds verified data.
+
+        `fd`: descriptor to write through instead of the cache file's own (see
+        `BlobCacheFile.write_chunk`); it must stay open until this returns.
+        """
+        t0 = time.monotonic()
+        self.metrics.add(reads=1)
+        lo, hi = self._span(offset, max(length, 0))
+        mine: list[ChunkInfo] = []
+        extras: list[ChunkInfo] = []
+        theirs: list[Future[None]] = []
+        with self.cache.lock:
+            missing_bytes = 0
+            for c in self._chunks[lo:hi]:
+                if c.index in self.cache.map:
+                    continue
+                fut = self._inflight.get(c.index)
+                if fut is not None:
+                    theirs.append(fut)
+                else:
+                    self._inflight[c.index] = Future()
+                    mine.append(c)
+                missing_bytes += c.aligned_size
+            if not mine and not theirs:
+                self.metrics.add(hits=1)
+                return
+            if mine and self.amplify > 0:
+                budget = self.amplify - missing_bytes
+                j = hi
+                while j < len(self._chunks) and budget >= self._chunks[j].aligned_size:
+                    c = self._chunks[j]
+                    if c.index in self.cache.map or c.index in self._inflight:
+                        break
+                    self._inflight[c.index] = Future()
+                    extras.append(c)
+                    budget -= c.aligned_size
+                    j += 1
+        failures: dict[int, ErofsNydusError] = {}
+        try:
+            failures = self._fetch(mine + extras, fd)
+        finally:
+            with self.cache.lock:
+                for c in mine + extras:
+                    fut = self._inflight.pop(c.index)
+                    exc = failures.get(c.index)
+                    if exc is None and c.index not in self.cache.map:
+                        exc = DaemonError(f"blob {self.blob_id}: chunk {c.index} was not filled")
+                    if exc is not None:
+                        fut.set_exception(exc)
+                    else:
+                        fut.set_result(None)
+        for c in mine:
+            if c.index in failures:
+                raise failures[c.index]
+        for fut in theirs:
+            fut.result()
+        with self.metrics.lock:
+            self.metrics.latencies.append(time.monotonic() - t0)
+
+    def fill_all(self) -> None:
+        """Fill the whole blob (prefetch / tests)."""
+        self.fill(0, self.cache.size)
+        while not self.cache.complete():
+            for c in self._chunks:
+                if c.index not in self.cache.map:
+                    self.fill(c.uncompressed_offset, c.aligned_size)
+
+    def _runs(self, chunks: list[ChunkInfo]) -> list[list[ChunkInfo]]:
+        runs: list[list[ChunkInfo]] = []
+        run_end = -1
+        for c in sorted(chunks, key=lambda c: c.compressed_offset):
+            if (
+                runs
+                and c.compressed_offset <= run_end + self.merge_gap
+                and c.compressed_offset >= runs[-1][0].compressed_offset
+                and c.compressed_offset + c.compressed_size - runs[-1][0].compressed_offset
+                <= MAX_BACKEND_READ
+            ):
+                runs[-1].append(c)
+                run_end = max(run_end, c.compressed_offset + c.compressed_size)
+            else:
+                runs.append([c])
+                run_end = c.compressed_offset + c.compressed_size
+        return runs
+
+    def _fetch(self, chunks: list[ChunkInfo], fd: int | None) -> dict[int, ErofsNydusError]:
+        failures: dict[int, ErofsNydusError] = {}
+        written: list[ChunkInfo] = []
+        for run in self._runs(chunks):
+            start = run[0].compressed_offset
+            end = max(c.compressed_offset + c.compressed_size for c in run)
+            try:
+                data = self.backend.read_range(self.blob_id, start, end - start)
+                if len(data) != end - start:
+                    raise BackendError(
+                        f"blob {self.blob_id}: backend returned {len(data)} bytes for "
+                        f"{start}+{end - start}"
+                    )
+            except ErofsNydusError as exc:
+                self.metrics.add(backend_requests=1, backend_errors=1)
+                for c in run:
+                    failures[c.index] = exc
+                continue
+            except OSError as exc:
+                self.metrics.add(backend_requests=1, backend_errors=1)
+                err = BackendError(f"blob {self.blob_id}: backend read failed: {exc}")
+                for c in run:
+                    failures[c.index] = err
+                continue
+            self.metrics.add(backend_requests=1, bytes_fetched=end - start)
+            for c in run:
+                raw = data[
+                    c.compressed_offset - start : c.compressed_offset - start + c.compressed_size
+                ]
+                try:
+                    plain = self._decode(c, raw)
+                except DigestMismatchError as exc:
+                    self.metrics.add(digest_failures=1)
+                    failures[c.index] = exc
+                    continue
+                try:
+                    self.cache.write_chunk(c, plain, fd)
+                except OSError as exc:
+                    self.metrics.add(write_errors=1)
+                    failures[c.index] = DaemonError(
+                        f"blob {self.blob_id}: cannot write chunk {c.index} to "
+                        f"{self.cache.data_path}: {exc.strerror}"
+                    )
+                    continue
+                written.append(c)
+        try:
+            self.cache.commit(written)
+        except OSError as exc:
+            self.metrics.add(write_errors=1)
+            for c in written:
+                failures[c.index] = DaemonError(
+                    f"blob {self.blob_id}: cannot sync {self.cache.data_path}: {exc.strerror}"
+                )
+            written = []
+        self.metrics.add(
+            chunks_fetched=len(written), bytes_filled=sum(c.uncompressed_size for c in written)
+        )
+        return failures
+
+    def _decode(self, c: ChunkInfo, raw: bytes) -> bytes:
+        if c.compressed:
+            try:
+                plain = cast(
+                    bytes, lz4.block.decompress(raw, uncompressed_size=c.uncompressed_size)
+                )
+            except Exception as exc:  # lz4 raises LZ4BlockError (no stable import path)
+                raise DigestMismatchError(
+                    f"blob {self.blob_id}: chunk {c.index} does not decompress: {exc}"
+                ) from exc
+        else:
+            plain = raw
+        if len(plain) != c.uncompressed_size:
+            raise DigestMismatchError(
+                f"blob {self.blob_id}: chunk {c.index} is {len(plain)} bytes, "
+                f"expected {c.uncompressed_size}"
+            )
+        got = hashlib.sha256(plain).digest()
+        if got != c.digest:
+            raise DigestMismatchError(
+                f"blob {self.blob_id}: chunk {c.index} sha256 {got.hex()[:16]}... "
+                f"!= {c.digest.hex()[:16]}... (blob corrupt or altered)"
+            )
+        return plain
+
+    def close(self) -> None:
+        self.cache.close()

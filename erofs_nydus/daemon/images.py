@@ -1,0 +1,348 @@
+"""What a daemon serves: registered images, their blobs, and the persisted state.
+
+Kernel-interface independent apart from two hooks (`mark`, `unmark`) the request
+source supplies: fanotify marks each incomplete cache file before it is mounted and
+unmarks it once complete; fscache would pass no-ops.
+
+State lives in `<cache-dir>/daemon-state.json` (written atomically after every change)
+and names, per image: the bootstrap copy `<cache-dir>/<fsid>.boot`, the backend spec,
+the amplification size and the mountpoints using it.  A restarted daemon rebuilds
+everything from it: cache files and chunk maps are re-verified, marks re-added.
+Blobs are shared: two images (or two mounts of one image) naming the same blob id
+use one cache file and one `BlobServer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from erofs_nydus.backend import BlobBackend, LocalDirBackend
+from erofs_nydus.daemon.blobcache import BlobCacheFile
+from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
+from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
+from erofs_nydus.image import RafsImage, load_image
+
+__all__ = ["STATE_FILE", "ImageEntry", "ImageTable", "make_backend"]
+
+STATE_FILE = "daemon-state.json"
+log = logging.getLogger("erofs_nydus.daemon")
+
+Hook = Callable[[BlobServer], None]
+
+
+def make_backend(spec: dict[str, Any]) -> BlobBackend:
+    kind = spec.get("type")
+    if kind == "local":
+        return LocalDirBackend(str(spec["dir"]))
+    raise UnsupportedError(f"unknown blob backend {kind!r}")
+
+
+def _check_backend(spec: dict[str, Any], blob_id: str, compressed_size: int) -> None:
+    """Refuse early what cannot work: a local blob that is missing or too short."""
+    if spec.get("type") != "local":
+        return
+    path = os.path.join(str(spec["dir"]), blob_id)
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise BackendError(f"blob {blob_id} not found in {spec['dir']}: {exc.strerror}") from exc
+    if size < compressed_size:
+        raise BackendError(
+            f"blob {path} is truncated: {size} bytes, the image needs {compressed_size}"
+        )
+
+
+@dataclass
+class ImageEntry:
+    fsid: str
+    bootstrap: str  # the copy in the cache dir
+    blob_ids: list[str]
+    backend: dict[str, Any]
+    amplify: int = DEFAULT_AMPLIFY
+    mountpoints: list[str] = field(default_factory=list)
+
+
+class ImageTable:
+    """Thread-safe registry of images and blob servers for one cache dir."""
+
+    def __init__(
+        self,
+        cache_dir: str,
+        *,
+        mark: Hook | None = None,
+        unmark: Hook | None = None,
+        durable: bool = True,
+    ) -> None:
+        self.cache_dir = os.path.abspath(cache_dir)
+        self.mark = mark
+        self.unmark = unmark
+        self.durable = durable
+        self.metrics = Metrics()
+        self.images: dict[str, ImageEntry] = {}
+        self.blobs: dict[str, BlobServer] = {}
+        self.marked: set[str] = set()
+        self._by_dev_ino: dict[tuple[int, int], BlobServer] = {}
+        self._lock = threading.RLock()
+
+    # -- lookups (hot path) ------------------------------------------------------------
+
+    def lookup(self, dev: int, ino: int) -> BlobServer | None:
+        return self._by_dev_ino.get((dev, ino))
+
+    def mountpoints(self) -> list[str]:
+        with self._lock:
+            return [mp for e in self.images.values() for mp in e.mountpoints]
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def _open_blob(self, image: RafsImage, idx: int, entry: ImageEntry) -> BlobServer:
+        info = image.blobs[idx]
+        srv = self.blobs.get(info.blob_id)
+        if srv is not None:
+            added = srv.add_chunks(image.chunks_for_blob(idx))
+            if (
+                added
+                and info.blob_id not in self.marked
+                and not srv.cache.complete()
+                and self.mark is not None
+            ):
+                self.mark(srv)
+                self.marked.add(info.blob_id)
+            return srv
+        cache = BlobCacheFile(
+            self.cache_dir, info, image.chunks_for_blob(idx), durable=self.durable
+        )
+        srv = BlobServer(
+            cache, make_backend(entry.backend), amplify=entry.amplify, metrics=self.metrics
+        )
+        self.blobs[info.blob_id] = srv
+        self._by_dev_ino[cache.dev_ino] = srv
+        if cache.complete():
+            if self.unmark is not None:
+                self.unmark(srv)  # a stale mark from before a crash costs every read
+        elif self.mark is not None:
+            self.mark(srv)
+            self.marked.add(info.blob_id)
+        return srv
+
+    def blob_complete(self, srv: BlobServer) -> None:
+        """Called by the request source after a fill left the blob complete."""
+        with self._lock:
+            if srv.blob_id in self.marked and srv.cache.complete():
+                self.marked.discard(srv.blob_id)
+                if self.unmark is not None:
+                    self.unmark(srv)
+                log.info("blob %s complete: unmarked", srv.blob_id[:12])
+
+    def _release_blob(self, blob_id: str, *, unmark: bool = True) -> None:
+        srv = self.blobs.pop(blob_id)
+        self._by_dev_ino.pop(srv.cache.dev_ino, None)
+        if blob_id in self.marked and unmark:
+            self.marked.discard(blob_id)
+            if self.unmark is not None:
+                self.unmark(srv)
+        srv.backend.close()
+        srv.close()
+
+    # -- images ------------------------------------------------------------------------
+
+    def _load(self, entry: ImageEntry) -> RafsImage:
+        with open(entry.bootstrap, "rb") as f:
+            data = f.read()
+        return load_image(data)
+
+    def register(
+        self,
+        bootstrap: str,
+        backend: dict[str, Any],
+        mountpoint: str,
+        *,
+        amplify: int = DEFAULT_AMPLIFY,
+    ) -> dict[str, Any]:
+        """Validate and register an image for `mountpoint`; return what to mount.
+
+        Raises FormatError for a bootstrap that fails validation, BackendError when a
+        local blob is missing or truncated; nothing is registered then.
+        """
+        with open(bootstrap, "rb") as f:
+            data = f.read()
+        image = load_image(data)
+        fsid = image.fsid or hashlib.sha256(data).hexdigest()
+        for b in image.blobs:
+            _check_backend(backend, b.blob_id, b.compressed_size)
+        mountpoint = os.path.abspath(mountpoint)
+        with self._lock:
+            for e in self.images.values():
+                if mountpoint in e.mountpoints:
+                    if self._is_our_mount(mountpoint, e):
+                        raise DaemonError(
+                            f"{mountpoint} is already mounted from image {e.fsid[:12]}"
+                        )
+                    self.detach(mountpoint)  # left over from a failed mount
+                    break
+            boot = os.path.join(self.cache_dir, f"{fsid}.boot")
+            if not os.path.exists(boot):
+                tmp = f"{boot}.tmp{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, boot)
+            entry = self.images.get(fsid)
+            new = entry is None
+            if entry is None:
+                entry = ImageEntry(
+                    fsid, boot, [b.blob_id for b in image.blobs], dict(backend), amplify
+                )
+            opened: list[str] = []
+            try:
+                for idx, b in enumerate(image.blobs):
+                    if b.blob_id not in self.blobs:
+                        opened.append(b.blob_id)
+                    self._open_blob(image, idx, entry)
+            except BaseException:
+                for bid in opened:
+                    if bid in self.blobs:
+                        self._release_blob(bid)
+                raise
+            entry.mountpoints.append(mountpoint)
+            if new:
+                self.images[fsid] = entry
+            try:
+                self.save_state()
+            except DaemonError:
+                self.detach(mountpoint)
+                raise
+            return {
+                "fsid": fsid,
+                "bootstrap": boot,
+                "devices": [self.blobs[b].cache.data_path for b in entry.blob_ids],
+            }
+
+    def detach(self, mountpoint: str) -> int:
+        """Forget `mountpoint`; release images and blobs nobody uses.  Return mounts left."""
+        mountpoint = os.path.abspath(mountpoint)
+        with self._lock:
+            for fsid, e in list(self.images.items()):
+                if mountpoint in e.mountpoints:
+                    e.mountpoints.remove(mountpoint)
+                    if not e.mountpoints:
+                        del self.images[fsid]
+                    break
+            else:
+                raise DaemonError(f"{mountpoint} is not served by this daemon")
+            used = {b for e in self.images.values() for b in e.blob_ids}
+            for bid in [b for b in self.blobs if b not in used]:
+                self._release_blob(bid)
+            self.save_state(strict=False)
+            return len(self.mountpoints())
+
+    def _is_our_mount(self, mountpoint: str, entry: ImageEntry) -> bool:
+        from erofs_nydus.mount import mount_fstype
+
+        return mount_fstype(mountpoint) == "erofs"
+
+    def prune_stale(self) -> list[str]:
+        """Forget mountpoints that are not mounted (e.g. after a reboot); return them."""
+        stale = [
+            mp
+            for e in list(self.images.values())
+            for mp in e.mountpoints
+            if not self._is_our_mount(mp, e)
+        ]
+        for mp in stale:
+            log.info("forgetting stale mountpoint %s", mp)
+            self.detach(mp)
+        return stale
+
+    # -- persistence -------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.cache_dir, STATE_FILE)
+
+    def save_state(self, *, strict: bool = True) -> None:
+        """Write the state file atomically.  `strict=False` logs a failure instead
+        (a detach must complete even on a full disk; the stale entry is pruned on
+        the next fresh start)."""
+        with self._lock:
+            doc = {"version": 1, "images": [asdict(e) for e in self.images.values()]}
+            tmp = f"{self.state_path}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(doc, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.state_path)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if strict:
+                    raise DaemonError(f"cannot save {self.state_path}: {exc.strerror}") from exc
+                log.error("cannot save %s: %s", self.state_path, exc)
+
+    def load_state(self) -> None:
+        """Rebuild images and blob servers after a daemon (re)start."""
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            aside = f"{self.state_path}.corrupt"
+            log.error("unreadable state file %s (%s); moved to %s", self.state_path, exc, aside)
+            with contextlib.suppress(OSError):
+                os.replace(self.state_path, aside)
+            return
+        with self._lock:
+            for raw in doc.get("images", []):
+                try:
+                    entry = ImageEntry(**raw)
+                    image = self._load(entry)
+                    for idx in range(len(image.blobs)):
+                        self._open_blob(image, idx, entry)
+                except Exception as exc:
+                    what = raw.get("fsid", "?") if isinstance(raw, dict) else raw
+                    log.error("cannot restore image %.12s: %s", what, exc)
+                    continue
+                self.images[entry.fsid] = entry
+                log.info(
+                    "restored image %s (%d blobs, mounts %s)",
+                    entry.fsid[:12],
+                    len(entry.blob_ids),
+                    entry.mountpoints,
+                )
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "images": [asdict(e) for e in self.images.values()],
+                "blobs": {
+                    bid: {
+                        "size": s.cache.size,
+                        "present": s.cache.present_bytes(),
+                        "complete": s.cache.complete(),
+                        "marked": bid in self.marked,
+                        "path": s.cache.data_path,
+                    }
+                    for bid, s in self.blobs.items()
+                },
+                "metrics": self.metrics.snapshot(),
+            }
+
+    def close(self) -> None:
+        """Close files.  Marks stay: a mount may outlive this daemon, and only the
+        group fd's owner (the supervisor) may let its reads through."""
+        with self._lock:
+            for bid in list(self.blobs):
+                self._release_blob(bid, unmark=False)

@@ -1,0 +1,289 @@
+"""Supervisor: the small, long-lived process that makes the daemon crash-safe.
+
+If the fanotify group fd is closed while files are marked, pending and later reads
+are no longer intercepted and holes read as zeros.  So the group fd lives here, not
+in the daemon, and so does the read side of the event queue:
+
+* the supervisor reads events from the group fd and forwards each, with its fd
+  (SCM_RIGHTS), to the daemon; it keeps the event fd open until the daemon reports
+  the event answered ("done"), so the number the kernel knows the event by is never
+  reused while the event may still be pending;
+* when the daemon dies (even `kill -9`), the supervisor starts a new one, hands it
+  the group fd and the control listener, and re-sends every unanswered event; the
+  new daemon restores its state from the cache dir and answers them.  An event the
+  old daemon had already answered gets a second answer, which the kernel rejects
+  harmlessly (ENOENT) - a reader never gets two, and never none.
+
+The supervisor exits when the daemon asks it to (no mounts left); SIGTERM/SIGINT/
+SIGHUP are ignored so that it cannot be stopped under live mounts by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from erofs_nydus.daemon import channel
+from erofs_nydus.daemon import fanotify_proto as fp
+from erofs_nydus.daemon.fanotify import init_group
+from erofs_nydus.daemon.paths import RunPaths
+
+__all__ = ["run_supervisor"]
+
+log = logging.getLogger("erofs_nydus.supervisor")
+
+
+class _Child:
+    """The daemon process, forked from the supervisor (no new interpreter to start:
+    a restart after a crash takes milliseconds)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.status: int | None = None
+
+    @classmethod
+    def fork(cls, channel_fd: int) -> _Child:
+        from erofs_nydus.daemon import worker  # import before forking: the child starts warm
+
+        pid = os.fork()
+        if pid == 0:  # child: keep stdio and the channel only
+            code = 1
+            try:
+                lo = 3
+                for keep in sorted({channel_fd}):
+                    os.closerange(lo, keep)
+                    lo = keep + 1
+                os.closerange(lo, 1 << 20)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                code = worker.run_worker(channel_fd)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        return cls(pid)
+
+    def poll(self) -> int | None:
+        if self.status is None:
+            pid, st = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(st)
+        return self.status
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+        return self.status
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class _Supervisor:
+    def __init__(self, paths: RunPaths, group_fd: int, listener: socket.socket) -> None:
+        self.paths = paths
+        self.group_fd = group_fd
+        self.listener = listener
+        self.inflight: dict[int, dict[str, Any]] = {}  # our event fd -> event
+        self.stopping = False
+        self.generation = 0
+
+    def spawn(self) -> tuple[_Child, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = _Child.fork(theirs.fileno())
+        finally:
+            theirs.close()
+        try:
+            channel.send(
+                ours,
+                {"op": "hello", "cache_dir": self.paths.cache_dir, "restart": self.generation > 0},
+                [self.group_fd, self.listener.fileno()],
+            )
+        except OSError as exc:  # it died at once; pump() sees EOF and we try again
+            log.error("daemon did not take the hello: %s", exc)
+        self.forward(ours, list(self.inflight.values()))
+        self.generation += 1
+        log.info(
+            "daemon started (pid %d), %d pending events handed over", proc.pid, len(self.inflight)
+        )
+        return proc, ours
+
+    def forward(self, sock: socket.socket, events: list[dict[str, Any]]) -> bool:
+        try:
+            for i in range(0, len(events), channel.MAX_FDS):
+                batch = events[i : i + channel.MAX_FDS]
+                channel.send(sock, {"op": "events", "events": batch}, [e["fd"] for e in batch])
+        except OSError as exc:
+            log.warning("daemon unreachable (%s); events kept for its successor", exc)
+            return False
+        return True
+
+    def read_events(self, sock: socket.socket) -> bool:
+        alive = True
+        while True:
+            try:
+                buf = os.read(self.group_fd, 64 * 1024)
+            except BlockingIOError:
+                return alive
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            events, err = fp.split_events(buf)
+            if err is not None:
+                log.error("fanotify: %s", err)
+            fresh = []
+            for ev in events:
+                if not ev.needs_response:
+                    if ev.is_overflow:
+                        log.error("fanotify queue overflow")
+                    continue
+                d = channel.event_to_dict(ev)
+                self.inflight[ev.fd] = d
+                fresh.append(d)
+            if fresh and alive:
+                alive = self.forward(sock, fresh)
+
+    def handle_message(self, sock: socket.socket) -> bool:
+        """Process daemon messages; False at EOF."""
+        while True:
+            try:
+                msg, fds = channel.recv(sock)
+            except BlockingIOError:
+                return True
+            except (ConnectionResetError, BrokenPipeError):
+                return False
+            except Exception as exc:
+                log.error("bad message from daemon: %s", exc)
+                return True
+            for fd in fds:  # the daemon never sends us fds; do not leak any
+                os.close(fd)
+            if msg is None:
+                return False
+            op = msg.get("op")
+            if op == "done":
+                for n in msg.get("fds", []):
+                    if self.inflight.pop(n, None) is not None:
+                        os.close(n)
+            elif op == "shutdown":
+                self.stopping = True
+            else:
+                log.error("unknown daemon message %r", op)
+
+    def pump(self, proc: _Child, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(self.group_fd, selectors.EVENT_READ, "group")
+        sel.register(sock, selectors.EVENT_READ, "daemon")
+        alive = True
+        try:
+            while alive:
+                for key, _ in sel.select(timeout=1.0):
+                    if key.data == "group":
+                        sock.setblocking(True)
+                        sock.settimeout(5.0)
+                        try:
+                            alive = self.read_events(sock) and alive
+                        finally:
+                            sock.setblocking(False)
+                    else:
+                        alive = self.handle_message(sock) and alive
+                if proc.poll() is not None:
+                    # drain what it said before dying
+                    self.handle_message(sock)
+                    alive = False
+        finally:
+            sel.close()
+
+    def run(self) -> None:
+        recent: list[float] = []
+        while True:
+            try:
+                proc, sock = self.spawn()
+            except Exception:
+                log.exception("cannot start the daemon; retrying")
+                time.sleep(1.0)
+                continue
+            try:
+                self.pump(proc, sock)
+            except Exception:
+                # Never let the supervisor die: it holds the group fd.
+                log.exception("supervisor loop failed; restarting the daemon")
+                proc.kill()
+            finally:
+                sock.close()
+            code = proc.wait(timeout=10)
+            if code is None:
+                proc.kill()
+                code = proc.wait()
+            if self.stopping:
+                log.info("daemon stopped (exit %s); supervisor exiting", code)
+                return
+            log.error("daemon exited unexpectedly (status %s); restarting", code)
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < 10] + [now]
+            if len(recent) > 5:
+                time.sleep(1.0)
+
+    def close(self) -> None:
+        # No mounts are left when we get here; answer anything odd that is still pending.
+        for n in list(self.inflight):
+            with contextlib.suppress(OSError):
+                os.write(self.group_fd, fp.deny(n, errno.EIO))
+            os.close(n)
+        self.inflight.clear()
+
+
+def run_supervisor(cache_dir: str) -> int:
+    """Run the supervisor for `cache_dir` in the foreground until the daemon stops it."""
+    paths = RunPaths.of(cache_dir)
+    os.makedirs(paths.cache_dir, exist_ok=True)
+    lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("a supervisor already serves %s", paths.cache_dir)
+        os.close(lock_fd)
+        return 0
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    group = init_group()
+    sock_path = paths.socket
+    os.makedirs(os.path.dirname(sock_path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    listener.listen(64)
+    sup = _Supervisor(paths, group, listener)
+    try:
+        sup.run()
+    finally:
+        sup.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_path)
+        listener.close()
+        os.close(group)
+        os.ftruncate(lock_fd, 0)
+        os.close(lock_fd)
+    return 0

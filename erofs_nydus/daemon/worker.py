@@ -1,0 +1,248 @@
+"""The daemon process: serves fanotify events and control requests for one cache dir.
+
+Started by the supervisor with one end of a SOCK_SEQPACKET pair (see `channel.py`);
+it receives the fanotify group fd and the control listener, restores its state
+from the cache dir, then runs one anyio loop with two tasks: events from the
+supervisor (each filled in a worker thread, answered on the group fd, reported
+"done") and the control socket (JSON lines: ping, register, detach, status,
+shutdown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from erofs_nydus import errors
+from erofs_nydus.daemon import channel
+from erofs_nydus.daemon.core import BlobServer
+from erofs_nydus.daemon.fanotify import FanotifyHandler, add_mark, remove_mark
+from erofs_nydus.daemon.images import ImageTable
+from erofs_nydus.errors import DaemonError, ErofsNydusError
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger("erofs_nydus.daemon")
+
+MAX_REQUEST = 1 << 20
+
+
+class Worker:
+    def __init__(
+        self, chan: socket.socket, group_fd: int, listener: socket.socket, cache_dir: str
+    ) -> None:
+        self.chan = chan
+        self.group_fd = group_fd
+        self.listener = listener
+        self.table = ImageTable(cache_dir, mark=self._mark, unmark=self._unmark)
+        self.handler = FanotifyHandler(
+            group_fd,
+            self.table.lookup,
+            on_answered=self._answered,
+            on_complete=self.table.blob_complete,
+        )
+        self.started = time.time()
+        self._stop: anyio.Event | None = None
+
+    # -- fanotify marks ----------------------------------------------------------------
+
+    def _mark(self, srv: BlobServer) -> None:
+        add_mark(self.group_fd, srv.cache.fd)
+
+    def _unmark(self, srv: BlobServer) -> None:
+        try:
+            remove_mark(self.group_fd, srv.cache.fd)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("unmark %s: %s", srv.blob_id[:12], exc)
+
+    # -- supervisor channel ------------------------------------------------------------
+
+    def _answered(self, response_fd: int) -> None:
+        msg = {"op": "done", "fds": [response_fd]}
+        for _ in range(1000):
+            try:
+                channel.send(self.chan, msg)
+                return
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError as exc:
+                log.error("cannot report event %d answered: %s", response_fd, exc)
+                return
+
+    async def _channel_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        self.chan.setblocking(False)
+        while True:
+            await anyio.wait_readable(self.chan)
+            while True:
+                try:
+                    msg, fds = channel.recv(self.chan)
+                except BlockingIOError:
+                    break
+                if msg is None:
+                    log.error("supervisor gone; exiting")
+                    tg.cancel_scope.cancel()
+                    return
+                op = msg.get("op")
+                if op == "events":
+                    events = msg.get("events", [])
+                    if len(events) != len(fds):
+                        log.error("events/fds mismatch (%d/%d)", len(events), len(fds))
+                    for d, fd in zip(events, fds, strict=False):
+                        ev = channel.event_from_dict(d)
+                        self.handler.submit(tg, ev, fd, ev.fd)
+                    for fd in fds[len(events) :]:
+                        os.close(fd)
+                elif op == "stop":
+                    tg.cancel_scope.cancel()
+                    return
+                else:
+                    for fd in fds:
+                        os.close(fd)
+                    log.error("unknown supervisor message %r", op)
+
+    # -- control socket ----------------------------------------------------------------
+
+    def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "ping":
+            return {"pid": os.getpid(), "mounts": self.table.mountpoints()}
+        if op == "register":
+            return self.table.register(
+                str(req["bootstrap"]),
+                dict(req["backend"]),
+                str(req["mountpoint"]),
+                amplify=int(req.get("amplify", 1 << 20)),
+            )
+        if op == "detach":
+            return {"remaining": self.table.detach(str(req["mountpoint"]))}
+        if op == "status":
+            st = self.table.status()
+            st["pid"] = os.getpid()
+            st["uptime"] = time.time() - self.started
+            st["fanotify"] = self.handler.stats.snapshot()
+            return st
+        if op == "shutdown":
+            mounts = self.table.mountpoints()
+            if mounts and not req.get("force"):
+                raise DaemonError(f"still serving {len(mounts)} mount(s): {', '.join(mounts)}")
+            return {}
+        raise DaemonError(f"unknown request {op!r}")
+
+    async def _serve_conn(self, stream: anyio.abc.SocketStream) -> None:
+        reader = BufferedByteReceiveStream(stream)
+        async with stream:
+            while True:
+                try:
+                    line = await reader.receive_until(b"\n", MAX_REQUEST)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+                    return
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise DaemonError("request must be a JSON object")
+                    result = await anyio.to_thread.run_sync(self._dispatch, req)
+                    resp: dict[str, Any] = {"ok": True, **result}
+                except Exception as exc:
+                    log.info("request failed: %s", exc)
+                    resp = {"ok": False, "error": str(exc), "type": type(exc).__name__}
+                    req = {}
+                try:
+                    await stream.send(json.dumps(resp).encode() + b"\n")
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
+                if resp["ok"] and req.get("op") == "shutdown":
+                    log.info("shutdown requested")
+                    with contextlib.suppress(OSError):
+                        channel.send(self.chan, {"op": "shutdown"})
+                    assert self._stop is not None
+                    self._stop.set()
+                    return
+
+    async def _idle_exit(self, idle_timeout: float) -> None:
+        """Stop when nothing has been registered for `idle_timeout` seconds (a CLI
+        that died between starting the daemon and mounting, a deleted cache dir)."""
+        idle_since = time.monotonic()
+        while True:
+            await anyio.sleep(min(5.0, idle_timeout))
+            if self.table.images:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= idle_timeout:
+                log.info("no images for %.0f s; exiting", idle_timeout)
+                with contextlib.suppress(OSError):
+                    channel.send(self.chan, {"op": "shutdown"})
+                assert self._stop is not None
+                self._stop.set()
+                return
+
+    async def run(self) -> None:
+        self._stop = anyio.Event()
+        listener = await anyio.abc.SocketListener.from_socket(self.listener)
+        idle = float(os.environ.get("EROFS_NYDUS_IDLE_EXIT", "60"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._channel_loop, tg)
+            tg.start_soon(listener.serve, self._serve_conn, tg)
+            if idle > 0:
+                tg.start_soon(self._idle_exit, idle)
+            await self._stop.wait()
+            tg.cancel_scope.cancel()
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
+        format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run_worker(channel_fd: int) -> int:
+    """Serve until told to stop or the supervisor goes away; return an exit status."""
+    _setup_logging()
+    chan = socket.socket(fileno=channel_fd)
+    chan.setblocking(True)
+    msg, fds = channel.recv(chan)
+    if msg is None or msg.get("op") != "hello" or len(fds) != 2:
+        log.error("bad hello from supervisor: %r", msg)
+        return 2
+    group_fd, listen_fd = fds
+    listener = socket.socket(fileno=listen_fd)
+    worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]))
+    # Restore before reading events: handed-over events may be for restored blobs.
+    worker.table.load_state()
+    if not msg.get("restart"):
+        # A fresh supervisor: mounts recorded by an earlier one may be gone (reboot,
+        # manual umount); a restarted daemon keeps all (a mount may be in progress).
+        worker.table.prune_stale()
+    log.info("serving %s (%d images)", msg["cache_dir"], len(worker.table.images))
+    try:
+        anyio.run(worker.run)
+    finally:
+        worker.table.close()
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_worker(int(sys.argv[1])))
+
+
+def error_from_response(resp: dict[str, Any]) -> ErofsNydusError:
+    """Rebuild the project error a control request failed with (client side)."""
+    cls = getattr(errors, str(resp.get("type")), None)
+    msg = str(resp.get("error", "daemon request failed"))
+    if isinstance(cls, type) and issubclass(cls, ErofsNydusError):
+        return cls(msg)
+    return DaemonError(msg)

@@ -1,0 +1,180 @@
+"""Helpers for daemon tests: synthetic blobs without the builder, and a counting backend."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+
+from erofs_nydus.backend import LocalDirBackend
+from erofs_nydus.image import BlobInfo, ChunkInfo, RafsImage
+
+
+@dataclass
+class SyntheticBlob:
+    blob: BlobInfo
+    chunks: list[ChunkInfo]
+    payloads: list[bytes]  # uncompressed chunk data, by chunk position
+    data: bytes  # the blob file
+
+    def expected_cache(self) -> bytes:
+        """What the fully filled cache file must contain."""
+        out = bytearray(self.blob.uncompressed_size)
+        for c, p in zip(self.chunks, self.payloads, strict=True):
+            out[c.uncompressed_offset : c.uncompressed_offset + len(p)] = p
+        return bytes(out)
+
+    def image(self) -> RafsImage:
+        return RafsImage(
+            bootstrap_size=0,
+            chunk_size=self.blob.chunk_size,
+            flags=0,
+            blobs=[self.blob],
+            chunks=[self.chunks],
+            fsid="0" * 64,
+        )
+
+
+def make_payloads(sizes: list[int], seed: int = 0) -> list[bytes]:
+    """Chunk payloads: half compressible text, half random (stored raw)."""
+    rng = random.Random(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        if i % 2:
+            out.append(rng.randbytes(n))
+        else:
+            word = f"chunk {i} seed {seed} ".encode()
+            out.append((word * (n // len(word) + 1))[:n])
+    return out
+
+
+def make_blob(
+    payloads: list[bytes], *, chunk_size: int = 1 << 20, blob_index: int = 0
+) -> SyntheticBlob:
+    data = bytearray()
+    chunks = []
+    uoff = 0
+    for i, p in enumerate(payloads):
+        comp = lz4.block.compress(p, store_size=False)
+        compressed = len(comp) < len(p)
+        stored = comp if compressed else p
+        chunks.append(
+            ChunkInfo(
+                digest=hashlib.sha256(p).digest(),
+                blob_index=blob_index,
+                index=i,
+                compressed_offset=len(data),
+                compressed_size=len(stored),
+                uncompressed_offset=uoff,
+                uncompressed_size=len(p),
+                compressed=compressed,
+            )
+        )
+        data += stored
+        uoff += (len(p) + 4095) & ~4095
+    blob_id = hashlib.sha256(bytes(data)).hexdigest()
+    blob = BlobInfo(
+        blob_id=blob_id,
+        blob_index=blob_index,
+        chunk_size=chunk_size,
+        chunk_count=len(payloads),
+        compressor="lz4",
+        digester="sha256",
+        compressed_size=len(data),
+        uncompressed_size=uoff,
+        ci_offset=len(data),
+        ci_compressed_size=0,
+        ci_uncompressed_size=0,
+        features=1,
+    )
+    return SyntheticBlob(blob, chunks, payloads, bytes(data))
+
+
+def write_blob(blob_dir: str | os.PathLike[str], sb: SyntheticBlob) -> str:
+    path = os.path.join(os.fspath(blob_dir), sb.blob.blob_id)
+    with open(path, "wb") as f:
+        f.write(sb.data)
+    return path
+
+
+class CountingBackend(LocalDirBackend):
+    """A LocalDirBackend that records every read and can be slowed down or gated."""
+
+    def __init__(self, blob_dir: str | os.PathLike[str], delay: float = 0.0) -> None:
+        super().__init__(blob_dir)
+        self.calls: list[tuple[int, int]] = []
+        self.delay = delay
+        self.gate: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
+        with self._lock:
+            self.calls.append((offset, length))
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.delay:
+            threading.Event().wait(self.delay)
+        return super().read_range(blob_id, offset, length)
+
+
+# -- CLI-level helpers (mount tests) ---------------------------------------------------
+
+CLI = [sys.executable, "-c", "from erofs_nydus.cli import main; main()"]
+
+
+def run_cli(
+    *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"erofs-nydus {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
+    return proc
+
+
+@dataclass
+class BuiltImage:
+    bootstrap: Path
+    blob_dir: Path
+
+    @property
+    def blobs(self) -> list[Path]:
+        return sorted(self.blob_dir.iterdir())
+
+
+def build_image(src: str | os.PathLike[str], work: Path, *extra: str) -> BuiltImage:
+    work.mkdir(parents=True, exist_ok=True)
+    boot = work / "image.boot"
+    blob_dir = work / "blobs"
+    run_cli("create", os.fspath(src), "--bootstrap", str(boot), "--blob-dir", str(blob_dir), *extra)
+    return BuiltImage(boot, blob_dir)
+
+
+def daemon_status(cache_dir: Path) -> dict[str, Any]:
+    from erofs_nydus.daemon.client import DaemonClient
+
+    return DaemonClient(cache_dir).request("status")
+
+
+def fanotify_usable() -> bool:
+    if os.geteuid() != 0:
+        return False
+    from erofs_nydus.daemon.fanotify import init_group
+
+    try:
+        fd = init_group()
+    except OSError:
+        return False
+    os.close(fd)
+    return True
