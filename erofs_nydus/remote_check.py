@@ -8,11 +8,12 @@ import hashlib
 import io
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from erofs_nydus.builder.blob import BlobWriter, decompress_chunk
 from erofs_nydus.builder.source import tree_from_tar
+from erofs_nydus.check import CheckReport
 from erofs_nydus.convert import IterStream, extract_bootstrap
 from erofs_nydus.errors import ErofsNydusError
 from erofs_nydus.image import BlobInfo, ChunkInfo
@@ -43,15 +44,8 @@ class DigestOnlyWriter(BlobWriter):
 
 
 @dataclass(slots=True)
-class RemoteReport:
-    problems: list[str] = field(default_factory=list)
-    blobs: int = 0
-    chunks_verified: int = 0
+class RemoteReport(CheckReport):
     entries_compared: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def check_remote(ref: str, source: str | None = None, *, platform: str | None = None,
