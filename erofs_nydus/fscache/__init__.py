@@ -1,1 +1,1 @@
-"""fscache."""
+"""fscache mode: the /dev/cachefiles on-demand protocol (see :mod:`.protocol`)."""
