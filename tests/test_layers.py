@@ -238,3 +238,35 @@ def test_debootstrap_install_and_remove_layers(debootstrap_rootfs: Path,
         diffs = treeutil.compare_trees(expected2, root, ignore=IGNORE, limit=40)
         assert diffs == [], "\n".join(diffs)
         assert (root / "usr/bin/less").exists()
+
+
+def test_cli_merge_and_stat(tmp_path: Path) -> None:
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from erofs_nydus.cli import main
+
+    low, up = tmp_path / "low", tmp_path / "up"
+    write_file(low / "a", os.urandom(5000))
+    write_file(low / "b", b"b")
+    write_file(up / ".wh.b", b"")
+    write_file(up / "c", os.urandom(5000))
+    runner = CliRunner()
+    for name, src in (("l", low), ("u", up)):
+        res = runner.invoke(main, ["create", str(src), "-B", str(tmp_path / f"{name}.boot"),
+                                   "-D", str(tmp_path / "blobs")])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["merge", str(tmp_path / "l.boot"), str(tmp_path / "u.boot"),
+                               "-B", str(tmp_path / "m.boot"), "-J", "-"])
+    assert res.exit_code == 0, res.output
+    assert len(_json.loads(res.output)["blobs"]) == 2
+    res = runner.invoke(main, ["stat", str(tmp_path / "m.boot"), "--json"])
+    assert res.exit_code == 0
+    info = _json.loads(res.output)
+    assert info["images"][0]["files"] == 2 and info["images"][0]["unique_chunks"] == 2
+    res = runner.invoke(main, ["merge", str(tmp_path / "u.boot"), "-B", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "nothing below" in res.output
+    res = runner.invoke(main, ["merge", str(tmp_path / "u.boot"), "-B", str(tmp_path / "x"),
+                               "--allow-missing-whiteouts"])
+    assert res.exit_code == 0 and "warning" in res.output
