@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_bytes, median, rootfs, run_timed  # noqa: E402
+from common import fmt_bytes, median, rootfs, run_timed
 
-from erofs_nydus.reader import read_bootstrap_file  # noqa: E402
+from erofs_nydus.reader import read_bootstrap_file
 
 
 def main() -> None:

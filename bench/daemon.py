@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import drop_caches, fmt_bytes, median, rootfs  # noqa: E402
+from common import drop_caches, fmt_bytes, median, rootfs
 
-from erofs_nydus.backend import LocalDirBackend  # noqa: E402
-from erofs_nydus.check import materialize_blob  # noqa: E402
-from erofs_nydus.mount import mounted  # noqa: E402
-from erofs_nydus.reader import read_bootstrap_file  # noqa: E402
+from erofs_nydus.backend import LocalDirBackend
+from erofs_nydus.check import materialize_blob
+from erofs_nydus.mount import mounted
+from erofs_nydus.reader import read_bootstrap_file
 
 CLI = [sys.executable, "-m", "erofs_nydus.cli"]
 WORKLOAD = "ls /usr/bin >/dev/null; dpkg -l >/dev/null"

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, ROOT, fmt_bytes, median, rootfs  # noqa: E402
+from common import CACHE, ROOT, fmt_bytes, median, rootfs
 
-from erofs_nydus.builder import BuildOptions, create_image  # noqa: E402
-from erofs_nydus.merge import merge_bootstraps  # noqa: E402
+from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.merge import merge_bootstraps
 
 
 def extra_rootfs() -> Path:
