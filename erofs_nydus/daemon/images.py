@@ -42,7 +42,33 @@ def make_backend(spec: dict[str, Any]) -> BlobBackend:
     kind = spec.get("type")
     if kind == "local":
         return LocalDirBackend(str(spec["dir"]))
+    if kind == "registry":
+        from erofs_nydus.registry.backend import RegistryBackend  # httpx only when used
+
+        return RegistryBackend.from_spec(spec)
     raise UnsupportedError(f"unknown blob backend {kind!r}")
+
+
+_preloaded = threading.Event()
+
+
+def _preload_registry() -> None:
+    """Import the registry client (httpx, httpcore: ~0.5 s) in the background once per
+    process, so the first registry image registers without that wait (the CLI starts
+    the daemon while it fetches the bootstrap)."""
+    if _preloaded.is_set():
+        return
+    _preloaded.set()
+
+    def load() -> None:
+        try:
+            import httpcore  # noqa: F401  (httpx imports it on the first Client)
+
+            import erofs_nydus.registry.backend  # noqa: F401
+        except Exception as exc:  # reported again, properly, when a backend is made
+            log.debug("registry client preload failed: %s", exc)
+
+    threading.Thread(target=load, name="registry-preload", daemon=True).start()
 
 
 def _check_backend(spec: dict[str, Any], blob_id: str, compressed_size: int) -> None:
@@ -91,6 +117,7 @@ class ImageTable:
         self.marked: set[str] = set()
         self._by_dev_ino: dict[tuple[int, int], BlobServer] = {}
         self._lock = threading.RLock()
+        _preload_registry()
 
     # -- lookups (hot path) ------------------------------------------------------------
 

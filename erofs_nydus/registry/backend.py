@@ -7,7 +7,9 @@ in the repository given at construction.  Every read runs under `deadline` secon
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 from typing import Any
 
 from erofs_nydus.errors import BackendError, ErofsNydusError, UsageError
@@ -15,6 +17,8 @@ from erofs_nydus.registry.client import RegistryClient
 from erofs_nydus.registry.reference import ImageReference, as_image_reference
 
 _BLOB_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHARED: dict[str, tuple[RegistryClient, int]] = {}  # from_spec clients, with user counts
+_SHARED_LOCK = threading.Lock()
 
 
 class RegistryBackend:
@@ -22,21 +26,28 @@ class RegistryBackend:
 
     `repo`: an ImageReference or ``host[:port]/repo`` (a tag or digest is ignored).
     `deadline`: seconds per read_range, retries included.  `owns_client`: close the
-    client in `close()`.
+    client in `close()`.  Backends made by `from_spec` share one client per set of
+    client options (one connection pool, TLS context and bearer token for all the
+    blobs of an image) and create it on the first read, so registering an image in
+    the daemon never waits for the HTTP stack.
     """
 
     def __init__(
         self,
-        client: RegistryClient,
+        client: RegistryClient | None,
         repo: ImageReference | str,
         *,
         deadline: float = 60.0,
         owns_client: bool = False,
     ) -> None:
-        self.client = client
+        self._client = client
         self.repo = as_image_reference(repo)
         self.deadline = deadline
         self.owns_client = owns_client
+        self.extra_spec: dict[str, Any] = {}  # docker_config / verify, kept by spec()
+        self._options: dict[str, Any] = {}  # from_spec: how to make the shared client
+        self._shared_key: str | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> RegistryBackend:
@@ -51,25 +62,56 @@ class RegistryBackend:
         if spec.get("type") != "registry" or not isinstance(spec.get("repo"), str):
             raise UsageError(f"not a registry backend spec: {spec!r}")
         deadline = float(spec.get("deadline", 60.0))
-        client = RegistryClient(
-            plain_http=spec.get("plain_http", False),
-            verify=spec.get("verify", True),
-            docker_config=spec.get("docker_config"),
-            timeout=float(spec.get("timeout", min(30.0, deadline))),
-            retries=int(spec.get("retries", 5)),
-            deadline=deadline,
-        )
-        return cls(client, spec["repo"], deadline=deadline, owns_client=True)
+        plain_http = spec.get("plain_http", False)
+        if plain_http not in (True, False, "loopback"):
+            raise UsageError(f"registry backend spec: bad plain_http {plain_http!r}")
+        options: dict[str, Any] = {
+            "plain_http": plain_http,
+            "verify": spec.get("verify", True),
+            "docker_config": spec.get("docker_config"),
+            "timeout": float(spec.get("timeout", min(30.0, deadline))),
+            "retries": int(spec.get("retries", 5)),
+            "deadline": deadline,
+        }
+        if options["timeout"] <= 0 or deadline <= 0 or options["retries"] < 0:
+            raise UsageError(f"registry backend spec: bad timeout/deadline/retries in {spec!r}")
+        backend = cls(None, spec["repo"], deadline=deadline)
+        backend._options = options
+        backend.extra_spec = {k: spec[k] for k in ("docker_config", "verify") if k in spec}
+        return backend
+
+    @property
+    def client(self) -> RegistryClient:
+        with self._lock:
+            if self._client is None:
+                if not self._options:
+                    raise BackendError(f"registry backend for {self.repo.name} is closed")
+                key = json.dumps(self._options, sort_keys=True)
+                with _SHARED_LOCK:
+                    client, users = _SHARED.get(key, (None, 0))
+                    if client is None:
+                        client = RegistryClient(**self._options)
+                    _SHARED[key] = (client, users + 1)
+                self._client, self._shared_key = client, key
+            return self._client
 
     def spec(self) -> dict[str, Any]:
         """The spec `from_spec` takes (client options that matter for reads)."""
+        if self._options:
+            plain_http, timeout, retries = (
+                self._options["plain_http"], self._options["timeout"], self._options["retries"]
+            )
+        else:
+            c = self.client
+            plain_http, timeout, retries = c.plain_http, c.timeout, c.retries
         return {
             "type": "registry",
             "repo": self.repo.name,
-            "plain_http": self.client.plain_http,
+            "plain_http": plain_http,
             "deadline": self.deadline,
-            "timeout": self.client.timeout,
-            "retries": self.client.retries,
+            "timeout": timeout,
+            "retries": retries,
+            **self.extra_spec,
         }
 
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
@@ -94,5 +136,19 @@ class RegistryBackend:
         return data
 
     def close(self) -> None:
-        if self.owns_client:
-            self.client.close()
+        with self._lock:
+            client, key = self._client, self._shared_key
+            self._client, self._shared_key, self._options = None, None, {}
+        if client is None:
+            return
+        if key is not None:
+            with _SHARED_LOCK:
+                shared, users = _SHARED.get(key, (None, 0))
+                if shared is client and users > 1:
+                    _SHARED[key] = (client, users - 1)
+                    return
+                if shared is client:
+                    del _SHARED[key]
+            client.close()
+        elif self.owns_client:
+            client.close()
