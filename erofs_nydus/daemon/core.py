@@ -26,6 +26,7 @@ import hashlib
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import cast
@@ -41,6 +42,11 @@ __all__ = ["DEFAULT_AMPLIFY", "BlobServer", "Metrics"]
 
 DEFAULT_AMPLIFY = 1 << 20
 MAX_BACKEND_READ = 16 << 20
+# Upper bounds (seconds) of the fill-latency histogram buckets (last: +Inf).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, float("inf"))
+# Called with (blob id, chunks) for every request that names chunks (access trace).
+AccessHook = Callable[[str, Sequence[ChunkInfo]], None]
 
 
 @dataclass
@@ -56,13 +62,22 @@ class Metrics:
     backend_errors: int = 0
     digest_failures: int = 0
     write_errors: int = 0
+    retries: int = 0  # backend retries (backends that retry add to it)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw: int) -> None:
         with self.lock:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
+
+    def observe_latency(self, seconds: float) -> None:
+        with self.lock:
+            self.latencies.append(seconds)
+            self.latency_sum += seconds
+            self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def snapshot(self) -> dict[str, float]:
         with self.lock:
@@ -79,6 +94,7 @@ class Metrics:
                     "backend_errors",
                     "digest_failures",
                     "write_errors",
+                    "retries",
                 )
             }
         out["misses"] = len(lat)
@@ -109,6 +125,7 @@ class BlobServer:
         self._chunks = cache.chunks
         self._starts = [c.uncompressed_offset for c in self._chunks]
         self._inflight: dict[int, Future[None]] = {}
+        self.tracer: AccessHook | None = None  # set by the daemon (trace.py)
 
     def add_chunks(self, chunks: list[ChunkInfo]) -> int:
         """Serve the union of this blob's chunk list and `chunks`; return how many were new."""
@@ -139,20 +156,36 @@ class BlobServer:
     def is_present(self, offset: int, length: int) -> bool:
         """True if every chunk overlapping the range is present (cheap: no I/O)."""
         lo, hi = self._span(offset, max(length, 0))
+        if self.tracer is not None:
+            self.tracer(self.blob_id, self._chunks[lo:hi])
         with self.cache.lock:
             return all(c.index in self.cache.map for c in self._chunks[lo:hi])
 
     # -- filling ------------------------------------------------------------------
 
-    def fill(self, offset: int, length: int, *, fd: int | None = None) -> None:
+    def fill(
+        self,
+        offset: int,
+        length: int,
+        *,
+        fd: int | None = None,
+        record: bool = True,
+        amplify: int | None = None,
+    ) -> None:
         """Ensure [offset, offset+length) of the cache file holds verified data.
 
         `fd`: descriptor to write through instead of the cache file's own (see
         `BlobCacheFile.write_chunk`); it must stay open until this returns.
+        `record=False` (prefetch): neither counted as a read nor traced as an access;
+        `amplify` overrides the server's amplification size.
         """
         t0 = time.monotonic()
-        self.metrics.add(reads=1)
         lo, hi = self._span(offset, max(length, 0))
+        if record:
+            self.metrics.add(reads=1)
+            if self.tracer is not None:
+                self.tracer(self.blob_id, self._chunks[lo:hi])
+        amplify = self.amplify if amplify is None else amplify
         mine: list[ChunkInfo] = []
         extras: list[ChunkInfo] = []
         theirs: list[Future[None]] = []
@@ -169,10 +202,11 @@ class BlobServer:
                     mine.append(c)
                 missing_bytes += c.aligned_size
             if not mine and not theirs:
-                self.metrics.add(hits=1)
+                if record:
+                    self.metrics.add(hits=1)
                 return
-            if mine and self.amplify > 0:
-                budget = self.amplify - missing_bytes
+            if mine and amplify > 0:
+                budget = amplify - missing_bytes
                 j = hi
                 while j < len(self._chunks) and budget >= self._chunks[j].aligned_size:
                     c = self._chunks[j]
@@ -201,8 +235,8 @@ class BlobServer:
                 raise failures[c.index]
         for fut in theirs:
             fut.result()
-        with self.metrics.lock:
-            self.metrics.latencies.append(time.monotonic() - t0)
+        if record:
+            self.metrics.observe_latency(time.monotonic() - t0)
 
     def fill_all(self) -> None:
         """Fill the whole blob (prefetch / tests)."""

@@ -27,6 +27,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from erofs_nydus import errors
 from erofs_nydus.daemon import channel
+from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.daemon.fanotify import FanotifyHandler, add_mark, remove_mark
 from erofs_nydus.daemon.images import ImageTable
@@ -55,6 +56,8 @@ class Worker:
         )
         self.started = time.time()
         self._stop: anyio.Event | None = None
+        # traces, prefetch, HTTP control API (api.py)
+        self.plane = ControlPlane(self.table, request_stats=self.handler.stats.snapshot)
 
     # -- fanotify marks ----------------------------------------------------------------
 
@@ -120,14 +123,19 @@ class Worker:
         if op == "ping":
             return {"pid": os.getpid(), "mounts": self.table.mountpoints()}
         if op == "register":
-            return self.table.register(
+            info = self.table.register(
                 str(req["bootstrap"]),
                 dict(req["backend"]),
                 str(req["mountpoint"]),
                 amplify=int(req.get("amplify", 1 << 20)),
             )
+            self.plane.registered(req, info)
+            return info
         if op == "detach":
-            return {"remaining": self.table.detach(str(req["mountpoint"]))}
+            self.plane.detaching(str(req["mountpoint"]))
+            remaining = self.table.detach(str(req["mountpoint"]))
+            self.plane.detached()
+            return {"remaining": remaining}
         if op == "status":
             st = self.table.status()
             st["pid"] = os.getpid()
@@ -228,9 +236,12 @@ def run_worker(channel_fd: int) -> int:
         # manual umount); a restarted daemon keeps all (a mount may be in progress).
         worker.table.prune_stale()
     log.info("serving %s (%d images)", msg["cache_dir"], len(worker.table.images))
+    worker.plane.restored()
+    worker.plane.start()
     try:
         anyio.run(worker.run)
     finally:
+        worker.plane.stop()
         worker.table.close()
     return 0
 
