@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import click
 
 from erofs_nydus.cli import main
+from erofs_nydus.config import apply_backend_config, config_options, current_config
 from erofs_nydus.errors import DaemonError, UnsupportedError, UsageError
 
 KERNEL_FANOTIFY = (6, 14)
@@ -45,10 +49,17 @@ def pick_mode(mode: str) -> tuple[str, str]:
         f"fscache mode is not available on this kernel (Linux {vs} without /dev/cachefiles "
         "on-demand support); use the VM harness (vm/) for fscache"
     )
+    from erofs_nydus.fscache.device import unavailable_reason
+
+    no_fscache = unavailable_reason()
     if mode == "fscache":
-        raise UnsupportedError(fscache_msg)
+        if no_fscache is None:
+            return "fscache", f"Linux {vs} has /dev/cachefiles on-demand"
+        raise UnsupportedError(f"{fscache_msg}: {no_fscache}")
     if ver >= KERNEL_FANOTIFY and _fanotify_works():
         return "fanotify", f"Linux {vs} >= 6.14 has fanotify pre-content events"
+    if mode == "auto" and no_fscache is None:
+        return "fscache", f"Linux {vs} has /dev/cachefiles on-demand (no fanotify pre-content)"
     if mode == "fanotify":
         raise UnsupportedError(
             f"fanotify mode needs Linux >= 6.14 with pre-content fanotify and root (this is {vs})"
@@ -72,19 +83,18 @@ def _mount_source(mountpoint: str) -> tuple[str, str] | None:
 
 
 @main.command("mount")
-@click.argument("bootstrap", type=click.Path(exists=True, dir_okay=False))
+@click.argument("bootstrap", metavar="BOOTSTRAP|REF")
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--blob-dir",
-    required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="Directory holding the data blobs as <blob id> files.",
+    help="Directory holding the data blobs as <blob id> files (with a BOOTSTRAP file).",
 )
 @click.option(
     "--cache-dir",
-    required=True,
     type=click.Path(file_okay=False),
-    help="Where blob cache files live; one daemon serves each cache dir.",
+    help="Where blob cache files live; one daemon serves each cache dir "
+    "[config: daemon.cache_dir].",
 )
 @click.option(
     "--mode",
@@ -100,10 +110,28 @@ def _mount_source(mountpoint: str) -> tuple[str, str] | None:
     show_default=True,
     help="Fetch following chunks up to this many bytes per miss (0 disables).",
 )
+@click.option("--plain-http", is_flag=True,
+              help="REF: talk HTTP to the registry (loopback registries use HTTP anyway).")
+@click.option("--platform", metavar="OS/ARCH", help="REF: platform to pick from an index "
+              "(default linux/amd64).")
+@click.option("--read-deadline", type=click.FloatRange(min=0.1), default=30.0,
+              show_default=True, help="REF: seconds an on-demand registry read may take "
+              "(retries included) before the reader gets EIO.")
+@click.option("--domain-id", metavar="D", help="fscache mode: share blobs (one cache "
+              "object per blob) with other images mounted with the same domain id.")
+@config_options
 def mount_cmd(
-    bootstrap: str, mountpoint: str, blob_dir: str, cache_dir: str, mode: str, amplify: int
+    bootstrap: str, mountpoint: str, blob_dir: str | None, cache_dir: str, mode: str,
+    amplify: int, plain_http: bool, platform: str | None, read_deadline: float,
+    domain_id: str | None = None,
 ) -> None:
-    """Mount BOOTSTRAP at MOUNTPOINT; data is fetched on first read.
+    """Mount BOOTSTRAP (a file, with --blob-dir) or REF at MOUNTPOINT; data is fetched
+    on first read.
+
+    REF is a Nydus image in a registry (host[:port]/repo[:tag|@digest]) or an OCI
+    layout (oci:DIR[:tag]): only its bootstrap layer is fetched now, chunks are read
+    with HTTP Range requests when first accessed.  Credentials come from Docker's
+    config.json ($DOCKER_CONFIG).
 
     Starts (or reuses) the daemon for --cache-dir in the background, registers the
     image, and mounts it with file-backed EROFS, one cache file per blob.  Returns
@@ -112,21 +140,43 @@ def mount_cmd(
     from erofs_nydus.daemon.client import DaemonClient
     from erofs_nydus.mount import is_mountpoint, mount_erofs_file
 
+    if cache_dir is None:
+        raise UsageError("give --cache-dir (or daemon.cache_dir in the config file)")
     chosen, why = pick_mode(mode)
     if mode == "auto":
         click.echo(f"mode: {chosen} ({why})", err=True)
     mp = os.path.realpath(mountpoint)
     if is_mountpoint(mp):
         raise UsageError(f"{mp} is already a mountpoint")
+    if chosen == "fscache":
+        _mount_fscache(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
+                       read_deadline, domain_id)
+        return
+    if domain_id is not None:
+        raise UsageError("--domain-id is for --mode fscache")
     client = DaemonClient(cache_dir)
-    started = client.ensure_running()
+    # Start the daemon while a REF's manifest and bootstrap are fetched (both ~1 s).
+    starting = _in_background(client.ensure_running)
+    try:
+        backend = _mount_backend(
+            bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline
+        )
+        boot_path = str(backend.pop("bootstrap"))
+        backend = apply_backend_config(backend, current_config())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if starting.result():
+                client.shutdown()
+        raise
+    started = starting.result()
     try:
         info = client.request(
             "register",
-            bootstrap=os.path.abspath(bootstrap),
-            backend={"type": "local", "dir": os.path.abspath(blob_dir)},
+            bootstrap=boot_path,
+            backend=backend,
             mountpoint=mp,
             amplify=amplify,
+            **current_config().register_args(),
         )
     except Exception:
         if started:
@@ -145,6 +195,48 @@ def mount_cmd(
     )
 
 
+def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
+                   plain_http: bool, platform: str | None, read_deadline: float,
+                   domain_id: str | None) -> None:
+    from erofs_nydus.fscache.client import mount_fscache
+
+    backend = _mount_backend(bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline)
+    boot_path = str(backend.pop("bootstrap"))
+    backend = apply_backend_config(backend, current_config())
+    info = mount_fscache(boot_path, mp, cache_dir, backend, amplify=amplify, domain_id=domain_id)
+    dom = f", domain {domain_id}" if domain_id else ""
+    click.echo(f"mounted {bootstrap} at {mp} (fscache, fsid {info['mount_fsid'][:16]}{dom}, "
+               f"{info['blobs']} blob(s), cache {os.path.abspath(cache_dir)})")
+
+
+def _in_background(fn: Callable[[], bool]) -> Future[bool]:
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_http: bool,
+                   platform: str | None, read_deadline: float) -> dict[str, Any]:
+    """Backend spec plus "bootstrap" (local path) for a BOOTSTRAP file or a REF."""
+    from erofs_nydus.remote_mount import looks_like_reference, resolve_remote_image
+
+    if os.path.isfile(bootstrap):
+        if blob_dir is None:
+            raise UsageError("mounting a BOOTSTRAP file needs --blob-dir")
+        return {"type": "local", "dir": os.path.abspath(blob_dir),
+                "bootstrap": os.path.abspath(bootstrap)}
+    if not looks_like_reference(bootstrap):
+        raise UsageError(f"{bootstrap}: no such bootstrap file, nor an image reference")
+    if blob_dir is not None:
+        raise UsageError("--blob-dir is for BOOTSTRAP files; a REF's blobs come from its store")
+    remote = resolve_remote_image(bootstrap, cache_dir, platform=platform,
+                                  plain_http=True if plain_http else "loopback",
+                                  deadline=read_deadline)
+    return {**remote.backend, "bootstrap": remote.bootstrap}
+
+
 def _cache_dir_of(mp: str, cache_dir: str | None) -> str:
     if cache_dir is not None:
         return cache_dir
@@ -152,6 +244,13 @@ def _cache_dir_of(mp: str, cache_dir: str | None) -> str:
     if src is None:
         raise UsageError(f"{mp} is not mounted; pass --cache-dir to clean up its registration")
     fstype, source = src
+    if fstype == "erofs" and source == "none":  # fscache mode: one daemon per system
+        from erofs_nydus.fscache.client import fscache_cache_dir
+
+        found = fscache_cache_dir()
+        if found is None:
+            raise UsageError(f"{mp}: no fscache daemon found; pass --cache-dir")
+        return found
     if fstype != "erofs" or not source.endswith(".boot"):
         raise UsageError(f"{mp} is not an erofs-nydus mount ({fstype} from {source})")
     return os.path.dirname(source)
@@ -226,6 +325,11 @@ def stats_cmd(mountpoint: str | None, cache_dir: str | None, as_json: bool) -> N
     click.echo(line)
     if fan:
         click.echo(f"fanotify events: {int(fan['events'])} ({int(fan['denied'])} denied)")
+    fsc = st.get("fscache", {})
+    if fsc:
+        click.echo(f"fscache requests: {fsc['open']} OPEN ({fsc['open_refused']} refused), "
+                   f"{fsc['read']} READ ({fsc['read_failed']} failed), {fsc['close']} CLOSE; "
+                   f"{fsc['objects']} open objects")
     for mp in (mp for img in st["images"] for mp in img["mountpoints"]):
         click.echo(f"mount: {mp}")
 

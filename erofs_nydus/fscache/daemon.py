@@ -1,0 +1,597 @@
+"""fscache mode daemon: /dev/cachefiles on-demand requests served by the daemon core.
+
+Process model (like fanotify mode, simpler because the kernel queues requests itself):
+
+* the **supervisor** locks the cache dir, opens ``/dev/cachefiles``, sends ``dir`` and
+  ``bind ondemand``, opens the control socket, then forks the worker and waits.  It
+  keeps the device fd for as long as it lives, so a worker killed with ``kill -9``
+  loses nothing: its anon fds close (the objects go to the CLOSE state), the queued
+  requests stay queued, and the next worker sends ``restore`` - the kernel re-delivers
+  them, reopening the objects with fresh OPENs first (Linux 6.8+).  A worker exiting
+  with status 0 means "no mounts left": the supervisor then closes the device and exits.
+* the **worker** restores the image table (:class:`~erofs_nydus.daemon.images.ImageTable`:
+  bootstrap copies, blob cache files, chunk maps) from the cache dir, reads requests in
+  its main thread and answers them:
+
+  - OPEN: cookie = fsid (or ``<fsid>.<n>`` for a second mount of one image) -> the
+    bootstrap copy, ``copen <id>,<bootstrap length>``; cookie = device tag = blob id ->
+    ``copen <id>,<uncompressed size>``; anything else -> ``copen <id>,-ENOENT`` and the
+    anon fd is closed; a cookie that is already open -> ``-EALREADY``, fd closed.
+  - READ (in a thread pool): ``BlobServer.fill`` verifies the chunks into the daemon's
+    own cache file, then whole 4 KiB pages are copied from it into the anon fd through
+    a page-aligned buffer (the whole chunks the request touches: fewer READs), and the
+    READ is always completed with ``CACHEFILES_IOC_READ_COMPLETE`` - on failure without
+    data, so the reader gets EIO.  The bootstrap object is written whole on its first READ.
+  - CLOSE: the object's fd is closed (once no READ worker is using it).
+
+  The control socket (JSON lines, the protocol of :mod:`erofs_nydus.daemon.client`)
+  takes ``ping``, ``register`` (also picks the fsid to mount with), ``detach``,
+  ``status``, ``drop_fds`` (close every anon fd: the kernel reopens on the next READ) and
+  ``shutdown``.  Mounting happens in the CLI process, never here.
+
+Kernel cache files live in ``<cache-dir>/fscache`` (the ``dir`` of cachefiles); the
+cache dir must be on ext4/xfs/btrfs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from erofs_nydus.daemon.images import ImageTable
+from erofs_nydus.daemon.paths import RunPaths
+from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
+from erofs_nydus.fscache import protocol as p
+from erofs_nydus.fscache.device import bind_ondemand, open_device
+from erofs_nydus.fscache.objects import FsObject, ObjectTable
+
+__all__ = ["FscacheWorker", "kernel_cache_dir", "pointer_path", "run_supervisor"]
+
+log = logging.getLogger("erofs_nydus.fscache")
+
+PAGE = 4096
+COPY_PIECE = 1 << 20
+WHOLE_BOOTSTRAP_MAX = 64 << 20
+MAX_REQUEST = 1 << 20
+FATAL_PREFIX = "FATAL: "
+_POINTER = "/run/erofs-nydus/fscache-daemon.json"
+
+
+def kernel_cache_dir(cache_dir: str) -> str:
+    """The directory cachefiles is bound to (``dir``) for a daemon cache dir."""
+    return os.path.join(os.path.abspath(cache_dir), "fscache")
+
+
+def pointer_path() -> str:
+    """Where the (single, system-wide) fscache supervisor records its cache dir."""
+    return os.environ.get("EROFS_NYDUS_FSCACHE_POINTER", _POINTER)
+
+
+def _round_up(n: int) -> int:
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+def _mounted_fsids() -> set[str]:
+    """fsid= values of the erofs mounts in this namespace (from super options)."""
+    out: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                _, sep, rest = line.partition(" - ")
+                parts = rest.split()
+                if not sep or len(parts) < 3 or parts[0] != "erofs":
+                    continue
+                for opt in parts[2].split(","):
+                    if opt.startswith("fsid="):
+                        out.add(opt[5:])
+    except OSError:
+        pass
+    return out
+
+
+class FscacheWorker:
+    def __init__(
+        self, devfd: int, listener: socket.socket, cache_dir: str, *, threads: int = 8
+    ) -> None:
+        self.devfd = devfd
+        self.listener = listener
+        self.cache_dir = os.path.abspath(cache_dir)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self.table = ImageTable(cache_dir)
+        self.objects = ObjectTable()
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fscache-read")
+        self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+        self.keys: dict[str, tuple[str, str | None]] = {}  # mountpoint -> (mount fsid, domain)
+        self._keys_lock = threading.Lock()
+        self.stop = threading.Event()
+        self.started = time.time()
+        self.read_delay = float(os.environ.get("EROFS_NYDUS_FSCACHE_READ_DELAY", "0") or 0)
+        self.chunk_writes = os.environ.get("EROFS_NYDUS_FSCACHE_CHUNK_WRITES", "1") != "0"
+        self._local = threading.local()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    # -- the device ------------------------------------------------------------------
+
+    def restore(self) -> None:
+        try:
+            os.write(self.devfd, p.cmd_restore())
+            self.count("restores")
+            log.info("sent 'restore': pending requests re-delivered")
+        except OSError as exc:
+            log.error("'restore' failed: %s (kernel < 6.8?)", exc.strerror)
+
+    def _reply(self, cmd: bytes) -> None:
+        try:
+            os.write(self.devfd, cmd)
+        except OSError as exc:
+            log.warning("%s failed: %s", cmd.decode(errors="replace"), exc.strerror)
+            raise
+
+    def serve_device(self) -> None:
+        poller = select.poll()
+        poller.register(self.devfd, select.POLLIN)
+        while not self.stop.is_set():
+            if not poller.poll(250):
+                continue
+            while True:
+                try:
+                    raw = os.read(self.devfd, 4096)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    if exc.errno == errno.EIO:  # cache dead: nothing more will come
+                        log.error("/dev/cachefiles: cache is dead (EIO); stopping")
+                        self.stop.set()
+                        return
+                    # e.g. EMFILE creating an OPEN's anon fd: that OPEN failed in the kernel
+                    log.error("read /dev/cachefiles: %s", exc.strerror)
+                    self.count("read_errors")
+                    break
+                if not raw:
+                    break
+                try:
+                    msg = p.parse_message(raw)
+                except ProtocolError as exc:
+                    log.error("bad cachefiles message: %s", exc)
+                    self.count("bad_messages")
+                    continue
+                if isinstance(msg, p.OpenRequest):
+                    self.on_open(msg)
+                elif isinstance(msg, p.ReadRequest):
+                    self.count("read")
+                    self.pool.submit(self.on_read, msg)
+                else:
+                    self.count("close")
+                    self.objects.remove(msg.object_id)
+
+    # -- OPEN ------------------------------------------------------------------------
+
+    def _resolve(self, key: str) -> tuple[str, str, int, str] | None:
+        """(kind, target, size, path) for a cookie key, or None."""
+        fsid = key.split(".", 1)[0]
+        entry = self.table.images.get(fsid)
+        if entry is not None and (key == fsid or key[len(fsid) + 1 :].isdigit()):
+            try:
+                size = os.path.getsize(entry.bootstrap)
+            except OSError:
+                return None
+            return "bootstrap", fsid, size, entry.bootstrap
+        srv = self.table.blobs.get(key)
+        if srv is not None:
+            return "blob", key, srv.cache.size, srv.cache.data_path
+        return None
+
+    def on_open(self, m: p.OpenRequest) -> None:
+        self.count("open")
+        key = m.cookie_key.decode("utf-8", "surrogateescape")
+        try:
+            volume = p.volume_name(m.volume_key)
+            target = self._resolve(key)
+        except ProtocolError:
+            target, volume = None, m.volume_key
+        if target is None:
+            log.warning("OPEN of unknown cookie %r (volume %r): -ENOENT", key[:80], volume)
+            self.count("open_refused")
+            os.close(m.fd)
+            with contextlib.suppress(OSError):
+                self._reply(p.copen(m.msg_id, -errno.ENOENT))
+            return
+        kind, name, size, path = target
+        obj = FsObject(m.object_id, m.fd, volume, key, kind, name, size, path)
+        old = self.objects.add(obj)
+        if old is not None:
+            log.warning("OPEN of %s %.12s which is already open (object %d): -EALREADY",
+                        kind, key, old.object_id)
+            self.count("open_refused")
+            os.close(m.fd)
+            with contextlib.suppress(OSError):
+                self._reply(p.copen(m.msg_id, -errno.EALREADY))
+            return
+        try:
+            self._reply(p.copen(m.msg_id, size))
+        except OSError:
+            self.objects.remove(m.object_id)
+            return
+        log.debug("OPEN %s %.12s -> object %d, %d bytes", kind, key, m.object_id, size)
+
+    # -- READ ------------------------------------------------------------------------
+
+    def on_read(self, m: p.ReadRequest) -> None:
+        with self.objects.using(m.object_id) as obj:
+            if obj is None:
+                # Only possible for a READ of an object we never opened; nothing to
+                # complete it on (the kernel cancels it when the object goes).
+                log.error("READ for unknown object %d (msg %d)", m.object_id, m.msg_id)
+                self.count("read_orphans")
+                return
+            try:
+                if self.read_delay:
+                    time.sleep(self.read_delay)
+                self._serve(obj, m)
+            except Exception as exc:
+                self.count("read_failed")
+                log.error("READ %s %.12s %d+%d failed (reader gets EIO): %s",
+                          obj.kind, obj.target, m.offset, m.length, exc)
+            finally:
+                try:
+                    fcntl.ioctl(obj.fd, p.READ_COMPLETE_IOCTL, m.msg_id)
+                except OSError as exc:
+                    # withdrawn meanwhile (CLOSE / umount): the kernel already failed it
+                    log.info("READ_COMPLETE %d: %s", m.msg_id, exc.strerror)
+
+    def _serve(self, obj: FsObject, m: p.ReadRequest) -> None:
+        if obj.kind == "bootstrap":
+            with open(obj.path, "rb", buffering=0) as f:
+                src = f.fileno()
+                if obj.size <= WHOLE_BOOTSTRAP_MAX:
+                    with obj.lock:
+                        if not obj.whole_written:
+                            self._copy(src, obj.fd, 0, obj.size)
+                            obj.whole_written = True
+                    return
+                if m.offset >= obj.size:
+                    raise DaemonError(f"READ at {m.offset} beyond the bootstrap ({obj.size})")
+                self._copy(src, obj.fd, m.offset, min(m.end, obj.size))
+            return
+        srv = self.table.blobs.get(obj.target)
+        if srv is None:
+            raise DaemonError(f"blob {obj.target[:12]} is no longer served")
+        size = srv.cache.size
+        if m.offset >= size:
+            raise DaemonError(f"READ at {m.offset} beyond blob {obj.target[:12]} ({size} bytes)")
+        end = min(m.end, size)
+        srv.fill(m.offset, end - m.offset)
+        lo, hi = m.offset, end
+        if self.chunk_writes:
+            chunks = srv.chunks_in_range(lo, hi - lo)
+            if chunks:
+                lo = min(lo, chunks[0].uncompressed_offset)
+                hi = min(size, max(hi, chunks[-1].uncompressed_offset + chunks[-1].aligned_size))
+        self._copy(srv.cache.fd, obj.fd, lo, hi)
+
+    def _buffer(self) -> mmap.mmap:
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = mmap.mmap(-1, COPY_PIECE)  # page-aligned, as O_DIRECT writes want
+            self._local.buf = buf
+        return buf
+
+    def _copy(self, src: int, dst: int, start: int, end: int) -> None:
+        """Copy [start, end) of ``src`` into the anon fd in whole, aligned pages."""
+        if start % PAGE:
+            raise DaemonError(f"unaligned READ offset {start}")
+        view = memoryview(self._buffer())  # per thread, never closed
+        pos = start
+        while pos < end:
+            n = min(COPY_PIECE, _round_up(end - pos))
+            got = os.preadv(src, [view[:n]], pos)
+            if got < n:
+                view[got:n] = bytes(n - got)  # past the end of the source: zeros
+            done = 0
+            while done < n:
+                w = os.pwrite(dst, view[done:n], pos + done)
+                if w <= 0 or (w % PAGE and done + w < n):
+                    raise DaemonError(f"short write to the cache object at {pos + done}")
+                done += w
+            pos += n
+
+    # -- control ---------------------------------------------------------------------
+
+    def _mount_key(self, fsid: str, mountpoint: str, domain: str | None) -> str:
+        with self._keys_lock:
+            used = _mounted_fsids() | {k for mp, (k, _) in self.keys.items() if mp != mountpoint}
+            key, n = fsid, 0
+            while key in used:
+                n += 1
+                key = f"{fsid}.{n}"
+            self.keys[mountpoint] = (key, domain)
+            return key
+
+    def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "ping":
+            return {"pid": os.getpid(), "mounts": self.table.mountpoints(), "mode": "fscache"}
+        if op == "register":
+            if req.get("mode") != "fscache":
+                raise DaemonError(
+                    f"the daemon for {self.cache_dir} runs in fscache mode; mount with "
+                    "--mode fscache or use another cache dir"
+                )
+            mp = os.path.abspath(str(req["mountpoint"]))
+            domain = req.get("domain_id")
+            info = self.table.register(
+                str(req["bootstrap"]), dict(req["backend"]), mp,
+                amplify=int(req.get("amplify", 1 << 20)),
+            )  # fmt: skip
+            key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
+            return {"fsid": info["fsid"], "mount_fsid": key, "domain_id": domain,
+                    "blobs": len(info["devices"]), "bootstrap": info["bootstrap"]}
+        if op == "detach":
+            mp = os.path.abspath(str(req["mountpoint"]))
+            remaining = self.table.detach(mp)
+            with self._keys_lock:
+                self.keys.pop(mp, None)
+            return {"remaining": remaining}
+        if op == "status":
+            st = self.table.status()
+            with self._stats_lock:
+                counters = dict(self.stats)
+            st["pid"] = os.getpid()
+            st["uptime"] = time.time() - self.started
+            st["fscache"] = {
+                **{k: counters.get(k, 0) for k in ("open", "read", "close", "open_refused",
+                                                   "read_failed", "restores")},
+                **counters,
+                "objects": len(self.objects),
+                "opens_by_key": dict(self.objects.opens),
+            }
+            return st
+        if op == "drop_fds":
+            return {"dropped": self.objects.remove_all()}
+        if op == "shutdown":
+            mounts = self.table.mountpoints()
+            if mounts and not req.get("force"):
+                raise DaemonError(f"still serving {len(mounts)} mount(s): {', '.join(mounts)}")
+            return {}
+        raise DaemonError(f"unknown request {op!r}")
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                if len(line) > MAX_REQUEST:
+                    return
+                req: dict[str, Any] = {}
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise DaemonError("request must be a JSON object")
+                    resp: dict[str, Any] = {"ok": True, **self.dispatch(req)}
+                except Exception as exc:
+                    log.info("request failed: %s", exc)
+                    resp = {"ok": False, "error": str(exc), "type": type(exc).__name__}
+                    req = {}
+                try:
+                    f.write(json.dumps(resp).encode() + b"\n")
+                    f.flush()
+                except OSError:
+                    return
+                if resp["ok"] and req.get("op") == "shutdown":
+                    log.info("shutdown requested")
+                    self.stop.set()
+                    return
+
+    def serve_control(self) -> None:
+        self.listener.settimeout(0.5)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self.stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
+
+    def _idle_watch(self, idle_timeout: float) -> None:
+        idle_since = time.monotonic()
+        while not self.stop.wait(min(2.0, idle_timeout)):
+            if self.table.images:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= idle_timeout:
+                log.info("no images for %.0f s; exiting", idle_timeout)
+                self.stop.set()
+
+    def run(self) -> None:
+        threading.Thread(target=self.serve_control, name="control", daemon=True).start()
+        idle = float(os.environ.get("EROFS_NYDUS_IDLE_EXIT", "60"))
+        if idle > 0:
+            threading.Thread(target=self._idle_watch, args=(idle,), daemon=True).start()
+        try:
+            self.serve_device()
+        finally:
+            self.stop.set()
+            # After umount the kernel sends CLOSEs; give them a moment, then close anyway.
+            deadline = time.monotonic() + 2.0
+            while len(self.objects) and time.monotonic() < deadline:
+                self._drain_closes()
+                time.sleep(0.05)
+            self.pool.shutdown(wait=True)
+            self.objects.remove_all()
+            self.table.close()
+
+    def _drain_closes(self) -> None:
+        while True:
+            try:
+                raw = os.read(self.devfd, 4096)
+            except OSError:
+                return
+            if not raw:
+                return
+            try:
+                msg = p.parse_message(raw)
+            except ProtocolError:
+                continue
+            if isinstance(msg, p.CloseRequest):
+                self.objects.remove(msg.object_id)
+            elif isinstance(msg, p.OpenRequest):
+                os.close(msg.fd)
+                with contextlib.suppress(OSError):
+                    self._reply(p.copen(msg.msg_id, -errno.ENOENT))
+            else:
+                self.on_read(msg)  # completes it (the object may be gone: EIO)
+
+
+def _setup_logging(role: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
+        format=f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _run_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
+    _setup_logging("daemon")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    del soft
+    worker = FscacheWorker(devfd, listener, cache_dir)
+    worker.table.load_state()  # before any request: OPENs name restored images
+    if not restart:
+        worker.table.prune_stale()
+    else:
+        worker.restore()
+    log.info("serving %s (%d images)%s", cache_dir, len(worker.table.images),
+             " after a restart" if restart else "")
+    worker.run()
+    return 0
+
+
+def _fork_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        code = _run_worker(devfd, listener, cache_dir, restart)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _write_pointer(cache_dir: str) -> None:
+    path = pointer_path()
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"cache_dir": cache_dir, "pid": os.getpid()}, f)
+        os.replace(tmp, path)
+
+
+def run_supervisor(cache_dir: str) -> int:
+    """Hold /dev/cachefiles for ``cache_dir`` and keep a worker serving it."""
+    _setup_logging("supervisor")
+    paths = RunPaths.of(cache_dir)
+    os.makedirs(paths.cache_dir, exist_ok=True)
+    lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("a supervisor already serves %s", paths.cache_dir)
+        os.close(lock_fd)
+        return 0
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        devfd = open_device()
+        try:
+            bind_ondemand(devfd, kernel_cache_dir(paths.cache_dir))
+        except BaseException:
+            os.close(devfd)
+            raise
+    except ErofsNydusError as exc:
+        print(f"{FATAL_PREFIX}{exc}", file=sys.stderr, flush=True)
+        os.ftruncate(lock_fd, 0)
+        os.close(lock_fd)
+        return 3
+    sock_path = paths.socket
+    os.makedirs(os.path.dirname(sock_path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    listener.listen(64)
+    _write_pointer(paths.cache_dir)
+    log.info("bound /dev/cachefiles on %s (on-demand)", kernel_cache_dir(paths.cache_dir))
+    recent: list[float] = []
+    generation = 0
+    try:
+        while True:
+            pid = _fork_worker(devfd, listener, paths.cache_dir, generation > 0)
+            generation += 1
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code == 0:
+                log.info("daemon stopped; closing /dev/cachefiles")
+                return 0
+            log.error("daemon exited unexpectedly (status %s); restarting with 'restore'", code)
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < 10] + [now]
+            if len(recent) > 5:
+                time.sleep(1.0)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_path)
+        with contextlib.suppress(OSError, ValueError), open(pointer_path(), encoding="utf-8") as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.unlink(pointer_path())
+        listener.close()
+        os.close(devfd)
+        os.ftruncate(lock_fd, 0)
+        os.close(lock_fd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m erofs_nydus.fscache.daemon")
+    ap.add_argument("--cache-dir", required=True)
+    args = ap.parse_args(argv)
+    sys.exit(run_supervisor(args.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

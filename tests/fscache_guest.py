@@ -1,0 +1,436 @@
+"""fscache-mode scenarios: images are built on the host (:func:`build_images`), the
+scenario functions run inside the VM (one ``run_python_in_vm`` snippet per group) and
+return plain dicts the host test asserts on.
+
+Guest Python is 20-80x slower than the host (TCG), so images are small and the daemon
+is driven in-process (``mount_fscache`` / ``FscacheClient``); one mount and one umount
+go through the real CLI.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CHUNK = 0x10000  # 64 KiB chunks: small files still span several
+CLI = [sys.executable, "-c", "from erofs_nydus.cli import main; main()"]
+
+
+# ---- host side: trees and images ---------------------------------------------------------
+
+
+def make_small_tree(root: Path, seed: int = 1, *, nfiles: int = 12) -> None:
+    """Every file type, hard links, xattrs, a multi-chunk file, inline tails."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "empty").write_bytes(b"")
+    (root / "small.txt").write_text(f"hello fscache {seed}\n")
+    (root / "page.bin").write_bytes(rng.randbytes(4096))
+    multi = rng.randbytes(5 * CHUNK + 1234)  # 6 chunks, last one partial
+    (root / "multi.bin").write_bytes(multi)
+    text = (b"compressible line %d\n" % seed) * 9000
+    (root / "dir" / "text.txt").write_bytes(text)
+    for i in range(nfiles):
+        (root / "dir" / "sub" / f"f{i:02d}").write_bytes(rng.randbytes(rng.randrange(1, 70000)))
+    os.link(root / "multi.bin", root / "dir" / "multi-hardlink")
+    os.link(root / "small.txt", root / "dir" / "sub" / "small-hardlink")
+    os.symlink("../small.txt", root / "dir" / "link")
+    os.symlink("/nonexistent/target", root / "dangling")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "null-dev", 0o20644, os.makedev(1, 3))
+    os.setxattr(root / "small.txt", "user.note", b"x" * 40)
+    os.setxattr(root / "dir", "user.dirattr", b"v")
+    os.setxattr(root / "dir" / "text.txt", "trusted.t", b"\x00\x01binary")
+    os.chmod(root / "page.bin", 0o600)
+    os.chown(root / "dir" / "sub", 1234, 5678)
+
+
+def build(src: Path, work: Path, *, chunk_dict: Path | None = None) -> dict[str, str]:
+    from erofs_nydus.builder.create import BuildOptions, create_image
+
+    work.mkdir(parents=True, exist_ok=True)
+    boot, blobs = work / "image.boot", work / "blobs"
+    opts = BuildOptions(chunk_size=CHUNK, chunk_dicts=[str(chunk_dict)] if chunk_dict else [])
+    create_image(str(src), str(boot), str(blobs), opts)
+    return {"src": str(src), "bootstrap": str(boot), "blob_dir": str(blobs)}
+
+
+def snapshot(src: Path, out: Path) -> str:
+    import treeutil
+
+    with open(out, "wb") as f:
+        pickle.dump(treeutil.snapshot_tree(src), f)
+    return str(out)
+
+
+def corrupt_copy(img: dict[str, str], work: Path) -> dict[str, str]:
+    """Same bootstrap, a blob dir whose blob has flipped bytes in its second half."""
+    out = work / "bad-blobs"
+    out.mkdir(parents=True)
+    (blob,) = sorted(Path(img["blob_dir"]).iterdir())
+    data = bytearray(blob.read_bytes())
+    for pos in range(len(data) // 2, len(data) - 8192, 4099):
+        data[pos] ^= 0x5A
+    (out / blob.name).write_bytes(bytes(data))
+    return {**img, "blob_dir": str(out)}
+
+
+def build_images(work: Path) -> dict[str, Any]:
+    """Everything the guest groups need, built on the host."""
+    a_src = work / "tree-a"
+    make_small_tree(a_src, 1)
+    a = build(a_src, work / "img-a")
+    a["snapshot"] = snapshot(a_src, work / "tree-a.pickle")
+    # b: a second layer built against a's chunks (shares a's blob) -> domain sharing
+    b_src = work / "tree-b"
+    make_small_tree(b_src, 1, nfiles=14)  # same content as a, plus two files
+    (b_src / "only-in-b").write_bytes(b"b" * 5000)
+    b = build(b_src, work / "img-b", chunk_dict=Path(a["bootstrap"]))
+    b["snapshot"] = snapshot(b_src, work / "tree-b.pickle")
+    for blob in Path(a["blob_dir"]).iterdir():  # b's blob dir serves both of its blobs
+        os.link(blob, Path(b["blob_dir"]) / blob.name)
+    bad = corrupt_copy(a, work / "img-bad")
+    return {"a": a, "b": b, "bad": bad, "mnt": "/run/fsc-mnt"}
+
+
+# ---- guest side -------------------------------------------------------------------------
+
+
+def emit(value: Any) -> None:
+    print("VM-RESULT " + json.dumps(value), flush=True)
+
+
+def _client(cache: str) -> Any:
+    from erofs_nydus.fscache.client import FscacheClient
+
+    return FscacheClient(cache)
+
+
+def status(cache: str) -> dict[str, Any]:
+    st: dict[str, Any] = _client(cache).request("status")
+    return st
+
+
+def fcount(cache: str, key: str) -> int:
+    return int(status(cache)["fscache"].get(key, 0))
+
+
+def mount(img: dict[str, str], mp: str, cache: str, domain: str | None = None) -> dict[str, Any]:
+    from erofs_nydus.fscache.client import mount_fscache
+
+    os.makedirs(mp, exist_ok=True)
+    backend = {"type": "local", "dir": img["blob_dir"]}
+    return mount_fscache(img["bootstrap"], mp, cache, backend, domain_id=domain)
+
+
+def umount(mp: str, cache: str) -> int:
+    from erofs_nydus.mount import umount as do_umount
+
+    do_umount(mp)
+    remaining: int = _client(cache).request("detach", mountpoint=mp)["remaining"]
+    return remaining
+
+
+def stop(cache: str, timeout: float = 30) -> bool:
+    c = _client(cache)
+    c.shutdown(timeout)
+    return not c.supervisor_running()
+
+
+def compare(img: dict[str, str], mp: str) -> list[str]:
+    import treeutil
+
+    with open(img["snapshot"], "rb") as f:
+        snap = pickle.load(f)
+    diffs: list[str] = treeutil.compare_trees(snap, mp, ignore={"root_mtime"}, limit=20)
+    return diffs
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_all(mp: str) -> int:
+    n = 0
+    for dirpath, _dirs, files in os.walk(mp):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            with open(p, "rb") as f:
+                n += len(f.read())
+    return n
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
+                          env=env, check=False)
+
+
+def _timed(out: dict[str, Any], name: str, t0: float) -> None:
+    out.setdefault("timings", {})[name] = round(time.monotonic() - t0, 2)
+
+
+def group_main(images: dict[str, Any]) -> dict[str, Any]:
+    """tmpfs refusal, CLI mount + tree compare, concurrent readers, unknown cookie,
+    premature close, warm remount, corrupted blob, domain sharing + umount order."""
+    a, b, bad = images["a"], images["b"], images["bad"]
+    scratch = os.environ["SCRATCH"]
+    cache = f"{scratch}/cache"
+    mp = images["mnt"]
+    os.makedirs(mp, exist_ok=True)
+    out: dict[str, Any] = {}
+
+    # 1. cache dir on tmpfs: a clear error, nothing left running
+    t0 = time.monotonic()
+    try:
+        mount(a, mp, "/dev/shm/fsc-cache")
+        out["tmpfs"] = "mounted?!"
+    except Exception as exc:
+        out["tmpfs"] = f"{type(exc).__name__}: {exc}"
+    out["tmpfs_daemon"] = _client("/dev/shm/fsc-cache").supervisor_running()
+    _timed(out, "tmpfs", t0)
+
+    # 2. CLI mount, concurrent cold readers, full tree comparison
+    t0 = time.monotonic()
+    r = cli("mount", a["bootstrap"], mp, "--blob-dir", a["blob_dir"], "--cache-dir", cache,
+            "--mode", "fscache")
+    out["cli_mount"] = {"rc": r.returncode, "stdout": r.stdout.strip(),
+                        "stderr": r.stderr.strip()[-800:]}
+    if r.returncode != 0:
+        return out
+    _timed(out, "cli_mount", t0)
+    t0 = time.monotonic()
+    src = a["src"]
+    names = ["multi.bin", "dir/text.txt", *(f"dir/sub/f{i:02d}" for i in range(12))]
+    expected = {n: digest(os.path.join(src, n)) for n in names}
+    got: dict[str, str] = {}
+    errors: list[str] = []
+
+    def reader(k: int) -> None:
+        for n in names[k::2] + names[: k + 1]:
+            try:
+                got[f"{k}:{n}"] = digest(os.path.join(mp, n))
+            except OSError as exc:
+                errors.append(f"{n}: {exc}")
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["concurrent"] = {
+        "reads": len(got), "errors": errors,
+        "wrong": sorted(k for k, v in got.items() if v != expected[k.split(":", 1)[1]]),
+    }
+    _timed(out, "concurrent", t0)
+    # 3. premature close: drop every anon fd; a later cold read reopens the object
+    t0 = time.monotonic()
+    opens_before = fcount(cache, "open")
+    dropped = _client(cache).request("drop_fds")["dropped"]
+    reopened_ok = digest(os.path.join(mp, "page.bin")) == digest(
+        os.path.join(src, "page.bin"))
+    out["premature_close"] = {"dropped": dropped, "read_ok": reopened_ok,
+                              "new_opens": fcount(cache, "open") - opens_before}
+    _timed(out, "premature", t0)
+
+    t0 = time.monotonic()
+    st = status(cache)["fscache"]
+    out["after_concurrent"] = st
+    out["tree_diffs"] = compare(a, mp)
+    _timed(out, "tree", t0)
+
+    # 4. unknown cookie: the daemon answers -ENOENT, the mount fails, the daemon serves on
+    from erofs_nydus.mount import mount_erofs_fscache
+
+    os.makedirs("/run/fsc-unknown", exist_ok=True)
+    try:
+        mount_erofs_fscache("/run/fsc-unknown", "no-such-image")
+        out["unknown_mount"] = "mounted?!"
+    except OSError as exc:
+        out["unknown_mount"] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    out["unknown_refused"] = fcount(cache, "open_refused")
+
+    # 5. warm remount (CLI umount): nothing reaches the daemon but OPENs
+    t0 = time.monotonic()
+    r = cli("umount", mp)
+    out["cli_umount"] = {"rc": r.returncode, "stdout": r.stdout.strip(),
+                         "stderr": r.stderr.strip()[-400:]}
+    deadline = time.monotonic() + 30
+    while _client(cache).supervisor_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    out["stopped_after_umount"] = not _client(cache).supervisor_running()
+    out["fd_released"] = not os.path.exists(f"{cache}/daemon.sock")
+    mount(a, mp, cache)
+    reads0 = fcount(cache, "read")
+    out["warm_diffs"] = compare(a, mp)
+    out["warm"] = {"reads": fcount(cache, "read") - reads0, "opens": fcount(cache, "open")}
+    _timed(out, "warm", t0)
+    out["warm_remaining"] = umount(mp, cache)
+
+    # 6. corrupted blob (another blob dir, same image: own cache dir so nothing is warm)
+    t0 = time.monotonic()
+    stop(cache)
+    cache2 = f"{scratch}/cache-bad"
+    mount(bad, mp, cache2)
+    res: dict[str, Any] = {}
+    for n in ["small.txt", "multi.bin", "dir/text.txt", *(f"dir/sub/f{i:02d}" for i in range(12))]:
+        try:
+            ok = digest(os.path.join(mp, n)) == digest(os.path.join(src, n))
+            res[n] = "ok" if ok else "WRONG"
+        except OSError as exc:
+            res[n] = errno.errorcode.get(exc.errno or 0, "?")
+    out["corrupt"] = {"files": res, "read_failed": fcount(cache2, "read_failed"),
+                      "digest_failures": status(cache2)["metrics"]["digest_failures"]}
+    umount(mp, cache2)
+    stop(cache2)
+    _timed(out, "corrupt", t0)
+
+    # 7. two images in one domain share a's blob: one OPEN for it; umount a first
+    t0 = time.monotonic()
+    cache3 = f"{scratch}/cache-dom"
+    mp_a, mp_b = "/run/fsc-dom-a", "/run/fsc-dom-b"
+    ia = mount(a, mp_a, cache3, domain="dom1")
+    ib = mount(b, mp_b, cache3, domain="dom1")
+    st = status(cache3)
+    out["domain"] = {
+        "opens_by_key": st["fscache"]["opens_by_key"],
+        "fsids": [ia["fsid"], ib["fsid"]],
+        "blobs": {k: v["size"] for k, v in st["blobs"].items()},
+    }
+    out["domain"]["a_read"] = digest(os.path.join(mp_a, "dir/sub/f01")) == digest(
+        os.path.join(src, "dir/sub/f01"))
+    closes0 = fcount(cache3, "close")
+    out["domain"]["remaining_after_a"] = umount(mp_a, cache3)  # the first mounted goes first
+    time.sleep(0.5)
+    out["domain"]["closes_after_a"] = fcount(cache3, "close") - closes0
+    out["domain"]["b_diffs"] = compare(b, mp_b)  # shared blob still served, cold reads
+    out["domain"]["remaining_after_b"] = umount(mp_b, cache3)
+    time.sleep(0.5)
+    out["domain"]["closes_after_b"] = fcount(cache3, "close") - closes0
+    out["domain"]["stopped"] = stop(cache3)
+    _timed(out, "domain", t0)
+    return out
+
+
+def group_failover(images: dict[str, Any]) -> dict[str, Any]:
+    """kill -9 of the daemon with READs pending (restore), then the device closed under
+    a live mount (supervisor and daemon killed), umount, and a fresh start."""
+    a = images["a"]
+    scratch = os.environ["SCRATCH"]
+    cache = f"{scratch}/cache-fo"
+    mp = images["mnt"]
+    src = a["src"]
+    out: dict[str, Any] = {}
+    os.environ["EROFS_NYDUS_FSCACHE_READ_DELAY"] = "1.5"  # READs stay pending a while
+    os.environ["EROFS_NYDUS_FSCACHE_CHUNK_WRITES"] = "0"
+    t0 = time.monotonic()
+    mount(a, mp, cache)
+    _timed(out, "mount", t0)
+    st = status(cache)
+    pid0 = st["pid"]
+    names = [f"dir/sub/f{i:02d}" for i in range(6)] + ["multi.bin"]
+    got: dict[str, Any] = {}
+
+    def reader(n: str) -> None:
+        try:
+            got[n] = digest(os.path.join(mp, n)) == digest(os.path.join(src, n))
+        except OSError as exc:
+            got[n] = errno.errorcode.get(exc.errno or 0, "?")
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while fcount(cache, "read") - st["fscache"]["read"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pending = fcount(cache, "read") - st["fscache"]["read"]
+    os.kill(pid0, signal.SIGKILL)
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(120)
+    st2 = status(cache)
+    out["kill9"] = {"pending_at_kill": pending, "results": got,
+                    "new_pid": st2["pid"] != pid0, "restores": st2["fscache"].get("restores", 0),
+                    "alive_threads": sum(t.is_alive() for t in threads)}
+    _timed(out, "kill9_readers", t0)
+    os.environ["EROFS_NYDUS_FSCACHE_READ_DELAY"] = "0"
+
+    # the device closed under a live mount ("wrong order"): no hang, no zeros
+    c = _client(cache)
+    sup = c.supervisor_pid()
+    pid1 = st2["pid"]
+    cached_ok = digest(os.path.join(mp, "dir/sub/f00")) == digest(os.path.join(src, "dir/sub/f00"))
+    if sup:
+        os.kill(sup, signal.SIGKILL)
+    os.kill(pid1, signal.SIGKILL)
+    time.sleep(0.5)
+    res: dict[str, Any] = {"cached_before": cached_ok}
+    try:
+        data = open(os.path.join(mp, "dir/sub/f10"), "rb").read()  # noqa: SIM115
+        with open(os.path.join(src, "dir/sub/f10"), "rb") as f:
+            res["cold_after"] = "ok" if data == f.read() else "WRONG"
+    except OSError as exc:
+        res["cold_after"] = errno.errorcode.get(exc.errno or 0, "?")
+    from erofs_nydus.mount import umount as do_umount
+
+    try:
+        do_umount(mp)
+        res["umount"] = "ok"
+    except OSError as exc:
+        res["umount"] = str(exc)
+    # A new daemon binds once everything is released; the warm cache serves a remount.
+    t0 = time.monotonic()
+    try:
+        mount(a, mp, cache)
+        res["remount_diffs"] = compare(a, mp)
+        umount(mp, cache)
+        res["stopped"] = stop(cache)
+    except Exception as exc:
+        res["remount_error"] = f"{type(exc).__name__}: {exc}"
+    _timed(out, "remount", t0)
+    out["device_closed"] = res
+    return out
+
+
+def build_rootfs_image(rootfs: Path, work: Path) -> dict[str, Any]:
+    """The debootstrap rootfs as one image (1 MiB chunks), with a host snapshot."""
+    from erofs_nydus.builder.create import BuildOptions, create_image
+
+    work.mkdir(parents=True, exist_ok=True)
+    boot, blobs = work / "rootfs.boot", work / "blobs"
+    create_image(str(rootfs), str(boot), str(blobs), BuildOptions())
+    return {"src": str(rootfs), "bootstrap": str(boot), "blob_dir": str(blobs),
+            "snapshot": snapshot(rootfs, work / "rootfs.pickle"), "mnt": "/run/fsc-rootfs"}
+
+
+def group_rootfs(img: dict[str, Any]) -> dict[str, Any]:
+    """The whole debootstrap tree through fscache: metadata, xattrs and every byte."""
+    cache = f"{os.environ['SCRATCH']}/cache-rootfs"
+    out: dict[str, Any] = {}
+    t0 = time.monotonic()
+    mount(img, img["mnt"], cache)
+    _timed(out, "mount", t0)
+    t0 = time.monotonic()
+    out["diffs"] = compare(img, img["mnt"])
+    _timed(out, "compare", t0)
+    st = status(cache)
+    out["requests"] = {k: st["fscache"][k] for k in ("open", "read", "read_failed")}
+    out["bytes_fetched"] = st["metrics"]["bytes_fetched"]
+    out["remaining"] = umount(img["mnt"], cache)
+    out["stopped"] = stop(cache)
+    return out

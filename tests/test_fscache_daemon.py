@@ -1,0 +1,197 @@
+"""The fscache worker's request handling on the host, without /dev/cachefiles: the device
+is a pipe (we read the replies the worker writes), anon fds are regular files (pwrite
+lands there; READ_COMPLETE's ioctl fails on them and is only logged)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from erofs_nydus.builder.create import BuildOptions, create_image
+from erofs_nydus.errors import DaemonError
+from erofs_nydus.fscache import protocol as p
+from erofs_nydus.fscache.daemon import FscacheWorker, _mounted_fsids
+from erofs_nydus.fscache.objects import FsObject, ObjectTable
+
+
+def _open_msg(msg_id: int, object_id: int, volume: str, key: str, fd: int) -> bytes:
+    vk = f"erofs,{volume}".encode() + b"\0"
+    ck = key.encode()
+    body = struct.pack("<IIII", len(vk), len(ck), fd, 0) + vk + ck
+    return struct.pack("<IIII", msg_id, p.OP_OPEN, 16 + len(body), object_id) + body
+
+
+def _read_msg(msg_id: int, object_id: int, off: int, length: int) -> bytes:
+    return struct.pack("<IIIIQQ", msg_id, p.OP_READ, 32, object_id, off, length)
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        src = tmp / "src"
+        src.mkdir()
+        self.data = os.urandom(300_000)
+        (src / "a.bin").write_bytes(self.data)
+        (src / "b.txt").write_text("hello\n" * 1000)
+        self.boot, blobs = tmp / "image.boot", tmp / "blobs"
+        res = create_image(str(src), str(self.boot), str(blobs), BuildOptions(chunk_size=0x10000))
+        (self.blob,) = res.blobs
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.worker = FscacheWorker(self.wfd, self.sock, str(tmp / "cache"), threads=2)
+        self.info = self.worker.dispatch({
+            "op": "register", "mode": "fscache", "bootstrap": str(self.boot),
+            "backend": {"type": "local", "dir": str(blobs)}, "mountpoint": str(tmp / "mnt"),
+        })  # fmt: skip
+        self.tmp = tmp
+        self.n = 0
+
+    def anon(self) -> tuple[int, Path]:
+        self.n += 1
+        path = self.tmp / f"anon{self.n}"
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600), path
+
+    def replies(self) -> list[bytes]:
+        try:
+            return os.read(self.rfd, 65536).split(b"copen ")[1:]
+        except BlockingIOError:
+            return []
+
+    def handle(self, raw: bytes) -> None:
+        msg = p.parse_message(raw)
+        if isinstance(msg, p.OpenRequest):
+            self.worker.on_open(msg)
+        elif isinstance(msg, p.ReadRequest):
+            self.worker.on_read(msg)
+        else:
+            self.worker.objects.remove(msg.object_id)
+
+    def close(self) -> None:
+        self.worker.objects.remove_all()
+        self.worker.pool.shutdown()
+        self.worker.table.close()
+        self.sock.close()
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_register_answers_the_mount_fsid(h: Harness) -> None:
+    assert h.info["fsid"] == h.info["mount_fsid"] and len(h.info["fsid"]) == 64
+    other = h.worker.dispatch({
+        "op": "register", "mode": "fscache", "bootstrap": str(h.boot),
+        "backend": {"type": "local", "dir": str(h.tmp / "blobs")},
+        "mountpoint": str(h.tmp / "mnt2"),
+    })  # fmt: skip
+    assert other["mount_fsid"] == h.info["fsid"] + ".1"  # a second mount gets its own key
+    with pytest.raises(DaemonError, match="fscache mode"):
+        h.worker.dispatch({"op": "register", "bootstrap": str(h.boot), "backend": {},
+                           "mountpoint": "/x"})
+    assert isinstance(_mounted_fsids(), set)
+
+
+def test_open_bootstrap_and_blob_sizes(h: Harness) -> None:
+    fsid = h.info["fsid"]
+    fd1, _ = h.anon()
+    fd2, _ = h.anon()
+    h.handle(_open_msg(1, 10, fsid, fsid, fd1))
+    h.handle(_open_msg(2, 11, fsid, h.blob.blob_id, fd2))
+    assert h.replies() == [
+        f"1,{h.boot.stat().st_size}".encode(), f"2,{h.blob.uncompressed_size}".encode()
+    ]
+    # an alias of the fsid (second mount of the same image) is the same bootstrap
+    fd3, _ = h.anon()
+    h.handle(_open_msg(3, 12, fsid + ".1", fsid + ".1", fd3))
+    assert h.replies() == [f"3,{h.boot.stat().st_size}".encode()]
+
+
+def test_unknown_cookie_and_double_open_are_refused(h: Harness) -> None:
+    fd, _ = h.anon()
+    h.handle(_open_msg(7, 20, "x", "no-such-cookie", fd))
+    assert h.replies() == [f"7,-{errno.ENOENT}".encode()]
+    assert not _fd_open(fd)
+    fsid = h.info["fsid"]
+    fd1, _ = h.anon()
+    h.handle(_open_msg(8, 21, fsid, h.blob.blob_id, fd1))
+    fd2, _ = h.anon()
+    h.handle(_open_msg(9, 22, fsid, h.blob.blob_id, fd2))
+    assert h.replies() == [f"8,{h.blob.uncompressed_size}".encode(),
+                           f"9,-{errno.EALREADY}".encode()]
+    assert _fd_open(fd1) and not _fd_open(fd2)
+    assert h.worker.stats["open_refused"] == 2
+
+
+def test_read_fills_verified_pages_and_close_releases(h: Harness) -> None:
+    fsid = h.info["fsid"]
+    fd, path = h.anon()
+    h.handle(_open_msg(1, 30, fsid, h.blob.blob_id, fd))
+    h.replies()
+    h.handle(_read_msg(2, 30, 0x10000, 0x8000))
+    # whole chunks around the request were written at their offsets, page-aligned
+    got = path.read_bytes()
+    assert len(got) % 4096 == 0 and len(got) >= 0x20000
+    srv = h.worker.table.blobs[h.blob.blob_id]
+    expected = os.pread(srv.cache.fd, 0x10000, 0x10000)
+    assert got[0x10000:0x20000] == expected and expected != bytes(0x10000)
+    # a READ beyond the blob writes nothing (completing it then fails it: EIO)
+    before = path.stat().st_size
+    h.handle(_read_msg(3, 30, h.blob.uncompressed_size + 4096, 4096))
+    assert path.stat().st_size == before and h.worker.stats["read_failed"] == 1
+    # the bootstrap object is written whole on its first READ
+    bfd, bpath = h.anon()
+    h.handle(_open_msg(4, 31, fsid, fsid, bfd))
+    h.handle(_read_msg(5, 31, 0, 4096))
+    boot = h.boot.read_bytes()
+    assert bpath.read_bytes()[: len(boot)] == boot
+    h.handle(struct.pack("<IIII", 6, p.OP_CLOSE, 16, 30))
+    assert not _fd_open(fd) and _fd_open(bfd)
+    h.handle(_read_msg(7, 30, 0, 4096))  # READ for a closed object: ignored, counted
+    assert h.worker.stats["read_orphans"] == 1
+
+
+def test_drop_fds_and_status(h: Harness) -> None:
+    fd, _ = h.anon()
+    h.handle(_open_msg(1, 40, h.info["fsid"], h.blob.blob_id, fd))
+    st: dict[str, Any] = h.worker.dispatch({"op": "status"})
+    assert st["fscache"]["objects"] == 1 and st["fscache"]["opens_by_key"] == {
+        h.blob.blob_id: 1}
+    assert h.worker.dispatch({"op": "drop_fds"}) == {"dropped": 1}
+    assert not _fd_open(fd)
+    with pytest.raises(DaemonError, match="still serving"):
+        h.worker.dispatch({"op": "shutdown"})
+
+
+def test_object_table_defers_close_while_in_use(tmp_path: Path) -> None:
+    t = ObjectTable()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    obj = FsObject(1, fd, "v", "k", "blob", "b", 4096)
+    assert t.add(obj) is None
+    assert t.add(FsObject(2, -1, "v", "k", "blob", "b", 4096)) is obj
+    with t.using(1) as o:
+        assert o is obj
+        t.remove(1)
+        assert _fd_open(fd)  # a READ worker still writes through it
+    assert not _fd_open(fd) and t.get(1) is None and len(t) == 0
