@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import signal
 from dataclasses import dataclass
 
 __all__ = ["RunPaths"]
@@ -36,3 +38,23 @@ class RunPaths:
             return p
         h = hashlib.sha256(os.fsencode(self.cache_dir)).hexdigest()[:24]
         return os.path.join("/run/erofs-nydus", f"{h}.sock")
+
+
+def take_supervisor_lock(paths: RunPaths) -> int | None:
+    """Become the only supervisor of a cache dir: flock its pid file and ignore the
+    signals that would stop it by accident (it holds the kernel fd readers depend on).
+
+    Returns the locked fd (keep it open), or None when another supervisor holds it.
+    """
+    os.makedirs(paths.cache_dir, exist_ok=True)
+    lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        return None
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    return lock_fd

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import selectors
@@ -36,7 +35,7 @@ from typing import Any
 from erofs_nydus.daemon import channel
 from erofs_nydus.daemon import fanotify_proto as fp
 from erofs_nydus.daemon.fanotify import init_group
-from erofs_nydus.daemon.paths import RunPaths
+from erofs_nydus.daemon.paths import RunPaths, take_supervisor_lock
 
 __all__ = ["run_supervisor"]
 
@@ -254,18 +253,10 @@ class _Supervisor:
 def run_supervisor(cache_dir: str) -> int:
     """Run the supervisor for `cache_dir` in the foreground until the daemon stops it."""
     paths = RunPaths.of(cache_dir)
-    os.makedirs(paths.cache_dir, exist_ok=True)
-    lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock_fd = take_supervisor_lock(paths)
+    if lock_fd is None:
         log.info("a supervisor already serves %s", paths.cache_dir)
-        os.close(lock_fd)
         return 0
-    os.ftruncate(lock_fd, 0)
-    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
     group = init_group()
     sock_path = paths.socket
     os.makedirs(os.path.dirname(sock_path), exist_ok=True)

@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from erofs_nydus.daemon.images import ImageTable
-from erofs_nydus.daemon.paths import RunPaths
+from erofs_nydus.daemon.paths import RunPaths, take_supervisor_lock
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
@@ -524,18 +524,10 @@ def run_supervisor(cache_dir: str) -> int:
     """Hold /dev/cachefiles for ``cache_dir`` and keep a worker serving it."""
     _setup_logging("supervisor")
     paths = RunPaths.of(cache_dir)
-    os.makedirs(paths.cache_dir, exist_ok=True)
-    lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock_fd = take_supervisor_lock(paths)
+    if lock_fd is None:
         log.info("a supervisor already serves %s", paths.cache_dir)
-        os.close(lock_fd)
         return 0
-    os.ftruncate(lock_fd, 0)
-    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
     try:
         devfd = open_device()
         try:
