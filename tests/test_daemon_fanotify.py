@@ -26,12 +26,9 @@ KiB = 1024
 
 
 def _fanotify_available() -> bool:
-    try:
-        fd = init_group()
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+    from erofs_nydus.cli.runtime import _fanotify_works
+
+    return _fanotify_works()
 
 
 if os.geteuid() != 0 or not _fanotify_available():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import signal
+import socket
 from dataclasses import dataclass
 
 __all__ = ["RunPaths"]
@@ -58,3 +60,15 @@ def take_supervisor_lock(paths: RunPaths) -> int | None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     return lock_fd
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A listening unix stream socket at `path` (mode 0600), replacing a stale one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    return listener

@@ -35,7 +35,7 @@ from typing import Any
 from erofs_nydus.daemon import channel
 from erofs_nydus.daemon import fanotify_proto as fp
 from erofs_nydus.daemon.fanotify import init_group
-from erofs_nydus.daemon.paths import RunPaths, take_supervisor_lock
+from erofs_nydus.daemon.paths import RunPaths, listen_unix, take_supervisor_lock
 
 __all__ = ["run_supervisor"]
 
@@ -258,21 +258,14 @@ def run_supervisor(cache_dir: str) -> int:
         log.info("a supervisor already serves %s", paths.cache_dir)
         return 0
     group = init_group()
-    sock_path = paths.socket
-    os.makedirs(os.path.dirname(sock_path), exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock_path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    os.chmod(sock_path, 0o600)
-    listener.listen(64)
+    listener = listen_unix(paths.socket)
     sup = _Supervisor(paths, group, listener)
     try:
         sup.run()
     finally:
         sup.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock_path)
+            os.unlink(paths.socket)
         listener.close()
         os.close(group)
         os.ftruncate(lock_fd, 0)

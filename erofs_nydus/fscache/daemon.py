@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from erofs_nydus.daemon.images import ImageTable
-from erofs_nydus.daemon.paths import RunPaths, take_supervisor_lock
+from erofs_nydus.daemon.paths import RunPaths, listen_unix, take_supervisor_lock
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
@@ -540,14 +540,7 @@ def run_supervisor(cache_dir: str) -> int:
         os.ftruncate(lock_fd, 0)
         os.close(lock_fd)
         return 3
-    sock_path = paths.socket
-    os.makedirs(os.path.dirname(sock_path), exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock_path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    os.chmod(sock_path, 0o600)
-    listener.listen(64)
+    listener = listen_unix(paths.socket)
     _write_pointer(paths.cache_dir)
     log.info("bound /dev/cachefiles on %s (on-demand)", kernel_cache_dir(paths.cache_dir))
     recent: list[float] = []
@@ -568,7 +561,7 @@ def run_supervisor(cache_dir: str) -> int:
                 time.sleep(1.0)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock_path)
+            os.unlink(paths.socket)
         with contextlib.suppress(OSError, ValueError), open(pointer_path(), encoding="utf-8") as f:
             if json.load(f).get("pid") == os.getpid():
                 os.unlink(pointer_path())
