@@ -26,7 +26,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from erofs_nydus.errors import NotFoundError, RegistryError, UnsupportedError, UsageError
+from erofs_nydus.errors import NotFoundError, RegistryError, UnsupportedError
 from erofs_nydus.reader import BootstrapReader
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import RegistryClient
@@ -36,9 +36,9 @@ from erofs_nydus.registry.manifest import (
     manifest_blobs,
 )
 from erofs_nydus.registry.reference import (
-    ImageReference,
     LayoutReference,
     Reference,
+    looks_like_reference,
     parse_reference,
 )
 
@@ -77,19 +77,6 @@ def extract_bootstrap(layer_tgz: bytes) -> bytes:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise RegistryError(f"bootstrap layer is not a readable tar.gz: {exc}") from exc
     raise RegistryError(f"bootstrap layer has no {BOOTSTRAP_NAME}")
-
-
-def looks_like_reference(text: str) -> bool:
-    """True when `text` is no existing path and parses as an image reference."""
-    if os.path.exists(text):
-        return False
-    try:
-        ref = parse_reference(text)
-    except UsageError:
-        return False
-    # "image.boot" parses as docker.io/library/image.boot: a mistyped file, not a REF
-    return not (isinstance(ref, ImageReference) and text.endswith(".boot")
-                and ref.registry not in text)
 
 
 def _write_atomic(path: str, data: bytes) -> None:

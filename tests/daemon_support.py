@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ class CountingBackend(LocalDirBackend):
 
 # -- CLI-level helpers (mount tests) ---------------------------------------------------
 
-CLI = [sys.executable, "-c", "from erofs_nydus.cli import main; main()"]
+CLI = [sys.executable, "-c", "from erofs_nydus.cli import run; run()"]
 
 
 def run_cli(
@@ -178,3 +179,31 @@ def fanotify_usable() -> bool:
         return False
     os.close(fd)
     return True
+
+
+def daemon_metrics(cache: Path) -> dict[str, float]:
+    """The daemon's Prometheus metrics via its control API: `name{label=value,...}` -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from erofs_nydus.daemon.api import ApiClient
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(ApiClient(cache).metrics()):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                            + "}" if s.labels else "")  # fmt: skip
+            out[key] = s.value
+    return out
+
+
+def wait_prefetch(cache: Path, timeout: float = 120) -> dict[str, Any]:
+    """The only mount of `cache`'s daemon once its prefetch is no longer running."""
+    from erofs_nydus.daemon.api import ApiClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        (m,) = ApiClient(cache).get_json("/api/v1/mounts")
+        if m["prefetch"] is None or m["prefetch"]["state"] != "running":
+            return dict(m)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 0x10000  # 64 KiB chunks: small files still span several
-CLI = [sys.executable, "-c", "from erofs_nydus.cli import main; main()"]
+CLI = [sys.executable, "-c", "from erofs_nydus.cli import run; run()"]
 
 
 # ---- host side: trees and images ---------------------------------------------------------

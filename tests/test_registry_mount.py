@@ -491,3 +491,71 @@ def test_corrupt_blob_bytes_give_eio_never_wrong_data(
     proxy.mode = "pass"
     for rel in ("big", "hl/one", "etc/keep"):
         assert (mp / rel).read_bytes() == (expected_tree / rel).read_bytes()
+
+
+# -- start-up cost --------------------------------------------------------------------------
+
+
+@needs_fanotify
+def test_mount_ref_command_never_imports_the_http_stack(nydus_ref: str,
+                                                        ref_mounts: RefMounts) -> None:
+    """The daemon resolves the reference; the short-lived `mount` process stays light."""
+    import subprocess
+    import sys
+
+    mp = ref_mounts.base / "light"
+    mp.mkdir()
+    cache = ref_mounts.base / "cache-light"
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "from erofs_nydus.cli import run; run()",
+         "mount", nydus_ref, str(mp), "--cache-dir", str(cache)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_mounts.active.append((mp, cache))
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines()
+                if ln.startswith("import time:")}
+    assert "erofs_nydus.daemon.client" in imported  # importtime output was captured
+    heavy = {"httpx", "httpcore", "trio", "erofs_nydus.registry.client",
+             "erofs_nydus.builder", "erofs_nydus.daemon.worker"} & imported
+    assert not heavy, heavy
+    assert (mp / "etc/keep").exists()
+
+
+@needs_fanotify
+def test_resident_daemon_outlives_its_mounts_and_stops_on_sigterm(
+        nydus_ref: str, expected_tree: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from daemon_support import CLI
+
+    cache, mp = tmp_path / "cache", tmp_path / "mnt"
+    mp.mkdir()
+    with open(tmp_path / "daemon.log", "wb") as log:
+        daemon = subprocess.Popen([*CLI, "daemon", "--cache-dir", str(cache), "--resident"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    client = DaemonClient(cache)
+    try:
+        end = time.monotonic() + 30
+        while not client.alive():
+            assert daemon.poll() is None and time.monotonic() < end, \
+                (tmp_path / "daemon.log").read_text()
+            time.sleep(0.05)
+        assert client.request("ping")["resident"] is True
+        pid = client.request("ping")["pid"]
+        run_cli("mount", nydus_ref, str(mp), "--cache-dir", str(cache))
+        assert (mp / "big").read_bytes() == (expected_tree / "big").read_bytes()
+        assert client.request("ping")["pid"] == pid  # served by the resident daemon
+        out = run_cli("umount", str(mp)).stdout
+        assert "resident daemon keeps running" in out
+        assert client.alive() and daemon.poll() is None
+        with pytest.raises(Exception, match="resident"):
+            client.request("shutdown")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+        assert not client.supervisor_running() and not client.alive()
+    finally:
+        if is_mountpoint(mp):
+            run_cli("umount", str(mp), check=False)
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()

@@ -1,5 +1,5 @@
 """`python -m erofs_nydus.cli`."""
 
-from erofs_nydus.cli import main
+from erofs_nydus.cli import run
 
-main()
+run()

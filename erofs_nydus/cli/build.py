@@ -10,12 +10,8 @@ from typing import Any
 
 import click
 
-from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.check import check_bootstrap
 from erofs_nydus.cli import main
 from erofs_nydus.errors import UsageError
-from erofs_nydus.inspect import image_summary, inspect_path, list_tree
-from erofs_nydus.reader import BootstrapReader, read_bootstrap_bytes
 
 
 def parse_size(value: str) -> int:
@@ -73,6 +69,8 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
     Identical chunks are stored once.  The same input and options always give
     byte-identical output.
     """
+    from erofs_nydus.builder import BuildOptions, create_image
+
     opts = BuildOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
                         blob_cache_dir=blob_cache_dir, chunk_dicts=list(chunk_dicts),
                         whiteout_spec=whiteout_spec)
@@ -113,6 +111,9 @@ def check(bootstrap: str, blob_dir: str | None, source: str | None, plain_http: 
     the Nydus manifest conventions, its bootstrap, every chunk of every blob, and with
     --source the whole tree against the original OCI image.
     """
+    from erofs_nydus.check import check_bootstrap
+    from erofs_nydus.reader import read_bootstrap_bytes
+
     if not os.path.exists(bootstrap) and (":" in bootstrap or "/" in bootstrap):
         _check_ref(bootstrap, source, plain_http, platform, as_json)
         return
@@ -160,6 +161,9 @@ def _check_ref(ref: str, source: str | None, plain_http: bool, platform: str | N
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
     """List the image tree, or show one PATH's inode, chunks and blob mapping."""
+    from erofs_nydus.inspect import image_summary, inspect_path, list_tree
+    from erofs_nydus.reader import BootstrapReader, read_bootstrap_bytes
+
     reader = BootstrapReader(read_bootstrap_bytes(bootstrap), os.path.basename(bootstrap))
     if path is not None:
         info = inspect_path(reader, path)

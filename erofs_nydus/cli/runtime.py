@@ -8,8 +8,6 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import click
@@ -155,21 +153,22 @@ def mount_cmd(
     if domain_id is not None:
         raise UsageError("--domain-id is for --mode fscache")
     client = DaemonClient(cache_dir)
-    # Start the daemon while a REF's manifest and bootstrap are fetched (both ~1 s).
-    starting = _in_background(client.ensure_running)
+    local = _local_backend(bootstrap, blob_dir)
+    ref = None if local is not None else _check_reference(bootstrap, blob_dir)
+    started = client.ensure_running()
     try:
-        backend = _mount_backend(
-            bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline
-        )
-        boot_path = str(backend.pop("bootstrap"))
-        backend = apply_backend_config(backend, current_config())
-    except BaseException:
-        with contextlib.suppress(Exception):
-            if starting.result():
-                client.shutdown()
-        raise
-    started = starting.result()
-    try:
+        if local is None:
+            # The daemon fetches the manifest and bootstrap: it has the HTTP stack
+            # loaded already, this short-lived process never imports it.
+            cfg = current_config()
+            remote = client.request(
+                "resolve", ref=ref, platform=platform,
+                plain_http=True if plain_http else "loopback", deadline=read_deadline,
+                retries=cfg.retries,
+                docker_config=cfg.docker_config_dir() or _docker_config_env())
+            local = {**remote["backend"], "bootstrap": remote["bootstrap"]}
+        boot_path = str(local.pop("bootstrap"))
+        backend = apply_backend_config(local, current_config())
         info = client.request(
             "register",
             bootstrap=boot_path,
@@ -178,9 +177,10 @@ def mount_cmd(
             amplify=amplify,
             **current_config().register_args(),
         )
-    except Exception:
+    except BaseException:
         if started:
-            client.shutdown()
+            with contextlib.suppress(Exception):
+                client.shutdown()
         raise
     try:
         mount_erofs_file(info["bootstrap"], mp, info["devices"])
@@ -209,32 +209,57 @@ def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str
                f"{info['blobs']} blob(s), cache {os.path.abspath(cache_dir)})")
 
 
-def _in_background(fn: Callable[[], bool]) -> Future[bool]:
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(fn)
-    finally:
-        pool.shutdown(wait=False)
+def _docker_config_env() -> str | None:
+    d = os.environ.get("DOCKER_CONFIG")
+    return os.path.abspath(d) if d else None
+
+
+def _local_backend(bootstrap: str, blob_dir: str | None) -> dict[str, Any] | None:
+    """Backend spec plus "bootstrap" for a BOOTSTRAP file; None for a REF."""
+    if not os.path.isfile(bootstrap):
+        return None
+    if blob_dir is None:
+        raise UsageError("mounting a BOOTSTRAP file needs --blob-dir")
+    return {"type": "local", "dir": os.path.abspath(blob_dir),
+            "bootstrap": os.path.abspath(bootstrap)}
+
+
+def _check_reference(text: str, blob_dir: str | None) -> str:
+    """`text` as a reference the daemon can resolve (an OCI layout path made absolute);
+    UsageError when it is neither a file nor a reference."""
+    import dataclasses
+
+    from erofs_nydus.registry.reference import (
+        LayoutReference,
+        looks_like_reference,
+        parse_reference,
+    )
+
+    if not looks_like_reference(text):
+        raise UsageError(f"{text}: no such bootstrap file, nor an image reference")
+    if blob_dir is not None:
+        raise UsageError("--blob-dir is for BOOTSTRAP files; a REF's blobs come from its store")
+    ref = parse_reference(text)
+    if isinstance(ref, LayoutReference):
+        ref = dataclasses.replace(ref, path=os.path.abspath(ref.path))
+    return str(ref)
 
 
 def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_http: bool,
                    platform: str | None, read_deadline: float) -> dict[str, Any]:
-    """Backend spec plus "bootstrap" (local path) for a BOOTSTRAP file or a REF."""
-    if os.path.isfile(bootstrap):
-        if blob_dir is None:
-            raise UsageError("mounting a BOOTSTRAP file needs --blob-dir")
-        return {"type": "local", "dir": os.path.abspath(blob_dir),
-                "bootstrap": os.path.abspath(bootstrap)}
-    # only a REF needs the HTTP stack: importing it costs ~0.3 s of every local mount
-    from erofs_nydus.remote_mount import looks_like_reference, resolve_remote_image
+    """Backend spec plus "bootstrap" (local path) for a BOOTSTRAP file or a REF,
+    resolved in this process (fscache mode: its daemon has no control socket)."""
+    local = _local_backend(bootstrap, blob_dir)
+    if local is not None:
+        return local
+    from erofs_nydus.remote_mount import resolve_remote_image
 
-    if not looks_like_reference(bootstrap):
-        raise UsageError(f"{bootstrap}: no such bootstrap file, nor an image reference")
-    if blob_dir is not None:
-        raise UsageError("--blob-dir is for BOOTSTRAP files; a REF's blobs come from its store")
-    remote = resolve_remote_image(bootstrap, cache_dir, platform=platform,
+    cfg = current_config()
+    remote = resolve_remote_image(_check_reference(bootstrap, blob_dir), cache_dir,
+                                  platform=platform,
                                   plain_http=True if plain_http else "loopback",
-                                  deadline=read_deadline)
+                                  deadline=read_deadline, retries=cfg.retries,
+                                  docker_config=cfg.docker_config_dir() or _docker_config_env())
     return {**remote.backend, "bootstrap": remote.bootstrap}
 
 
@@ -279,8 +304,11 @@ def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
             raise DaemonError(f"daemon for {client.paths.cache_dir} is not answering")
         click.echo(f"unmounted {mp}")
         return
-    remaining = client.request("detach", mountpoint=mp)["remaining"]
-    if remaining == 0:
+    detached = client.request("detach", mountpoint=mp)
+    remaining = detached["remaining"]
+    if remaining == 0 and detached.get("resident"):
+        click.echo(f"unmounted {mp}; resident daemon keeps running")
+    elif remaining == 0:
         try:
             client.shutdown()
         except DaemonError as exc:  # a mount registered meanwhile keeps it running
@@ -335,10 +363,19 @@ def stats_cmd(mountpoint: str | None, cache_dir: str | None, as_json: bool) -> N
         click.echo(f"mount: {mp}")
 
 
-@main.command("daemon", hidden=True)
-@click.option("--cache-dir", required=True, type=click.Path(file_okay=False))
-def daemon_cmd(cache_dir: str) -> None:
-    """Run the supervisor (which runs the daemon) for CACHE_DIR in the foreground."""
+@main.command("daemon")
+@click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
+              help="The cache dir this daemon serves (what `mount --cache-dir` names).")
+@click.option("--resident", is_flag=True,
+              help="Keep running with no mounts: no idle exit, and `umount` of the last "
+              "mount leaves it up.  For a node service (systemd), so that `mount` finds "
+              "it warm instead of starting one.")
+def daemon_cmd(cache_dir: str, resident: bool) -> None:
+    """Run the daemon for --cache-dir in the foreground (fanotify mode).
+
+    `mount` starts one on demand, which stops with its last mount; run this to keep
+    one up.  SIGTERM or SIGINT stops it.  Logs go to stderr.
+    """
     from erofs_nydus.daemon.supervisor import run_supervisor
 
     logging.basicConfig(
@@ -346,4 +383,4 @@ def daemon_cmd(cache_dir: str) -> None:
         format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    sys.exit(run_supervisor(cache_dir))
+    sys.exit(run_supervisor(cache_dir, resident=resident))

@@ -12,20 +12,31 @@ import sys
 import time
 from typing import Any
 
+from erofs_nydus import errors
 from erofs_nydus.daemon.paths import RunPaths
-from erofs_nydus.errors import DaemonError
+from erofs_nydus.errors import DaemonError, ErofsNydusError
 
-__all__ = ["DaemonClient", "DaemonUnreachable"]
+__all__ = ["DaemonClient", "DaemonUnreachable", "error_from_response"]
 
 
 class DaemonUnreachable(DaemonError):
     """No daemon answers on the cache dir's control socket."""
 
 
-_SUPERVISOR_CMD = "from erofs_nydus.cli import main; main()"
+_SUPERVISOR_CMD = "from erofs_nydus.cli import run; run()"
 # Supervisors we started outlive this process; keeping their Popen objects avoids a
 # "still running" ResourceWarning when one would be garbage-collected.
 _SPAWNED: dict[str, list[subprocess.Popen[bytes]]] = {}
+
+
+def error_from_response(resp: dict[str, Any]) -> ErofsNydusError:
+    """Rebuild the project error a control request failed with (the daemon sends the
+    class name and message)."""
+    cls = getattr(errors, str(resp.get("type")), None)
+    msg = str(resp.get("error", "daemon request failed"))
+    if isinstance(cls, type) and issubclass(cls, ErofsNydusError):
+        return cls(msg)
+    return DaemonError(msg)
 
 
 class DaemonClient:
@@ -36,8 +47,6 @@ class DaemonClient:
 
     def request(self, op: str, *, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
         """Send one request; raise the project error the daemon answered with."""
-        from erofs_nydus.daemon.worker import error_from_response
-
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)

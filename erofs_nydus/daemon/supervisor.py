@@ -52,7 +52,9 @@ class _Child:
 
     @classmethod
     def fork(cls, channel_fd: int) -> _Child:
-        from erofs_nydus.daemon import worker  # import before forking: the child starts warm
+        # import before forking: the child starts warm (remote_mount: `mount REF`)
+        from erofs_nydus import remote_mount  # noqa: F401
+        from erofs_nydus.daemon import worker
 
         pid = os.fork()
         if pid == 0:  # child: keep stdio and the channel only
@@ -95,8 +97,11 @@ class _Child:
 
 
 class _Supervisor:
-    def __init__(self, paths: RunPaths, group_fd: int, listener: socket.socket) -> None:
+    def __init__(self, paths: RunPaths, group_fd: int, listener: socket.socket,
+                 resident: bool = False) -> None:
         self.paths = paths
+        self.resident = resident
+        self.stop_requested = False  # SIGTERM/SIGINT
         self.group_fd = group_fd
         self.listener = listener
         self.inflight: dict[int, dict[str, Any]] = {}  # our event fd -> event
@@ -112,7 +117,8 @@ class _Supervisor:
         try:
             channel.send(
                 ours,
-                {"op": "hello", "cache_dir": self.paths.cache_dir, "restart": self.generation > 0},
+                {"op": "hello", "cache_dir": self.paths.cache_dir, "restart": self.generation > 0,
+                 "resident": self.resident},
                 [self.group_fd, self.listener.fileno()],
             )
         except OSError as exc:  # it died at once; pump() sees EOF and we try again
@@ -194,6 +200,11 @@ class _Supervisor:
         alive = True
         try:
             while alive:
+                if self.stop_requested and not self.stopping:
+                    log.info("stop requested by signal; stopping the daemon")
+                    self.stopping = True
+                    with contextlib.suppress(OSError):
+                        channel.send(sock, {"op": "stop"})
                 for key, _ in sel.select(timeout=1.0):
                     if key.data == "group":
                         sock.setblocking(True)
@@ -250,8 +261,10 @@ class _Supervisor:
         self.inflight.clear()
 
 
-def run_supervisor(cache_dir: str) -> int:
-    """Run the supervisor for `cache_dir` in the foreground until the daemon stops it."""
+def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
+    """Run the supervisor for `cache_dir` in the foreground until the daemon stops it,
+    or SIGTERM/SIGINT arrives.  A `resident` daemon keeps running with no mounts (no
+    idle exit, `umount` of the last mount leaves it up), as a node service would."""
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)
     if lock_fd is None:
@@ -259,7 +272,13 @@ def run_supervisor(cache_dir: str) -> int:
         return 0
     group = init_group()
     listener = listen_unix(paths.socket)
-    sup = _Supervisor(paths, group, listener)
+    sup = _Supervisor(paths, group, listener, resident)
+
+    def _on_signal(signum: int, frame: object) -> None:
+        sup.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     try:
         sup.run()
     finally:

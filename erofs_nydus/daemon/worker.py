@@ -25,13 +25,12 @@ import anyio.abc
 import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from erofs_nydus import errors
 from erofs_nydus.daemon import channel
 from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.daemon.fanotify import FanotifyHandler, add_mark, remove_mark
 from erofs_nydus.daemon.images import ImageTable
-from erofs_nydus.errors import DaemonError, ErofsNydusError
+from erofs_nydus.errors import DaemonError
 
 __all__ = ["Worker", "main"]
 
@@ -42,9 +41,11 @@ MAX_REQUEST = 1 << 20
 
 class Worker:
     def __init__(
-        self, chan: socket.socket, group_fd: int, listener: socket.socket, cache_dir: str
+        self, chan: socket.socket, group_fd: int, listener: socket.socket, cache_dir: str,
+        *, resident: bool = False,
     ) -> None:
         self.chan = chan
+        self.resident = resident
         self.group_fd = group_fd
         self.listener = listener
         self.table = ImageTable(cache_dir, mark=self._mark, unmark=self._unmark)
@@ -121,7 +122,8 @@ class Worker:
     def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "ping":
-            return {"pid": os.getpid(), "mounts": self.table.mountpoints()}
+            return {"pid": os.getpid(), "mounts": self.table.mountpoints(),
+                    "resident": self.resident}
         if op == "register":
             info = self.table.register(
                 str(req["bootstrap"]),
@@ -131,11 +133,13 @@ class Worker:
             )
             self.plane.registered(req, info)
             return info
+        if op == "resolve":
+            return self._resolve(req)
         if op == "detach":
             self.plane.detaching(str(req["mountpoint"]))
             remaining = self.table.detach(str(req["mountpoint"]))
             self.plane.detached()
-            return {"remaining": remaining}
+            return {"remaining": remaining, "resident": self.resident}
         if op == "status":
             st = self.table.status()
             st["pid"] = os.getpid()
@@ -146,8 +150,36 @@ class Worker:
             mounts = self.table.mountpoints()
             if mounts and not req.get("force"):
                 raise DaemonError(f"still serving {len(mounts)} mount(s): {', '.join(mounts)}")
+            if self.resident and not req.get("resident"):
+                raise DaemonError("a resident daemon keeps running without mounts; stop it "
+                                  "with SIGTERM to its supervisor")
             return {}
         raise DaemonError(f"unknown request {op!r}")
+
+    def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Resolve an image reference and fetch its bootstrap into the cache dir, so that
+        `mount REF` needs no HTTP stack of its own (the daemon has one loaded)."""
+        from erofs_nydus.remote_mount import resolve_remote_image
+
+        plain = req.get("plain_http", "loopback")
+        docker_config = req.get("docker_config")
+        remote = resolve_remote_image(
+            str(req["ref"]),
+            self.table.cache_dir,
+            platform=req.get("platform"),
+            plain_http="loopback" if plain == "loopback" else bool(plain),
+            deadline=float(req.get("deadline", 30.0)),
+            retries=int(req.get("retries", 3)),
+            docker_config=str(docker_config) if docker_config else None,
+        )
+        return {
+            "ref": remote.ref,
+            "manifest_digest": remote.manifest_digest,
+            "bootstrap": remote.bootstrap,
+            "backend": remote.backend,
+            "blob_ids": remote.blob_ids,
+            "bootstrap_fetched": remote.bootstrap_fetched,
+        }
 
     async def _serve_conn(self, stream: anyio.abc.SocketStream) -> None:
         reader = BufferedByteReceiveStream(stream)
@@ -202,7 +234,7 @@ class Worker:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._channel_loop, tg)
             tg.start_soon(listener.serve, self._serve_conn, tg)
-            if idle > 0:
+            if idle > 0 and not self.resident:
                 tg.start_soon(self._idle_exit, idle)
             await self._stop.wait()
             tg.cancel_scope.cancel()
@@ -228,14 +260,16 @@ def run_worker(channel_fd: int) -> int:
         return 2
     group_fd, listen_fd = fds
     listener = socket.socket(fileno=listen_fd)
-    worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]))
+    worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]),
+                    resident=bool(msg.get("resident")))
     # Restore before reading events: handed-over events may be for restored blobs.
     worker.table.load_state()
     if not msg.get("restart"):
         # A fresh supervisor: mounts recorded by an earlier one may be gone (reboot,
         # manual umount); a restarted daemon keeps all (a mount may be in progress).
         worker.table.prune_stale()
-    log.info("serving %s (%d images)", msg["cache_dir"], len(worker.table.images))
+    log.info("serving %s (%d images%s)", msg["cache_dir"], len(worker.table.images),
+             ", resident" if worker.resident else "")
     worker.plane.restored()
     worker.plane.start()
     try:
@@ -249,11 +283,3 @@ def run_worker(channel_fd: int) -> int:
 def main() -> None:
     sys.exit(run_worker(int(sys.argv[1])))
 
-
-def error_from_response(resp: dict[str, Any]) -> ErofsNydusError:
-    """Rebuild the project error a control request failed with (client side)."""
-    cls = getattr(errors, str(resp.get("type")), None)
-    msg = str(resp.get("error", "daemon request failed"))
-    if isinstance(cls, type) and issubclass(cls, ErofsNydusError):
-        return cls(msg)
-    return DaemonError(msg)

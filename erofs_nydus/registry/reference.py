@@ -15,6 +15,7 @@ Anything malformed raises `UsageError` and nothing else.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -241,3 +242,16 @@ def as_image_reference(ref: Reference | str) -> ImageReference:
     if isinstance(ref, LayoutReference):
         raise UsageError(f"{ref} is an OCI layout, not a registry image")
     return parse_image_reference(ref)
+
+
+def looks_like_reference(text: str) -> bool:
+    """True when `text` is no existing path and parses as an image reference."""
+    if os.path.exists(text):
+        return False
+    try:
+        ref = parse_reference(text)
+    except UsageError:
+        return False
+    # "image.boot" parses as docker.io/library/image.boot: a mistyped file, not a REF
+    return not (isinstance(ref, ImageReference) and text.endswith(".boot")
+                and ref.registry not in text)
