@@ -7,10 +7,38 @@ and amplifies ranges before calling it, and verifies every chunk's digest after.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from erofs_nydus.errors import BackendError
+
+_listener = threading.local()
+
+
+@contextlib.contextmanager
+def counting_retries(on_retry: Callable[[], None]) -> Iterator[None]:
+    """Call `on_retry` for every retry a backend makes in this thread meanwhile.
+
+    Backends retry inside `read_range` (the registry client, with backoff); the daemon
+    core wraps its reads in this to count them into its metrics, whatever client or
+    connection pool the backend shares with others.
+    """
+    previous = getattr(_listener, "cb", None)
+    _listener.cb = on_retry
+    try:
+        yield
+    finally:
+        _listener.cb = previous
+
+
+def note_retry() -> None:
+    """Report one retry to the listener of this thread, if any (backends call this)."""
+    cb = getattr(_listener, "cb", None)
+    if cb is not None:
+        cb()
 
 
 class BlobBackend(Protocol):

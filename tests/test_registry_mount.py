@@ -469,9 +469,13 @@ def test_registry_down_after_mount_gives_eio_then_recovers(
     proxy.mode = "drop"  # up, but dropping every range read
     err = _read_error(mp / "etc/keep")
     assert isinstance(err, OSError) and err.errno == errno.EIO
+    retries = daemon_status(ref_mounts.cache(mp))["metrics"]["retries"]
     proxy.mode = "500"
     err = _read_error(mp / "etc/keep")
     assert isinstance(err, OSError) and err.errno == errno.EIO
+    # every 500 was retried (with backoff, within the deadline) and counted
+    st = daemon_status(ref_mounts.cache(mp))
+    assert st["metrics"]["retries"] > retries and st["metrics"]["backend_errors"] >= 3
     proxy.mode = "pass"
     assert (mp / "etc/keep").read_bytes() == (expected_tree / "etc/keep").read_bytes()
 

@@ -33,7 +33,7 @@ from typing import cast
 
 import lz4.block
 
-from erofs_nydus.backend import BlobBackend
+from erofs_nydus.backend import BlobBackend, counting_retries
 from erofs_nydus.daemon.blobcache import BlobCacheFile
 from erofs_nydus.errors import BackendError, DaemonError, DigestMismatchError, ErofsNydusError
 from erofs_nydus.image import ChunkInfo
@@ -264,6 +264,9 @@ class BlobServer:
                 run_end = c.compressed_offset + c.compressed_size
         return runs
 
+    def _count_retry(self) -> None:
+        self.metrics.add(retries=1)
+
     def _fetch(self, chunks: list[ChunkInfo], fd: int | None) -> dict[int, ErofsNydusError]:
         failures: dict[int, ErofsNydusError] = {}
         written: list[ChunkInfo] = []
@@ -271,7 +274,8 @@ class BlobServer:
             start = run[0].compressed_offset
             end = max(c.compressed_offset + c.compressed_size for c in run)
             try:
-                data = self.backend.read_range(self.blob_id, start, end - start)
+                with counting_retries(self._count_retry):
+                    data = self.backend.read_range(self.blob_id, start, end - start)
                 if len(data) != end - start:
                     raise BackendError(
                         f"blob {self.blob_id}: backend returned {len(data)} bytes for "

@@ -33,6 +33,7 @@ from typing import BinaryIO, Literal
 
 import httpx
 
+from erofs_nydus.backend import note_retry
 from erofs_nydus.errors import (
     AuthError,
     DigestMismatchError,
@@ -311,6 +312,7 @@ class RegistryClient:
             raise DeadlineExceededError(
                 f"{what}: deadline of {dl.seconds:g} s exceeded while retrying"
             )
+        note_retry()
         time.sleep(delay)
 
     def credentials_for(self, host: str) -> Credentials | None:
