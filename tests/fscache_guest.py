@@ -327,6 +327,71 @@ def group_main(images: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def group_control(images: dict[str, Any]) -> dict[str, Any]:
+    """Issue 7 features in fscache mode: control API and metrics through the real unix
+    socket, the access trace, and an optimized image prefetched before the workload."""
+    a = images["a"]
+    scratch = os.environ["SCRATCH"]
+    cache, cache_opt = f"{scratch}/cache-ctl", f"{scratch}/cache-ctl-opt"
+    mp = "/run/fsc-ctl"
+    os.makedirs(mp, exist_ok=True)
+    workload = ["dir/text.txt", "dir/sub/f03", "multi.bin"]
+    out: dict[str, Any] = {}
+
+    def run_workload() -> bool:
+        return all(digest(os.path.join(mp, n)) == digest(os.path.join(a["src"], n))
+                   for n in workload)
+
+    r = cli("mount", a["bootstrap"], mp, "--blob-dir", a["blob_dir"], "--cache-dir", cache,
+            "--mode", "fscache", "--amplify", "0")
+    out["mount"] = [r.returncode, r.stderr.strip()[-600:]]
+    if r.returncode != 0:
+        return out
+    out["workload_ok"] = run_workload()
+    info = cli("ctl", "info", "--cache-dir", cache, "--json")
+    out["info"] = json.loads(info.stdout) if info.returncode == 0 else info.stderr[-600:]
+    metrics = cli("ctl", "metrics", "--cache-dir", cache)
+    out["metrics"] = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.stdout.splitlines()
+                      if ln.startswith("erofs_nydus_") and " " in ln}
+    trace = f"{scratch}/ctl.trace"
+    r = cli("trace", mp, "-o", trace)
+    out["trace"] = [r.returncode, r.stdout.strip() or r.stderr.strip()[-600:]]
+    if r.returncode != 0:
+        return out
+    with open(trace) as f:
+        out["trace_accesses"] = len(json.load(f)["accesses"])
+    out["cold_backend_requests"] = status(cache)["metrics"]["backend_requests"]
+    cli("umount", mp)
+
+    opt = f"{scratch}/ctl-opt"
+    r = cli("optimize", a["bootstrap"], "--blob-dir", a["blob_dir"], "--trace", trace,
+            "-B", f"{opt}/image.boot", "--output-blob-dir", f"{opt}/blobs")
+    out["optimize"] = [r.returncode, r.stdout.strip() or r.stderr.strip()[-600:]]
+    if r.returncode != 0:
+        return out
+    r = cli("mount", f"{opt}/image.boot", mp, "--blob-dir", f"{opt}/blobs", "--cache-dir",
+            cache_opt, "--mode", "fscache", "--amplify", "0")
+    out["opt_mount"] = [r.returncode, r.stderr.strip()[-600:]]
+    if r.returncode != 0:
+        return out
+    prefetch: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = cli("ctl", "mounts", mp, "--cache-dir", cache_opt, "--json")
+        prefetch = json.loads(r.stdout).get("prefetch") or {} if r.returncode == 0 else {}
+        if prefetch.get("state") in ("done", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    out["prefetch"] = prefetch
+    before = status(cache_opt)["metrics"]["backend_requests"]
+    out["opt_workload_ok"] = run_workload()
+    out["opt_foreground_requests"] = status(cache_opt)["metrics"]["backend_requests"] - before
+    out["opt_prefetch_requests"] = before
+    cli("umount", mp)
+    out["stopped"] = [stop(cache), stop(cache_opt)]
+    return out
+
+
 def group_failover(images: dict[str, Any]) -> dict[str, Any]:
     """kill -9 of the daemon with READs pending (restore), then the device closed under
     a live mount (supervisor and daemon killed), umount, and a fresh start."""

@@ -109,6 +109,28 @@ def test_fscache_failover(images: Path) -> None:
     assert d["remount_diffs"] == [] and d["stopped"] is True
 
 
+def test_fscache_control_api_trace_and_prefetch(images: Path) -> None:
+    r = _run_group("group_control", images)
+    assert r["mount"][0] == 0, r["mount"]
+    assert r["workload_ok"] is True
+    assert r["info"]["mode"] == "fscache" and r["info"]["images"] == 1, r["info"]
+    m = r["metrics"]
+    assert m["erofs_nydus_requests_total"] > 0  # fscache READs
+    assert m["erofs_nydus_backend_requests_total"] == r["cold_backend_requests"] > 0
+    assert r["trace"][0] == 0 and r["trace_accesses"] >= 3, r["trace"]
+    assert r["optimize"][0] == 0, r["optimize"]
+    assert r["opt_mount"][0] == 0, r["opt_mount"]
+    p = r["prefetch"]
+    assert p["state"] == "done" and p["failed_chunks"] == 0, p
+    assert p["done_chunks"] == p["total_chunks"] >= r["trace_accesses"], p
+    # the workload's chunks were prefetched: it sends nothing more to the backend,
+    # and prefetch needed fewer backend reads than the unoptimized cold run
+    assert r["opt_workload_ok"] is True
+    assert r["opt_foreground_requests"] == 0, r
+    assert 0 < r["opt_prefetch_requests"] < r["cold_backend_requests"], r
+    assert r["stopped"] == [True, True]
+
+
 @pytest.mark.slow
 def test_fscache_debootstrap_rootfs(tmp_path: Path) -> None:
     import fscache_guest as g

@@ -228,7 +228,7 @@ class _Collector:
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"{p}_{name}", doc, value=value)
 
-        yield counter("requests", "Kernel requests served (fanotify events)", req.get("events", 0))
+        yield counter("requests", "Kernel requests served (fanotify events, fscache READs)", req.get("events", 0))
         yield counter("requests_denied", "Kernel requests answered with EIO", req.get("denied", 0))
         yield counter(
             "cache_hits", "Kernel requests answered without fetching", req.get("hits", 0)
@@ -445,9 +445,12 @@ class ControlPlane:
                 srv.tracer = self.traces.on_access
 
     def restored(self) -> None:
-        """After `ImageTable.load_state`: trace restored images (no prefetch)."""
+        """After `ImageTable.load_state`: trace restored images.  In fanotify mode their
+        blobs get no prefetch (see `unsafe_blobs`); fscache mode writes to cache files
+        no fanotify mark watches, so it prefetches them on their next register."""
         with self.table._lock:
-            self.unsafe_blobs |= set(self.table.blobs)
+            if self.api.mode == "fanotify":
+                self.unsafe_blobs |= set(self.table.blobs)
             for fsid in list(self.table.images):
                 self._trace(fsid)
 

@@ -55,6 +55,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.images import ImageTable
 from erofs_nydus.daemon.paths import RunPaths, listen_unix, take_supervisor_lock
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
@@ -126,6 +127,12 @@ class FscacheWorker:
         self.read_delay = float(os.environ.get("EROFS_NYDUS_FSCACHE_READ_DELAY", "0") or 0)
         self.chunk_writes = os.environ.get("EROFS_NYDUS_FSCACHE_CHUNK_WRITES", "1") != "0"
         self._local = threading.local()
+        # traces, prefetch, HTTP control API and metrics, as in fanotify mode
+        self.plane = ControlPlane(self.table, mode="fscache", request_stats=self._request_stats)
+
+    def _request_stats(self) -> dict[str, float]:
+        with self._stats_lock:
+            return {"events": self.stats["read"], "denied": self.stats["read_failed"]}
 
     def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -347,11 +354,14 @@ class FscacheWorker:
                 amplify=int(req.get("amplify", 1 << 20)),
             )  # fmt: skip
             key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
+            self.plane.registered(req, info)
             return {"fsid": info["fsid"], "mount_fsid": key, "domain_id": domain,
                     "blobs": len(info["devices"]), "bootstrap": info["bootstrap"]}
         if op == "detach":
             mp = os.path.abspath(str(req["mountpoint"]))
+            self.plane.detaching(mp)
             remaining = self.table.detach(mp)
+            self.plane.detached()
             with self._keys_lock:
                 self.keys.pop(mp, None)
             return {"remaining": remaining}
@@ -428,6 +438,7 @@ class FscacheWorker:
                 self.stop.set()
 
     def run(self) -> None:
+        self.plane.start()
         threading.Thread(target=self.serve_control, name="control", daemon=True).start()
         idle = float(os.environ.get("EROFS_NYDUS_IDLE_EXIT", "60"))
         if idle > 0:
@@ -441,6 +452,7 @@ class FscacheWorker:
             while len(self.objects) and time.monotonic() < deadline:
                 self._drain_closes()
                 time.sleep(0.05)
+            self.plane.stop()
             self.pool.shutdown(wait=True)
             self.objects.remove_all()
             self.table.close()
@@ -488,6 +500,7 @@ def _run_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bo
         worker.table.prune_stale()
     else:
         worker.restore()
+    worker.plane.restored()
     log.info("serving %s (%d images)%s", cache_dir, len(worker.table.images),
              " after a restart" if restart else "")
     worker.run()
