@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import BuiltImage, build_image, fanotify_usable, run_cli
+from daemon_support import (
+    BuiltImage,
+    build_image,
+    daemon_metrics,
+    daemon_status,
+    fanotify_usable,
+    run_cli,
+    wait_prefetch,
+)
 
-from erofs_nydus.daemon.api import ApiClient, ControlPlane
+from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.images import ImageTable
 from erofs_nydus.daemon.prefetch import TokenBucket, prefetch_chunks
 from erofs_nydus.daemon.trace import TraceBook
@@ -275,28 +283,6 @@ def _umount(mp: Path, cache: Path) -> None:
     run_cli("umount", str(mp), "--cache-dir", str(cache), check=False)
 
 
-def _metrics(cache: Path) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(ApiClient(cache).metrics()):
-        for s in fam.samples:
-            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                            + "}" if s.labels else "")  # fmt: skip
-            out[key] = s.value
-    return out
-
-
-def _wait_prefetch(cache: Path, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        (m,) = ApiClient(cache).get_json("/api/v1/mounts")
-        if m["prefetch"] is None or m["prefetch"]["state"] != "running":
-            return dict(m)
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
 @kernel
 @pytest.mark.kernel
 def test_prefetch_failure_on_mount_eio_for_bad_file_others_correct(
@@ -310,9 +296,9 @@ def test_prefetch_failure_on_mount_eio_for_bad_file_others_correct(
     cache, mp = tmp_path / "cache", tmp_path / "mp"
     _mount(opt, mp, cache)
     try:
-        m = _wait_prefetch(cache)
+        m = wait_prefetch(cache)
         assert m["prefetch"]["failed_chunks"] >= 1
-        met = _metrics(cache)
+        met = daemon_metrics(cache)
         assert met["erofs_nydus_prefetch_chunks{state=failed}"] >= 1
         assert met["erofs_nydus_digest_failures_total"] >= 1
         with pytest.raises(OSError):
@@ -353,13 +339,14 @@ def test_trace_cli_then_optimize_then_prefetch_on_small_tree(tree: Path, tmp_pat
     cache2 = tmp_path / "cache2"
     _mount(opt, mp, cache2)
     try:
-        m = _wait_prefetch(cache2)
+        m = wait_prefetch(cache2)
         assert m["prefetch"]["state"] == "done"
         assert m["prefetch"]["done_chunks"] == m["prefetch"]["total_chunks"] >= len(want)
-        before = _metrics(cache2)["erofs_nydus_backend_requests_total"]
+        before = daemon_metrics(cache2)["erofs_nydus_backend_requests_total"]
         for p in workload:
             assert (mp / p).read_bytes() == (tree / p).read_bytes()
-        assert _metrics(cache2)["erofs_nydus_backend_requests_total"] == before  # all prefetched
+        after = daemon_metrics(cache2)["erofs_nydus_backend_requests_total"]
+        assert after == before  # all prefetched
     finally:
         _umount(mp, cache2)
 
@@ -386,7 +373,7 @@ def test_debootstrap_traced_optimized_cold_start_fetches_less(
     _mount(img, mp, cache1)
     try:
         _chroot_workload(mp)
-        plain = _metrics(cache1)
+        plain = daemon_metrics(cache1)
         run_cli("trace", str(mp), "-o", str(tmp_path / "trace.json"))
     finally:
         _umount(mp, cache1)
@@ -401,11 +388,11 @@ def test_debootstrap_traced_optimized_cold_start_fetches_less(
     cache2 = tmp_path / "cache2"
     _mount(opt, mp, cache2)
     try:
-        m = _wait_prefetch(cache2)
+        m = wait_prefetch(cache2)
         assert m["prefetch"]["state"] == "done" and m["prefetch"]["failed_chunks"] == 0
-        after_prefetch = _metrics(cache2)
+        after_prefetch = daemon_metrics(cache2)
         _chroot_workload(mp)
-        optimized = _metrics(cache2)
+        optimized = daemon_metrics(cache2)
     finally:
         _umount(mp, cache2)
     req = "erofs_nydus_backend_requests_total"
@@ -420,3 +407,53 @@ def test_debootstrap_traced_optimized_cold_start_fetches_less(
     assert optimized[byt] < plain[byt]
     assert fg_requests < plain[req] / 4  # the workload itself barely reaches the backend
     assert optimized["erofs_nydus_requests_denied_total"] == 0
+
+
+@kernel
+@pytest.mark.kernel
+def test_prefetch_resumes_after_daemon_kill_9(tmp_path: Path) -> None:
+    """The supervisor keeps each blob's cache-file fd (opened before the file was
+    marked) and hands it to the restarted daemon, which resumes the prefetch of the
+    restored image; the workload then reads everything from the cache."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = [f"f{i:02d}" for i in range(32)]
+    for name in files:
+        (src / name).write_bytes(os.urandom(256 * KiB))
+    _img, opt = _optimized(src, tmp_path, [f"/{n}" for n in files])
+    cache, mp = tmp_path / "cache", tmp_path / "mp"
+    _mount(opt, mp, cache, "--amplify", "0", "--prefetch-bandwidth", "1M")
+    try:
+        from erofs_nydus.daemon.api import ApiClient
+
+        deadline = time.monotonic() + 30
+        while True:  # part of the 8 MiB is prefetched, the rest waits for bandwidth
+            (m,) = ApiClient(cache).get_json("/api/v1/mounts")
+            p = m["prefetch"]
+            assert p is not None and p["state"] == "running", p
+            if p["done_chunks"] >= 8:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pid = daemon_status(cache)["pid"]
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if daemon_status(cache)["pid"] != pid:
+                    break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        m = wait_prefetch(cache)
+        assert m["prefetch"] is not None, "the restarted daemon did not resume the prefetch"
+        assert m["prefetch"]["state"] == "done" and m["prefetch"]["failed_chunks"] == 0
+        st = daemon_status(cache)
+        assert all(b["present"] == b["size"] for b in st["blobs"].values()), st["blobs"]
+        before = daemon_metrics(cache)["erofs_nydus_backend_requests_total"]
+        for name in files:
+            assert (mp / name).read_bytes() == (src / name).read_bytes()
+        assert daemon_metrics(cache)["erofs_nydus_backend_requests_total"] == before
+    finally:
+        _umount(mp, cache)

@@ -228,7 +228,8 @@ class _Collector:
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"{p}_{name}", doc, value=value)
 
-        yield counter("requests", "Kernel requests served (fanotify events, fscache READs)", req.get("events", 0))
+        yield counter("requests", "Kernel requests served (fanotify events, fscache READs)",
+                      req.get("events", 0))
         yield counter("requests_denied", "Kernel requests answered with EIO", req.get("denied", 0))
         yield counter(
             "cache_hits", "Kernel requests answered without fetching", req.get("hits", 0)
@@ -414,8 +415,8 @@ class ControlPlane:
             table, self.traces, self.prefetch, mode=mode, request_stats=request_stats
         )
         self.server: ApiServer | None = None
-        # Blobs opened by `restored()`: their files were marked before we opened them,
-        # so writing through the cache file's own fd would raise events (prefetch skips).
+        # Blobs a restarted daemon had to reopen after their files were marked: writing
+        # through that fd would raise events, so prefetch skips them (see `restored`).
         self.unsafe_blobs: set[str] = set()
 
     def start(self) -> None:
@@ -444,23 +445,34 @@ class ControlPlane:
             if srv is not None:
                 srv.tracer = self.traces.on_access
 
-    def restored(self) -> None:
-        """After `ImageTable.load_state`: trace restored images.  In fanotify mode their
-        blobs get no prefetch (see `unsafe_blobs`); fscache mode writes to cache files
-        no fanotify mark watches, so it prefetches them on their next register."""
+    def restored(self, unsafe: set[str] | None = None) -> None:
+        """After `ImageTable.load_state`: trace restored images and resume their
+        prefetch.  `unsafe`: blobs a restarted fanotify daemon reopened after they were
+        marked (writing through their fd would raise events): never prefetched."""
         with self.table._lock:
-            if self.api.mode == "fanotify":
-                self.unsafe_blobs |= set(self.table.blobs)
-            for fsid in list(self.table.images):
-                self._trace(fsid)
+            self.unsafe_blobs |= set(unsafe or ())
+            restored = list(self.table.images.values())
+            for e in restored:
+                self._trace(e.fsid)
+        for e in restored:
+            opts = e.prefetch
+            if opts.get("enable", True):
+                self._start_prefetch(e.fsid, int(opts.get("threads", 4)),
+                                     int(opts.get("bandwidth", 0)))
 
     def registered(self, req: dict[str, Any], result: dict[str, Any]) -> None:
         """After a successful `register`: trace the image, start its prefetch."""
         fsid = str(result["fsid"])
         with self.table._lock:
             self._trace(fsid)
+        if req.get("prefetch", True):
+            self._start_prefetch(fsid, int(req.get("prefetch_threads", 4)),
+                                 int(req.get("prefetch_bandwidth", 0)))
+
+    def _start_prefetch(self, fsid: str, threads: int, bandwidth: int) -> None:
+        with self.table._lock:
             e = self.table.images.get(fsid)
-            if e is None or not req.get("prefetch", True):
+            if e is None:
                 return
             servers = {
                 i: self.table.blobs[b]
@@ -474,13 +486,7 @@ class ControlPlane:
         except OSError as exc:
             log.warning("prefetch %s: cannot read %s: %s", fsid[:12], boot, exc)
             return
-        self.prefetch.start(
-            fsid,
-            data,
-            servers,
-            threads=int(req.get("prefetch_threads", 4)),
-            bandwidth=int(req.get("prefetch_bandwidth", 0)),
-        )
+        self.prefetch.start(fsid, data, servers, threads=threads, bandwidth=bandwidth)
 
     def detaching(self, mountpoint: str) -> None:
         """Before `detach`: stop the prefetch of an image losing its last mount, so no

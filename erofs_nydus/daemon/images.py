@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from erofs_nydus.backend import BlobBackend, LocalDirBackend
-from erofs_nydus.daemon.blobcache import BlobCacheFile
+from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
 from erofs_nydus.image import RafsImage, load_image
@@ -94,6 +94,16 @@ class ImageEntry:
     backend: dict[str, Any]
     amplify: int = DEFAULT_AMPLIFY
     mountpoints: list[str] = field(default_factory=list)
+    # prefetch settings of the register request ("enable", "threads", "bandwidth"), so a
+    # restarted daemon resumes prefetching the way the mount asked
+    prefetch: dict[str, Any] = field(default_factory=dict)
+
+
+def prefetch_settings(req: dict[str, Any]) -> dict[str, Any]:
+    """The prefetch part of a register request, as stored with the image."""
+    return {"enable": bool(req.get("prefetch", True)),
+            "threads": int(req.get("prefetch_threads", 4)),
+            "bandwidth": int(req.get("prefetch_bandwidth", 0))}
 
 
 class ImageTable:
@@ -108,6 +118,10 @@ class ImageTable:
         durable: bool = True,
     ) -> None:
         self.cache_dir = os.path.abspath(cache_dir)
+        # Cache-file fds a restarted daemon got back from the supervisor (blob id -> fd):
+        # opened before their file was marked, so writes through them raise no events.
+        self.kept_fds: dict[str, int] = {}
+        self.adopted: set[str] = set()  # blobs opened from kept_fds
         self.mark = mark
         self.unmark = unmark
         self.durable = durable
@@ -144,9 +158,17 @@ class ImageTable:
                 self.mark(srv)
                 self.marked.add(info.blob_id)
             return srv
-        cache = BlobCacheFile(
-            self.cache_dir, info, image.chunks_for_blob(idx), durable=self.durable
-        )
+        fd = self._adopt_fd(info.blob_id)
+        try:
+            cache = BlobCacheFile(
+                self.cache_dir, info, image.chunks_for_blob(idx), fd=fd, durable=self.durable
+            )
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            self.adopted.add(info.blob_id)
         srv = BlobServer(
             cache, make_backend(entry.backend), amplify=entry.amplify, metrics=self.metrics
         )
@@ -159,6 +181,27 @@ class ImageTable:
             self.mark(srv)
             self.marked.add(info.blob_id)
         return srv
+
+    def _adopt_fd(self, blob_id: str) -> int | None:
+        """The kept fd for `blob_id` if it is still the cache file's (not replaced)."""
+        fd = self.kept_fds.pop(blob_id, None)
+        if fd is None:
+            return None
+        data_path, _ = cache_paths(self.cache_dir, blob_id)
+        try:
+            a, b = os.fstat(fd), os.stat(data_path)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    def close_kept_fds(self) -> None:
+        """Close kept fds no restored blob took."""
+        for fd in self.kept_fds.values():
+            os.close(fd)
+        self.kept_fds.clear()
 
     def blob_complete(self, srv: BlobServer) -> None:
         """Called by the request source after a fill left the blob complete."""
@@ -193,6 +236,7 @@ class ImageTable:
         mountpoint: str,
         *,
         amplify: int = DEFAULT_AMPLIFY,
+        prefetch: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Validate and register an image for `mountpoint`; return what to mount.
 
@@ -227,7 +271,8 @@ class ImageTable:
             new = entry is None
             if entry is None:
                 entry = ImageEntry(
-                    fsid, boot, [b.blob_id for b in image.blobs], dict(backend), amplify
+                    fsid, boot, [b.blob_id for b in image.blobs], dict(backend), amplify,
+                    prefetch=dict(prefetch or {}),
                 )
             opened: list[str] = []
             try:
@@ -371,5 +416,6 @@ class ImageTable:
         """Close files.  Marks stay: a mount may outlive this daemon, and only the
         group fd's owner (the supervisor) may let its reads through."""
         with self._lock:
+            self.close_kept_fds()
             for bid in list(self.blobs):
                 self._release_blob(bid, unmark=False)

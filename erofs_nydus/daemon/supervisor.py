@@ -102,6 +102,9 @@ class _Supervisor:
         self.paths = paths
         self.resident = resident
         self.stop_requested = False  # SIGTERM/SIGINT
+        # blob id -> copy of the daemon's cache-file fd, opened before the file was
+        # marked; handed to a restarted daemon (writes through it raise no events)
+        self.kept: dict[str, int] = {}
         self.group_fd = group_fd
         self.listener = listener
         self.inflight: dict[int, dict[str, Any]] = {}  # our event fd -> event
@@ -115,12 +118,20 @@ class _Supervisor:
         finally:
             theirs.close()
         try:
+            kept = list(self.kept.items())
+            first, rest = kept[: channel.MAX_FDS - 2], kept[channel.MAX_FDS - 2 :]
+            batches = [rest[i : i + channel.MAX_FDS] for i in range(0, len(rest),
+                                                                    channel.MAX_FDS)]
             channel.send(
                 ours,
                 {"op": "hello", "cache_dir": self.paths.cache_dir, "restart": self.generation > 0,
-                 "resident": self.resident},
-                [self.group_fd, self.listener.fileno()],
+                 "resident": self.resident, "kept": [b for b, _ in first],
+                 "kept_messages": len(batches)},
+                [self.group_fd, self.listener.fileno(), *(fd for _, fd in first)],
             )
+            for batch in batches:
+                channel.send(ours, {"op": "kept", "blobs": [b for b, _ in batch]},
+                             [fd for _, fd in batch])
         except OSError as exc:  # it died at once; pump() sees EOF and we try again
             log.error("daemon did not take the hello: %s", exc)
         self.forward(ours, list(self.inflight.values()))
@@ -178,12 +189,22 @@ class _Supervisor:
             except Exception as exc:
                 log.error("bad message from daemon: %s", exc)
                 return True
-            for fd in fds:  # the daemon never sends us fds; do not leak any
+            op = msg.get("op") if msg is not None else None
+            if op == "keep" and len(fds) == 1:
+                old = self.kept.pop(str(msg.get("blob")), None)  # type: ignore[union-attr]
+                if old is not None:
+                    os.close(old)
+                self.kept[str(msg.get("blob"))] = fds[0]  # type: ignore[union-attr]
+                continue
+            for fd in fds:  # no other message carries fds; do not leak any
                 os.close(fd)
             if msg is None:
                 return False
-            op = msg.get("op")
-            if op == "done":
+            if op == "drop":
+                old = self.kept.pop(str(msg.get("blob")), None)
+                if old is not None:
+                    os.close(old)
+            elif op == "done":
                 for n in msg.get("fds", []):
                     if self.inflight.pop(n, None) is not None:
                         os.close(n)
@@ -253,6 +274,9 @@ class _Supervisor:
                 time.sleep(1.0)
 
     def close(self) -> None:
+        for fd in self.kept.values():
+            os.close(fd)
+        self.kept.clear()
         # No mounts are left when we get here; answer anything odd that is still pending.
         for n in list(self.inflight):
             with contextlib.suppress(OSError):

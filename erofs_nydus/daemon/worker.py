@@ -29,7 +29,7 @@ from erofs_nydus.daemon import channel
 from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.daemon.fanotify import FanotifyHandler, add_mark, remove_mark
-from erofs_nydus.daemon.images import ImageTable
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings
 from erofs_nydus.errors import DaemonError
 
 __all__ = ["Worker", "main"]
@@ -64,6 +64,9 @@ class Worker:
 
     def _mark(self, srv: BlobServer) -> None:
         add_mark(self.group_fd, srv.cache.fd)
+        # The supervisor keeps a copy of this fd (opened before the mark): a restarted
+        # daemon writes through it without raising events, so it can prefetch again.
+        self._tell_supervisor({"op": "keep", "blob": srv.blob_id}, [srv.cache.fd])
 
     def _unmark(self, srv: BlobServer) -> None:
         try:
@@ -71,19 +74,23 @@ class Worker:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("unmark %s: %s", srv.blob_id[:12], exc)
+        self._tell_supervisor({"op": "drop", "blob": srv.blob_id})
 
     # -- supervisor channel ------------------------------------------------------------
 
     def _answered(self, response_fd: int) -> None:
-        msg = {"op": "done", "fds": [response_fd]}
+        self._tell_supervisor({"op": "done", "fds": [response_fd]})
+
+    def _tell_supervisor(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send from any thread (the channel may be non-blocking: retry briefly)."""
         for _ in range(1000):
             try:
-                channel.send(self.chan, msg)
+                channel.send(self.chan, msg, fds or [])
                 return
             except BlockingIOError:
                 time.sleep(0.001)
             except OSError as exc:
-                log.error("cannot report event %d answered: %s", response_fd, exc)
+                log.error("cannot send %s to the supervisor: %s", msg.get("op"), exc)
                 return
 
     async def _channel_loop(self, tg: anyio.abc.TaskGroup) -> None:
@@ -130,6 +137,7 @@ class Worker:
                 dict(req["backend"]),
                 str(req["mountpoint"]),
                 amplify=int(req.get("amplify", 1 << 20)),
+                prefetch=prefetch_settings(req),
             )
             self.plane.registered(req, info)
             return info
@@ -255,22 +263,28 @@ def run_worker(channel_fd: int) -> int:
     chan = socket.socket(fileno=channel_fd)
     chan.setblocking(True)
     msg, fds = channel.recv(chan)
-    if msg is None or msg.get("op") != "hello" or len(fds) != 2:
+    if msg is None or msg.get("op") != "hello" or len(fds) < 2:
         log.error("bad hello from supervisor: %r", msg)
         return 2
-    group_fd, listen_fd = fds
+    group_fd, listen_fd = fds[:2]
+    kept = _receive_kept_fds(chan, msg, fds[2:])
     listener = socket.socket(fileno=listen_fd)
     worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]),
                     resident=bool(msg.get("resident")))
     # Restore before reading events: handed-over events may be for restored blobs.
+    worker.table.kept_fds = kept
     worker.table.load_state()
+    worker.table.close_kept_fds()
     if not msg.get("restart"):
         # A fresh supervisor: mounts recorded by an earlier one may be gone (reboot,
         # manual umount); a restarted daemon keeps all (a mount may be in progress).
         worker.table.prune_stale()
     log.info("serving %s (%d images%s)", msg["cache_dir"], len(worker.table.images),
              ", resident" if worker.resident else "")
-    worker.plane.restored()
+    # A restarted daemon that reopened a marked blob itself cannot write through that
+    # fd without raising events: no prefetch for it (fds kept by the supervisor are fine).
+    unsafe = set(worker.table.blobs) - worker.table.adopted if msg.get("restart") else set()
+    worker.plane.restored(unsafe)
     worker.plane.start()
     try:
         anyio.run(worker.run)
@@ -278,6 +292,28 @@ def run_worker(channel_fd: int) -> int:
         worker.plane.stop()
         worker.table.close()
     return 0
+
+
+def _receive_kept_fds(chan: socket.socket, hello: dict[str, Any],
+                      fds: list[int]) -> dict[str, int]:
+    """Blob id -> cache-file fd the supervisor kept: those in the hello, then as many
+    "kept" messages as the hello announces (a message carries at most MAX_FDS fds)."""
+    blobs = list(hello.get("kept", []))
+    fds = list(fds)
+    for _ in range(int(hello.get("kept_messages", 0))):
+        msg, more = channel.recv(chan)
+        if msg is None or msg.get("op") != "kept":
+            for fd in more:
+                os.close(fd)
+            break
+        blobs += list(msg.get("blobs", []))
+        fds += more
+    if len(blobs) != len(fds):
+        log.error("kept fds: %d blob ids for %d fds; ignoring them", len(blobs), len(fds))
+        for fd in fds:
+            os.close(fd)
+        return {}
+    return dict(zip(blobs, fds, strict=True))
 
 
 def main() -> None:

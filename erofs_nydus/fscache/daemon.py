@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from erofs_nydus.daemon.api import ControlPlane
-from erofs_nydus.daemon.images import ImageTable
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings
 from erofs_nydus.daemon.paths import RunPaths, listen_unix, take_supervisor_lock
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
@@ -351,7 +351,7 @@ class FscacheWorker:
             domain = req.get("domain_id")
             info = self.table.register(
                 str(req["bootstrap"]), dict(req["backend"]), mp,
-                amplify=int(req.get("amplify", 1 << 20)),
+                amplify=int(req.get("amplify", 1 << 20)), prefetch=prefetch_settings(req),
             )  # fmt: skip
             key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
             self.plane.registered(req, info)
