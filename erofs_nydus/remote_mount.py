@@ -18,7 +18,6 @@ lets a second mount of the same image skip the download.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from erofs_nydus.errors import NotFoundError, RegistryError, UnsupportedError
+from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.reader import BootstrapReader
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import RegistryClient
@@ -79,20 +79,6 @@ def extract_bootstrap(layer_tgz: bytes) -> bytes:
     raise RegistryError(f"bootstrap layer has no {BOOTSTRAP_NAME}")
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
     idx = os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1])
     try:
@@ -114,9 +100,9 @@ def _store_bootstrap(cache_dir: str, layer_digest: str, boot: bytes) -> str:
     sha = hashlib.sha256(boot).hexdigest()
     path = os.path.join(cache_dir, f"{sha}.boot")
     if not os.path.exists(path):
-        _write_atomic(path, boot)
+        atomic_write(path, boot)
     os.makedirs(os.path.join(cache_dir, LAYER_INDEX), exist_ok=True)
-    _write_atomic(os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1]),
+    atomic_write(os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1]),
                   sha.encode())
     return path
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
@@ -18,6 +17,7 @@ from erofs_nydus.builder.blob import BlobStats, BlobWriter, ChunkLookup
 from erofs_nydus.builder.bootstrap import write_bootstrap
 from erofs_nydus.builder.source import tree_from_dir, tree_from_tar
 from erofs_nydus.errors import SourceError, UsageError
+from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.image import BlobInfo, ChunkInfo
 from erofs_nydus.layout.rafs import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from erofs_nydus.tree import Node
@@ -151,24 +151,11 @@ def _assign_blobs(root: Node, writer: BlobWriter, new_blob: BlobInfo | None,
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
+    """`atomic_write`, with failures as SourceError (what build commands report)."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".erofs-nydus-", suffix=".boot", dir=directory)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, data)
     except OSError as exc:
-        raise SourceError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise SourceError(f"cannot write {path}: {exc.strerror}") from exc
 
 

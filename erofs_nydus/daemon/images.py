@@ -28,6 +28,7 @@ from erofs_nydus.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
+from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.image import RafsImage, load_image
 
 __all__ = ["STATE_FILE", "ImageEntry", "ImageTable", "make_backend"]
@@ -261,12 +262,7 @@ class ImageTable:
                     break
             boot = os.path.join(self.cache_dir, f"{fsid}.boot")
             if not os.path.exists(boot):
-                tmp = f"{boot}.tmp{os.getpid()}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, boot)
+                atomic_write(boot, data)
             entry = self.images.get(fsid)
             new = entry is None
             if entry is None:

@@ -26,6 +26,7 @@ from erofs_nydus.errors import (
     SourceError,
     UsageError,
 )
+from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.registry.client import DEFAULT_CHUNK, BlobData, BlobSource
 from erofs_nydus.registry.manifest import (
     ANNOTATION_REF_NAME,
@@ -64,7 +65,7 @@ class OCILayout:
             if not create:
                 raise NotFoundError(f"{self.path}: not an OCI image layout (no oci-layout file)")
             (self.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-            self._atomic_write(marker, json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode())
+            atomic_write(marker, json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode())
         else:
             try:
                 version = json.loads(marker.read_bytes()).get("imageLayoutVersion")
@@ -93,21 +94,6 @@ class OCILayout:
         check_digest(digest)
         return self.path / "blobs" / "sha256" / digest[len("sha256:") :]
 
-    @staticmethod
-    def _atomic_write(path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -132,7 +118,7 @@ class OCILayout:
 
     def _write_index(self, index: dict[str, Any]) -> None:
         data = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
-        self._atomic_write(self.path / "index.json", data)
+        atomic_write(self.path / "index.json", data)
 
     def list_refs(self) -> dict[str, Descriptor]:
         """Tag -> descriptor for every named entry of index.json."""
