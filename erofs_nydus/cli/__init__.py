@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from erofs_nydus import as_program
 from erofs_nydus.errors import ErofsNydusError
 
 _COMMAND_MODULES = ("build", "runtime", "registry", "ops")
@@ -49,14 +50,8 @@ def main() -> None:
 
 
 def run() -> None:
-    """Process entry point (console script, ``python -m``, the daemon's interpreter).
-
-    httpcore imports trio at import time when it is installed, only to detect it: about
-    0.15 s warm and 0.4 s with a cold page cache on every command that reaches the HTTP
-    stack.  Nothing here runs on trio (anyio uses asyncio), so a process that starts
-    from this entry point marks it absent.  Importing `main` as a library does not.
-    """
-    sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
+    """Process entry point (console script, ``python -m erofs_nydus.cli``)."""
+    as_program()
     main()
 
 

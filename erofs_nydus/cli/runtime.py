@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import platform
 import sys
@@ -376,11 +375,7 @@ def daemon_cmd(cache_dir: str, resident: bool) -> None:
     `mount` starts one on demand, which stops with its last mount; run this to keep
     one up.  SIGTERM or SIGINT stops it.  Logs go to stderr.
     """
-    from erofs_nydus.daemon.supervisor import run_supervisor
+    from erofs_nydus.daemon.supervisor import run_supervisor, setup_logging
 
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging()
     sys.exit(run_supervisor(cache_dir, resident=resident))

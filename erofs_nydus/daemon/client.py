@@ -23,7 +23,7 @@ class DaemonUnreachable(DaemonError):
     """No daemon answers on the cache dir's control socket."""
 
 
-_SUPERVISOR_CMD = "from erofs_nydus.cli import run; run()"
+_SUPERVISOR_CMD = "from erofs_nydus.daemon.supervisor import main; main()"
 # Supervisors we started outlive this process; keeping their Popen objects avoids a
 # "still running" ResourceWarning when one would be garbage-collected.
 _SPAWNED: dict[str, list[subprocess.Popen[bytes]]] = {}
@@ -123,7 +123,7 @@ class DaemonClient:
             ):
                 proc = self._spawn()
                 spawned += 1
-            time.sleep(0.05)
+            time.sleep(0.01)
         raise DaemonError(
             f"daemon for {self.paths.cache_dir} did not come up in {timeout:.0f} s; "
             f"see {self.paths.log}"
@@ -137,8 +137,6 @@ class DaemonClient:
                     sys.executable,
                     "-c",
                     _SUPERVISOR_CMD,
-                    "daemon",
-                    "--cache-dir",
                     self.paths.cache_dir,
                 ],
                 stdin=subprocess.DEVNULL,

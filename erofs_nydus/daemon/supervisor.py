@@ -314,3 +314,27 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
         os.ftruncate(lock_fd, 0)
         os.close(lock_fd)
     return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -c 'from erofs_nydus.daemon.supervisor import main; main()' CACHE_DIR
+    [--resident]`: what `mount` spawns (the `daemon` command without click's start-up)."""
+    import argparse
+
+    from erofs_nydus import as_program
+
+    as_program()
+    ap = argparse.ArgumentParser(prog="erofs-nydus daemon")
+    ap.add_argument("cache_dir")
+    ap.add_argument("--resident", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging()
+    sys.exit(run_supervisor(args.cache_dir, resident=args.resident))
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
+        format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
