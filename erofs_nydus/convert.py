@@ -9,6 +9,12 @@ one layer per data blob (`application/vnd.oci.image.layer.nydus.blob.v1`,
 `image/image.boot` (`containerd.io/snapshot/nydus-bootstrap: "true"`,
 `containerd.io/snapshot/nydus-fs-version: "6"`), and a config whose
 `rootfs.diff_ids` match those layers.
+
+With an access trace (`ConvertOptions.prefetch_trace`, recorded by `erofs-nydus trace`
+on a mount of this image converted without one) the merged bootstrap is optimized
+before the push (optimize.py): one blob with the traced chunks first and a prefetch
+table.  Conversion is deterministic, so the trace's fsid identifies the merged
+bootstrap it was recorded on; a trace of any other image is refused.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.errors import RegistryError, UnsupportedError
+from erofs_nydus.errors import RegistryError, UnsupportedError, UsageError
 from erofs_nydus.merge import merge_bootstraps
+from erofs_nydus.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
@@ -84,6 +91,7 @@ class ConvertOptions:
     platform: str | None = None
     cache_dir: str = "/var/cache/erofs_nydus/convert"
     client_options: dict[str, Any] = field(default_factory=dict)
+    prefetch_trace: str | None = None  # optimize by this access trace (see optimize.py)
 
 
 @dataclass(slots=True)
@@ -95,13 +103,17 @@ class ConvertResult:
     layers_converted: int
     layers_cached: int
     bootstrap_layer_digest: str
+    prefetch: OptimizeResult | None = None  # with --prefetch-trace
 
     def to_json(self) -> dict[str, Any]:
+        prefetch = None if self.prefetch is None else {
+            "files": self.prefetch.prefetch_files, "chunks": self.prefetch.prefetch_chunks,
+            "bytes": self.prefetch.prefetch_bytes}
         return {"target": self.target, "manifest_digest": self.manifest_digest,
                 "bootstrap": self.bootstrap,
                 "blobs": [{"digest": f"sha256:{b}", "size": s} for b, s in self.blobs],
                 "layers_converted": self.layers_converted, "layers_cached": self.layers_cached,
-                "bootstrap_layer": self.bootstrap_layer_digest}
+                "bootstrap_layer": self.bootstrap_layer_digest, "prefetch": prefetch}
 
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
@@ -175,9 +187,73 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
     return boot, False
 
 
+def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
+                     config: dict[str, Any], progress: Progress | None = None,
+                     ) -> tuple[str, list[tuple[str, int]], str]:
+    """Push a Nydus image: each blob of `bootstrap` (from `blob_dir`) as a nydus-blob
+    layer, the bootstrap as the last tar.gz layer, `config` with matching rootfs and
+    history, then the manifest.  Returns (manifest digest, [(blob id, size)], bootstrap
+    layer digest)."""
+    img = read_bootstrap_file(bootstrap)
+    layer_descs: list[Descriptor] = []
+    blob_sizes: list[tuple[str, int]] = []
+    for b in img.blobs:
+        path = os.path.join(blob_dir, b.blob_id)
+        size = os.path.getsize(path)
+        if progress:
+            progress(f"push blob {b.blob_id[:12]}", 0, size)
+        store.push_blob(ref, path, f"sha256:{b.blob_id}")
+        if progress:
+            progress(f"push blob {b.blob_id[:12]}", size, size)
+        layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{b.blob_id}", size,
+                                      {ANNOTATION_NYDUS_BLOB: "true"}))
+        blob_sizes.append((b.blob_id, size))
+    with open(bootstrap, "rb") as f:
+        boot_bytes = f.read()
+    tgz, diff_id = bootstrap_layer_bytes(boot_bytes)
+    boot_digest = store.push_blob(ref, tgz, sha256_digest(tgz))
+    layer_descs.append(Descriptor(OCI_LAYER_GZIP, boot_digest, len(tgz), {
+        ANNOTATION_NYDUS_BOOTSTRAP: "true", ANNOTATION_NYDUS_FS_VERSION: "6"}))
+    config = dict(config)
+    config["rootfs"] = {"type": "layers",
+                        "diff_ids": [d.digest for d in layer_descs[:-1]] + [diff_id]}
+    config["history"] = [{"created_by": "erofs-nydus convert: Nydus blob layer",
+                          "comment": "nydus blob"} for _ in layer_descs[:-1]] + [
+        {"created_by": "erofs-nydus convert: Nydus Bootstrap Layer",
+         "comment": "nydus bootstrap"}]
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    cfg_digest = store.push_blob(ref, config_bytes, sha256_digest(config_bytes))
+    manifest = build_image_manifest(Descriptor(OCI_CONFIG, cfg_digest, len(config_bytes)),
+                                    layer_descs, media_type=OCI_MANIFEST)
+    return store.put_manifest(ref, OCI_MANIFEST, manifest), blob_sizes, boot_digest
+
+
+def _optimize_merged(merged: str, opts: ConvertOptions,
+                     trace: dict[str, Any]) -> tuple[str, OptimizeResult]:
+    """The merged bootstrap rebuilt by `opts.prefetch_trace`: traced chunks first in one
+    new blob (in the layer cache's blob dir), with a prefetch table."""
+    assert opts.prefetch_trace is not None
+    with open(merged, "rb") as f:
+        fsid = hashlib.sha256(f.read()).hexdigest()
+    if trace.get("fsid") != fsid:
+        raise UsageError(
+            f"{opts.prefetch_trace}: the trace was recorded on another image (fsid "
+            f"{str(trace.get('fsid'))[:12]}, this conversion gives {fsid[:12]}); trace a mount "
+            f"of this source converted without --prefetch-trace and with the same "
+            f"--chunk-size, --compressor and --chunk-dict")
+    with open(opts.prefetch_trace, "rb") as f:
+        key = hashlib.sha256(fsid.encode() + f.read()).hexdigest()
+    out = os.path.join(os.path.dirname(merged), f"{key}.opt.boot")
+    blob_dir = os.path.join(opts.cache_dir, "blobs")
+    res = optimize_image(merged, blob_dir, out, blob_dir, trace=opts.prefetch_trace)
+    return out, res
+
+
 def convert_image(source: str, target: str, opts: ConvertOptions,
                   progress: Progress | None = None,
                   warn: Callable[[str], None] | None = None) -> ConvertResult:
+    # a bad trace file fails now, not after converting every layer
+    trace = load_trace(opts.prefetch_trace) if opts.prefetch_trace else None
     src_store, src_ref = open_image_store(source, **opts.client_options)
     dst_store, dst_ref = open_image_store(target, create=True, **opts.client_options)
     try:
@@ -198,43 +274,15 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
             "|".join([man.digest, *boots]).encode()).hexdigest() + ".boot")
         # layer bootstraps come from our own cache: skip re-validating each one
         merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
-        img = read_bootstrap_file(merged)
-        blob_dir = os.path.join(opts.cache_dir, "blobs")
-        layer_descs: list[Descriptor] = []
-        blob_sizes: list[tuple[str, int]] = []
-        for b in img.blobs:
-            path = os.path.join(blob_dir, b.blob_id)
-            size = os.path.getsize(path)
-            if progress:
-                progress(f"push blob {b.blob_id[:12]}", 0, size)
-            dst_store.push_blob(dst_ref, path, f"sha256:{b.blob_id}")
-            if progress:
-                progress(f"push blob {b.blob_id[:12]}", size, size)
-            layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{b.blob_id}", size,
-                                          {ANNOTATION_NYDUS_BLOB: "true"}))
-            blob_sizes.append((b.blob_id, size))
-        with open(merged, "rb") as f:
-            boot_bytes = f.read()
-        tgz, diff_id = bootstrap_layer_bytes(boot_bytes)
-        boot_digest = dst_store.push_blob(dst_ref, tgz, sha256_digest(tgz))
-        layer_descs.append(Descriptor(OCI_LAYER_GZIP, boot_digest, len(tgz), {
-            ANNOTATION_NYDUS_BOOTSTRAP: "true", ANNOTATION_NYDUS_FS_VERSION: "6"}))
-        config = dict(config)
-        rootfs = {"type": "layers",
-                  "diff_ids": [d.digest for d in layer_descs[:-1]] + [diff_id]}
-        config["rootfs"] = rootfs
-        config["history"] = [{"created_by": "erofs-nydus convert: Nydus blob layer",
-                              "comment": "nydus blob"} for _ in layer_descs[:-1]] + [
-            {"created_by": "erofs-nydus convert: Nydus Bootstrap Layer",
-             "comment": "nydus bootstrap"}]
-        config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-        cfg_digest = dst_store.push_blob(dst_ref, config_bytes, sha256_digest(config_bytes))
-        manifest = build_image_manifest(Descriptor(OCI_CONFIG, cfg_digest, len(config_bytes)),
-                                        layer_descs, media_type=OCI_MANIFEST)
-        digest = dst_store.put_manifest(dst_ref, OCI_MANIFEST, manifest)
-        return ConvertResult(target=target, manifest_digest=digest, bootstrap=merged,
+        boot, optimized = merged, None
+        if trace is not None:
+            boot, optimized = _optimize_merged(merged, opts, trace)
+        digest, blob_sizes, boot_digest = push_nydus_image(
+            dst_store, dst_ref, boot, os.path.join(opts.cache_dir, "blobs"), config, progress)
+        return ConvertResult(target=target, manifest_digest=digest, bootstrap=boot,
                              blobs=blob_sizes, layers_converted=len(layers) - cached,
-                             layers_cached=cached, bootstrap_layer_digest=boot_digest)
+                             layers_cached=cached, bootstrap_layer_digest=boot_digest,
+                             prefetch=optimized)
     finally:
         src_store.close()
         dst_store.close()

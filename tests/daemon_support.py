@@ -207,3 +207,10 @@ def wait_prefetch(cache: Path, timeout: float = 120) -> dict[str, Any]:
             return dict(m)
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def metrics_after_prefetch(cache: Path) -> dict[str, float]:
+    """Wait until the mount's prefetch is done, without failed chunks; then the metrics."""
+    m = wait_prefetch(cache)
+    assert m["prefetch"]["state"] == "done" and m["prefetch"]["failed_chunks"] == 0, m
+    return daemon_metrics(cache)

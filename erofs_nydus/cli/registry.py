@@ -60,16 +60,21 @@ def _client_options(plain_http: bool) -> dict[str, object]:
 @click.option("--cache-dir", default="/var/cache/erofs_nydus/convert", show_default=True,
               help="Converted layers (bootstraps and blobs), reused when a layer with the same "
                    "digest is converted again.")
+@click.option("--prefetch-trace", metavar="FILE",
+              help="Access trace (`erofs-nydus trace`) of a workload on a mount of this image "
+                   "converted without it (same options): push one blob with the traced chunks "
+                   "first and a prefetch table the daemon fetches on mount.")
 @click.option("--output-json", "-J", metavar="FILE", help="Write the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def convert(source: str, target: str, plain_http: bool, platform: str | None,
             chunk_dicts: tuple[str, ...], compressor: str, chunk_size: str, cache_dir: str,
-            output_json: str | None, quiet: bool) -> None:
+            prefetch_trace: str | None, output_json: str | None, quiet: bool) -> None:
     """Convert an OCI image into a Nydus (RAFS v6) image and push it.
 
     Each source layer is streamed (never unpacked to disk) into a data blob; the layer
     bootstraps are merged into one bootstrap pushed as the last layer, the way Nydus
-    users expect (nydus-snapshotter conventions).
+    users expect (nydus-snapshotter conventions).  With --prefetch-trace the image is
+    optimized for the traced workload before the push (see `optimize`).
     """
     from erofs_nydus.convert import ConvertOptions, convert_image
 
@@ -81,7 +86,8 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
 
     opts = ConvertOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
                           chunk_dicts=list(chunk_dicts), platform=platform,
-                          cache_dir=cache_dir, client_options=_client_options(plain_http))
+                          cache_dir=cache_dir, client_options=_client_options(plain_http),
+                          prefetch_trace=prefetch_trace)
     try:
         result = convert_image(source, target, opts, progress, warn)
     finally:
@@ -92,3 +98,7 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
         click.echo(f"converted {source} -> {target} ({result.manifest_digest}): "
                    f"{len(result.blobs)} blobs, {result.layers_converted} layers converted, "
                    f"{result.layers_cached} from cache")
+        if result.prefetch is not None:
+            pf = result.prefetch
+            click.echo(f"optimized by {prefetch_trace}: {pf.prefetch_files} prefetch files, "
+                       f"{pf.prefetch_chunks} chunks ({pf.prefetch_bytes} bytes) placed first")

@@ -1,0 +1,242 @@
+"""Registries and networks for the cold-start benches (bench/coldstart.py, bench/prefetch.py).
+
+* `registry_nets(work, ...)`: a real docker-registry on 127.0.0.1 and, unless disabled,
+  a second registry process on the same storage inside a network namespace created here,
+  reached from another namespace created here over a veth pair shaped with
+  `tc ... tbf rate RATE` on both ends (netem with delay when rtt_ms > 0).  Yields the
+  loopback server and the `Net`s to measure on; clients run in a `Net` through its
+  `prefix` (nsenter into the client namespace), so the mount command and the daemon it
+  starts, and skopeo, all see only the shaped link.
+* `push_rootfs`: a directory tree as a one-layer OCI image (umoci) pushed with skopeo.
+* `pull_run`: the pull-and-unpack baseline (`skopeo copy` + `umoci unpack` + workload).
+* `manifest_sizes`: bytes of an image in the registry.
+* `Keeper`: a daemon kept running for a cache dir (the "daemon already up" case).
+
+Needs root, docker-registry, skopeo, umoci, iproute2 (ip, tc), curl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import drop_caches
+from layers_support import layer_paths, umoci_image
+from registry_fixture import (
+    REGISTRY_BIN,
+    RegistryServer,
+    skopeo_copy,
+    start_registry,
+    stop_registry,
+)
+
+SUBNET = "10.213.7"
+CLI = [sys.executable, "-m", "erofs_nydus.cli"]
+
+
+def sh(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, **kw)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
+                         f"{proc.stderr[-3000:]}{proc.stdout[-1000:]}")
+    return proc
+
+
+class Net:
+    """Where the clients run and how they reach the registry."""
+
+    def __init__(self, name: str, host: str, prefix: list[str]) -> None:
+        self.name, self.host, self.prefix = name, host, prefix
+
+    def rx_bytes(self) -> int | None:
+        """Bytes received by the client side so far (None: not measurable here)."""
+        return None
+
+
+class ShapedNet(Net):
+    """Two network namespaces joined by a shaped veth pair; a registry in one."""
+
+    def __init__(self, storage: Path, work: Path, rate: str, rtt_ms: float) -> None:
+        tag = str(os.getpid() % 100000)
+        self.ns_reg, self.ns_cli = f"nyreg{tag}", f"nycli{tag}"
+        self.if_reg, self.if_cli = f"nyr{tag}", f"nyc{tag}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._up = False
+        try:
+            for ns in (self.ns_reg, self.ns_cli):
+                sh(["ip", "netns", "add", ns])
+            self._up = True
+            sh(["ip", "link", "add", self.if_cli, "netns", self.ns_cli, "type", "veth",
+                "peer", "name", self.if_reg, "netns", self.ns_reg])
+            for ns, dev, addr in ((self.ns_cli, self.if_cli, f"{SUBNET}.1/24"),
+                                  (self.ns_reg, self.if_reg, f"{SUBNET}.2/24")):
+                sh(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
+                sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+                sh(["ip", "-n", ns, "link", "set", dev, "up"])
+                if rtt_ms > 0:
+                    sh(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", "delay",
+                        f"{rtt_ms / 2:g}ms", "rate", rate, "limit", "100000"])
+                else:
+                    sh(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                        "burst", "256kb", "latency", "100ms"])
+            port = 5000
+            cfg = {
+                "version": "0.1",
+                "log": {"level": "warn"},
+                "storage": {"filesystem": {"rootdirectory": str(storage)},
+                            "maintenance": {"uploadpurging": {"enabled": False}}},
+                "http": {"addr": f"{SUBNET}.2:{port}", "secret": "bench"},
+                "health": {"storagedriver": {"enabled": False}},
+            }
+            cfg_path = work / "netns-registry.yml"
+            cfg_path.write_text(json.dumps(cfg))
+            with open(work / "netns-registry.log", "wb") as log:
+                self.proc = subprocess.Popen(
+                    ["ip", "netns", "exec", self.ns_reg, REGISTRY_BIN, "serve", str(cfg_path)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            prefix = ["nsenter", f"--net=/run/netns/{self.ns_cli}"]
+            super().__init__(f"veth {rate}" + (f" rtt {rtt_ms:g} ms" if rtt_ms else ""),
+                             f"{SUBNET}.2:{port}", prefix)
+            end = time.monotonic() + 20
+            while True:
+                r = subprocess.run([*prefix, "curl", "-s", "-o", "/dev/null", "-w",
+                                    "%{http_code}", f"http://{self.host}/v2/"],
+                                   capture_output=True, text=True, check=False)
+                if r.stdout.strip() in ("200", "401"):
+                    break
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise SystemExit("the registry in the network namespace did not start")
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+
+    def rx_bytes(self) -> int:
+        out = sh(["ip", "-n", self.ns_cli, "-j", "-s", "link", "show", self.if_cli]).stdout
+        return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._up:
+            for ns in (self.ns_cli, self.ns_reg):
+                subprocess.run(["ip", "netns", "del", ns], check=False)
+            self._up = False
+
+
+@contextlib.contextmanager
+def registry_nets(work: Path, *, rate: str = "100mbit", rtt_ms: float = 0.0,
+                  netns: bool = True) -> Iterator[tuple[RegistryServer, list[Net]]]:
+    """(loopback registry, [loopback Net, shaped Net unless not `netns`]); all stopped
+    and the namespaces deleted on exit.  Both registries serve the same storage: push
+    through the loopback one, measure on either."""
+    server = start_registry(work / "registry")
+    shaped: ShapedNet | None = None
+    try:
+        nets: list[Net] = [Net("loopback", server.host, [])]
+        if netns:
+            shaped = ShapedNet(server.storage, work, rate, rtt_ms)
+            nets.append(shaped)
+        yield server, nets
+    finally:
+        if shaped is not None:
+            shaped.close()
+        stop_registry(server)
+
+
+def push_rootfs(server: RegistryServer, tree: Path, work: Path, repo_tag: str) -> tuple[str, Path]:
+    """`tree` as a one-layer OCI image pushed to `server`: (reference, layer tar.gz path)."""
+
+    def fill(r: Path) -> None:
+        subprocess.run(["cp", "-a", f"{tree}/.", f"{r}/"], check=True)
+
+    layout = umoci_image(work, [fill])
+    ref = server.ref(repo_tag)
+    skopeo_copy(f"oci:{layout}:latest", f"docker://{ref}")
+    return ref, layer_paths(layout)[0]
+
+
+def daemon_bytes(cache: Path) -> int:
+    st = json.loads(sh([*CLI, "mount-stats", "--cache-dir", str(cache), "--json"]).stdout)
+    return int(st["metrics"]["bytes_fetched"])
+
+
+class Keeper:
+    """A daemon kept running for `cache` (a tiny local image mounted there), as on a node
+    whose snapshotter daemon is always up.  `evict()` deletes everything a REF mount
+    added to the cache dir, so the next run starts with cold data again."""
+
+    def __init__(self, net: Net, work: Path) -> None:
+        self.work, self.cache, self.mnt = work, work / "cache", work / "mnt"
+        (work / "tiny").mkdir(parents=True)
+        (work / "tiny" / "hello").write_text("hello\n")
+        self.mnt.mkdir()
+        sh([*CLI, "create", str(work / "tiny"), "-B", str(work / "tiny.boot"), "-D",
+            str(work / "blobs")])
+        sh([*net.prefix, *CLI, "mount", str(work / "tiny.boot"), str(self.mnt), "--blob-dir",
+            str(work / "blobs"), "--cache-dir", str(self.cache)])
+        self.keep = {p.name for p in self.cache.iterdir()}
+        self.fetched = 0
+
+    def evict(self) -> None:
+        for p in self.cache.iterdir():
+            if p.name in self.keep or p.name.startswith("daemon"):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def close(self) -> None:
+        subprocess.run([*CLI, "umount", str(self.mnt)], capture_output=True, check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def manifest_sizes(server: RegistryServer, repo_tag: str) -> tuple[int, int]:
+    """(sum of all layer sizes + config + manifest, size of the last layer) of an image."""
+    import httpx
+
+    repo, tag = repo_tag.split(":")
+    r = httpx.get(f"{server.url}/v2/{repo}/manifests/{tag}", headers={"Accept": ", ".join([
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json"])})
+    r.raise_for_status()
+    m = r.json()
+    layers = [int(x["size"]) for x in m["layers"]]
+    return sum(layers) + int(m["config"]["size"]) + len(r.content), layers[-1]
+
+
+def pull_run(net: Net, ref: str, work: Path, image_bytes: int,
+             workload: str) -> tuple[float, int, float]:
+    """`skopeo copy` + `umoci unpack` + `chroot ROOTFS sh -c WORKLOAD`, page cache dropped
+    first: (seconds, bytes fetched, seconds of the workload alone).  Bytes: the veth
+    counters where the net has them, else `image_bytes`."""
+    layout, bundle = work / "oci", work / "bundle"
+    work.mkdir(parents=True)
+    drop_caches()
+    rx0 = net.rx_bytes()
+    t0 = time.perf_counter()
+    sh([*net.prefix, "skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+        f"docker://{ref}", f"oci:{layout}:v1"])
+    sh(["umoci", "unpack", "--image", f"{layout}:v1", str(bundle)])
+    t1 = time.perf_counter()
+    sh(["chroot", str(bundle / "rootfs"), "/bin/sh", "-c", workload])
+    t2 = time.perf_counter()
+    rx1 = net.rx_bytes()
+    fetched = rx1 - rx0 if rx0 is not None and rx1 is not None else image_bytes
+    shutil.rmtree(work)
+    return t2 - t0, fetched, t2 - t1
