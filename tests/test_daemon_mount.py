@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -506,3 +507,23 @@ def test_idle_daemon_exits_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyP
         time.sleep(0.1)
     assert not client.supervisor_running()
     assert not os.path.exists(client.paths.socket)
+
+
+def test_stopping_daemon_leaves_a_newer_socket_at_its_path(tmp_path: Path) -> None:
+    """A cache dir deleted and made again under a running daemon: when the old daemon
+    stops it must not remove the new daemon's sockets (same paths, other files)."""
+    from erofs_nydus.daemon.paths import listen_unix, unlink_own_socket
+
+    path = str(tmp_path / "daemon.sock")
+    old = listen_unix(path)
+    os.unlink(path)  # the cache dir went away...
+    new = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    new.bind(path)  # ...and a new daemon listens at the same path
+    unlink_own_socket(path)  # the old one stopping
+    assert os.path.exists(path)
+    old.close()
+    new.close()
+    mine = listen_unix(path)  # replaces the stale file
+    unlink_own_socket(path)
+    assert not os.path.exists(path)
+    mine.close()

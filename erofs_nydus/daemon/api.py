@@ -42,6 +42,7 @@ from prometheus_client.core import (
 
 from erofs_nydus.daemon.core import LATENCY_BUCKETS
 from erofs_nydus.daemon.images import ImageEntry, ImageTable
+from erofs_nydus.daemon.paths import note_bound, unlink_own_socket
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DaemonError, UsageError
@@ -330,6 +331,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         # Bound but not yet listening: nobody can connect before the mode is set.
         super().server_bind()
         os.chmod(self.path, 0o600)
+        note_bound(self.path)
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -342,9 +344,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self.shutdown()
             self._thread.join(5)
         self.server_close()
-        with contextlib.suppress(OSError):
-            if os.path.exists(self.path):
-                os.unlink(self.path)
+        unlink_own_socket(self.path)
 
 
 # -- client ----------------------------------------------------------------------------

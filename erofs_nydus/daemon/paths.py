@@ -70,5 +70,27 @@ def listen_unix(path: str) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     os.chmod(path, 0o600)
+    note_bound(path)
     listener.listen(64)
     return listener
+
+
+_BOUND: dict[str, tuple[int, int]] = {}  # socket path -> (dev, ino) this process bound
+
+
+def note_bound(path: str) -> None:
+    """Remember the socket file just bound at `path` (see `unlink_own_socket`)."""
+    st = os.stat(path)
+    _BOUND[path] = (st.st_dev, st.st_ino)
+
+
+def unlink_own_socket(path: str) -> None:
+    """Remove `path` only if it is still the socket this process bound there.
+
+    A cache dir deleted and made again under a running daemon gets a new daemon with a
+    socket at the same path; the old one must not delete that when it stops.
+    """
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if _BOUND.get(path) == (st.st_dev, st.st_ino):
+            os.unlink(path)

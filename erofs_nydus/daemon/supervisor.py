@@ -35,7 +35,12 @@ from typing import Any
 from erofs_nydus.daemon import channel
 from erofs_nydus.daemon import fanotify_proto as fp
 from erofs_nydus.daemon.fanotify import init_group
-from erofs_nydus.daemon.paths import RunPaths, listen_unix, take_supervisor_lock
+from erofs_nydus.daemon.paths import (
+    RunPaths,
+    listen_unix,
+    take_supervisor_lock,
+    unlink_own_socket,
+)
 
 __all__ = ["run_supervisor"]
 
@@ -307,8 +312,7 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
         sup.run()
     finally:
         sup.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(paths.socket)
+        unlink_own_socket(paths.socket)
         listener.close()
         os.close(group)
         os.ftruncate(lock_fd, 0)

@@ -57,7 +57,12 @@ from typing import Any
 
 from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.images import ImageTable, prefetch_settings
-from erofs_nydus.daemon.paths import RunPaths, listen_unix, take_supervisor_lock
+from erofs_nydus.daemon.paths import (
+    RunPaths,
+    listen_unix,
+    take_supervisor_lock,
+    unlink_own_socket,
+)
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
@@ -573,8 +578,7 @@ def run_supervisor(cache_dir: str) -> int:
             if len(recent) > 5:
                 time.sleep(1.0)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(paths.socket)
+        unlink_own_socket(paths.socket)
         with contextlib.suppress(OSError, ValueError), open(pointer_path(), encoding="utf-8") as f:
             if json.load(f).get("pid") == os.getpid():
                 os.unlink(pointer_path())
