@@ -176,19 +176,25 @@ def daemon_bytes(cache: Path) -> int:
 
 
 class Keeper:
-    """A daemon kept running for `cache` (a tiny local image mounted there), as on a node
+    """A resident daemon for `cache` (`erofs-nydus daemon --resident`), as on a node
     whose snapshotter daemon is always up.  `evict()` deletes everything a REF mount
     added to the cache dir, so the next run starts with cold data again."""
 
     def __init__(self, net: Net, work: Path) -> None:
-        self.work, self.cache, self.mnt = work, work / "cache", work / "mnt"
-        (work / "tiny").mkdir(parents=True)
-        (work / "tiny" / "hello").write_text("hello\n")
-        self.mnt.mkdir()
-        sh([*CLI, "create", str(work / "tiny"), "-B", str(work / "tiny.boot"), "-D",
-            str(work / "blobs")])
-        sh([*net.prefix, *CLI, "mount", str(work / "tiny.boot"), str(self.mnt), "--blob-dir",
-            str(work / "blobs"), "--cache-dir", str(self.cache)])
+        from erofs_nydus.daemon.client import DaemonClient
+
+        self.work, self.cache = work, work / "cache"
+        work.mkdir(parents=True)
+        self.log = open(work / "daemon.log", "wb")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [*net.prefix, *CLI, "daemon", "--cache-dir", str(self.cache), "--resident"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        client = DaemonClient(self.cache)
+        deadline = time.monotonic() + 30
+        while not client.alive():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"resident daemon did not start; see {work / 'daemon.log'}")
+            time.sleep(0.05)
         self.keep = {p.name for p in self.cache.iterdir()}
         self.fetched = 0
 
@@ -202,7 +208,14 @@ class Keeper:
                 p.unlink()
 
     def close(self) -> None:
-        subprocess.run([*CLI, "umount", str(self.mnt)], capture_output=True, check=False)
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: a resident daemon stops cleanly
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
 
