@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """fscache mode benchmark, side by side in one VM boot (QEMU TCG, vm/run).
 
-    python3 bench/fscache.py [--source DIR] [--json FILE]
+    python3 bench/fscache.py [--source DIR] [--json FILE] [--buffered-cache]
+                             [--read-ahead-kb KIB]
 
 Builds an image of SOURCE (default: the cached debootstrap rootfs) on the host, with
 its blob also materialized (the whole uncompressed address space), then boots the VM
@@ -14,8 +15,17 @@ once and, with the page cache dropped before each pass, reads every file
     so no READ may reach the daemon (its request counters are reported);
 (c) materialized: the same bootstrap mounted file-backed from the materialized blob
     copied to the same scratch disk (no daemon at all).
-Warm and materialized passes alternate (3 each) with both mounted; the best of each
-is compared.
+The kinds of pass rotate (3 rounds) with both images mounted; the best of each is
+compared.  Each pass also reports the scratch disk's read I/Os and KiB, and each mount
+its bdi (/sys/class/bdi/erofs-<n>) and read_ahead_kb.
+
+cachefiles reads its backing files with O_DIRECT: a warm pass costs one disk read per
+file, where the materialized blob gets page-cache readahead across files.
+--buffered-cache remounts the scratch ext4 `nodelalloc` and mounts with
+`mount_fscache(buffered_cache=True)` (cachefiles dir `chattr +j`), so ext4 serves those
+reads from the page cache (and the mount gets a 2048 KiB bdi readahead).
+--read-ahead-kb N adds warm passes (`warm_ra`) with the mount's bdi readahead switched
+to N KiB through sysfs.
 
 Reports seconds per pass and the ratios warm/materialized (target <= 1.10) and
 cold/materialized.  Numbers are TCG numbers: only the ratios mean something.
@@ -38,18 +48,83 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _read_all(mp: str) -> float:
+def _disk_stat() -> tuple[int, int]:
+    """(read I/Os, sectors read) of the scratch disk (vda) so far."""
+    try:
+        with open("/sys/block/vda/stat", encoding="ascii") as f:
+            fields = f.read().split()
+        return int(fields[0]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
+def _read_all(mp: str, disk: list[dict[str, int]] | None = None) -> float:
     subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    ios0, sec0 = _disk_stat()
     t0 = time.monotonic()
     subprocess.run(
         ["sh", "-c", f"cd {mp} && find . -type f -print0 | xargs -0 -r cat > /dev/null"],
         check=True,
     )
-    return time.monotonic() - t0
+    dt = time.monotonic() - t0
+    if disk is not None:
+        ios1, sec1 = _disk_stat()
+        disk.append({"ios": ios1 - ios0, "kib": (sec1 - sec0) // 2})
+    return dt
+
+
+def _new_bdi(before: set[str]) -> str | None:
+    """The bdi (``erofs-<n>``) a mount created: the one new since ``before``."""
+    from erofs_nydus.fscache.client import erofs_bdis
+
+    new = sorted(erofs_bdis() - before)
+    return new[0] if len(new) == 1 else None
+
+
+def _bdi_path(bdi: str) -> str:
+    return f"/sys/class/bdi/{bdi}/read_ahead_kb"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _mount_evidence(mp: str, bdi: str | None) -> dict[str, Any]:
+    """The mount's anon dev (what stat/mountinfo show) vs its bdi and its readahead."""
+    dev = os.stat(mp).st_dev
+    majmin = f"{os.major(dev)}:{os.minor(dev)}"
+    return {"dev": majmin, "bdi_by_dev_exists": os.path.exists(f"/sys/class/bdi/{majmin}"),
+            "bdi": bdi, "read_ahead_kb": _read_int(_bdi_path(bdi)) if bdi else None}
+
+
+def _journal_flagged(root: str) -> list[int]:
+    """[regular files, of which FS_JOURNAL_DATA_FL] under ``root`` (cachefiles' files)."""
+    import fcntl
+    import struct
+
+    from erofs_nydus.fscache.client import FS_JOURNAL_DATA_FL
+
+    counts = [0, 0]
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                buf = bytearray(struct.calcsize("l"))
+                fcntl.ioctl(fd, 0x80086601, buf)  # FS_IOC_GETFLAGS
+            finally:
+                os.close(fd)
+            counts[0] += 1
+            counts[1] += bool(struct.unpack("l", buf)[0] & FS_JOURNAL_DATA_FL)
+    return counts
 
 
 def guest(spec: dict[str, Any], passes: int = 3) -> dict[str, Any]:
-    from erofs_nydus.fscache.client import FscacheClient, mount_fscache
+    from erofs_nydus.fscache.client import FscacheClient, erofs_bdis, mount_fscache
+    from erofs_nydus.fscache.daemon import kernel_cache_dir
     from erofs_nydus.mount import mounted, umount
 
     scratch = os.environ["SCRATCH"]
@@ -57,18 +132,32 @@ def guest(spec: dict[str, Any], passes: int = 3) -> dict[str, Any]:
     os.makedirs(mp, exist_ok=True)
     backend = {"type": "local", "dir": spec["blob_dir"]}
     client = FscacheClient(cache)
-    out: dict[str, Any] = {}
+    buffered, ra_kb = bool(spec.get("buffered_cache")), int(spec.get("read_ahead_kb") or 0)
+    if buffered:
+        subprocess.run(["mount", "-o", "remount,nodelalloc", scratch], check=True)
+    with open("/proc/mounts", encoding="utf-8") as f:
+        opts = [ln.split()[3] for ln in f if ln.split()[1] == scratch]
+    out: dict[str, Any] = {
+        "vda_read_ahead_kb": _read_int("/sys/block/vda/queue/read_ahead_kb"),
+        "scratch_options": opts[-1] if opts else None,
+    }
 
+    before = erofs_bdis()
     t0 = time.monotonic()
-    mount_fscache(spec["bootstrap"], mp, cache, backend)
+    info = mount_fscache(spec["bootstrap"], mp, cache, backend, buffered_cache=buffered)
     out["mount_s"] = round(time.monotonic() - t0, 2)
+    out["buffered_cache"] = info["buffered_cache"]
+    out["cold_mount"] = _mount_evidence(mp, _new_bdi(before))
     st0 = client.request("status")["fscache"]
-    out["cold_s"] = round(_read_all(mp), 2)
+    disk: list[dict[str, int]] = []
+    out["cold_s"] = round(_read_all(mp, disk), 2)
+    out["cold_disk"] = disk[0]
     st1 = client.request("status")
     out["cold_requests"] = {k: st1["fscache"][k] - st0[k] for k in ("open", "read")}
     out["cold_bytes_fetched"] = st1["metrics"]["bytes_fetched"]
     umount(mp)
     client.request("detach", mountpoint=mp)
+    out["cache_files_journaled"] = _journal_flagged(kernel_cache_dir(cache))
 
     print(f"partial: {json.dumps(out)}", file=sys.stderr, flush=True)
     # file-backed EROFS needs page-cache-backed files: copy both to the scratch ext4
@@ -79,26 +168,48 @@ def guest(spec: dict[str, Any], passes: int = 3) -> dict[str, Any]:
     os.sync()
     out["copy_materialized_s"] = round(time.monotonic() - t0, 2)
 
-    # warm fscache and materialized side by side, passes interleaved (TCG timing is noisy)
+    # warm fscache and materialized side by side, passes interleaved (TCG timing is
+    # noisy); with --read-ahead-kb also warm fscache at that bdi readahead, switched
+    # through sysfs (a file takes its readahead from the bdi when opened)
     mp_mat = "/run/bench-mat"
     os.makedirs(mp_mat, exist_ok=True)
-    mount_fscache(spec["bootstrap"], mp, cache, backend)
+    before = erofs_bdis()
+    mount_fscache(spec["bootstrap"], mp, cache, backend, buffered_cache=buffered)
+    bdi = _new_bdi(before)
+    out["warm_mount"] = _mount_evidence(mp, bdi)
+    default_kb = out["warm_mount"]["read_ahead_kb"]
     st0 = client.request("status")["fscache"]
-    warm: list[float] = []
-    mat: list[float] = []
+    series: dict[str, list[float]] = {"warm": [], "materialized": []}
+    if ra_kb and bdi is not None and default_kb is not None:
+        series["warm_ra"] = []
+    disks: dict[str, list[dict[str, int]]] = {k: [] for k in series}
+    before = erofs_bdis()
     with mounted(boot, mp_mat, [data]):
-        for _ in range(passes):
-            warm.append(_read_all(mp))
-            mat.append(_read_all(mp_mat))
+        out["materialized_mount"] = _mount_evidence(mp_mat, _new_bdi(before))
+        for i in range(passes):
+            order = list(series)
+            order = order[i % len(order):] + order[:i % len(order)]
+            for name in order:
+                if "warm_ra" in series and name.startswith("warm"):
+                    with open(_bdi_path(str(bdi)), "w", encoding="ascii") as f:
+                        f.write(f"{ra_kb if name == 'warm_ra' else default_kb}\n")
+                path = mp_mat if name == "materialized" else mp
+                series[name].append(_read_all(path, disks[name]))
+            print(f"pass {i}: {json.dumps({k: round(v[-1], 2) for k, v in series.items()})}",
+                  file=sys.stderr, flush=True)
     st1 = client.request("status")["fscache"]
-    out["warm_s"] = [round(w, 2) for w in warm]
-    out["materialized_s"] = [round(m, 2) for m in mat]
+    for name, times in series.items():
+        out[f"{name}_s"] = [round(t, 2) for t in times]
+        out[f"{name}_disk"] = disks[name]
     out["warm_requests"] = {k: st1[k] - st0[k] for k in ("open", "read")}
     umount(mp)
     client.request("detach", mountpoint=mp)
     client.shutdown()
-    best_warm, best_mat = min(warm), min(mat)
-    out["warm_over_materialized"] = round(best_warm / best_mat, 3)
+    best_mat = min(series["materialized"])
+    out["warm_over_materialized"] = round(min(series["warm"]) / best_mat, 3)
+    if "warm_ra" in series:
+        out["warm_ra_kb"] = ra_kb
+        out["warm_ra_over_materialized"] = round(min(series["warm_ra"]) / best_mat, 3)
     out["cold_over_materialized"] = round(out["cold_s"] / best_mat, 2)
     return out
 
@@ -119,6 +230,8 @@ def host(args: argparse.Namespace) -> dict[str, Any]:
                            BuildOptions(blob_cache_dir=str(work / "mat")))
         (blob,) = res.blobs
         spec = {
+            "buffered_cache": args.buffered_cache,
+            "read_ahead_kb": args.read_ahead_kb,
             "bootstrap": str(work / "image.boot"),
             "blob_dir": str(work / "blobs"),
             "materialized": str(work / "mat" / f"{blob.blob_id}.blob.data"),
@@ -147,6 +260,11 @@ def main() -> None:
     ap.add_argument("--source", help="directory to build the image from (default: rootfs)")
     ap.add_argument("--timeout", type=int, default=1500)
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--buffered-cache", action="store_true",
+                    help="remount the scratch ext4 nodelalloc and mount with buffered_cache "
+                         "(cachefiles' backing files read through the page cache)")
+    ap.add_argument("--read-ahead-kb", type=int, default=0,
+                    help="also measure warm passes with this bdi readahead (KiB)")
     ap.add_argument("--guest", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.guest:
@@ -157,7 +275,10 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     ratio = result["warm_over_materialized"]
-    print(f"warm fscache / materialized = {ratio:.3f} (target <= 1.10); "
+    extra = (f" ({result['warm_ra_over_materialized']:.3f} at read_ahead_kb "
+             f"{result['warm_ra_kb']})" if "warm_ra_kb" in result else "")
+    print(f"warm fscache / materialized = {ratio:.3f}{extra} (target <= 1.10; "
+          f"buffered cache: {result['buffered_cache']}); "
           f"cold / materialized = {result['cold_over_materialized']:.2f}; "
           f"warm READs reaching the daemon: {result['warm_requests']['read']}")
 

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import vm_support as vs
 
+from erofs_nydus.fscache.client import BUFFERED_READ_AHEAD_KB
+
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.skipif(vs.vm_skip_reason() is not None, reason=str(vs.vm_skip_reason())),
@@ -129,6 +131,37 @@ def test_fscache_control_api_trace_and_prefetch(images: Path) -> None:
     assert r["opt_foreground_requests"] == 0, r
     assert 0 < r["opt_prefetch_requests"] < r["cold_backend_requests"], r
     assert r["stopped"] == [True, True]
+
+
+def test_fscache_buffered_cache(images: Path) -> None:
+    r = _run_group("group_buffered", images)
+    d, b = r["direct"], r["buffered"]
+    for res in (d, b):  # the right bytes cold and warm, no READ reaches the daemon warm
+        assert res["cold_diffs"] == [] and res["warm_diffs"] == [], res
+        assert res["warm_reads"] == 0 and res["remaining"] == 0 and res["stopped"], res
+    # default: cachefiles reads its backing files with O_DIRECT, none of the blob stays cached
+    assert d["buffered"] is False and d["journaled"] == 0 and d["blob_resident"] == 0, d
+    # on a delalloc ext4 (CLI --buffered-cache): mounted, the flag set but reported as not
+    # in effect, with the reason
+    rc, _stdout, stderr = r["delalloc_cli"]
+    assert rc == 0 and r["delalloc_buffered"] is False, r["delalloc_cli"]
+    assert "nodelalloc" in stderr, stderr
+    # nodelalloc + chattr +j: every backing file journaled, read through the page cache
+    assert b["buffered"] is True, b
+    assert b["journaled"] == b["backing_files"] >= 2, b
+    assert b["blob_resident"] > 0, b
+    # bdi readahead: the mount's own bdi (erofs-<n>, one new per mount) read back from
+    # sysfs: kernel default without a buffered cache, the environment's value when set,
+    # BUFFERED_READ_AHEAD_KB on buffered mounts
+    for m in (d["cold_mount"], d["warm_mount"], b["cold_mount"], b["warm_mount"]):
+        assert len(m["new_bdis"]) == 1 and m["new_bdis"][0].startswith("erofs-"), m
+    assert d["cold_mount"]["bdi"] is None and d["cold_mount"]["read_ahead_kb"] is None
+    assert d["cold_mount"]["sysfs_kb"] == 128, d
+    w = d["warm_mount"]
+    assert w["bdi"] == w["new_bdis"][0] and w["read_ahead_kb"] == w["sysfs_kb"] == 512, w
+    for m in (b["cold_mount"], b["warm_mount"]):
+        assert m["bdi"] == m["new_bdis"][0], m
+        assert m["read_ahead_kb"] == m["sysfs_kb"] == BUFFERED_READ_AHEAD_KB, m
 
 
 @pytest.mark.slow

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -12,7 +15,34 @@ from typing import Any
 from erofs_nydus.daemon.client import DaemonClient
 from erofs_nydus.errors import DaemonError, UnsupportedError
 
-__all__ = ["FscacheClient", "fscache_cache_dir", "mount_fscache"]
+__all__ = [
+    "BUFFERED_ENV",
+    "BUFFERED_READ_AHEAD_KB",
+    "READ_AHEAD_ENV",
+    "FscacheClient",
+    "buffered_cache_requested",
+    "erofs_bdis",
+    "fscache_cache_dir",
+    "mount_fscache",
+    "prepare_buffered_cache",
+    "set_read_ahead_kb",
+]
+
+log = logging.getLogger("erofs_nydus.fscache")
+
+BUFFERED_ENV = "EROFS_NYDUS_FSCACHE_BUFFERED"
+# <linux/fs.h>: inode flags ioctls (long-sized argument) and ext4's data-journaling flag
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+FS_JOURNAL_DATA_FL = 0x00004000
+
+READ_AHEAD_ENV = "EROFS_NYDUS_FSCACHE_READ_AHEAD_KB"
+#: bdi readahead (KiB) given to a mount whose cache is buffered: the erofs readahead
+#: window becomes the size of the page-cache reads of the backing file (measured in the
+#: VM: half the disk reads of the kernel's 128 KiB).  With O_DIRECT backing reads a
+#: bigger window did not help, so those mounts keep the kernel's default.
+BUFFERED_READ_AHEAD_KB = 2048
+_BDI_CLASS = "/sys/class/bdi"
 
 
 class FscacheClient(DaemonClient):
@@ -93,6 +123,142 @@ def fscache_cache_dir() -> str | None:
         return None
 
 
+def buffered_cache_requested() -> bool:
+    """``$EROFS_NYDUS_FSCACHE_BUFFERED`` is set to 1/true/yes/on."""
+    return os.environ.get(BUFFERED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _mount_options(path: str) -> tuple[str, set[str]]:
+    """(fstype, mount + superblock options) of the mount holding ``path``."""
+    from erofs_nydus.mount import _unescape_mountinfo
+
+    real = os.path.realpath(path)
+    best, found = "", ("", set[str]())
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split()
+            try:
+                sep = parts.index("-")
+                mp, fstype = _unescape_mountinfo(parts[4]), parts[sep + 1]
+                opts = set(parts[5].split(",")) | set(parts[sep + 3].split(","))
+            except (ValueError, IndexError):
+                continue
+            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, found = mp, (fstype, opts)
+    return found
+
+
+def _set_inode_flag(path: str, flag: int) -> bool:
+    """Add ``flag`` to ``path``'s inode flags (FS_IOC_SETFLAGS); True if it was missing."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        buf = bytearray(struct.calcsize("l"))
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        (flags,) = struct.unpack("l", buf)
+        if flags & flag:
+            return False
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags | flag))
+        return True
+    finally:
+        os.close(fd)
+
+
+def prepare_buffered_cache(cache_dir: str) -> bool:
+    """Let cachefiles' backing files be read through the page cache; True if in effect.
+
+    cachefiles opens its backing files with O_DIRECT, so a warm fscache read is one
+    direct disk read per file (no readahead across files, unlike a file-backed mount
+    of a materialized blob).  ext4 serves O_DIRECT with buffered I/O for inodes whose
+    data is journaled, so this marks the cachefiles directory (and every directory
+    below it, which new cache files inherit from) ``FS_JOURNAL_DATA_FL`` (``chattr
+    +j``).  That takes effect only when the filesystem is mounted ``nodelalloc`` (or
+    ``data=journal``); writes into the cache are then journaled (written twice).
+    Best effort: a warning says why it is not in effect."""
+    from erofs_nydus.fscache.daemon import kernel_cache_dir
+
+    kdir = kernel_cache_dir(cache_dir)
+    os.makedirs(kdir, exist_ok=True)
+    try:
+        fstype, opts = _mount_options(kdir)
+    except OSError as e:
+        log.warning("buffered fscache cache: cannot read mount options of %s: %s", kdir, e)
+        return False
+    if fstype != "ext4":
+        log.warning("buffered fscache cache: %s is on %s, not ext4: cachefiles reads it "
+                    "with O_DIRECT", kdir, fstype or "an unknown filesystem")
+        return False
+    if "data=journal" in opts:
+        return True  # every file's data is journaled already
+    changed = 0
+    try:
+        for dirpath, _dirs, _files in os.walk(kdir):
+            changed += _set_inode_flag(dirpath, FS_JOURNAL_DATA_FL)
+    except OSError as e:
+        log.warning("buffered fscache cache: cannot chattr +j %s: %s", kdir, e)
+        return False
+    if changed:
+        log.info("buffered fscache cache: marked %d directories under %s +j", changed, kdir)
+    if "nodelalloc" not in opts:
+        log.warning("buffered fscache cache: %s is marked +j, but its ext4 is mounted with "
+                    "delalloc: cachefiles keeps O_DIRECT until it is mounted nodelalloc", kdir)
+        return False
+    return True
+
+
+def erofs_bdis() -> set[str]:
+    """Names of the EROFS per-superblock bdis (``erofs-<n>`` in /sys/class/bdi).
+
+    Mounts without a block device (fscache, file-backed) get a private bdi named by a
+    global counter, not by the superblock's anon dev (``/sys/class/bdi/0:<n>`` does not
+    exist), so a new mount's bdi is the one that appears across its mount(2)."""
+    try:
+        return {n for n in os.listdir(_BDI_CLASS) if n.startswith("erofs-")}
+    except OSError:
+        return set()
+
+
+def set_read_ahead_kb(bdi: str, kb: int) -> int:
+    """Write ``kb`` to ``/sys/class/bdi/<bdi>/read_ahead_kb``; return the value read back."""
+    path = os.path.join(_BDI_CLASS, bdi, "read_ahead_kb")
+    with open(path, "w", encoding="ascii") as f:
+        f.write(f"{kb}\n")
+    with open(path, encoding="ascii") as f:
+        return int(f.read())
+
+
+def _read_ahead_setting(buffered: bool) -> int:
+    """KiB to set (0: keep the kernel's default): ``$EROFS_NYDUS_FSCACHE_READ_AHEAD_KB``,
+    else :data:`BUFFERED_READ_AHEAD_KB` for a buffered cache."""
+    raw = os.environ.get(READ_AHEAD_ENV, "").strip()
+    if raw:
+        try:
+            if int(raw) >= 0:
+                return int(raw)
+        except ValueError:
+            pass
+        log.warning("ignoring %s=%r (want KiB >= 0)", READ_AHEAD_ENV, raw)
+    return BUFFERED_READ_AHEAD_KB if buffered else 0
+
+
+def _apply_read_ahead(mountpoint: str, before: set[str], kb: int) -> dict[str, Any]:
+    """Best effort: set the readahead of the bdi this mount created; log why not."""
+    new = sorted(erofs_bdis() - before)
+    if len(new) != 1:
+        log.warning("fscache mount %s: read_ahead_kb left at the kernel's default: %s",
+                    mountpoint, "no new erofs bdi in /sys/class/bdi" if not new
+                    else f"{len(new)} new erofs bdis ({', '.join(new)}), concurrent mounts")
+        return {"bdi": None, "read_ahead_kb": None}
+    (bdi,) = new
+    try:
+        got = set_read_ahead_kb(bdi, kb)
+    except (OSError, ValueError) as e:
+        log.warning("fscache mount %s: could not set %s/%s/read_ahead_kb to %d: %s",
+                    mountpoint, _BDI_CLASS, bdi, kb, e)
+        return {"bdi": bdi, "read_ahead_kb": None}
+    log.info("fscache mount %s: bdi %s read_ahead_kb=%d", mountpoint, bdi, got)
+    return {"bdi": bdi, "read_ahead_kb": got}
+
+
 def mount_fscache(
     bootstrap: str,
     mountpoint: str,
@@ -102,10 +268,20 @@ def mount_fscache(
     amplify: int = 1 << 20,
     domain_id: str | None = None,
     extra: dict[str, Any] | None = None,
+    buffered_cache: bool | None = None,
+    read_ahead_kb: int | None = None,
 ) -> dict[str, Any]:
     """Register ``bootstrap`` with the fscache daemon of ``cache_dir`` (started if needed)
     and ``mount -t erofs -o fsid=<id>[,domain_id=<d>] none MOUNTPOINT``.  Returns the
-    daemon's register answer (``fsid``, ``mount_fsid``, ...)."""
+    daemon's register answer (``fsid``, ``mount_fsid``, ...) plus ``buffered_cache``,
+    ``bdi`` and ``read_ahead_kb`` (both ``None`` unless readahead was set).
+
+    ``buffered_cache`` (default: :func:`buffered_cache_requested`): first call
+    :func:`prepare_buffered_cache` on ``cache_dir``; the answer says whether it is in
+    effect.  ``read_ahead_kb``: readahead of the new mount's bdi, set after mounting
+    (best effort, a warning when it cannot be); ``None`` takes
+    ``$EROFS_NYDUS_FSCACHE_READ_AHEAD_KB``, else :data:`BUFFERED_READ_AHEAD_KB` when the
+    buffered cache is in effect; ``0`` keeps the kernel's default (128 KiB)."""
     from erofs_nydus.fscache.device import unavailable_reason
     from erofs_nydus.mount import _check_option_value, mount_erofs_fscache
 
@@ -123,6 +299,9 @@ def mount_fscache(
             f"cachefiles needs ext4/xfs/btrfs for its cache: {os.path.abspath(cache_dir)} is "
             "on tmpfs (no sync_fs); put --cache-dir on a disk filesystem"
         )
+    if buffered_cache is None:
+        buffered_cache = buffered_cache_requested()
+    buffered = prepare_buffered_cache(cache_dir) if buffered_cache else False
     client = FscacheClient(cache_dir)
     started = client.ensure_running()
     try:
@@ -134,6 +313,9 @@ def mount_fscache(
         if started:
             client.shutdown()
         raise
+    if read_ahead_kb is None:
+        read_ahead_kb = _read_ahead_setting(buffered)
+    bdis_before = erofs_bdis() if read_ahead_kb > 0 else set()
     try:
         mount_erofs_fscache(mountpoint, str(info["mount_fsid"]), domain_id)
     except BaseException:
@@ -141,4 +323,7 @@ def mount_fscache(
         if remaining == 0:
             client.shutdown()
         raise
-    return info
+    ra: dict[str, Any] = {"bdi": None, "read_ahead_kb": None}
+    if read_ahead_kb > 0:
+        ra = _apply_read_ahead(os.path.abspath(mountpoint), bdis_before, read_ahead_kb)
+    return {**info, "buffered_cache": buffered, **ra}
