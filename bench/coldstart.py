@@ -43,6 +43,7 @@ from netns import (  # noqa: E402
     CLI,
     Keeper,
     Net,
+    convert_bench,
     daemon_bytes,
     manifest_sizes,
     pull_run,
@@ -50,7 +51,7 @@ from netns import (  # noqa: E402
     registry_nets,
     sh,
 )
-from registry_fixture import RegistryServer, skopeo_copy  # noqa: E402
+from registry_fixture import RegistryServer  # noqa: E402
 
 WORKLOAD = "dpkg -l >/dev/null; ls /usr/bin >/dev/null"
 
@@ -80,29 +81,6 @@ def lazy_run(net: Net, ref: str, work: Path, boot_layer: int,
         keeper.evict()
     shutil.rmtree(work)
     return dt, fetched, t_mount
-
-
-def convert_bench(server: RegistryServer, src: str, work: Path, runs: int) -> str:
-    conv, copy = [], []
-    target = server.ref("bench/rootfs-nydus:v1")
-    for i in range(runs):
-        cache = work / f"conv-cache{i}"
-        t0 = time.perf_counter()
-        sh([*CLI, "convert", "--source", src, "--target", target, "--plain-http", "-q",
-            "--cache-dir", str(cache)])
-        conv.append(time.perf_counter() - t0)
-        shutil.rmtree(cache)
-        t0 = time.perf_counter()
-        skopeo_copy(f"docker://{src}", f"oci:{work / f'copy{i}'}:v1")
-        copy.append(time.perf_counter() - t0)
-        shutil.rmtree(work / f"copy{i}")
-    print(f"(a) conversion, median of {runs}:")
-    print(f"    erofs-nydus convert : {median(conv):6.2f} s   runs "
-          + " ".join(f"{t:.2f}" for t in conv))
-    print(f"    skopeo copy (pull)  : {median(copy):6.2f} s   runs "
-          + " ".join(f"{t:.2f}" for t in copy))
-    print(f"    ratio convert / skopeo copy: {median(conv) / median(copy):.2f}x")
-    return "bench/rootfs-nydus:v1"
 
 
 def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Namespace) -> None:
