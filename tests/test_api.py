@@ -37,7 +37,7 @@ def served(image: BuiltImage, tmp_path: Path) -> Iterator[tuple[ControlPlane, st
     plane = ControlPlane(table, request_stats=lambda: {"events": 7, "hits": 3, "denied": 0})
     info = table.register(str(image.bootstrap), {"type": "local", "dir": str(image.blob_dir)},
                           "/mnt/api test")  # fmt: skip
-    plane.registered({}, info)
+    plane.registered(info["fsid"])
     plane.start()
     try:
         yield plane, str(info["fsid"])

@@ -25,7 +25,7 @@ from daemon_support import (
 )
 
 from erofs_nydus.daemon.api import ControlPlane
-from erofs_nydus.daemon.images import ImageTable
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings
 from erofs_nydus.daemon.prefetch import TokenBucket, prefetch_chunks
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DigestMismatchError
@@ -111,7 +111,7 @@ def test_fill_and_lookup_are_traced_prefetch_is_not(tree: Path, tmp_path: Path) 
     table, plane = _table_and_plane(tmp_path / "cache")
     info = table.register(str(opt.bootstrap), {"type": "local", "dir": str(opt.blob_dir)},
                           "/mnt/x")  # fmt: skip
-    plane.registered({}, info)
+    plane.registered(info["fsid"])
     fsid = info["fsid"]
     p = _wait_done(plane, fsid)
     assert p["state"] == "done" and p["total_chunks"] == p["done_chunks"] > 0
@@ -149,8 +149,8 @@ def test_prefetch_resolves_table_and_uses_few_backend_reads(tree: Path, tmp_path
     assert chunks[0].uncompressed_offset == 0
     table, plane = _table_and_plane(tmp_path / "cache")
     info = table.register(str(opt.bootstrap), {"type": "local", "dir": str(opt.blob_dir)},
-                          "/mnt/x")  # fmt: skip
-    plane.registered({"prefetch_threads": 2}, info)
+                          "/mnt/x", prefetch=prefetch_settings({"prefetch_threads": 2}))
+    plane.registered(info["fsid"])
     p = _wait_done(plane, info["fsid"])
     assert p["done_chunks"] == len(chunks) and p["threads"] == 2
     m = table.metrics.snapshot()
@@ -175,10 +175,11 @@ def test_no_prefetch_table_no_job_and_opt_out(tree: Path, tmp_path: Path) -> Non
     img, opt = _optimized(tree, tmp_path, ["/d0/f0"])
     table, plane = _table_and_plane(tmp_path / "cache")
     info = table.register(str(img.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/a")
-    plane.registered({}, info)
+    plane.registered(info["fsid"])
     assert plane.prefetch.progress(info["fsid"]) is None
-    info2 = table.register(str(opt.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/b")
-    plane.registered({"prefetch": False}, info2)
+    info2 = table.register(str(opt.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/b",
+                          prefetch=prefetch_settings({"prefetch": False}))
+    plane.registered(info2["fsid"])
     assert plane.prefetch.progress(info2["fsid"]) is None
     plane.stop()
     table.close()
@@ -201,9 +202,10 @@ def test_token_bucket_limits_rate() -> None:
 def test_prefetch_bandwidth_limit_is_applied(tree: Path, tmp_path: Path) -> None:
     img, opt = _optimized(tree, tmp_path, [f"/d{i % 3}/f{i}" for i in range(12)])
     table, plane = _table_and_plane(tmp_path / "cache")
-    info = table.register(str(opt.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/a")
+    info = table.register(str(opt.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/a",
+                          prefetch=prefetch_settings({"prefetch_bandwidth": 1 << 20}))
     t0 = time.monotonic()
-    plane.registered({"prefetch_bandwidth": 1 << 20}, info)
+    plane.registered(info["fsid"])
     p = _wait_done(plane, info["fsid"])
     assert p["state"] == "done" and p["bandwidth"] == 1 << 20
     # ~750 KB compressed-incompressible data, 2 MiB burst: no wait needed, just sanity
@@ -230,8 +232,9 @@ def test_prefetch_failure_is_counted_foreground_gets_error(tree: Path, tmp_path:
     img, opt = _optimized(tree, tmp_path, files)
     bad = _corrupt_first_prefetch_chunk(opt)
     table, plane = _table_and_plane(tmp_path / "cache")
-    info = table.register(str(opt.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/a")
-    plane.registered({"prefetch_threads": 3}, info)
+    info = table.register(str(opt.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/a",
+                          prefetch=prefetch_settings({"prefetch_threads": 3}))
+    plane.registered(info["fsid"])
     p = _wait_done(plane, info["fsid"])
     assert p["state"] == "done" and p["failed_chunks"] >= 1
     assert p["done_chunks"] + p["failed_chunks"] == p["total_chunks"]

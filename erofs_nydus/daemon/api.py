@@ -41,7 +41,7 @@ from prometheus_client.core import (
 )
 
 from erofs_nydus.daemon.core import LATENCY_BUCKETS
-from erofs_nydus.daemon.images import ImageEntry, ImageTable
+from erofs_nydus.daemon.images import ImageEntry, ImageTable, prefetch_settings
 from erofs_nydus.daemon.paths import note_bound, unlink_own_socket
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
@@ -451,28 +451,26 @@ class ControlPlane:
         marked (writing through their fd would raise events): never prefetched."""
         with self.table._lock:
             self.unsafe_blobs |= set(unsafe or ())
-            restored = list(self.table.images.values())
-            for e in restored:
-                self._trace(e.fsid)
-        for e in restored:
-            opts = e.prefetch
-            if opts.get("enable", True):
-                self._start_prefetch(e.fsid, int(opts.get("threads", 4)),
-                                     int(opts.get("bandwidth", 0)))
+            fsids = list(self.table.images)
+            for fsid in fsids:
+                self._trace(fsid)
+        for fsid in fsids:
+            self._start_prefetch(fsid)
 
-    def registered(self, req: dict[str, Any], result: dict[str, Any]) -> None:
-        """After a successful `register`: trace the image, start its prefetch."""
-        fsid = str(result["fsid"])
+    def registered(self, fsid: str) -> None:
+        """After a successful `register`: trace the image, start its prefetch with the
+        settings the register request stored with it."""
         with self.table._lock:
             self._trace(fsid)
-        if req.get("prefetch", True):
-            self._start_prefetch(fsid, int(req.get("prefetch_threads", 4)),
-                                 int(req.get("prefetch_bandwidth", 0)))
+        self._start_prefetch(fsid)
 
-    def _start_prefetch(self, fsid: str, threads: int, bandwidth: int) -> None:
+    def _start_prefetch(self, fsid: str) -> None:
         with self.table._lock:
             e = self.table.images.get(fsid)
             if e is None:
+                return
+            opts = e.prefetch or prefetch_settings({})  # state files from before settings
+            if not opts["enable"]:
                 return
             servers = {
                 i: self.table.blobs[b]
@@ -486,7 +484,8 @@ class ControlPlane:
         except OSError as exc:
             log.warning("prefetch %s: cannot read %s: %s", fsid[:12], boot, exc)
             return
-        self.prefetch.start(fsid, data, servers, threads=threads, bandwidth=bandwidth)
+        self.prefetch.start(fsid, data, servers, threads=int(opts["threads"]),
+                            bandwidth=int(opts["bandwidth"]))
 
     def detaching(self, mountpoint: str) -> None:
         """Before `detach`: stop the prefetch of an image losing its last mount, so no

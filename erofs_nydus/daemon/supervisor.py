@@ -194,21 +194,17 @@ class _Supervisor:
             except Exception as exc:
                 log.error("bad message from daemon: %s", exc)
                 return True
-            op = msg.get("op") if msg is not None else None
-            if op == "keep" and len(fds) == 1:
-                old = self.kept.pop(str(msg.get("blob")), None)  # type: ignore[union-attr]
-                if old is not None:
-                    os.close(old)
-                self.kept[str(msg.get("blob"))] = fds[0]  # type: ignore[union-attr]
+            if msg is not None and msg.get("op") == "keep" and len(fds) == 1:
+                self._drop_kept(str(msg.get("blob")))
+                self.kept[str(msg.get("blob"))] = fds[0]
                 continue
             for fd in fds:  # no other message carries fds; do not leak any
                 os.close(fd)
             if msg is None:
                 return False
+            op = msg.get("op")
             if op == "drop":
-                old = self.kept.pop(str(msg.get("blob")), None)
-                if old is not None:
-                    os.close(old)
+                self._drop_kept(str(msg.get("blob")))
             elif op == "done":
                 for n in msg.get("fds", []):
                     if self.inflight.pop(n, None) is not None:
@@ -217,6 +213,11 @@ class _Supervisor:
                 self.stopping = True
             else:
                 log.error("unknown daemon message %r", op)
+
+    def _drop_kept(self, blob_id: str) -> None:
+        fd = self.kept.pop(blob_id, None)
+        if fd is not None:
+            os.close(fd)
 
     def pump(self, proc: _Child, sock: socket.socket) -> None:
         sock.setblocking(False)

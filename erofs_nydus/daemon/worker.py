@@ -139,7 +139,7 @@ class Worker:
                 amplify=int(req.get("amplify", 1 << 20)),
                 prefetch=prefetch_settings(req),
             )
-            self.plane.registered(req, info)
+            self.plane.registered(str(info["fsid"]))
             return info
         if op == "resolve":
             return self._resolve(req)

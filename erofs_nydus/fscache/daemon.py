@@ -359,7 +359,7 @@ class FscacheWorker:
                 amplify=int(req.get("amplify", 1 << 20)), prefetch=prefetch_settings(req),
             )  # fmt: skip
             key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
-            self.plane.registered(req, info)
+            self.plane.registered(str(info["fsid"]))
             return {"fsid": info["fsid"], "mount_fsid": key, "domain_id": domain,
                     "blobs": len(info["devices"]), "bootstrap": info["bootstrap"]}
         if op == "detach":
