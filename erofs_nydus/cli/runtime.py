@@ -66,16 +66,12 @@ def pick_mode(mode: str) -> tuple[str, str]:
 
 def _mount_source(mountpoint: str) -> tuple[str, str] | None:
     """(fstype, source) of the topmost mount at `mountpoint`, from mountinfo."""
-    from erofs_nydus.mount import _unescape_mountinfo
+    from erofs_nydus.mount import mount_table
 
     found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 10 or _unescape_mountinfo(parts[4]) != mountpoint:
-                continue
-            sep = parts.index("-")
-            found = (parts[sep + 1], _unescape_mountinfo(parts[sep + 2]))
+    for m in mount_table():
+        if m.mountpoint == mountpoint:
+            found = (m.fstype, m.source)
     return found
 
 
@@ -166,12 +162,8 @@ def mount_cmd(
         if local is None:
             # The daemon fetches the manifest and bootstrap: it has the HTTP stack
             # loaded already, this short-lived process never imports it.
-            cfg = current_config()
             remote = client.request(
-                "resolve", ref=ref, platform=platform,
-                plain_http=True if plain_http else "loopback", deadline=read_deadline,
-                retries=cfg.retries,
-                docker_config=cfg.docker_config_dir() or _docker_config_env())
+                "resolve", ref=ref, **_resolve_args(platform, plain_http, read_deadline))
             local = {**remote["backend"], "bootstrap": remote["bootstrap"]}
         boot_path = str(local.pop("bootstrap"))
         backend = apply_backend_config(local, current_config())
@@ -218,9 +210,14 @@ def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str
                f"{info['blobs']} blob(s), cache {os.path.abspath(cache_dir)})")
 
 
-def _docker_config_env() -> str | None:
-    d = os.environ.get("DOCKER_CONFIG")
-    return os.path.abspath(d) if d else None
+def _resolve_args(platform: str | None, plain_http: bool,
+                  read_deadline: float) -> dict[str, Any]:
+    """`resolve_remote_image` keyword arguments (also the daemon's `resolve` request)."""
+    cfg = current_config()
+    docker_config = cfg.docker_config_dir() or os.environ.get("DOCKER_CONFIG")
+    return {"platform": platform, "plain_http": True if plain_http else "loopback",
+            "deadline": read_deadline, "retries": cfg.retries,
+            "docker_config": os.path.abspath(docker_config) if docker_config else None}
 
 
 def _local_backend(bootstrap: str, blob_dir: str | None) -> dict[str, Any] | None:
@@ -263,12 +260,8 @@ def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_h
         return local
     from erofs_nydus.remote_mount import resolve_remote_image
 
-    cfg = current_config()
     remote = resolve_remote_image(_check_reference(bootstrap, blob_dir), cache_dir,
-                                  platform=platform,
-                                  plain_http=True if plain_http else "loopback",
-                                  deadline=read_deadline, retries=cfg.retries,
-                                  docker_config=cfg.docker_config_dir() or _docker_config_env())
+                                  **_resolve_args(platform, plain_http, read_deadline))
     return {**remote.backend, "bootstrap": remote.bootstrap}
 
 
