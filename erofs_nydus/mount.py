@@ -31,6 +31,7 @@ import platform
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from erofs_nydus.errors import KernelError, UsageError
 
@@ -40,14 +41,17 @@ __all__ = [
     "MS_NODEV",
     "MS_NOSUID",
     "MS_RDONLY",
+    "MountEntry",
     "image_extra_devices",
     "is_mountpoint",
     "kernel_supports_erofs",
     "kernel_supports_erofs_file_backed",
     "kernel_supports_erofs_fscache",
+    "mount_containing",
     "mount_erofs_file",
     "mount_erofs_fscache",
     "mount_fstype",
+    "mount_table",
     "mounted",
     "mounted_fscache",
     "umount",
@@ -426,22 +430,53 @@ def _unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
-def _mount_points() -> list[tuple[str, str]]:
-    """(mountpoint, fstype) for every mount in this namespace, in mount order."""
-    result: list[tuple[str, str]] = []
+class MountEntry(NamedTuple):
+    mountpoint: str
+    fstype: str
+    source: str
+    options: frozenset[str]  # per-mount and superblock options
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount in this namespace, in mount order, from /proc/self/mountinfo."""
+    result: list[MountEntry] = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             parts = line.split()
-            if len(parts) < 5:
+            if len(parts) < 6:
                 continue
-            mp = _unescape_mountinfo(parts[4])
+            opts = set(parts[5].split(","))
             try:
                 sep = parts.index("-")
-                fstype = parts[sep + 1]
+                fstype, source = parts[sep + 1], _unescape_mountinfo(parts[sep + 2])
+                opts |= set(parts[sep + 3].split(","))
             except (ValueError, IndexError):
-                fstype = ""
-            result.append((mp, fstype))
+                fstype, source = "", ""
+            result.append(MountEntry(_unescape_mountinfo(parts[4]), fstype, source,
+                                     frozenset(opts)))
     return result
+
+
+def _mount_points() -> list[tuple[str, str]]:
+    """(mountpoint, fstype) for every mount in this namespace, in mount order."""
+    return [(m.mountpoint, m.fstype) for m in mount_table()]
+
+
+def mount_containing(path: StrPath) -> MountEntry | None:
+    """The mount holding ``path`` (symlinks resolved): the longest mountpoint prefix,
+    the topmost of those; None if mountinfo cannot be read."""
+    real = os.path.realpath(os.fspath(path))
+    best: MountEntry | None = None
+    try:
+        mounts = mount_table()
+    except OSError:
+        return None
+    for m in mounts:
+        mp = m.mountpoint
+        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
+                best is None or len(mp) >= len(best.mountpoint)):
+            best = m
+    return best
 
 
 def is_mountpoint(path: StrPath) -> bool:

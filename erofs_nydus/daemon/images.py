@@ -343,16 +343,9 @@ class ImageTable:
         the next fresh start)."""
         with self._lock:
             doc = {"version": 1, "images": [asdict(e) for e in self.images.values()]}
-            tmp = f"{self.state_path}.tmp"
             try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(doc, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.state_path)
+                atomic_write(self.state_path, json.dumps(doc, indent=1).encode())
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
                 if strict:
                     raise DaemonError(f"cannot save {self.state_path}: {exc.strerror}") from exc
                 log.error("cannot save %s: %s", self.state_path, exc)

@@ -128,26 +128,6 @@ def buffered_cache_requested() -> bool:
     return os.environ.get(BUFFERED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _mount_options(path: str) -> tuple[str, set[str]]:
-    """(fstype, mount + superblock options) of the mount holding ``path``."""
-    from erofs_nydus.mount import _unescape_mountinfo
-
-    real = os.path.realpath(path)
-    best, found = "", ("", set[str]())
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split()
-            try:
-                sep = parts.index("-")
-                mp, fstype = _unescape_mountinfo(parts[4]), parts[sep + 1]
-                opts = set(parts[5].split(",")) | set(parts[sep + 3].split(","))
-            except (ValueError, IndexError):
-                continue
-            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                best, found = mp, (fstype, opts)
-    return found
-
-
 def _set_inode_flag(path: str, flag: int) -> bool:
     """Add ``flag`` to ``path``'s inode flags (FS_IOC_SETFLAGS); True if it was missing."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -175,14 +155,15 @@ def prepare_buffered_cache(cache_dir: str) -> bool:
     ``data=journal``); writes into the cache are then journaled (written twice).
     Best effort: a warning says why it is not in effect."""
     from erofs_nydus.fscache.daemon import kernel_cache_dir
+    from erofs_nydus.mount import mount_containing
 
     kdir = kernel_cache_dir(cache_dir)
     os.makedirs(kdir, exist_ok=True)
-    try:
-        fstype, opts = _mount_options(kdir)
-    except OSError as e:
-        log.warning("buffered fscache cache: cannot read mount options of %s: %s", kdir, e)
+    m = mount_containing(kdir)
+    if m is None:
+        log.warning("buffered fscache cache: cannot read the mount options of %s", kdir)
         return False
+    fstype, opts = m.fstype, m.options
     if fstype != "ext4":
         log.warning("buffered fscache cache: %s is on %s, not ext4: cachefiles reads it "
                     "with O_DIRECT", kdir, fstype or "an unknown filesystem")

@@ -60,18 +60,10 @@ def unavailable_reason() -> str | None:
 
 def fs_type_of(path: str) -> str | None:
     """Filesystem type of the mount holding ``path`` (longest mountpoint prefix)."""
-    from erofs_nydus.mount import _mount_points
+    from erofs_nydus.mount import mount_containing
 
-    real = os.path.realpath(path)
-    best, fstype = "", None
-    try:
-        mounts = _mount_points()
-    except OSError:
-        return None
-    for mp, fs in mounts:
-        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-            best, fstype = mp, fs
-    return fstype
+    m = mount_containing(path)
+    return m.fstype if m is not None else None
 
 
 def open_device(busy_wait: float = 5.0) -> int:
