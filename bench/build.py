@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_bytes, median, rootfs, run_timed
 
-from erofs_nydus.reader import read_bootstrap_file
+from erofs_nydus.rafs.reader import read_bootstrap_file
 
 
 def main() -> None:

@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import drop_caches, fmt_bytes, median, rootfs
 
-from erofs_nydus.backend import LocalDirBackend
-from erofs_nydus.check import materialize_blob
 from erofs_nydus.mount import mounted
-from erofs_nydus.reader import read_bootstrap_file
+from erofs_nydus.rafs.backend import LocalDirBackend
+from erofs_nydus.rafs.check import materialize_blob
+from erofs_nydus.rafs.reader import read_bootstrap_file
 
 CLI = [sys.executable, "-m", "erofs_nydus.cli"]
 WORKLOAD = "ls /usr/bin >/dev/null; dpkg -l >/dev/null"

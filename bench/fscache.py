@@ -75,7 +75,7 @@ def _read_all(mp: str, disk: list[dict[str, int]] | None = None) -> float:
 
 def _new_bdi(before: set[str]) -> str | None:
     """The bdi (``erofs-<n>``) a mount created: the one new since ``before``."""
-    from erofs_nydus.fscache.client import erofs_bdis
+    from erofs_nydus.service.fscache_client import erofs_bdis
 
     new = sorted(erofs_bdis() - before)
     return new[0] if len(new) == 1 else None
@@ -106,7 +106,7 @@ def _journal_flagged(root: str) -> list[int]:
     import fcntl
     import struct
 
-    from erofs_nydus.fscache.client import FS_JOURNAL_DATA_FL
+    from erofs_nydus.service.fscache_client import FS_JOURNAL_DATA_FL
 
     counts = [0, 0]
     for dirpath, _dirs, files in os.walk(root):
@@ -123,9 +123,9 @@ def _journal_flagged(root: str) -> list[int]:
 
 
 def guest(spec: dict[str, Any], passes: int = 3) -> dict[str, Any]:
-    from erofs_nydus.fscache.client import FscacheClient, erofs_bdis, mount_fscache
-    from erofs_nydus.fscache.daemon import kernel_cache_dir
     from erofs_nydus.mount import mounted, umount
+    from erofs_nydus.service.fscache_client import FscacheClient, erofs_bdis, mount_fscache
+    from erofs_nydus.service.fscache_daemon import kernel_cache_dir
 
     scratch = os.environ["SCRATCH"]
     cache, mp = f"{scratch}/bench-cache", "/run/bench-mnt"

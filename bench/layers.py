@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, ROOT, fmt_bytes, median, rootfs
 
 from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.merge import merge_bootstraps
+from erofs_nydus.builder.merge import merge_bootstraps
 
 
 def extra_rootfs() -> Path:

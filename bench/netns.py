@@ -206,7 +206,7 @@ class Keeper:
     added to the cache dir, so the next run starts with cold data again."""
 
     def __init__(self, net: Net, work: Path) -> None:
-        from erofs_nydus.daemon.client import DaemonClient
+        from erofs_nydus.service.client import DaemonClient
 
         self.work, self.cache = work, work / "cache"
         work.mkdir(parents=True)

@@ -15,8 +15,8 @@ from typing import Any
 
 import lz4.block
 
-from erofs_nydus.backend import LocalDirBackend
-from erofs_nydus.image import BlobInfo, ChunkInfo, RafsImage
+from erofs_nydus.rafs.backend import LocalDirBackend
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
 
 
 @dataclass
@@ -163,7 +163,7 @@ def build_image(src: str | os.PathLike[str], work: Path, *extra: str) -> BuiltIm
 
 
 def daemon_status(cache_dir: Path) -> dict[str, Any]:
-    from erofs_nydus.daemon.client import DaemonClient
+    from erofs_nydus.service.client import DaemonClient
 
     return DaemonClient(cache_dir).request("status")
 
@@ -171,7 +171,7 @@ def daemon_status(cache_dir: Path) -> dict[str, Any]:
 def fanotify_usable() -> bool:
     if os.geteuid() != 0:
         return False
-    from erofs_nydus.daemon.fanotify import init_group
+    from erofs_nydus.fanotify.handler import init_group
 
     try:
         fd = init_group()
@@ -185,7 +185,7 @@ def daemon_metrics(cache: Path) -> dict[str, float]:
     """The daemon's Prometheus metrics via its control API: `name{label=value,...}` -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from erofs_nydus.daemon.api import ApiClient
+    from erofs_nydus.service.api import ApiClient
 
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(ApiClient(cache).metrics()):
@@ -198,7 +198,7 @@ def daemon_metrics(cache: Path) -> dict[str, float]:
 
 def wait_prefetch(cache: Path, timeout: float = 120) -> dict[str, Any]:
     """The only mount of `cache`'s daemon once its prefetch is no longer running."""
-    from erofs_nydus.daemon.api import ApiClient
+    from erofs_nydus.service.api import ApiClient
 
     deadline = time.monotonic() + timeout
     while True:

@@ -114,7 +114,7 @@ def emit(value: Any) -> None:
 
 
 def _client(cache: str) -> Any:
-    from erofs_nydus.fscache.client import FscacheClient
+    from erofs_nydus.service.fscache_client import FscacheClient
 
     return FscacheClient(cache)
 
@@ -130,7 +130,7 @@ def fcount(cache: str, key: str) -> int:
 
 def mount(img: dict[str, str], mp: str, cache: str, domain: str | None = None,
           buffered: bool | None = None) -> dict[str, Any]:
-    from erofs_nydus.fscache.client import mount_fscache
+    from erofs_nydus.service.fscache_client import mount_fscache
 
     os.makedirs(mp, exist_ok=True)
     backend = {"type": "local", "dir": img["blob_dir"]}
@@ -510,7 +510,7 @@ def _drop_caches() -> None:
 
 def _backing_files(cache: str) -> list[str]:
     """cachefiles' backing files of ``cache``, the largest (the blob's) first."""
-    from erofs_nydus.fscache.daemon import kernel_cache_dir
+    from erofs_nydus.service.fscache_daemon import kernel_cache_dir
 
     found = [os.path.join(d, n) for d, _s, names in os.walk(kernel_cache_dir(cache))
              for n in names]
@@ -521,7 +521,7 @@ def _journaled(path: str) -> bool:
     import fcntl
     import struct
 
-    from erofs_nydus.fscache.client import FS_JOURNAL_DATA_FL
+    from erofs_nydus.service.fscache_client import FS_JOURNAL_DATA_FL
 
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -542,7 +542,7 @@ def _resident(path: str) -> int:
 def _mount_ra(a: dict[str, str], mp: str, cache: str, buffered: bool | None) -> dict[str, Any]:
     """Mount; the answer's buffered_cache/bdi/read_ahead_kb and what sysfs says of the
     bdi that appeared across the mount."""
-    from erofs_nydus.fscache.client import erofs_bdis
+    from erofs_nydus.service.fscache_client import erofs_bdis
 
     before = erofs_bdis()
     info = mount(a, mp, cache, buffered=buffered)

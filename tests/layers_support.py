@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.merge import merge_bootstraps
-from erofs_nydus.reader import read_bootstrap_file
+from erofs_nydus.builder.merge import merge_bootstraps
+from erofs_nydus.rafs.reader import read_bootstrap_file
 
 
 def run(argv: list[str]) -> str:

@@ -14,9 +14,9 @@ import pytest
 from daemon_support import BuiltImage, build_image, fanotify_usable, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
-from erofs_nydus.daemon.api import ApiClient, ControlPlane, api_socket_path
 from erofs_nydus.daemon.images import ImageTable
 from erofs_nydus.errors import UsageError
+from erofs_nydus.service.api import ApiClient, ControlPlane, api_socket_path
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.check import check_bootstrap
 from erofs_nydus.cli import main
 from erofs_nydus.errors import ErofsNydusError, FormatError, SourceError, UsageError
-from erofs_nydus.reader import BootstrapReader, open_bootstrap
-from erofs_nydus.tree import lookup
+from erofs_nydus.rafs.check import check_bootstrap
+from erofs_nydus.rafs.reader import BootstrapReader, open_bootstrap
+from erofs_nydus.rafs.tree import lookup
 
 
 def _small_tree(root: Path) -> Path:

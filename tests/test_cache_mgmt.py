@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from daemon_support import build_image, fanotify_usable, run_cli
 
-from erofs_nydus.cachemgmt import gc_cache, scan_cache
+from erofs_nydus.service.cache import gc_cache, scan_cache
 
 
 def _blob(cache: Path, bid: str, nbytes: int, age: float) -> None:

@@ -12,15 +12,15 @@ import treeutil
 from layers_support import base_step, top_step, umoci_image, umoci_unpack, upper_step
 from registry_fixture import RegistryServer, skopeo_copy, skopeo_inspect
 
-from erofs_nydus.backend import LocalDirBackend
-from erofs_nydus.check import materialize_blob
-from erofs_nydus.convert import ConvertOptions, convert_image, extract_bootstrap
 from erofs_nydus.errors import NotFoundError, UnsupportedError
 from erofs_nydus.mount import mounted
-from erofs_nydus.reader import BootstrapReader
+from erofs_nydus.rafs.backend import LocalDirBackend
+from erofs_nydus.rafs.check import materialize_blob
+from erofs_nydus.rafs.reader import BootstrapReader
 from erofs_nydus.registry import RegistryClient
+from erofs_nydus.registry.convert import ConvertOptions, convert_image, extract_bootstrap
 from erofs_nydus.registry.manifest import OCI_LAYER_ZSTD, manifest_blobs
-from erofs_nydus.remote_check import check_remote
+from erofs_nydus.registry.remote_check import check_remote
 
 pytestmark = pytest.mark.registry
 

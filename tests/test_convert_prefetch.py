@@ -20,13 +20,13 @@ from daemon_support import daemon_metrics, fanotify_usable, metrics_after_prefet
 from layers_support import umoci_image, umoci_unpack, write_file
 from registry_fixture import RegistryServer, skopeo_copy, skopeo_inspect
 
-from erofs_nydus.convert import ConvertOptions, convert_image, extract_bootstrap
 from erofs_nydus.daemon.prefetch import prefetch_chunks
 from erofs_nydus.errors import NotFoundError
-from erofs_nydus.reader import BootstrapReader
+from erofs_nydus.rafs.reader import BootstrapReader
+from erofs_nydus.rafs.tree import lookup
 from erofs_nydus.registry import RegistryClient
+from erofs_nydus.registry.convert import ConvertOptions, convert_image, extract_bootstrap
 from erofs_nydus.registry.manifest import manifest_blobs
-from erofs_nydus.tree import lookup
 
 pytestmark = pytest.mark.registry
 

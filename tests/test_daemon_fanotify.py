@@ -18,7 +18,7 @@ from daemon_support import CountingBackend, SyntheticBlob, make_blob, make_paylo
 
 from erofs_nydus.daemon.blobcache import BlobCacheFile
 from erofs_nydus.daemon.core import BlobServer
-from erofs_nydus.daemon.fanotify import FanotifyHandler, add_mark, init_group, remove_mark
+from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, init_group, remove_mark
 
 pytestmark = pytest.mark.kernel
 

@@ -11,10 +11,10 @@ import anyio
 import pytest
 from daemon_support import CountingBackend, SyntheticBlob, make_blob, make_payloads, write_blob
 
-from erofs_nydus.daemon import fanotify_proto as fp
 from erofs_nydus.daemon.blobcache import BlobCacheFile
 from erofs_nydus.daemon.core import BlobServer
-from erofs_nydus.daemon.fanotify import FanotifyHandler
+from erofs_nydus.fanotify import protocol as fp
+from erofs_nydus.fanotify.handler import FanotifyHandler
 
 
 @pytest.fixture

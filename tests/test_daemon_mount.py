@@ -18,8 +18,8 @@ import pytest
 import treeutil
 from daemon_support import BuiltImage, build_image, daemon_status, fanotify_usable, run_cli
 
-from erofs_nydus.daemon.client import DaemonClient
 from erofs_nydus.mount import is_mountpoint
+from erofs_nydus.service.client import DaemonClient
 
 pytestmark = pytest.mark.kernel
 
@@ -512,7 +512,7 @@ def test_idle_daemon_exits_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_stopping_daemon_leaves_a_newer_socket_at_its_path(tmp_path: Path) -> None:
     """A cache dir deleted and made again under a running daemon: when the old daemon
     stops it must not remove the new daemon's sockets (same paths, other files)."""
-    from erofs_nydus.daemon.paths import listen_unix, unlink_own_socket
+    from erofs_nydus.service.paths import listen_unix, unlink_own_socket
 
     path = str(tmp_path / "daemon.sock")
     old = listen_unix(path)

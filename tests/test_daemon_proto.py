@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erofs_nydus.daemon import fanotify_proto as fp
 from erofs_nydus.errors import ProtocolError
+from erofs_nydus.fanotify import protocol as fp
 
 Spec = tuple[int, int, int, object, list[tuple[int, bytes]]]
 

@@ -17,8 +17,8 @@ import pytest
 from erofs_nydus.builder.create import BuildOptions, create_image
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fscache import protocol as p
-from erofs_nydus.fscache.daemon import FscacheWorker, _mounted_fsids
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
+from erofs_nydus.service.fscache_daemon import FscacheWorker, _mounted_fsids
 
 
 def _open_msg(msg_id: int, object_id: int, volume: str, key: str, fd: int) -> bytes:

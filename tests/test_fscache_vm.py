@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import vm_support as vs
 
-from erofs_nydus.fscache.client import BUFFERED_READ_AHEAD_KB
+from erofs_nydus.service.fscache_client import BUFFERED_READ_AHEAD_KB
 
 pytestmark = [
     pytest.mark.vm,

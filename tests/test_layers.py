@@ -22,12 +22,12 @@ from layers_support import (
 )
 
 from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.builder.merge import merge_bootstraps
 from erofs_nydus.errors import FormatError, UsageError
-from erofs_nydus.merge import merge_bootstraps
 from erofs_nydus.mount import mounted
-from erofs_nydus.reader import open_bootstrap
-from erofs_nydus.stats import image_stats
-from erofs_nydus.tree import lookup
+from erofs_nydus.rafs.reader import open_bootstrap
+from erofs_nydus.rafs.stats import image_stats
+from erofs_nydus.rafs.tree import lookup
 
 # umoci sets the rootfs directory's own metadata from the image config, not from a layer
 IGNORE = frozenset({"root"})

@@ -10,11 +10,11 @@ import pytest
 import treeutil
 
 from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.builder.optimize import optimize_image
 from erofs_nydus.errors import UsageError
 from erofs_nydus.mount import mounted
-from erofs_nydus.optimize import optimize_image
-from erofs_nydus.reader import open_bootstrap
-from erofs_nydus.tree import lookup
+from erofs_nydus.rafs.reader import open_bootstrap
+from erofs_nydus.rafs.tree import lookup
 
 
 @pytest.fixture
@@ -88,8 +88,8 @@ def test_optimized_image_mounts(image: Path) -> None:
     res = optimize_image(str(image / "img.boot"), str(image / "blobs"), str(image / "o.boot"),
                          str(image / "b2"), trace=str(image / "trace.json"))
     assert res.blob is not None
-    from erofs_nydus.backend import LocalDirBackend
-    from erofs_nydus.check import materialize_blob
+    from erofs_nydus.rafs.backend import LocalDirBackend
+    from erofs_nydus.rafs.check import materialize_blob
 
     r = open_bootstrap(str(image / "o.boot"))
     dev = image / "o.blob.data"

@@ -30,14 +30,14 @@ from daemon_support import daemon_status, fanotify_usable, run_cli
 from layers_support import base_step, top_step, umoci_image, umoci_unpack, upper_step
 from registry_fixture import HTPASSWD_USER, RegistryServer, skopeo_copy
 
-from erofs_nydus.convert import ConvertOptions, convert_image
-from erofs_nydus.daemon.client import DaemonClient
 from erofs_nydus.errors import BackendError, UsageError
 from erofs_nydus.mount import is_mountpoint
 from erofs_nydus.registry import RegistryClient
 from erofs_nydus.registry.backend import RegistryBackend
+from erofs_nydus.registry.convert import ConvertOptions, convert_image
 from erofs_nydus.registry.manifest import manifest_blobs
-from erofs_nydus.remote_mount import NOT_NYDUS, looks_like_reference, resolve_remote_image
+from erofs_nydus.registry.resolve import NOT_NYDUS, looks_like_reference, resolve_remote_image
+from erofs_nydus.service.client import DaemonClient
 
 pytestmark = [pytest.mark.registry, pytest.mark.kernel]
 
@@ -518,9 +518,9 @@ def test_mount_ref_command_never_imports_the_http_stack(nydus_ref: str,
     ref_mounts.active.append((mp, cache))
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines()
                 if ln.startswith("import time:")}
-    assert "erofs_nydus.daemon.client" in imported  # importtime output was captured
+    assert "erofs_nydus.service.client" in imported  # importtime output was captured
     heavy = {"httpx", "httpcore", "trio", "erofs_nydus.registry.client",
-             "erofs_nydus.builder", "erofs_nydus.daemon.worker"} & imported
+             "erofs_nydus.builder", "erofs_nydus.service.worker"} & imported
     assert not heavy, heavy
     assert (mp / "etc/keep").exists()
 

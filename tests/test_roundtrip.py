@@ -15,9 +15,9 @@ import pytest
 import treeutil
 
 from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.check import check_bootstrap
 from erofs_nydus.mount import mounted
-from erofs_nydus.reader import read_bootstrap_file
+from erofs_nydus.rafs.check import check_bootstrap
+from erofs_nydus.rafs.reader import read_bootstrap_file
 
 pytestmark = pytest.mark.kernel
 

@@ -24,15 +24,15 @@ from daemon_support import (
     wait_prefetch,
 )
 
-from erofs_nydus.daemon.api import ControlPlane
+from erofs_nydus.builder.optimize import load_trace
 from erofs_nydus.daemon.images import ImageTable, prefetch_settings
 from erofs_nydus.daemon.prefetch import TokenBucket, prefetch_chunks
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DigestMismatchError
-from erofs_nydus.image import ChunkInfo
-from erofs_nydus.optimize import load_trace
-from erofs_nydus.reader import open_bootstrap
-from erofs_nydus.tree import lookup
+from erofs_nydus.rafs.image import ChunkInfo
+from erofs_nydus.rafs.reader import open_bootstrap
+from erofs_nydus.rafs.tree import lookup
+from erofs_nydus.service.api import ControlPlane
 
 KiB = 1024
 
@@ -426,7 +426,7 @@ def test_prefetch_resumes_after_daemon_kill_9(tmp_path: Path) -> None:
     cache, mp = tmp_path / "cache", tmp_path / "mp"
     _mount(opt, mp, cache, "--amplify", "0", "--prefetch-bandwidth", "1M")
     try:
-        from erofs_nydus.daemon.api import ApiClient
+        from erofs_nydus.service.api import ApiClient
 
         deadline = time.monotonic() + 30
         while True:  # part of the 8 MiB is prefetched, the rest waits for bandwidth

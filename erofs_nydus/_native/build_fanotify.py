@@ -2,7 +2,7 @@
 
 Compiled as `erofs_nydus._native._fanotify`.  Only the two syscalls and the
 constants the daemon needs are exposed; event parsing and response encoding are
-pure Python (`erofs_nydus.daemon.fanotify_proto`).  Older headers (Debian 12's
+pure Python (`erofs_nydus.fanotify.protocol`).  Older headers (Debian 12's
 linux-libc-dev) predate the pre-content API of Linux 6.14, so the missing
 constants are defined here with their upstream values.
 """

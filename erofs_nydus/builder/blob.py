@@ -21,10 +21,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import IO, BinaryIO
 
-import lz4.block
-
-from erofs_nydus.errors import ErofsNydusError, FormatError, SourceError
-from erofs_nydus.image import BlobInfo, ChunkInfo
+from erofs_nydus.errors import ErofsNydusError, SourceError
 from erofs_nydus.layout import build
 from erofs_nydus.layout.common import BLOCK_SIZE, align
 from erofs_nydus.layout.rafs import (
@@ -37,6 +34,8 @@ from erofs_nydus.layout.rafs import (
     BlobCIHeader,
     encode_ci_v1,
 )
+from erofs_nydus.rafs.codec import compress_chunk
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 _ZEROS = bytes(16 << 20)
 
@@ -50,26 +49,6 @@ class BlobStats:
     bytes_stored_compressed: int = 0
     chunks_deduplicated: int = 0
     chunks_from_dict: int = 0
-
-
-def compress_chunk(data: bytes, compressor: str) -> bytes | None:
-    """Compress one chunk; None when the result would not be smaller (store raw)."""
-    if compressor == "none":
-        return None
-    out: bytes = lz4.block.compress(data, mode="default", store_size=False)
-    return out if len(out) < len(data) else None
-
-
-def decompress_chunk(buf: bytes, chunk: ChunkInfo) -> bytes:
-    if not chunk.compressed:
-        return buf
-    try:
-        data: bytes = lz4.block.decompress(buf, uncompressed_size=chunk.uncompressed_size)
-    except lz4.block.LZ4BlockError as exc:
-        raise FormatError(f"chunk {chunk.digest.hex()[:16]}: lz4 data corrupt: {exc}") from exc
-    if len(data) != chunk.uncompressed_size:
-        raise FormatError(f"chunk {chunk.digest.hex()[:16]}: decompressed to {len(data)} bytes")
-    return data
 
 
 class ChunkLookup:

@@ -24,12 +24,12 @@ import stat
 from dataclasses import dataclass, field
 
 from erofs_nydus.errors import FormatError, UsageError
-from erofs_nydus.image import BlobInfo, ChunkInfo
 from erofs_nydus.layout import build
 from erofs_nydus.layout import erofs as E
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE, align
-from erofs_nydus.tree import Inode, Node
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.tree import Inode, Node
 
 ROOT_NID = 128
 

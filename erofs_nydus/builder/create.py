@@ -18,9 +18,9 @@ from erofs_nydus.builder.bootstrap import write_bootstrap
 from erofs_nydus.builder.source import tree_from_dir, tree_from_tar
 from erofs_nydus.errors import SourceError, UsageError
 from erofs_nydus.fsutil import atomic_write
-from erofs_nydus.image import BlobInfo, ChunkInfo
 from erofs_nydus.layout.rafs import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from erofs_nydus.tree import Node
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.tree import Node
 
 COMPRESSORS = ("lz4", "none")
 
@@ -100,7 +100,7 @@ def _open_source(source: str) -> tuple[str, BinaryIO | None]:
 def _load_chunk_dicts(paths: list[str], opts: BuildOptions) -> ChunkLookup | None:
     if not paths:
         return None
-    from erofs_nydus.reader import read_bootstrap_file
+    from erofs_nydus.rafs.reader import read_bootstrap_file
 
     lookup = ChunkLookup()
     for path in paths:
@@ -191,7 +191,7 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
             if owned and stream is not None:
                 stream.close()
         if opts.whiteout_spec != "none":
-            from erofs_nydus.whiteout import normalize_whiteouts
+            from erofs_nydus.builder.whiteout import normalize_whiteouts
 
             normalize_whiteouts(root, opts.whiteout_spec)
         new_blob = writer.finish()

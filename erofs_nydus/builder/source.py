@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, cast
 from erofs_nydus.builder.blob import BlobWriter
 from erofs_nydus.errors import SourceError, UnsupportedError
 from erofs_nydus.layout.erofs import split_xattr_name
-from erofs_nydus.tree import Inode, Node, new_dir
+from erofs_nydus.rafs.tree import Inode, Node, new_dir
 
 MAX_SYMLINK = 4095
 MAX_NAME = 255

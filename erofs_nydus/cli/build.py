@@ -111,8 +111,8 @@ def check(bootstrap: str, blob_dir: str | None, source: str | None, plain_http: 
     the Nydus manifest conventions, its bootstrap, every chunk of every blob, and with
     --source the whole tree against the original OCI image.
     """
-    from erofs_nydus.check import check_bootstrap
-    from erofs_nydus.reader import read_bootstrap_bytes
+    from erofs_nydus.rafs.check import check_bootstrap
+    from erofs_nydus.rafs.reader import read_bootstrap_bytes
 
     if not os.path.exists(bootstrap) and (":" in bootstrap or "/" in bootstrap):
         _check_ref(bootstrap, source, plain_http, platform, as_json)
@@ -136,7 +136,7 @@ def check(bootstrap: str, blob_dir: str | None, source: str | None, plain_http: 
 
 def _check_ref(ref: str, source: str | None, plain_http: bool, platform: str | None,
                as_json: bool) -> None:
-    from erofs_nydus.remote_check import check_remote
+    from erofs_nydus.registry.remote_check import check_remote
 
     opts: dict[str, object] = {"plain_http": True} if plain_http else {"plain_http": "loopback"}
     report = check_remote(ref, source, platform=platform, client_options=opts)
@@ -161,8 +161,8 @@ def _check_ref(ref: str, source: str | None, plain_http: bool, platform: str | N
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
     """List the image tree, or show one PATH's inode, chunks and blob mapping."""
-    from erofs_nydus.inspect import image_summary, inspect_path, list_tree
-    from erofs_nydus.reader import BootstrapReader, read_bootstrap_bytes
+    from erofs_nydus.rafs.inspect import image_summary, inspect_path, list_tree
+    from erofs_nydus.rafs.reader import BootstrapReader, read_bootstrap_bytes
 
     reader = BootstrapReader(read_bootstrap_bytes(bootstrap), os.path.basename(bootstrap))
     if path is not None:
@@ -219,7 +219,7 @@ def merge(layers: tuple[str, ...], bootstrap: str, allow_missing_whiteouts: bool
     The merged device table lists every blob still referenced, bottom to top; mount
     it with the blobs' cache files in that order.
     """
-    from erofs_nydus.merge import merge_bootstraps
+    from erofs_nydus.builder.merge import merge_bootstraps
 
     def warn(msg: str) -> None:
         click.echo(f"erofs-nydus: warning: {msg}", err=True)
@@ -238,7 +238,7 @@ def merge(layers: tuple[str, ...], bootstrap: str, allow_missing_whiteouts: bool
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def stat_cmd(bootstraps: tuple[str, ...], as_json: bool) -> None:
     """Files, chunks, unique chunks and bytes stored vs referenced, per image and blob."""
-    from erofs_nydus.stats import image_stats
+    from erofs_nydus.rafs.stats import image_stats
 
     info = image_stats(list(bootstraps))
     if as_json:
@@ -278,7 +278,7 @@ def optimize(bootstrap: str, blob_dir: str, trace: str | None, prefetch_list: st
     order and contiguous, followed by the rest; the bootstrap's prefetch table names the
     files touched.  Mounting the result prefetches them in the background.
     """
-    from erofs_nydus.optimize import optimize_image
+    from erofs_nydus.builder.optimize import optimize_image
 
     res = optimize_image(bootstrap, blob_dir, out_boot, out_blobs or blob_dir, trace=trace,
                          prefetch_list=prefetch_list)

@@ -56,7 +56,7 @@ def trace_cmd(mountpoint: str, output: str, cache_dir: str | None) -> None:
     """
     from erofs_nydus.builder.create import write_file_atomic
     from erofs_nydus.cli.runtime import _cache_dir_of, _mount_source
-    from erofs_nydus.daemon.api import ApiClient
+    from erofs_nydus.service.api import ApiClient
 
     mp = os.path.realpath(mountpoint)
     if cache_dir is None and _mount_source(mp) is None:
@@ -81,7 +81,7 @@ def ctl_group() -> None:
 
 
 def _api(cache_dir: str | None) -> Any:
-    from erofs_nydus.daemon.api import ApiClient
+    from erofs_nydus.service.api import ApiClient
 
     return ApiClient(_cache_dir(cache_dir))
 
@@ -107,7 +107,7 @@ def ctl_info(cache_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def ctl_mounts(key: str | None, cache_dir: str | None, as_json: bool) -> None:
     """Mounted images; with KEY (a mountpoint or fsid) just that one."""
-    from erofs_nydus.daemon.api import ApiClient
+    from erofs_nydus.service.api import ApiClient
 
     api = _api(cache_dir)
     if key is not None:
@@ -202,7 +202,7 @@ def _use(e: Any) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def cache_ls(cache_dir: str | None, as_json: bool) -> None:
     """Cache files per blob and bootstrap: size, bytes present, which images use it."""
-    from erofs_nydus.cachemgmt import scan_cache
+    from erofs_nydus.service.cache import scan_cache
 
     rep = scan_cache(_cache_dir(cache_dir))
     if as_json:
@@ -235,7 +235,7 @@ def _totals(rep: Any) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_du(cache_dir: str | None, as_json: bool) -> None:
     """Disk usage of a cache dir: total, in use, reclaimable."""
-    from erofs_nydus.cachemgmt import scan_cache
+    from erofs_nydus.service.cache import scan_cache
 
     rep = scan_cache(_cache_dir(cache_dir))
     used = sum(e.disk for e in rep.entries if e.in_use)
@@ -257,7 +257,7 @@ def cache_du(cache_dir: str | None, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be removed.")
 def cache_gc(cache_dir: str | None, budget: int | None, dry_run: bool) -> None:
     """Remove cache files no live mount uses (never those in use)."""
-    from erofs_nydus.cachemgmt import gc_cache
+    from erofs_nydus.service.cache import gc_cache
 
     rep, victims = gc_cache(_cache_dir(cache_dir), budget, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"

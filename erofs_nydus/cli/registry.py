@@ -76,7 +76,7 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
     users expect (nydus-snapshotter conventions).  With --prefetch-trace the image is
     optimized for the traced workload before the push (see `optimize`).
     """
-    from erofs_nydus.convert import ConvertOptions, convert_image
+    from erofs_nydus.registry.convert import ConvertOptions, convert_image
 
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
 

@@ -28,7 +28,7 @@ def _kernel_version() -> tuple[int, int]:
 
 
 def _fanotify_works() -> bool:
-    from erofs_nydus.daemon.fanotify import init_group
+    from erofs_nydus.fanotify.handler import init_group
 
     try:
         fd = init_group()
@@ -135,8 +135,8 @@ def mount_cmd(
     image, and mounts it with file-backed EROFS, one cache file per blob.  Returns
     once the mount is usable.  A second mount of the same image shares the cache.
     """
-    from erofs_nydus.daemon.client import DaemonClient
     from erofs_nydus.mount import is_mountpoint, mount_erofs_file
+    from erofs_nydus.service.client import DaemonClient
 
     if cache_dir is None:
         raise UsageError("give --cache-dir (or daemon.cache_dir in the config file)")
@@ -196,7 +196,7 @@ def mount_cmd(
 def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
                    plain_http: bool, platform: str | None, read_deadline: float,
                    domain_id: str | None, buffered_cache: bool | None) -> None:
-    from erofs_nydus.fscache.client import mount_fscache
+    from erofs_nydus.service.fscache_client import mount_fscache
 
     backend = _mount_backend(bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline)
     boot_path = str(backend.pop("bootstrap"))
@@ -258,7 +258,7 @@ def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_h
     local = _local_backend(bootstrap, blob_dir)
     if local is not None:
         return local
-    from erofs_nydus.remote_mount import resolve_remote_image
+    from erofs_nydus.registry.resolve import resolve_remote_image
 
     remote = resolve_remote_image(_check_reference(bootstrap, blob_dir), cache_dir,
                                   **_resolve_args(platform, plain_http, read_deadline))
@@ -273,7 +273,7 @@ def _cache_dir_of(mp: str, cache_dir: str | None) -> str:
         raise UsageError(f"{mp} is not mounted; pass --cache-dir to clean up its registration")
     fstype, source = src
     if fstype == "erofs" and source == "none":  # fscache mode: one daemon per system
-        from erofs_nydus.fscache.client import fscache_cache_dir
+        from erofs_nydus.service.fscache_client import fscache_cache_dir
 
         found = fscache_cache_dir()
         if found is None:
@@ -293,8 +293,8 @@ def _cache_dir_of(mp: str, cache_dir: str | None) -> str:
 )
 def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
     """Unmount MOUNTPOINT; stop the daemon when it serves no other mount."""
-    from erofs_nydus.daemon.client import DaemonClient
     from erofs_nydus.mount import is_mountpoint, umount
+    from erofs_nydus.service.client import DaemonClient
 
     mp = os.path.realpath(mountpoint)
     cdir = _cache_dir_of(mp, cache_dir)
@@ -327,7 +327,7 @@ def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's raw status as JSON.")
 def stats_cmd(mountpoint: str | None, cache_dir: str | None, as_json: bool) -> None:
     """Bytes fetched vs image size, and the daemon's counters, for a cache dir."""
-    from erofs_nydus.daemon.client import DaemonClient
+    from erofs_nydus.service.client import DaemonClient
 
     if cache_dir is None:
         if mountpoint is None:
@@ -378,7 +378,7 @@ def daemon_cmd(cache_dir: str, resident: bool) -> None:
     `mount` starts one on demand, which stops with its last mount; run this to keep
     one up.  SIGTERM or SIGINT stops it.  Logs go to stderr.
     """
-    from erofs_nydus.daemon.supervisor import run_supervisor, setup_logging
+    from erofs_nydus.service.supervisor import run_supervisor, setup_logging
 
     setup_logging()
     sys.exit(run_supervisor(cache_dir, resident=resident))

@@ -20,7 +20,7 @@ import threading
 
 from erofs_nydus.daemon.chunkmap import ChunkMap
 from erofs_nydus.errors import DaemonError
-from erofs_nydus.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 __all__ = ["BlobCacheFile", "cache_paths"]
 

@@ -22,21 +22,18 @@ write failures) propagate to the caller; failures of amplified chunks only count
 from __future__ import annotations
 
 import bisect
-import hashlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import cast
 
-import lz4.block
-
-from erofs_nydus.backend import BlobBackend, counting_retries
 from erofs_nydus.daemon.blobcache import BlobCacheFile
 from erofs_nydus.errors import BackendError, DaemonError, DigestMismatchError, ErofsNydusError
-from erofs_nydus.image import ChunkInfo
+from erofs_nydus.rafs.backend import BlobBackend, counting_retries
+from erofs_nydus.rafs.codec import decode_chunk
+from erofs_nydus.rafs.image import ChunkInfo
 
 __all__ = ["DEFAULT_AMPLIFY", "BlobServer", "Metrics"]
 
@@ -328,29 +325,12 @@ class BlobServer:
         return failures
 
     def _decode(self, c: ChunkInfo, raw: bytes) -> bytes:
-        if c.compressed:
-            try:
-                plain = cast(
-                    bytes, lz4.block.decompress(raw, uncompressed_size=c.uncompressed_size)
-                )
-            except Exception as exc:  # lz4 raises LZ4BlockError (no stable import path)
-                raise DigestMismatchError(
-                    f"blob {self.blob_id}: chunk {c.index} does not decompress: {exc}"
-                ) from exc
-        else:
-            plain = raw
-        if len(plain) != c.uncompressed_size:
+        try:
+            return decode_chunk(raw, c)
+        except DigestMismatchError as exc:
             raise DigestMismatchError(
-                f"blob {self.blob_id}: chunk {c.index} is {len(plain)} bytes, "
-                f"expected {c.uncompressed_size}"
-            )
-        got = hashlib.sha256(plain).digest()
-        if got != c.digest:
-            raise DigestMismatchError(
-                f"blob {self.blob_id}: chunk {c.index} sha256 {got.hex()[:16]}... "
-                f"!= {c.digest.hex()[:16]}... (blob corrupt or altered)"
-            )
-        return plain
+                f"blob {self.blob_id}: {exc} (blob corrupt or altered)"
+            ) from exc
 
     def close(self) -> None:
         self.cache.close()

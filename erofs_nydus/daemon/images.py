@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from erofs_nydus.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write
-from erofs_nydus.image import RafsImage, load_image
+from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
+from erofs_nydus.rafs.image import RafsImage, load_image
 
 __all__ = ["STATE_FILE", "ImageEntry", "ImageTable", "make_backend"]
 

@@ -25,9 +25,9 @@ from typing import Any
 
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.errors import ErofsNydusError
-from erofs_nydus.image import ChunkInfo
 from erofs_nydus.layout import erofs as E
-from erofs_nydus.reader import BootstrapReader
+from erofs_nydus.rafs.image import ChunkInfo
+from erofs_nydus.rafs.reader import BootstrapReader
 
 __all__ = ["PrefetchJob", "PrefetchManager", "TokenBucket", "prefetch_chunks"]
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from erofs_nydus.image import ChunkInfo
+from erofs_nydus.rafs.image import ChunkInfo
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "TRACE_VERSION", "ImageTrace", "TraceBook"]
 

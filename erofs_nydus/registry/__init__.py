@@ -1,4 +1,9 @@
-"""OCI registries and image layouts: references, auth, client, daemon backend.
+"""OCI registries and image layouts: references, auth, client, daemon backend,
+convert (OCI image -> Nydus image), remote resolve (`resolve`: manifest + bootstrap for
+`mount REF`) and remote check.
+
+May import: `builder`, `rafs`, `layout` and the loose modules; never `daemon`,
+`service` or the request sources.
 
 Names are imported on first use (PEP 562): `erofs_nydus.registry.reference` alone is
 cheap, while the client pulls in the HTTP stack (~0.3 s), which a `mount REF` command

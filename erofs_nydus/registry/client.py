@@ -33,7 +33,6 @@ from typing import BinaryIO, Literal
 
 import httpx
 
-from erofs_nydus.backend import note_retry
 from erofs_nydus.errors import (
     AuthError,
     DigestMismatchError,
@@ -42,6 +41,7 @@ from erofs_nydus.errors import (
     RegistryError,
     UsageError,
 )
+from erofs_nydus.rafs.backend import note_retry
 from erofs_nydus.registry.auth import (
     BearerToken,
     Challenge,

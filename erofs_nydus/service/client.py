@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from erofs_nydus import errors
-from erofs_nydus.daemon.paths import RunPaths
 from erofs_nydus.errors import DaemonError, ErofsNydusError
+from erofs_nydus.service.paths import RunPaths
 
 __all__ = ["DaemonClient", "DaemonUnreachable", "error_from_response"]
 
@@ -23,7 +23,7 @@ class DaemonUnreachable(DaemonError):
     """No daemon answers on the cache dir's control socket."""
 
 
-_SUPERVISOR_CMD = "from erofs_nydus.daemon.supervisor import main; main()"
+_SUPERVISOR_CMD = "from erofs_nydus.service.supervisor import main; main()"
 # Supervisors we started outlive this process; keeping their Popen objects avoids a
 # "still running" ResourceWarning when one would be garbage-collected.
 _SPAWNED: dict[str, list[subprocess.Popen[bytes]]] = {}

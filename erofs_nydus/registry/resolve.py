@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from erofs_nydus.errors import NotFoundError, RegistryError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write
-from erofs_nydus.reader import BootstrapReader
+from erofs_nydus.rafs.reader import BootstrapReader
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import RegistryClient
 from erofs_nydus.registry.layout import OCILayout

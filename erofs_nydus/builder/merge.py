@@ -9,11 +9,11 @@ from typing import Any
 
 from erofs_nydus.builder.bootstrap import write_bootstrap
 from erofs_nydus.builder.create import write_file_atomic
+from erofs_nydus.builder.whiteout import add_blob_chunks, merge_trees
 from erofs_nydus.errors import FormatError, UsageError
-from erofs_nydus.image import BlobInfo
 from erofs_nydus.layout.rafs import MAX_BLOBS
-from erofs_nydus.reader import BootstrapReader, read_bootstrap_bytes
-from erofs_nydus.whiteout import add_blob_chunks, merge_trees
+from erofs_nydus.rafs.image import BlobInfo
+from erofs_nydus.rafs.reader import BootstrapReader, read_bootstrap_bytes
 
 
 @dataclass(slots=True)

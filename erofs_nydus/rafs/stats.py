@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from erofs_nydus.reader import BootstrapReader, read_bootstrap_bytes
+from erofs_nydus.rafs.reader import BootstrapReader, read_bootstrap_bytes
 
 
 def image_stats(paths: list[str]) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import stat
 from typing import Any
 
 from erofs_nydus.errors import UsageError
-from erofs_nydus.reader import BootstrapReader
-from erofs_nydus.tree import Node, lookup
+from erofs_nydus.rafs.reader import BootstrapReader
+from erofs_nydus.rafs.tree import Node, lookup
 
 
 def _path_str(p: bytes) -> str:

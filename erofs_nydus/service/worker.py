@@ -25,12 +25,12 @@ import anyio.abc
 import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from erofs_nydus.daemon import channel
-from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.core import BlobServer
-from erofs_nydus.daemon.fanotify import FanotifyHandler, add_mark, remove_mark
 from erofs_nydus.daemon.images import ImageTable, prefetch_settings
 from erofs_nydus.errors import DaemonError
+from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, remove_mark
+from erofs_nydus.service import channel
+from erofs_nydus.service.api import ControlPlane
 
 __all__ = ["Worker", "main"]
 
@@ -167,7 +167,7 @@ class Worker:
     def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
         """Resolve an image reference and fetch its bootstrap into the cache dir, so that
         `mount REF` needs no HTTP stack of its own (the daemon has one loaded)."""
-        from erofs_nydus.remote_mount import resolve_remote_image
+        from erofs_nydus.registry.resolve import resolve_remote_image
 
         plain = req.get("plain_http", "loopback")
         docker_config = req.get("docker_config")

@@ -24,7 +24,7 @@ Process model (like fanotify mode, simpler because the kernel queues requests it
     data, so the reader gets EIO.  The bootstrap object is written whole on its first READ.
   - CLOSE: the object's fd is closed (once no READ worker is using it).
 
-  The control socket (JSON lines, the protocol of :mod:`erofs_nydus.daemon.client`)
+  The control socket (JSON lines, the protocol of :mod:`erofs_nydus.service.client`)
   takes ``ping``, ``register`` (also picks the fsid to mount with), ``detach``,
   ``status``, ``drop_fds`` (close every anon fd: the kernel reopens on the next READ) and
   ``shutdown``.  Mounting happens in the CLI process, never here.
@@ -55,18 +55,18 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from erofs_nydus.daemon.api import ControlPlane
 from erofs_nydus.daemon.images import ImageTable, prefetch_settings
-from erofs_nydus.daemon.paths import (
+from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
+from erofs_nydus.fscache import protocol as p
+from erofs_nydus.fscache.device import bind_ondemand, open_device
+from erofs_nydus.fscache.objects import FsObject, ObjectTable
+from erofs_nydus.service.api import ControlPlane
+from erofs_nydus.service.paths import (
     RunPaths,
     listen_unix,
     take_supervisor_lock,
     unlink_own_socket,
 )
-from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
-from erofs_nydus.fscache import protocol as p
-from erofs_nydus.fscache.device import bind_ondemand, open_device
-from erofs_nydus.fscache.objects import FsObject, ObjectTable
 
 __all__ = ["FscacheWorker", "kernel_cache_dir", "pointer_path", "run_supervisor"]
 
@@ -589,7 +589,7 @@ def run_supervisor(cache_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m erofs_nydus.fscache.daemon")
+    ap = argparse.ArgumentParser(prog="python -m erofs_nydus.service.fscache_daemon")
     ap.add_argument("--cache-dir", required=True)
     args = ap.parse_args(argv)
     sys.exit(run_supervisor(args.cache_dir))

@@ -13,12 +13,12 @@ import stat
 from dataclasses import dataclass
 
 from erofs_nydus.errors import FormatError
-from erofs_nydus.image import BlobInfo, ChunkInfo, RafsImage
 from erofs_nydus.layout import erofs as E
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
-from erofs_nydus.tree import Inode, Node
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
+from erofs_nydus.rafs.tree import Inode, Node
 
 _COMPRESSOR_NAMES = {v: k for k, v in R.COMPRESSOR_IDS.items()}
 _DIGESTER_NAMES = {v: k for k, v in R.DIGESTER_IDS.items()}

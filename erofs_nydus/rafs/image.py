@@ -81,6 +81,6 @@ class RafsImage:
 
 def load_image(data: bytes) -> RafsImage:
     """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
-    from erofs_nydus.reader import read_image_meta
+    from erofs_nydus.rafs.reader import read_image_meta
 
     return read_image_meta(data)

@@ -42,10 +42,10 @@ from prometheus_client.core import (
 
 from erofs_nydus.daemon.core import LATENCY_BUCKETS
 from erofs_nydus.daemon.images import ImageEntry, ImageTable, prefetch_settings
-from erofs_nydus.daemon.paths import note_bound, unlink_own_socket
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DaemonError, UsageError
+from erofs_nydus.service.paths import note_bound, unlink_own_socket
 
 __all__ = ["ApiClient", "ApiServer", "ControlPlane", "DaemonApi", "api_socket_path"]
 

@@ -99,7 +99,7 @@ def _state(cache_dir: str) -> list[dict[str, Any]]:
 
 
 def scan_cache(cache_dir: str) -> CacheReport:
-    from erofs_nydus.daemon.client import DaemonClient
+    from erofs_nydus.service.client import DaemonClient
 
     cdir = os.path.abspath(cache_dir)
     if not os.path.isdir(cdir):

@@ -30,9 +30,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from erofs_nydus.daemon import fanotify_proto as fp
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.errors import KernelError
+from erofs_nydus.fanotify import protocol as fp
 
 __all__ = [
     "FanotifyHandler",

@@ -32,10 +32,10 @@ import time
 import traceback
 from typing import Any
 
-from erofs_nydus.daemon import channel
-from erofs_nydus.daemon import fanotify_proto as fp
-from erofs_nydus.daemon.fanotify import init_group
-from erofs_nydus.daemon.paths import (
+from erofs_nydus.fanotify import protocol as fp
+from erofs_nydus.fanotify.handler import init_group
+from erofs_nydus.service import channel
+from erofs_nydus.service.paths import (
     RunPaths,
     listen_unix,
     take_supervisor_lock,
@@ -58,8 +58,8 @@ class _Child:
     @classmethod
     def fork(cls, channel_fd: int) -> _Child:
         # import before forking: the child starts warm (remote_mount: `mount REF`)
-        from erofs_nydus import remote_mount  # noqa: F401
-        from erofs_nydus.daemon import worker
+        from erofs_nydus.registry import resolve as remote_mount  # noqa: F401
+        from erofs_nydus.service import worker
 
         pid = os.fork()
         if pid == 0:  # child: keep stdio and the channel only
@@ -322,7 +322,7 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -c 'from erofs_nydus.daemon.supervisor import main; main()' CACHE_DIR
+    """`python -c 'from erofs_nydus.service.supervisor import main; main()' CACHE_DIR
     [--resident]`: what `mount` spawns (the `daemon` command without click's start-up)."""
     import argparse
 

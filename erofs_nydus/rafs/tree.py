@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from erofs_nydus.image import ChunkInfo
+from erofs_nydus.rafs.image import ChunkInfo
 
 
 @dataclass(eq=False, slots=True)

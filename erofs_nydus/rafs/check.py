@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 
 import lz4.block
 
-from erofs_nydus.backend import BlobBackend, LocalDirBackend
-from erofs_nydus.builder.blob import decompress_chunk
 from erofs_nydus.errors import BackendError, DigestMismatchError, ErofsNydusError, FormatError
-from erofs_nydus.image import BlobInfo, ChunkInfo
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
-from erofs_nydus.reader import BootstrapReader
+from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
+from erofs_nydus.rafs.codec import decompress_chunk
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.reader import BootstrapReader
 
 
 @dataclass(slots=True)

@@ -12,8 +12,8 @@ import sys
 import time
 from typing import Any
 
-from erofs_nydus.daemon.client import DaemonClient
 from erofs_nydus.errors import DaemonError, UnsupportedError
+from erofs_nydus.service.client import DaemonClient
 
 __all__ = [
     "BUFFERED_ENV",
@@ -83,7 +83,7 @@ class FscacheClient(DaemonClient):
             )
 
     def _fatal(self, log_start: int, code: int | None) -> str:
-        from erofs_nydus.fscache.daemon import FATAL_PREFIX
+        from erofs_nydus.service.fscache_daemon import FATAL_PREFIX
 
         try:
             with open(self.paths.log, "rb") as f:
@@ -100,12 +100,12 @@ class FscacheClient(DaemonClient):
         os.makedirs(self.paths.cache_dir, exist_ok=True)
         with open(self.paths.log, "ab") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "erofs_nydus.fscache.daemon",
+                [sys.executable, "-m", "erofs_nydus.service.fscache_daemon",
                  "--cache-dir", self.paths.cache_dir],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                 start_new_session=True, close_fds=True,
             )  # fmt: skip
-        from erofs_nydus.daemon import client as _client
+        from erofs_nydus.service import client as _client
 
         _client._SPAWNED.setdefault(self.paths.cache_dir, []).append(proc)
         return proc
@@ -113,7 +113,7 @@ class FscacheClient(DaemonClient):
 
 def fscache_cache_dir() -> str | None:
     """Cache dir of the running fscache daemon (there is at most one per system)."""
-    from erofs_nydus.fscache.daemon import pointer_path
+    from erofs_nydus.service.fscache_daemon import pointer_path
 
     try:
         with open(pointer_path(), encoding="utf-8") as f:
@@ -154,8 +154,8 @@ def prepare_buffered_cache(cache_dir: str) -> bool:
     +j``).  That takes effect only when the filesystem is mounted ``nodelalloc`` (or
     ``data=journal``); writes into the cache are then journaled (written twice).
     Best effort: a warning says why it is not in effect."""
-    from erofs_nydus.fscache.daemon import kernel_cache_dir
     from erofs_nydus.mount import mount_containing
+    from erofs_nydus.service.fscache_daemon import kernel_cache_dir
 
     kdir = kernel_cache_dir(cache_dir)
     os.makedirs(kdir, exist_ok=True)

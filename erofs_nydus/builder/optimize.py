@@ -20,15 +20,15 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from erofs_nydus.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.builder.blob import BlobWriter
 from erofs_nydus.builder.bootstrap import write_bootstrap
 from erofs_nydus.builder.create import write_file_atomic
-from erofs_nydus.check import read_chunk
 from erofs_nydus.errors import DigestMismatchError, FormatError, UsageError
-from erofs_nydus.image import BlobInfo, ChunkInfo
-from erofs_nydus.reader import BootstrapReader, read_bootstrap_bytes
-from erofs_nydus.tree import Inode, Node, lookup
+from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
+from erofs_nydus.rafs.check import read_chunk
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.reader import BootstrapReader, read_bootstrap_bytes
+from erofs_nydus.rafs.tree import Inode, Node, lookup
 
 TRACE_VERSION = 1
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.builder.merge import merge_bootstraps
+from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.errors import RegistryError, UnsupportedError, UsageError
-from erofs_nydus.merge import merge_bootstraps
-from erofs_nydus.optimize import OptimizeResult, load_trace, optimize_image
-from erofs_nydus.reader import read_bootstrap_file
+from erofs_nydus.rafs.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,

@@ -23,8 +23,8 @@ import json
 import socket
 from typing import Any
 
-from erofs_nydus.daemon import fanotify_proto as fp
 from erofs_nydus.errors import ProtocolError
+from erofs_nydus.fanotify import protocol as fp
 
 __all__ = ["MAX_FDS", "event_from_dict", "event_to_dict", "recv", "send"]
 

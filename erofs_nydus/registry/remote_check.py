@@ -11,13 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from erofs_nydus.builder.blob import BlobWriter, decompress_chunk
+from erofs_nydus.builder.blob import BlobWriter
 from erofs_nydus.builder.source import tree_from_tar
-from erofs_nydus.check import CheckReport
-from erofs_nydus.convert import IterStream, extract_bootstrap
+from erofs_nydus.builder.whiteout import merge_trees
 from erofs_nydus.errors import ErofsNydusError
-from erofs_nydus.image import BlobInfo, ChunkInfo
-from erofs_nydus.reader import BootstrapReader
+from erofs_nydus.rafs.check import CheckReport
+from erofs_nydus.rafs.codec import decompress_chunk
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.reader import BootstrapReader
+from erofs_nydus.rafs.tree import Node
+from erofs_nydus.registry.convert import IterStream, extract_bootstrap
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,
@@ -27,8 +30,6 @@ from erofs_nydus.registry.manifest import (
     parse_json_document,
 )
 from erofs_nydus.registry.store import ImageStore, open_image_store
-from erofs_nydus.tree import Node
-from erofs_nydus.whiteout import merge_trees
 
 
 class DigestOnlyWriter(BlobWriter):

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from erofs_nydus.errors import FormatError, UsageError
-from erofs_nydus.image import BlobInfo, ChunkInfo
-from erofs_nydus.tree import Inode, Node
+from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.tree import Inode, Node
 
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
