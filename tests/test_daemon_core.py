@@ -302,3 +302,34 @@ def test_add_chunks_serves_the_union(tmp_path: Path, sb: SyntheticBlob) -> None:
     bad = dataclasses.replace(sb.chunks[1], digest=b"\0" * 32)
     with pytest.raises(DaemonError, match="disagree"):
         srv.add_chunks([bad])
+
+
+def test_span_survives_add_chunks_between_lookups(
+    tmp_path: Path, sb: SyntheticBlob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second image adding chunks while a lookup runs never pairs old positions with
+    the new chunk list (which would map a range onto another chunk's data)."""
+    from erofs_nydus.daemon import core
+
+    blobs, cache = tmp_path / "blobs", tmp_path / "cache"
+    blobs.mkdir()
+    cache.mkdir()
+    write_blob(blobs, sb)
+    first, later = sb.chunks[::2], sb.chunks[1::2]
+    srv = BlobServer(BlobCacheFile(str(cache), sb.blob, first, durable=False),
+                     CountingBackend(blobs))
+    real = core.bisect.bisect_left
+    swapped = []
+
+    def racing_bisect_left(a: list[int], x: int) -> int:
+        if not swapped:
+            swapped.append(srv.add_chunks(later))  # another thread registers an image
+        return real(a, x)
+
+    monkeypatch.setattr(core.bisect, "bisect_left", racing_bisect_left)
+    target = sb.chunks[4]
+    got = srv.chunks_in_range(target.uncompressed_offset, 1)
+    assert swapped == [len(later)]
+    assert got == [target]
+    monkeypatch.undo()
+    assert srv.chunks_in_range(sb.chunks[3].uncompressed_offset, 1) == [sb.chunks[3]]
