@@ -333,3 +333,34 @@ def test_span_survives_add_chunks_between_lookups(
     assert got == [target]
     monkeypatch.undo()
     assert srv.chunks_in_range(sb.chunks[3].uncompressed_offset, 1) == [sb.chunks[3]]
+
+
+def test_close_under_a_running_fill_never_writes_elsewhere(
+    tmp_path: Path, sb: SyntheticBlob
+) -> None:
+    """close() while a fill waits on the backend (a prefetch outliving its cancel): the
+    descriptor stays open until the fill ends, so its number cannot be reused by another
+    file that the fill's pwrite would then overwrite."""
+    srv, backend = _server(tmp_path, sb)
+    backend.gate = threading.Event()
+    c = sb.chunks[3]
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(srv.fill, c.uncompressed_offset, 1)
+        while not backend.calls:
+            threading.Event().wait(0.01)
+        srv.close()
+        other = tmp_path / "other"
+        fd = os.open(other, os.O_RDWR | os.O_CREAT, 0o600)  # lowest free fd number
+        try:
+            backend.gate.set()
+            fut.result(timeout=30)
+        finally:
+            os.close(fd)
+    assert other.stat().st_size == 0
+    assert srv.cache.fd == -1
+    data = _cache_bytes(srv)
+    assert data[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size] == (
+        sb.payloads[3]
+    )
+    with pytest.raises(DaemonError, match="closed"):
+        srv.fill(sb.chunks[5].uncompressed_offset, 1)

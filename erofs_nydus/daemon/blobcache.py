@@ -67,6 +67,8 @@ class BlobCacheFile:
         self.data_path, self.map_path = cache_paths(cache_dir, blob.blob_id)
         self.durable = durable
         self.lock = threading.Lock()
+        self._users = 0  # fills writing through self.fd right now (see acquire)
+        self._closing = False
         self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
         self._check_chunks()
         nbits = max([blob.chunk_count, *(c.index + 1 for c in self.chunks)])
@@ -192,8 +194,36 @@ class BlobCacheFile:
             self.map.set_many(fresh)
             self._missing -= len(set(fresh))
 
+    def acquire(self) -> None:
+        """Hold the file open for one fill; DaemonError once close() was called.
+
+        close() under a running fill (a prefetch unit outliving its cancel timeout, an
+        image unregistered mid-read) only takes effect when the last fill releases, so a
+        fill never writes through a descriptor number that was closed and reused for
+        another file.
+        """
+        with self.lock:
+            if self._closing or self.fd < 0:
+                raise DaemonError(f"blob {self.blob_id}: cache file closed")
+            self._users += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self._users -= 1
+            last = self._closing and self._users == 0
+        if last:
+            self._close_now()
+
     def close(self) -> None:
+        with self.lock:
+            self._closing = True
+            if self._users:
+                return  # the last release() closes
+        self._close_now()
+
+    def _close_now(self) -> None:
+        with self.lock:
+            fd, self.fd = self.fd, -1
         self.map.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if fd >= 0:
+            os.close(fd)

@@ -221,7 +221,11 @@ class BlobServer:
                     j += 1
         failures: dict[int, ErofsNydusError] = {}
         try:
-            failures = self._fetch(mine + extras, fd)
+            self.cache.acquire()  # the cache file stays open until this fill is done
+            try:
+                failures = self._fetch(mine + extras, fd)
+            finally:
+                self.cache.release()
         finally:
             with self.cache.lock:
                 for c in mine + extras:
