@@ -14,15 +14,18 @@ carries; `write_chunk` takes the latter when a request source has one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
 
 from erofs_nydus.daemon.chunkmap import ChunkMap
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
-__all__ = ["BlobCacheFile", "cache_paths"]
+__all__ = ["BlobCacheFile", "cache_dir_lock", "cache_paths"]
 
 _ZEROS = bytes(4096)
 
@@ -33,6 +36,19 @@ def cache_paths(cache_dir: str, blob_id: str) -> tuple[str, str]:
         os.path.join(cache_dir, f"{blob_id}.blob.data"),
         os.path.join(cache_dir, f"{blob_id}.chunkmap"),
     )
+
+
+@contextlib.contextmanager
+def cache_dir_lock(cache_dir: str, *, exclusive: bool) -> Iterator[None]:
+    """flock the cache dir itself: shared while a daemon opens or creates files in it
+    for an image (until the state file lists them), exclusive while `cache gc` decides
+    what is unused and removes it.  No file of its own: nothing to plant or leave."""
+    fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def _has_hole(fd: int, start: int, end: int) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
+from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_dir_lock, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write
@@ -251,7 +251,7 @@ class ImageTable:
         for b in image.blobs:
             _check_backend(backend, b.blob_id, b.compressed_size)
         mountpoint = os.path.abspath(mountpoint)
-        with self._lock:
+        with cache_dir_lock(self.cache_dir, exclusive=False), self._lock:
             for e in self.images.values():
                 if mountpoint in e.mountpoints:
                     if self._is_our_mount(mountpoint, e):
@@ -365,7 +365,7 @@ class ImageTable:
             with contextlib.suppress(OSError):
                 os.replace(self.state_path, aside)
             return
-        with self._lock:
+        with cache_dir_lock(self.cache_dir, exclusive=False), self._lock:
             for raw in doc.get("images", []):
                 try:
                     entry = ImageEntry(**raw)

@@ -155,7 +155,23 @@ def gc_cache(cache_dir: str, budget: int | None = None, *, dry_run: bool = False
     CacheReport, list[CacheEntry]
 ]:
     """Remove unused cache files (all, or oldest first until under `budget` bytes on
-    disk).  Return the report before and the entries removed."""
+    disk).  Return the report before and the entries removed.
+
+    Holds the cache dir's lock exclusively from the scan to the last removal, so a
+    daemon registering an image (which holds it shared until its state file lists the
+    image's files) never has a file removed that it has just decided to use.
+    """
+    from erofs_nydus.daemon.blobcache import cache_dir_lock
+
+    if not os.path.isdir(cache_dir):
+        raise UsageError(f"{os.path.abspath(cache_dir)}: no such cache dir")
+    with cache_dir_lock(cache_dir, exclusive=True):
+        return _gc_locked(cache_dir, budget, dry_run)
+
+
+def _gc_locked(
+    cache_dir: str, budget: int | None, dry_run: bool
+) -> tuple[CacheReport, list[CacheEntry]]:
     report = scan_cache(cache_dir)
     unused = sorted((e for e in report.entries if not e.in_use), key=lambda e: e.mtime)
     if budget is not None:
