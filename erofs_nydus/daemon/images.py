@@ -29,7 +29,8 @@ from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
-from erofs_nydus.rafs.image import RafsImage, load_image
+from erofs_nydus.rafs.image import RafsImage
+from erofs_nydus.rafs.reader import load_image
 
 __all__ = ["STATE_FILE", "ImageEntry", "ImageTable", "make_backend"]
 

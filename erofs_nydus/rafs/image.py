@@ -1,10 +1,12 @@
 """Read-side model of a RAFS v6 image: what the daemon, checker, merger and
 inspector need to know about a bootstrap, without touching the kernel.
 
-`load_image()` parses and validates a bootstrap (see `layout/`) and returns a
-`RafsImage`.  The chunk lists per blob come from the bootstrap's chunk table
-(RafsV5ChunkInfo, 80 B each), which carries every chunk's sha256 digest and its
-offsets in both the compressed blob and the uncompressed (cache) address space.
+`rafs.reader.load_image()` parses and validates a bootstrap (see `layout/`) and
+returns a `RafsImage`; this module only defines the values (no parsing: the reader
+imports it, never the other way round).  The chunk lists per blob come from the
+bootstrap's chunk table (RafsV5ChunkInfo, 80 B each), which carries every chunk's
+digest and its offsets in both the compressed blob and the uncompressed (cache)
+address space.
 """
 
 from __future__ import annotations
@@ -78,9 +80,3 @@ class RafsImage:
             i += 1
         return out
 
-
-def load_image(data: bytes) -> RafsImage:
-    """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
-    from erofs_nydus.rafs.reader import read_image_meta
-
-    return read_image_meta(data)

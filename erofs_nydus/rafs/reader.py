@@ -437,3 +437,8 @@ def read_bootstrap_file(path: str) -> RafsImage:
 
 def open_bootstrap(path: str) -> BootstrapReader:
     return BootstrapReader(read_bootstrap_bytes(path), os.path.basename(path))
+
+
+def load_image(data: bytes) -> RafsImage:
+    """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
+    return read_image_meta(data)
