@@ -27,7 +27,7 @@ from typing import Any
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
-from erofs_nydus.fsutil import atomic_write
+from erofs_nydus.fsutil import atomic_write, open_private
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.image import RafsImage, load_image
 
@@ -226,7 +226,7 @@ class ImageTable:
     # -- images ------------------------------------------------------------------------
 
     def _load(self, entry: ImageEntry) -> RafsImage:
-        with open(entry.bootstrap, "rb") as f:
+        with os.fdopen(open_private(entry.bootstrap, os.O_RDONLY), "rb") as f:
             data = f.read()
         return load_image(data)
 
@@ -262,7 +262,7 @@ class ImageTable:
                     break
             boot = os.path.join(self.cache_dir, f"{fsid}.boot")
             if not os.path.exists(boot):
-                atomic_write(boot, data)
+                atomic_write(boot, data, mode=0o600)
             entry = self.images.get(fsid)
             new = entry is None
             if entry is None:
@@ -344,7 +344,7 @@ class ImageTable:
         with self._lock:
             doc = {"version": 1, "images": [asdict(e) for e in self.images.values()]}
             try:
-                atomic_write(self.state_path, json.dumps(doc, indent=1).encode())
+                atomic_write(self.state_path, json.dumps(doc, indent=1).encode(), mode=0o600)
             except OSError as exc:
                 if strict:
                     raise DaemonError(f"cannot save {self.state_path}: {exc.strerror}") from exc
@@ -353,7 +353,7 @@ class ImageTable:
     def load_state(self) -> None:
         """Rebuild images and blob servers after a daemon (re)start."""
         try:
-            with open(self.state_path, encoding="utf-8") as f:
+            with os.fdopen(open_private(self.state_path, os.O_RDONLY), encoding="utf-8") as f:
                 doc = json.load(f)
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")

@@ -45,6 +45,7 @@ from erofs_nydus.daemon.images import ImageEntry, ImageTable, prefetch_settings
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DaemonError, UsageError
+from erofs_nydus.fsutil import private_dir
 from erofs_nydus.service.paths import note_bound, unlink_own_socket
 
 __all__ = ["ApiClient", "ApiServer", "ControlPlane", "DaemonApi", "api_socket_path"]
@@ -321,7 +322,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, api: DaemonApi) -> None:
         self.api = api
         self.path = path
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        private_dir(os.path.dirname(path), what="socket dir")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by a killed daemon; we hold the cache dir's lock
         super().__init__(path, _Handler)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, UnsupportedError
+from erofs_nydus.fsutil import private_dir
 from erofs_nydus.service.client import DaemonClient
 
 __all__ = [
@@ -54,6 +55,7 @@ class FscacheClient(DaemonClient):
         A supervisor that cannot open or bind /dev/cachefiles exits at once with a
         ``FATAL:`` line in the log: that message is raised here.
         """
+        private_dir(self.paths.cache_dir)
         if self.alive():
             self._check_mode()
             return False
@@ -97,8 +99,7 @@ class FscacheClient(DaemonClient):
         return f"fscache daemon exited with status {code}; see {self.paths.log}"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        os.makedirs(self.paths.cache_dir, exist_ok=True)
-        with open(self.paths.log, "ab") as logf:
+        with os.fdopen(self.open_log(), "ab") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "erofs_nydus.service.fscache_daemon",
                  "--cache-dir", self.paths.cache_dir],

@@ -60,6 +60,7 @@ from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
+from erofs_nydus.fsutil import atomic_write, private_dir
 from erofs_nydus.service.api import ControlPlane
 from erofs_nydus.service.paths import (
     RunPaths,
@@ -530,12 +531,10 @@ def _fork_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: b
 
 def _write_pointer(cache_dir: str) -> None:
     path = pointer_path()
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"cache_dir": cache_dir, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # in a dir of ours only: the CLI trusts it
+        private_dir(os.path.dirname(path), what="pointer dir")
+        atomic_write(path, json.dumps({"cache_dir": cache_dir, "pid": os.getpid()}).encode(),
+                     mode=0o600)
 
 
 def run_supervisor(cache_dir: str) -> int:

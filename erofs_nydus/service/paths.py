@@ -10,6 +10,8 @@ import signal
 import socket
 from dataclasses import dataclass
 
+from erofs_nydus.fsutil import open_private, private_dir
+
 __all__ = ["RunPaths"]
 
 _SUN_PATH_MAX = 107
@@ -48,8 +50,8 @@ def take_supervisor_lock(paths: RunPaths) -> int | None:
 
     Returns the locked fd (keep it open), or None when another supervisor holds it.
     """
-    os.makedirs(paths.cache_dir, exist_ok=True)
-    lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    private_dir(paths.cache_dir)  # ours, not writable by others (UnsafePathError)
+    lock_fd = open_private(paths.lock, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,8 +65,11 @@ def take_supervisor_lock(paths: RunPaths) -> int | None:
 
 
 def listen_unix(path: str) -> socket.socket:
-    """A listening unix stream socket at `path` (mode 0600), replacing a stale one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """A listening unix stream socket at `path` (mode 0600), replacing a stale one.
+
+    Bound in a private dir (ours, 0700 when we make it): nobody else can connect in
+    the moment between bind and chmod, nor swap the socket for their own."""
+    private_dir(os.path.dirname(path), what="socket dir")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,0 +1,260 @@
+"""Threat model, local users: the cache dir and the daemon's sockets.
+
+A local user who is not root must not be able to make the root daemon write a file
+of their choosing, read an image's private files out of the cache, or answer the
+root CLI in the daemon's place.  What holds that:
+
+* the cache dir must be a real directory owned by us and not group/world-writable
+  (refused with one line otherwise); we create it 0700 whatever the umask;
+* every file in it (cache files, chunk maps, `daemon.lock`, `daemon.log`, state,
+  bootstrap copies) is opened relative to a directory fd without following a
+  symlink, created O_EXCL with mode 0600: a symlink planted by whoever could write
+  there once is refused, its target never written;
+* the CLI trusts `daemon.sock` only if the process serving it is root (SO_PEERCRED);
+* host mounts are `nosuid,nodev` unless `mount --allow-suid-dev`: a setuid binary or a
+  device node inside an image gives nobody anything;
+* control requests are bounded (a line over 1 MiB gets an error reply, the daemon
+  lives on) and range-checked; repeated log lines are rate-limited, the log capped.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_support import (
+    BuiltImage,
+    build_image,
+    fanotify_usable,
+    make_blob,
+    make_payloads,
+    run_cli,
+)
+
+from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
+from erofs_nydus.daemon.chunkmap import ChunkMap
+from erofs_nydus.errors import UnsafePathError
+from erofs_nydus.fsutil import open_private, private_dir
+from erofs_nydus.mount import is_mountpoint
+from erofs_nydus.service.client import DaemonClient
+from erofs_nydus.service.paths import RunPaths, take_supervisor_lock
+
+NOBODY = 65534
+TARGET_TEXT = b"precious: must never be overwritten\n"
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Path:
+    """A file a planted symlink points at (think /etc/shadow)."""
+    t = tmp_path / "target"
+    t.write_bytes(TARGET_TEXT)
+    return t
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return Path(private_dir(tmp_path / "cache"))
+
+
+@pytest.fixture
+def umask0() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(os.lstat(p).st_mode)
+
+
+# -- planted symlinks -------------------------------------------------------------------
+
+
+def test_symlink_for_cache_file_is_refused(cache: Path, target: Path) -> None:
+    sb = make_blob(make_payloads([5000, 9000]))
+    data, _ = cache_paths(str(cache), sb.blob.blob_id)
+    os.symlink(target, data)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        BlobCacheFile(str(cache), sb.blob, sb.chunks, durable=False)
+    assert target.read_bytes() == TARGET_TEXT
+
+
+def test_symlink_for_chunk_map_is_refused(cache: Path, target: Path) -> None:
+    sb = make_blob(make_payloads([5000, 9000]))
+    _, cmap = cache_paths(str(cache), sb.blob.blob_id)
+    BlobCacheFile(str(cache), sb.blob, sb.chunks, durable=False).close()
+    os.unlink(cmap)
+    os.symlink(target, cmap)  # next to a cache file of the right size: kept, then opened
+    with pytest.raises(UnsafePathError, match="symlink"):
+        BlobCacheFile(str(cache), sb.blob, sb.chunks, durable=False)
+    with pytest.raises(UnsafePathError):
+        ChunkMap.open(cmap, 8)
+    assert target.read_bytes() == TARGET_TEXT
+
+
+def test_symlink_for_lock_file_is_refused(cache: Path, target: Path) -> None:
+    paths = RunPaths.of(cache)
+    os.symlink(target, paths.lock)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        take_supervisor_lock(paths)
+    with pytest.raises(UnsafePathError):
+        DaemonClient(cache).supervisor_running()
+    assert target.read_bytes() == TARGET_TEXT
+
+
+def test_symlink_for_log_is_refused(cache: Path, target: Path) -> None:
+    client = DaemonClient(cache)
+    os.symlink(target, client.paths.log)
+    with pytest.raises(UnsafePathError):
+        client.open_log()
+    assert target.read_bytes() == TARGET_TEXT
+
+
+def test_dangling_symlink_is_not_created_through(cache: Path, tmp_path: Path) -> None:
+    os.symlink(tmp_path / "would-be-created", cache / "x")
+    with pytest.raises(UnsafePathError):
+        open_private(cache / "x", os.O_RDWR | os.O_CREAT)
+    assert not (tmp_path / "would-be-created").exists()
+
+
+def test_hard_link_and_fifo_are_refused(cache: Path, target: Path) -> None:
+    os.link(target, cache / "linked")
+    with pytest.raises(UnsafePathError, match="hard link"):
+        open_private(cache / "linked", os.O_RDWR | os.O_CREAT)
+    os.mkfifo(cache / "fifo")
+    with pytest.raises(UnsafePathError, match="regular"):
+        open_private(cache / "fifo", os.O_RDONLY)  # and does not block
+    assert target.read_bytes() == TARGET_TEXT
+
+
+def test_symlinked_cache_dir_is_refused(tmp_path: Path) -> None:
+    real = Path(private_dir(tmp_path / "real"))
+    os.symlink(real, tmp_path / "link")
+    with pytest.raises(UnsafePathError, match="symlink"):
+        private_dir(tmp_path / "link")
+
+
+# -- the cache dir's owner and mode -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777, 0o702])
+def test_writable_cache_dir_is_refused(tmp_path: Path, mode: int) -> None:
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(mode)
+    with pytest.raises(UnsafePathError, match="writable by group or others") as ei:
+        private_dir(d)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(UnsafePathError):
+        take_supervisor_lock(RunPaths.of(d))
+    assert not (d / "daemon.lock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_foreign_owned_cache_dir_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, NOBODY, NOBODY)
+    with pytest.raises(UnsafePathError, match="owned by uid 65534"):
+        private_dir(d)
+    with pytest.raises(UnsafePathError):
+        DaemonClient(d).ensure_running()
+    assert os.listdir(d) == []
+
+
+# -- modes whatever the umask -----------------------------------------------------------
+
+
+def test_modes_with_umask_000(tmp_path: Path, umask0: None) -> None:
+    cdir = tmp_path / "new" / "cache"
+    private_dir(cdir)
+    assert _mode(cdir) == 0o700 and _mode(cdir.parent) == 0o755
+    sb = make_blob(make_payloads([5000, 9000]))
+    bc = BlobCacheFile(str(cdir), sb.blob, sb.chunks, durable=False)
+    bc.close()
+    data, cmap = cache_paths(str(cdir), sb.blob.blob_id)
+    assert _mode(Path(data)) == 0o600 and _mode(Path(cmap)) == 0o600
+    os.close(DaemonClient(cdir).open_log())
+    assert _mode(cdir / "daemon.log") == 0o600
+    fd = take_supervisor_lock(RunPaths.of(cdir))
+    assert fd is not None
+    os.close(fd)
+    assert _mode(cdir / "daemon.lock") == 0o600
+
+
+def test_old_world_readable_cache_file_is_tightened(cache: Path) -> None:
+    sb = make_blob(make_payloads([5000]))
+    data, _ = cache_paths(str(cache), sb.blob.blob_id)
+    Path(data).write_bytes(b"")
+    os.chmod(data, 0o644)
+    BlobCacheFile(str(cache), sb.blob, sb.chunks, durable=False).close()
+    assert _mode(Path(data)) == 0o600
+
+
+# -- through the CLI (real daemon, real mounts) -----------------------------------------
+
+kernel = pytest.mark.skipif(not fanotify_usable(),
+                            reason="needs root and pre-content fanotify (Linux >= 6.14)")
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    base = tmp_path_factory.mktemp("cdimg")
+    src = base / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(300_000))
+    return build_image(src, base / "img", "--chunk-size", "0x10000")
+
+
+def _mount(img: BuiltImage, mnt: Path, cache: Path, *extra: str
+           ) -> subprocess.CompletedProcess[str]:
+    mnt.mkdir(exist_ok=True)
+    return run_cli("mount", str(img.bootstrap), str(mnt), "--blob-dir", str(img.blob_dir),
+                   "--cache-dir", str(cache), "--mode", "fanotify", *extra, check=False)
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("erofs-nydus: error:"), r.stderr
+    return lines[0]
+
+
+@kernel
+@pytest.mark.kernel
+def test_mount_refuses_world_writable_cache_dir(small_image: BuiltImage, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    line = _one_line_error(_mount(small_image, tmp_path / "mnt", cache))
+    assert "writable by group or others" in line
+    assert os.listdir(cache) == [] and not is_mountpoint(tmp_path / "mnt")
+
+
+@kernel
+@pytest.mark.kernel
+def test_mount_refuses_planted_cache_file(small_image: BuiltImage, tmp_path: Path,
+                                          target: Path) -> None:
+    cache = Path(private_dir(tmp_path / "cache"))
+    (blob,) = small_image.blobs
+    os.symlink(target, cache / f"{blob.name}.blob.data")
+    line = _one_line_error(_mount(small_image, tmp_path / "mnt", cache))
+    assert "symlink" in line
+    assert target.read_bytes() == TARGET_TEXT and not is_mountpoint(tmp_path / "mnt")
+    assert not DaemonClient(cache).supervisor_running()
+
+
+@kernel
+@pytest.mark.kernel
+def test_mount_refuses_planted_lock(small_image: BuiltImage, tmp_path: Path,
+                                    target: Path) -> None:
+    cache = Path(private_dir(tmp_path / "cache"))
+    os.symlink(target, cache / "daemon.lock")
+    line = _one_line_error(_mount(small_image, tmp_path / "mnt", cache))
+    assert "symlink" in line and target.read_bytes() == TARGET_TEXT
