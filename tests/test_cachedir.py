@@ -19,11 +19,17 @@ root CLI in the daemon's place.  What holds that:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import socket
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_support import (
@@ -37,7 +43,7 @@ from daemon_support import (
 
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.chunkmap import ChunkMap
-from erofs_nydus.errors import UnsafePathError
+from erofs_nydus.errors import UnsafePathError, UsageError
 from erofs_nydus.fsutil import open_private, private_dir
 from erofs_nydus.mount import is_mountpoint
 from erofs_nydus.service.client import DaemonClient
@@ -258,3 +264,87 @@ def test_mount_refuses_planted_lock(small_image: BuiltImage, tmp_path: Path,
     os.symlink(target, cache / "daemon.lock")
     line = _one_line_error(_mount(small_image, tmp_path / "mnt", cache))
     assert "symlink" in line and target.read_bytes() == TARGET_TEXT
+
+
+# -- control requests are bounded -------------------------------------------------------
+
+BIG_LINE = b'{"op": "ping", "pad": "' + b"x" * (2 << 20) + b'"}\n'
+
+
+def _send_big_line_read_reply(sock: socket.socket) -> dict[str, Any]:
+    """Send a 2 MiB request line (in a thread: the daemon stops reading it) and return
+    the reply line."""
+    sock.settimeout(60)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the daemon drops the connection
+            sock.sendall(BIG_LINE)
+
+    t = threading.Thread(target=send)
+    t.start()
+    buf = b""
+    while not buf.endswith(b"\n"):
+        part = sock.recv(65536)
+        if not part:
+            break
+        buf += part
+    t.join(60)
+    assert buf, "connection closed without a reply"
+    reply: dict[str, Any] = json.loads(buf)
+    return reply
+
+
+BAD_REGISTER = [
+    ({"amplify": -1}, "amplify=-1 is out of range"),
+    ({"amplify": "big"}, "amplify='big': expected an integer"),
+    ({"prefetch_threads": 0}, "prefetch_threads=0 is out of range"),
+    ({"prefetch_threads": 100000}, "prefetch_threads=100000 is out of range"),
+    ({"prefetch_bandwidth": -5}, "prefetch_bandwidth=-5 is out of range"),
+]
+
+
+@kernel
+@pytest.mark.kernel
+def test_fanotify_daemon_bounds_control_requests(tmp_path: Path) -> None:
+    client = DaemonClient(tmp_path / "cache")
+    client.ensure_running()
+    try:
+        pid = client.request("ping")["pid"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(client.paths.socket)
+            reply = _send_big_line_read_reply(s)
+        assert reply["ok"] is False and "longer than 1048576 bytes" in reply["error"]
+        assert client.request("ping")["pid"] == pid  # the same worker: it did not crash
+        for extra, msg in BAD_REGISTER:
+            with pytest.raises(UsageError) as ei:
+                client.request("register", bootstrap="/nonexistent", mountpoint="/nonexistent",
+                               backend={"type": "local", "dir": "/"}, **extra)
+            assert msg in str(ei.value) and "\n" not in str(ei.value)
+        for deadline in (-1, 0, float("inf")):
+            with pytest.raises(UsageError, match="deadline="):
+                client.request("resolve", ref="127.0.0.1:9/none:latest", deadline=deadline)
+        assert client.request("ping")["pid"] == pid
+    finally:
+        client.shutdown()
+
+
+def test_fscache_daemon_bounds_control_requests(tmp_path: Path) -> None:
+    from erofs_nydus.service.fscache_daemon import FscacheWorker
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = FscacheWorker(-1, ours, str(private_dir(tmp_path / "cache")), threads=1)
+    served = threading.Thread(target=worker._serve_conn, args=(theirs,))
+    served.start()
+    try:
+        reply = _send_big_line_read_reply(ours)
+        assert reply["ok"] is False and "longer than 1048576 bytes" in reply["error"]
+        served.join(60)
+        assert not served.is_alive()
+        for extra, msg in BAD_REGISTER:
+            with pytest.raises(UsageError, match=re.escape(msg)):
+                worker.dispatch({"op": "register", "mode": "fscache", "bootstrap": "/x",
+                                 "mountpoint": "/x", "backend": {}, **extra})
+    finally:
+        ours.close()
+        worker.pool.shutdown()
+        worker.table.close()

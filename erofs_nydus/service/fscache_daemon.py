@@ -55,7 +55,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
@@ -357,7 +357,8 @@ class FscacheWorker:
             domain = req.get("domain_id")
             info = self.table.register(
                 str(req["bootstrap"]), dict(req["backend"]), mp,
-                amplify=int(req.get("amplify", 1 << 20)), prefetch=prefetch_settings(req),
+                amplify=request_number(req, "amplify", 1 << 20),
+                prefetch=prefetch_settings(req),
             )  # fmt: skip
             key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
             self.plane.registered(str(info["fsid"]))
@@ -396,8 +397,17 @@ class FscacheWorker:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
-            for line in f:
-                if len(line) > MAX_REQUEST:
+            while True:
+                line = f.readline(MAX_REQUEST + 1)
+                if not line:
+                    return
+                if len(line) > MAX_REQUEST:  # refused unread: the connection is dropped
+                    log.warning("control request over %d bytes refused", MAX_REQUEST)
+                    with contextlib.suppress(OSError):
+                        f.write(json.dumps({"ok": False, "type": "ProtocolError", "error":
+                                            f"request line longer than {MAX_REQUEST} bytes"},
+                                           ).encode() + b"\n")
+                        f.flush()
                     return
                 req: dict[str, Any] = {}
                 try:

@@ -26,7 +26,7 @@ import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from erofs_nydus.daemon.core import BlobServer
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, remove_mark
 from erofs_nydus.service import channel
@@ -136,7 +136,7 @@ class Worker:
                 str(req["bootstrap"]),
                 dict(req["backend"]),
                 str(req["mountpoint"]),
-                amplify=int(req.get("amplify", 1 << 20)),
+                amplify=request_number(req, "amplify", 1 << 20),
                 prefetch=prefetch_settings(req),
             )
             self.plane.registered(str(info["fsid"]))
@@ -176,8 +176,8 @@ class Worker:
             self.table.cache_dir,
             platform=req.get("platform"),
             plain_http="loopback" if plain == "loopback" else bool(plain),
-            deadline=float(req.get("deadline", 30.0)),
-            retries=int(req.get("retries", 3)),
+            deadline=request_number(req, "deadline", 30.0, integer=False),
+            retries=request_number(req, "retries", 3),
             docker_config=str(docker_config) if docker_config else None,
         )
         return {
@@ -195,6 +195,14 @@ class Worker:
             while True:
                 try:
                     line = await reader.receive_until(b"\n", MAX_REQUEST)
+                except anyio.DelimiterNotFound:
+                    # Refuse, say why, and drop the connection (the rest of the line
+                    # is never read): one client cannot take the daemon down.
+                    log.warning("control request over %d bytes refused", MAX_REQUEST)
+                    with contextlib.suppress(anyio.BrokenResourceError,
+                                             anyio.ClosedResourceError):
+                        await stream.send(json.dumps(_too_long()).encode() + b"\n")
+                    return
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     return
                 try:
@@ -246,6 +254,11 @@ class Worker:
                 tg.start_soon(self._idle_exit, idle)
             await self._stop.wait()
             tg.cancel_scope.cancel()
+
+
+def _too_long() -> dict[str, Any]:
+    return {"ok": False, "error": f"request line longer than {MAX_REQUEST} bytes",
+            "type": "ProtocolError"}
 
 
 def _setup_logging() -> None:
