@@ -23,9 +23,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +47,7 @@ from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.chunkmap import ChunkMap
 from erofs_nydus.errors import UnsafePathError, UsageError
 from erofs_nydus.fsutil import open_private, private_dir
-from erofs_nydus.mount import is_mountpoint
+from erofs_nydus.mount import is_mountpoint, mount_table
 from erofs_nydus.service.client import DaemonClient
 from erofs_nydus.service.paths import RunPaths, take_supervisor_lock
 
@@ -348,3 +350,71 @@ def test_fscache_daemon_bounds_control_requests(tmp_path: Path) -> None:
         ours.close()
         worker.pool.shutdown()
         worker.table.close()
+
+
+# -- nosuid,nodev host mounts -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def suid_dev_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """An image with a setuid-root copy of id(1) and a 0666 char device node (1:3)."""
+    base = tmp_path_factory.mktemp("suidimg")
+    src = base / "src"
+    src.mkdir(mode=0o755)
+    src.chmod(0o755)
+    shutil.copy("/usr/bin/id", src / "suid-id")
+    os.chmod(src / "suid-id", 0o4755)
+    os.mknod(src / "nulldev", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(src / "nulldev", 0o666)
+    return build_image(src, base / "img")
+
+
+@pytest.fixture
+def open_dir_for_nobody() -> Iterator[Path]:
+    """A directory user nobody can reach (pytest's tmp dirs are 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="en-suid-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        for mp in d.iterdir():
+            if is_mountpoint(mp):
+                run_cli("umount", str(mp), check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _euid_as_nobody(binary: Path) -> str:
+    r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        str(binary), "-u"], capture_output=True, text=True, timeout=60,
+                       check=True)  # fmt: skip
+    return r.stdout.strip()
+
+
+@kernel
+@pytest.mark.kernel
+def test_mounts_are_nosuid_nodev_unless_allowed(suid_dev_image: BuiltImage, tmp_path: Path,
+                                                open_dir_for_nobody: Path) -> None:
+    cache = tmp_path / "cache"
+    mp = open_dir_for_nobody / "mnt"
+    assert _mount(suid_dev_image, mp, cache).returncode == 0
+    try:
+        assert stat.S_IMODE((mp / "suid-id").stat().st_mode) == 0o4755
+        assert _euid_as_nobody(mp / "suid-id") == str(NOBODY)
+        with pytest.raises(PermissionError):
+            os.open(mp / "nulldev", os.O_WRONLY)
+        opts = next(m.options for m in mount_table() if m.mountpoint == str(mp))
+        assert {"nosuid", "nodev"} <= opts
+    finally:
+        run_cli("umount", str(mp))
+    # the explicit opt-out
+    assert _mount(suid_dev_image, mp, cache, "--allow-suid-dev").returncode == 0
+    try:
+        assert _euid_as_nobody(mp / "suid-id") == "0"
+        os.close(os.open(mp / "nulldev", os.O_WRONLY))
+    finally:
+        run_cli("umount", str(mp))
+
+
+def test_mount_help_documents_the_opt_out() -> None:
+    out = run_cli("mount", "--help").stdout
+    assert "--allow-suid-dev" in out and "nosuid,nodev" in out

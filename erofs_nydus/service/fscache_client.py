@@ -252,6 +252,7 @@ def mount_fscache(
     extra: dict[str, Any] | None = None,
     buffered_cache: bool | None = None,
     read_ahead_kb: int | None = None,
+    allow_suid_dev: bool = False,
 ) -> dict[str, Any]:
     """Register ``bootstrap`` with the fscache daemon of ``cache_dir`` (started if needed)
     and ``mount -t erofs -o fsid=<id>[,domain_id=<d>] none MOUNTPOINT``.  Returns the
@@ -263,7 +264,8 @@ def mount_fscache(
     effect.  ``read_ahead_kb``: readahead of the new mount's bdi, set after mounting
     (best effort, a warning when it cannot be); ``None`` takes
     ``$EROFS_NYDUS_FSCACHE_READ_AHEAD_KB``, else :data:`BUFFERED_READ_AHEAD_KB` when the
-    buffered cache is in effect; ``0`` keeps the kernel's default (128 KiB)."""
+    buffered cache is in effect; ``0`` keeps the kernel's default (128 KiB).
+    ``allow_suid_dev``: mount without ``nosuid,nodev``."""
     from erofs_nydus.fscache.device import unavailable_reason
     from erofs_nydus.mount import _check_option_value, mount_erofs_fscache
 
@@ -299,7 +301,8 @@ def mount_fscache(
         read_ahead_kb = _read_ahead_setting(buffered)
     bdis_before = erofs_bdis() if read_ahead_kb > 0 else set()
     try:
-        mount_erofs_fscache(mountpoint, str(info["mount_fsid"]), domain_id)
+        mount_erofs_fscache(mountpoint, str(info["mount_fsid"]), domain_id,
+                            allow_suid_dev=allow_suid_dev)
     except BaseException:
         remaining = client.request("detach", mountpoint=mountpoint)["remaining"]
         if remaining == 0:
