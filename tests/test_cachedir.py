@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -418,3 +419,59 @@ def test_mounts_are_nosuid_nodev_unless_allowed(suid_dev_image: BuiltImage, tmp_
 def test_mount_help_documents_the_opt_out() -> None:
     out = run_cli("mount", "--help").stdout
     assert "--allow-suid-dev" in out and "nosuid,nodev" in out
+
+
+# -- replies are believed from root only ------------------------------------------------
+
+
+def _serve_as_nobody(path: str, reply: dict[str, Any]) -> int:
+    """Fork a fake daemon: bind `path` as root (only root can write the dir), then
+    become nobody and listen (SO_PEERCRED reports who called listen) and answer every
+    connection with `reply`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        sock.close()
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"1", "fake daemon did not start"
+        os.close(ready_r)
+        return pid
+    code = 1
+    try:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+        sock.listen(8)
+        os.write(ready_w, b"1")
+        while True:
+            conn, _ = sock.accept()
+            with conn, contextlib.suppress(OSError):  # a client that hangs up at once
+                conn.recv(65536)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+    finally:
+        os._exit(code)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_control_socket_served_by_nobody_is_not_trusted(cache: Path) -> None:
+    from erofs_nydus.service.api import ApiClient, api_socket_path
+
+    client = DaemonClient(cache)
+    evil = {"ok": True, "pid": 1, "mounts": [], "fsid": "0" * 64,
+            "bootstrap": "/etc/shadow", "devices": ["/dev/sda"]}
+    pids = [_serve_as_nobody(client.paths.socket, evil),
+            _serve_as_nobody(api_socket_path(cache), evil)]
+    try:
+        with pytest.raises(UnsafePathError, match="served by uid 65534") as ei:
+            client.request("register", bootstrap="/x", backend={}, mountpoint="/x")
+        assert "\n" not in str(ei.value)
+        with pytest.raises(UnsafePathError):
+            client.ensure_running()  # neither believed nor replaced
+        with pytest.raises(UnsafePathError, match="served by uid 65534"):
+            ApiClient(cache).get_json("/api/v1/daemon")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

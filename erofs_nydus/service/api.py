@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import socketserver
 import threading
 import time
@@ -44,9 +45,9 @@ from erofs_nydus.daemon.core import LATENCY_BUCKETS
 from erofs_nydus.daemon.images import ImageEntry, ImageTable, prefetch_settings
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
-from erofs_nydus.errors import DaemonError, UsageError
+from erofs_nydus.errors import DaemonError, UnsafePathError, UsageError
 from erofs_nydus.fsutil import private_dir
-from erofs_nydus.service.paths import note_bound, unlink_own_socket
+from erofs_nydus.service.paths import check_peer_is_root, note_bound, unlink_own_socket
 
 __all__ = ["ApiClient", "ApiServer", "ControlPlane", "DaemonApi", "api_socket_path"]
 
@@ -366,6 +367,15 @@ class ApiClient:
             raise DaemonError(
                 f"no daemon serves {self.cache_dir} (no control API socket at {self.path})"
             )
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                s.connect(self.path)
+                check_peer_is_root(s, self.path)  # the dir is ours: no swap after this
+        except OSError as exc:
+            if isinstance(exc, UnsafePathError):
+                raise
+            raise DaemonError(f"control API at {self.path} not reachable: {exc}") from exc
         try:
             transport = httpx.HTTPTransport(uds=self.path)
             with httpx.Client(

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from erofs_nydus import errors
-from erofs_nydus.errors import DaemonError, ErofsNydusError
+from erofs_nydus.errors import DaemonError, ErofsNydusError, UnsafePathError
 from erofs_nydus.fsutil import open_private, private_dir
-from erofs_nydus.service.paths import RunPaths
+from erofs_nydus.service.paths import RunPaths, check_peer_is_root
 
 __all__ = ["DaemonClient", "DaemonUnreachable", "error_from_response"]
 
@@ -52,6 +52,7 @@ class DaemonClient:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(self.paths.socket)
+                check_peer_is_root(s, self.paths.socket)
                 s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
                 buf = b""
                 while not buf.endswith(b"\n"):
@@ -59,6 +60,8 @@ class DaemonClient:
                     if not part:
                         break
                     buf += part
+        except UnsafePathError:
+            raise
         except OSError as exc:
             raise DaemonUnreachable(
                 f"daemon for {self.paths.cache_dir} not reachable at {self.paths.socket}: {exc}"

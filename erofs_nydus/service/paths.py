@@ -8,11 +8,13 @@ import hashlib
 import os
 import signal
 import socket
+import struct
 from dataclasses import dataclass
 
+from erofs_nydus.errors import UnsafePathError
 from erofs_nydus.fsutil import open_private, private_dir
 
-__all__ = ["RunPaths"]
+__all__ = ["RunPaths", "check_peer_is_root"]
 
 _SUN_PATH_MAX = 107
 
@@ -99,3 +101,21 @@ def unlink_own_socket(path: str) -> None:
         st = os.stat(path)
         if _BOUND.get(path) == (st.st_dev, st.st_ino):
             os.unlink(path)
+
+
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+def check_peer_is_root(sock: socket.socket, path: str) -> None:
+    """Refuse a control socket not served by root (SO_PEERCRED: who called listen()).
+
+    The CLI acts on the daemon's replies (bootstrap and cache-file paths it mounts as
+    root); a socket someone else managed to put at `path` must not be believed.
+    """
+    pid, uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if uid != 0:
+        raise UnsafePathError(
+            f"{path} is served by uid {uid} (pid {pid}), not by root; refusing to trust "
+            "its replies"
+        )
