@@ -20,7 +20,9 @@ root CLI in the daemon's place.  What holds that:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -49,6 +51,7 @@ from erofs_nydus.daemon.chunkmap import ChunkMap
 from erofs_nydus.errors import UnsafePathError, UsageError
 from erofs_nydus.fsutil import open_private, private_dir
 from erofs_nydus.mount import is_mountpoint, mount_table
+from erofs_nydus.service import logs
 from erofs_nydus.service.client import DaemonClient
 from erofs_nydus.service.paths import RunPaths, take_supervisor_lock
 
@@ -475,3 +478,103 @@ def test_control_socket_served_by_nobody_is_not_trusted(cache: Path) -> None:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+# -- daemon.log: rate limit and size cap ------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _capture_logger(name: str, flt: logs.RateLimit) -> tuple[logging.Logger, io.StringIO]:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(flt)
+    lg = logging.getLogger(name)
+    lg.handlers[:] = [handler]
+    lg.propagate = False
+    lg.setLevel(logging.INFO)
+    return lg, out
+
+
+def test_repeated_log_lines_are_rate_limited() -> None:
+    clock = _Clock()
+    lg, out = _capture_logger("erofs_nydus.test.ratelimit", logs.RateLimit(20, 60.0, clock))
+    before = logs.suppressed_total()
+    for i in range(10_000):
+        lg.error("deny (EIO) fd=%d: chunk %d digest mismatch", i, i)
+        lg.info("other message %d", i) if i < 5 else None
+    lines = out.getvalue().splitlines()
+    assert len([x for x in lines if x.startswith("deny")]) == 20
+    assert len([x for x in lines if x.startswith("other")]) == 5
+    assert len([x for x in lines if "rate limit: more messages like this" in x]) == 1
+    assert len(lines) == 26
+    assert logs.suppressed_total() - before == 10_000 - 20
+    clock.now += 61  # the next window: a count of what was dropped, then lines again
+    lg.error("deny (EIO) fd=%d: chunk %d digest mismatch", 1, 1)
+    tail = out.getvalue().splitlines()[26:]
+    assert tail[0].startswith("9980 more like this were suppressed: deny (EIO)")
+    assert tail[1] == "deny (EIO) fd=1: chunk 1 digest mismatch"
+
+
+def test_daemon_log_is_rotated_and_capped(cache: Path) -> None:
+    path = str(cache / "daemon.log")
+    fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    other = os.dup(fd)  # a second process's stderr, sharing the file
+    stream = open(fd, "w", closefd=False)  # noqa: SIM115 - closed below
+    stream2 = open(other, "w", closefd=False)  # noqa: SIM115 - closed below
+    h1 = logs.CappedLogHandler(max_bytes=10_000, fds=(fd,), stream=stream)
+    h2 = logs.CappedLogHandler(max_bytes=10_000, fds=(other,), stream=stream2)
+    try:
+        assert h1.manage(path) and h2.manage(path)
+        assert not logs.CappedLogHandler(stream=io.StringIO(), fds=(0,)).manage(path)
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "%s", ("y" * 99,), None)
+        for _ in range(1000):  # 100 KB of log
+            h1.emit(rec)
+        assert os.path.getsize(path) <= 10_100
+        assert 10_000 < os.path.getsize(path + ".1") <= 10_100
+        h2.emit(logging.LogRecord("x", logging.ERROR, __file__, 1, "from h2", (), None))
+        assert Path(path).read_text().endswith("from h2\n")  # followed the rotation
+    finally:
+        stream.close()
+        stream2.close()
+        os.close(fd)
+        os.close(other)
+
+
+@kernel
+@pytest.mark.kernel
+def test_hammering_a_corrupt_file_logs_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    from daemon_support import daemon_metrics
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bad").write_bytes(os.urandom(200_000))
+    img = build_image(src, tmp_path / "img", "--chunk-size", "0x10000")
+    (blob,) = img.blobs
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    mp = tmp_path / "mnt"
+    assert _mount(img, mp, cache, "--amplify", "0").returncode == 0
+    try:
+        fd = os.open(mp / "bad", os.O_RDONLY)
+        try:
+            for _ in range(2000):
+                with pytest.raises(OSError):
+                    os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        log_text = (cache / "daemon.log").read_text()
+        deny = [x for x in log_text.splitlines() if "deny (EIO)" in x]
+        assert 1 <= len(deny) <= 40, len(deny)
+        assert "rate limit: more messages like this are suppressed" in log_text
+        assert daemon_metrics(cache)["erofs_nydus_log_suppressed_total"] >= 1900
+    finally:
+        run_cli("umount", str(mp))

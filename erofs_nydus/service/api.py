@@ -47,6 +47,7 @@ from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DaemonError, UnsafePathError, UsageError
 from erofs_nydus.fsutil import private_dir
+from erofs_nydus.service import logs
 from erofs_nydus.service.paths import check_peer_is_root, note_bound, unlink_own_socket
 
 __all__ = ["ApiClient", "ApiServer", "ControlPlane", "DaemonApi", "api_socket_path"]
@@ -282,6 +283,8 @@ class _Collector:
             blob.add_metric([bid, "size"], b["size"])
             blob.add_metric([bid, "present"], b["present"])
         yield blob
+        yield counter("log_suppressed", "daemon.log lines dropped by the rate limit",
+                      logs.suppressed_total())
         yield GaugeMetricFamily(f"{p}_mounts", "Mounts served",
                                 value=len(self.api.table.mountpoints()))  # fmt: skip
         yield GaugeMetricFamily(f"{p}_uptime_seconds", "Seconds since the daemon started",

@@ -61,6 +61,7 @@ from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
 from erofs_nydus.fsutil import atomic_write, private_dir
+from erofs_nydus.service import logs
 from erofs_nydus.service.api import ControlPlane
 from erofs_nydus.service.paths import (
     RunPaths,
@@ -495,17 +496,13 @@ class FscacheWorker:
                 self.on_read(msg)  # completes it (the object may be gone: EIO)
 
 
-def _setup_logging(role: str) -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def _setup_logging(role: str, cache_dir: str) -> None:
+    logs.install(f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
+                 RunPaths.of(cache_dir).log)
 
 
 def _run_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
-    _setup_logging("daemon")
+    _setup_logging("daemon", cache_dir)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -549,7 +546,7 @@ def _write_pointer(cache_dir: str) -> None:
 
 def run_supervisor(cache_dir: str) -> int:
     """Hold /dev/cachefiles for ``cache_dir`` and keep a worker serving it."""
-    _setup_logging("supervisor")
+    _setup_logging("supervisor", cache_dir)
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)
     if lock_fd is None:

@@ -29,8 +29,9 @@ from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, remove_mark
-from erofs_nydus.service import channel
+from erofs_nydus.service import channel, logs
 from erofs_nydus.service.api import ControlPlane
+from erofs_nydus.service.paths import RunPaths
 
 __all__ = ["Worker", "main"]
 
@@ -262,12 +263,7 @@ def _too_long() -> dict[str, Any]:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    logs.install(f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s")
 
 
 def run_worker(channel_fd: int) -> int:
@@ -280,6 +276,7 @@ def run_worker(channel_fd: int) -> int:
         log.error("bad hello from supervisor: %r", msg)
         return 2
     group_fd, listen_fd = fds[:2]
+    logs.set_log_file(RunPaths.of(str(msg["cache_dir"])).log)
     kept = _receive_kept_fds(chan, msg, fds[2:])
     listener = socket.socket(fileno=listen_fd)
     worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]),
