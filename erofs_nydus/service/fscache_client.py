@@ -285,6 +285,7 @@ def mount_fscache(
         )
     if buffered_cache is None:
         buffered_cache = buffered_cache_requested()
+    private_dir(cache_dir)  # before anything is made in it: 0700, ours
     buffered = prepare_buffered_cache(cache_dir) if buffered_cache else False
     client = FscacheClient(cache_dir)
     started = client.ensure_running()

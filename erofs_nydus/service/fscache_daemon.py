@@ -60,7 +60,7 @@ from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
-from erofs_nydus.fsutil import atomic_write, private_dir
+from erofs_nydus.fsutil import atomic_write, open_private, private_dir
 from erofs_nydus.service import logs
 from erofs_nydus.service.api import ControlPlane
 from erofs_nydus.service.paths import (
@@ -278,7 +278,7 @@ class FscacheWorker:
 
     def _serve(self, obj: FsObject, m: p.ReadRequest) -> None:
         if obj.kind == "bootstrap":
-            with open(obj.path, "rb", buffering=0) as f:
+            with os.fdopen(open_private(obj.path, os.O_RDONLY), "rb", buffering=0) as f:
                 src = f.fileno()
                 if obj.size <= WHOLE_BOOTSTRAP_MAX:
                     with obj.lock:
