@@ -80,7 +80,7 @@ def private_dir(path: str | os.PathLike[str], *, what: str = "cache dir") -> str
     0755, whatever the umask) if missing.  Returns the absolute path.
 
     Raises UnsafePathError (one line) for a symlink, a directory owned by another
-    user, or one group/world-writable.
+    user (root's are fine: root could do anything anyway), or one group/world-writable.
     """
     path = os.path.abspath(os.fspath(path))
     created = False
@@ -98,10 +98,10 @@ def private_dir(path: str | os.PathLike[str], *, what: str = "cache dir") -> str
         st = os.fstat(fd)
     finally:
         os.close(fd)
-    if st.st_uid != os.geteuid():
+    if st.st_uid not in (os.geteuid(), 0):
         raise UnsafePathError(
-            f"{what} {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}); "
-            "use a directory of our own"
+            f"{what} {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}) "
+            "or root; use a directory of our own"
         )
     if st.st_mode & 0o022:
         raise UnsafePathError(
@@ -117,7 +117,7 @@ def open_at(
     """open(2) `name` relative to `dir_fd` without following a symlink.
 
     With O_CREAT a missing file is created O_EXCL with exactly `mode` (fchmod: the
-    umask does not apply); an existing one must be a regular file we own, and a file
+    umask does not apply); an existing one must be a regular file we (or root) own, and a file
     opened for writing must have no other hard link.  Group/other bits beyond `mode`
     on a file opened for writing are removed.  O_TRUNC truncates after those checks.
     Raises UnsafePathError for what could be a plant, OSError otherwise.
@@ -153,7 +153,7 @@ def open_at(
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePathError(f"{shown} is not a regular file; refusing it")
-        if st.st_uid != os.geteuid():
+        if st.st_uid not in (os.geteuid(), 0):
             raise UnsafePathError(f"{shown} is owned by uid {st.st_uid}, not by us; refusing it")
         if writable and st.st_nlink != 1:
             raise UnsafePathError(f"{shown} has {st.st_nlink} hard links; refusing to write it")

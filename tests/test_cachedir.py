@@ -145,6 +145,14 @@ def test_hard_link_and_fifo_are_refused(cache: Path, target: Path) -> None:
     assert target.read_bytes() == TARGET_TEXT
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_file_owned_by_someone_else_is_refused(cache: Path) -> None:
+    (cache / "theirs").write_bytes(b"")
+    os.chown(cache / "theirs", NOBODY, NOBODY)
+    with pytest.raises(UnsafePathError, match="owned by uid 65534"):
+        open_private(cache / "theirs", os.O_RDONLY)
+
+
 def test_symlinked_cache_dir_is_refused(tmp_path: Path) -> None:
     real = Path(private_dir(tmp_path / "real"))
     os.symlink(real, tmp_path / "link")
