@@ -80,12 +80,16 @@ def private_dir(path: str | os.PathLike[str], *, what: str = "cache dir") -> str
     0755, whatever the umask) if missing.  Returns the absolute path.
 
     Raises UnsafePathError (one line) for a symlink, a directory owned by another
-    user (root's are fine: root could do anything anyway), or one group/world-writable.
+    user (root's are fine: root could do anything anyway), or one group/world-writable;
+    also when a directory above it (after resolving symlinks, too) is another user's or
+    writable by others without the sticky bit: they could swap ours for theirs.
     """
     path = os.path.abspath(os.fspath(path))
     created = False
+    _mkdirs(os.path.dirname(path), 0o755)
+    for chain in dict.fromkeys((path, os.path.realpath(path))):  # symlinked parents too
+        _check_ancestors(chain, what)
     if not os.path.lexists(path):
-        _mkdirs(os.path.dirname(path), 0o755)
         try:
             os.mkdir(path, 0o700)
             created = True
@@ -109,6 +113,29 @@ def private_dir(path: str | os.PathLike[str], *, what: str = "cache dir") -> str
             f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w it or use another directory"
         )
     return path
+
+
+def _check_ancestors(path: str, what: str) -> None:
+    """Every directory above `path` must be ours or root's, and writable by nobody
+    else unless sticky (/tmp): otherwise its owner could move our directory away and
+    put theirs in its place."""
+    parent = os.path.dirname(path)
+    while True:
+        st = os.stat(parent)
+        if st.st_uid not in (os.geteuid(), 0):
+            raise UnsafePathError(
+                f"{what} {path}: {parent} above it is owned by uid {st.st_uid}, who could "
+                "replace it; use a directory only root controls"
+            )
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafePathError(
+                f"{what} {path}: {parent} above it is writable by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); use a directory only root controls"
+            )
+        up = os.path.dirname(parent)
+        if up == parent:
+            return
+        parent = up
 
 
 def open_at(

@@ -586,3 +586,24 @@ def test_hammering_a_corrupt_file_logs_a_bounded_number_of_lines(tmp_path: Path)
         assert daemon_metrics(cache)["erofs_nydus_log_suppressed_total"] >= 1900
     finally:
         run_cli("umount", str(mp))
+
+
+def test_cache_dir_under_a_directory_others_control_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could move our dir away and put theirs there
+    with pytest.raises(UnsafePathError, match="above it is writable by group or others"):
+        private_dir(shared / "cache")
+    assert not (shared / "cache").exists()
+    shared.chmod(0o1777)  # sticky, like /tmp: only the owner may rename an entry
+    assert private_dir(shared / "cache2") == str(shared / "cache2")
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, NOBODY, NOBODY)
+        with pytest.raises(UnsafePathError, match="owned by uid 65534, who could replace"):
+            private_dir(theirs / "cache")
+        os.symlink(theirs, tmp_path / "link")  # a parent reached through a symlink
+        (theirs / "sub").mkdir(mode=0o700)
+        with pytest.raises(UnsafePathError, match="owned by uid 65534"):
+            private_dir(tmp_path / "link" / "sub")
