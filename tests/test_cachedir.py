@@ -329,6 +329,10 @@ def test_fanotify_daemon_bounds_control_requests(tmp_path: Path) -> None:
             reply = _send_big_line_read_reply(s)
         assert reply["ok"] is False and "longer than 1048576 bytes" in reply["error"]
         assert client.request("ping")["pid"] == pid  # the same worker: it did not crash
+        from daemon_support import daemon_metrics
+
+        assert daemon_metrics(client.paths.cache_dir)[
+            "erofs_nydus_limit_hits_total{limit=control_request_bytes}"] == 1
         for extra, msg in BAD_REGISTER:
             with pytest.raises(UsageError) as ei:
                 client.request("register", bootstrap="/nonexistent", mountpoint="/nonexistent",
@@ -354,6 +358,7 @@ def test_fscache_daemon_bounds_control_requests(tmp_path: Path) -> None:
         assert reply["ok"] is False and "longer than 1048576 bytes" in reply["error"]
         served.join(60)
         assert not served.is_alive()
+        assert logs.limit_hits()["control_request_bytes"] >= 1
         for extra, msg in BAD_REGISTER:
             with pytest.raises(UsageError, match=re.escape(msg)):
                 worker.dispatch({"op": "register", "mode": "fscache", "bootstrap": "/x",

@@ -285,6 +285,11 @@ class _Collector:
         yield blob
         yield counter("log_suppressed", "daemon.log lines dropped by the rate limit",
                       logs.suppressed_total())
+        hits = CounterMetricFamily(f"{p}_limit_hits", "Times a bound was hit (and refused)",
+                                   labels=["limit"])
+        for name, n in sorted(logs.limit_hits().items()):
+            hits.add_metric([name], n)
+        yield hits
         yield GaugeMetricFamily(f"{p}_mounts", "Mounts served",
                                 value=len(self.api.table.mountpoints()))  # fmt: skip
         yield GaugeMetricFamily(f"{p}_uptime_seconds", "Seconds since the daemon started",

@@ -403,7 +403,8 @@ class FscacheWorker:
                 if not line:
                     return
                 if len(line) > MAX_REQUEST:  # refused unread: the connection is dropped
-                    log.warning("control request over %d bytes refused", MAX_REQUEST)
+                    logs.limit_hit("control_request_bytes", log,
+                                   "control request over %d bytes refused", MAX_REQUEST)
                     with contextlib.suppress(OSError):
                         f.write(json.dumps({"ok": False, "type": "ProtocolError", "error":
                                             f"request line longer than {MAX_REQUEST} bytes"},

@@ -25,7 +25,8 @@ from typing import TextIO
 
 from erofs_nydus.fsutil import open_private
 
-__all__ = ["CappedLogHandler", "RateLimit", "install", "set_log_file", "suppressed_total"]
+__all__ = ["CappedLogHandler", "RateLimit", "install", "limit_hit", "limit_hits", "set_log_file",
+           "suppressed_total"]
 
 DEFAULT_BURST = 20
 DEFAULT_WINDOW = 60.0
@@ -39,6 +40,22 @@ _suppressed_lock = threading.Lock()
 def suppressed_total() -> int:
     """Log lines this process dropped by rate limiting."""
     return _suppressed
+
+
+_limits: dict[str, int] = {}
+
+
+def limit_hit(name: str, logger: logging.Logger, msg: str, *args: object) -> None:
+    """A bound (request size, queue length...) was hit: log it (rate-limited like any
+    line) and count it, as `erofs_nydus_limit_hits{limit=name}`."""
+    with _suppressed_lock:
+        _limits[name] = _limits.get(name, 0) + 1
+    logger.warning(msg, *args)
+
+
+def limit_hits() -> dict[str, int]:
+    with _suppressed_lock:
+        return dict(_limits)
 
 
 class RateLimit(logging.Filter):

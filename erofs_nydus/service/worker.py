@@ -199,7 +199,8 @@ class Worker:
                 except anyio.DelimiterNotFound:
                     # Refuse, say why, and drop the connection (the rest of the line
                     # is never read): one client cannot take the daemon down.
-                    log.warning("control request over %d bytes refused", MAX_REQUEST)
+                    logs.limit_hit("control_request_bytes", log,
+                                   "control request over %d bytes refused", MAX_REQUEST)
                     with contextlib.suppress(anyio.BrokenResourceError,
                                              anyio.ClosedResourceError):
                         await stream.send(json.dumps(_too_long()).encode() + b"\n")
