@@ -117,11 +117,15 @@ def _mount_source(mountpoint: str) -> tuple[str, str] | None:
               "cache (readahead) instead of O_DIRECT: marks the cache dir chattr +j; "
               "in effect on ext4 mounted nodelalloc (or data=journal), whose cache writes "
               "are then journaled [env: EROFS_NYDUS_FSCACHE_BUFFERED=1].")
+@click.option("--allow-suid-dev", is_flag=True,
+              help="Honour setuid/setgid bits and device nodes in the image (default: the "
+              "mount is nosuid,nodev, as an image is someone else's content).")
 @config_options
 def mount_cmd(
     bootstrap: str, mountpoint: str, blob_dir: str | None, cache_dir: str, mode: str,
     amplify: int, plain_http: bool, platform: str | None, read_deadline: float,
     domain_id: str | None = None, buffered_cache: bool | None = None,
+    allow_suid_dev: bool = False,
 ) -> None:
     """Mount BOOTSTRAP (a file, with --blob-dir) or REF at MOUNTPOINT; data is fetched
     on first read.
@@ -148,7 +152,7 @@ def mount_cmd(
         raise UsageError(f"{mp} is already a mountpoint")
     if chosen == "fscache":
         _mount_fscache(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
-                       read_deadline, domain_id, buffered_cache)
+                       read_deadline, domain_id, buffered_cache, allow_suid_dev)
         return
     if domain_id is not None:
         raise UsageError("--domain-id is for --mode fscache")
@@ -181,7 +185,7 @@ def mount_cmd(
                 client.shutdown()
         raise
     try:
-        mount_erofs_file(info["bootstrap"], mp, info["devices"])
+        mount_erofs_file(info["bootstrap"], mp, info["devices"], allow_suid_dev=allow_suid_dev)
     except BaseException:
         remaining = client.request("detach", mountpoint=mp)["remaining"]
         if remaining == 0:
@@ -195,7 +199,8 @@ def mount_cmd(
 
 def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
                    plain_http: bool, platform: str | None, read_deadline: float,
-                   domain_id: str | None, buffered_cache: bool | None) -> None:
+                   domain_id: str | None, buffered_cache: bool | None,
+                   allow_suid_dev: bool = False) -> None:
     from erofs_nydus.service.fscache_client import mount_fscache
 
     backend = _mount_backend(bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline)
@@ -203,7 +208,7 @@ def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str
     backend = apply_backend_config(backend, current_config())
     info = mount_fscache(boot_path, mp, cache_dir, backend, amplify=amplify, domain_id=domain_id,
                          extra=current_config().register_args(),
-                         buffered_cache=buffered_cache)
+                         buffered_cache=buffered_cache, allow_suid_dev=allow_suid_dev)
     dom = f", domain {domain_id}" if domain_id else ""
     dom += ", buffered cache" if info["buffered_cache"] else ""
     click.echo(f"mounted {bootstrap} at {mp} (fscache, fsid {info['mount_fsid'][:16]}{dom}, "

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from erofs_nydus.daemon.chunkmap import ChunkMap
 from erofs_nydus.errors import DaemonError
+from erofs_nydus.fsutil import open_private
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 __all__ = ["BlobCacheFile", "cache_dir_lock", "cache_paths"]
@@ -90,7 +91,7 @@ class BlobCacheFile:
         nbits = max([blob.chunk_count, *(c.index + 1 for c in self.chunks)])
         own_fd = fd is None
         if fd is None:
-            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_private(self.data_path, os.O_RDWR | os.O_CREAT)  # 0600, no symlink
         self.fd = fd
         try:
             st = os.fstat(fd)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from erofs_nydus.errors import NotFoundError, RegistryError, UnsupportedError
-from erofs_nydus.fsutil import atomic_write
+from erofs_nydus.fsutil import atomic_write, private_dir
 from erofs_nydus.rafs.reader import BootstrapReader
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import RegistryClient
@@ -100,10 +100,10 @@ def _store_bootstrap(cache_dir: str, layer_digest: str, boot: bytes) -> str:
     sha = hashlib.sha256(boot).hexdigest()
     path = os.path.join(cache_dir, f"{sha}.boot")
     if not os.path.exists(path):
-        atomic_write(path, boot)
-    os.makedirs(os.path.join(cache_dir, LAYER_INDEX), exist_ok=True)
+        atomic_write(path, boot, mode=0o600)
+    private_dir(os.path.join(cache_dir, LAYER_INDEX))
     atomic_write(os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1]),
-                  sha.encode())
+                  sha.encode(), mode=0o600)
     return path
 
 
@@ -127,8 +127,7 @@ def resolve_remote_image(
     `deadline`: seconds per on-demand read in the daemon (retries included).
     """
     ref = parse_reference(text) if isinstance(text, str) else text
-    cache_dir = os.path.abspath(cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
+    cache_dir = private_dir(cache_dir)
     if docker_config is None:
         docker_config = os.environ.get("DOCKER_CONFIG") or None
     if isinstance(ref, LayoutReference):

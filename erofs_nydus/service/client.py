@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from erofs_nydus import errors
-from erofs_nydus.errors import DaemonError, ErofsNydusError
-from erofs_nydus.service.paths import RunPaths
+from erofs_nydus.errors import DaemonError, ErofsNydusError, UnsafePathError
+from erofs_nydus.fsutil import open_private, private_dir
+from erofs_nydus.service.paths import RunPaths, check_peer_is_root
 
 __all__ = ["DaemonClient", "DaemonUnreachable", "error_from_response"]
 
@@ -51,6 +52,7 @@ class DaemonClient:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(self.paths.socket)
+                check_peer_is_root(s, self.paths.socket)
                 s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
                 buf = b""
                 while not buf.endswith(b"\n"):
@@ -58,6 +60,8 @@ class DaemonClient:
                     if not part:
                         break
                     buf += part
+        except UnsafePathError:
+            raise
         except OSError as exc:
             raise DaemonUnreachable(
                 f"daemon for {self.paths.cache_dir} not reachable at {self.paths.socket}: {exc}"
@@ -81,7 +85,7 @@ class DaemonClient:
     def supervisor_running(self) -> bool:
         """True while some supervisor holds the cache dir's lock."""
         try:
-            fd = os.open(self.paths.lock, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_private(self.paths.lock, os.O_RDONLY)  # a planted symlink: refused
         except FileNotFoundError:
             return False
         try:
@@ -104,8 +108,9 @@ class DaemonClient:
         """Start the supervisor + daemon unless one serves this cache dir.
 
         Returns True if it was started now.  Daemonized: own session, stdio to
-        `<cache-dir>/daemon.log`.
+        `<cache-dir>/daemon.log`.  Refuses a cache dir others could write.
         """
+        private_dir(self.paths.cache_dir)
         if self.alive():
             return False
         spawned = 0
@@ -129,9 +134,13 @@ class DaemonClient:
             f"see {self.paths.log}"
         )
 
+    def open_log(self) -> int:
+        """The daemon's log (append, 0600) in its checked cache dir: its stdio."""
+        private_dir(self.paths.cache_dir)
+        return open_private(self.paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
     def _spawn(self) -> subprocess.Popen[bytes]:
-        os.makedirs(self.paths.cache_dir, exist_ok=True)
-        with open(self.paths.log, "ab") as logf:
+        with os.fdopen(self.open_log(), "ab") as logf:
             proc = subprocess.Popen(
                 [
                     sys.executable,

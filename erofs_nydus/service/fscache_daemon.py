@@ -55,11 +55,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
+from erofs_nydus.fsutil import atomic_write, open_private, private_dir
+from erofs_nydus.service import logs
 from erofs_nydus.service.api import ControlPlane
 from erofs_nydus.service.paths import (
     RunPaths,
@@ -276,7 +278,7 @@ class FscacheWorker:
 
     def _serve(self, obj: FsObject, m: p.ReadRequest) -> None:
         if obj.kind == "bootstrap":
-            with open(obj.path, "rb", buffering=0) as f:
+            with os.fdopen(open_private(obj.path, os.O_RDONLY), "rb", buffering=0) as f:
                 src = f.fileno()
                 if obj.size <= WHOLE_BOOTSTRAP_MAX:
                     with obj.lock:
@@ -356,7 +358,8 @@ class FscacheWorker:
             domain = req.get("domain_id")
             info = self.table.register(
                 str(req["bootstrap"]), dict(req["backend"]), mp,
-                amplify=int(req.get("amplify", 1 << 20)), prefetch=prefetch_settings(req),
+                amplify=request_number(req, "amplify", 1 << 20),
+                prefetch=prefetch_settings(req),
             )  # fmt: skip
             key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
             self.plane.registered(str(info["fsid"]))
@@ -395,8 +398,18 @@ class FscacheWorker:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
-            for line in f:
-                if len(line) > MAX_REQUEST:
+            while True:
+                line = f.readline(MAX_REQUEST + 1)
+                if not line:
+                    return
+                if len(line) > MAX_REQUEST:  # refused unread: the connection is dropped
+                    logs.limit_hit("control_request_bytes", log,
+                                   "control request over %d bytes refused", MAX_REQUEST)
+                    with contextlib.suppress(OSError):
+                        f.write(json.dumps({"ok": False, "type": "ProtocolError", "error":
+                                            f"request line longer than {MAX_REQUEST} bytes"},
+                                           ).encode() + b"\n")
+                        f.flush()
                     return
                 req: dict[str, Any] = {}
                 try:
@@ -484,17 +497,13 @@ class FscacheWorker:
                 self.on_read(msg)  # completes it (the object may be gone: EIO)
 
 
-def _setup_logging(role: str) -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def _setup_logging(role: str, cache_dir: str) -> None:
+    logs.install(f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
+                 RunPaths.of(cache_dir).log)
 
 
 def _run_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
-    _setup_logging("daemon")
+    _setup_logging("daemon", cache_dir)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -530,17 +539,15 @@ def _fork_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: b
 
 def _write_pointer(cache_dir: str) -> None:
     path = pointer_path()
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"cache_dir": cache_dir, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # in a dir of ours only: the CLI trusts it
+        private_dir(os.path.dirname(path), what="pointer dir")
+        atomic_write(path, json.dumps({"cache_dir": cache_dir, "pid": os.getpid()}).encode(),
+                     mode=0o600)
 
 
 def run_supervisor(cache_dir: str) -> int:
     """Hold /dev/cachefiles for ``cache_dir`` and keep a worker serving it."""
-    _setup_logging("supervisor")
+    _setup_logging("supervisor", cache_dir)
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)
     if lock_fd is None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from erofs_nydus.fanotify import protocol as fp
 from erofs_nydus.fanotify.handler import init_group
-from erofs_nydus.service import channel
+from erofs_nydus.service import channel, logs
 from erofs_nydus.service.paths import (
     RunPaths,
     listen_unix,
@@ -300,6 +300,7 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
     if lock_fd is None:
         log.info("a supervisor already serves %s", paths.cache_dir)
         return 0
+    logs.set_log_file(paths.log)  # capped, if it is our stderr
     group = init_group()
     listener = listen_unix(paths.socket)
     sup = _Supervisor(paths, group, listener, resident)
@@ -338,8 +339,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.install(f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s")

@@ -26,11 +26,12 @@ import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from erofs_nydus.daemon.core import BlobServer
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, remove_mark
-from erofs_nydus.service import channel
+from erofs_nydus.service import channel, logs
 from erofs_nydus.service.api import ControlPlane
+from erofs_nydus.service.paths import RunPaths
 
 __all__ = ["Worker", "main"]
 
@@ -136,7 +137,7 @@ class Worker:
                 str(req["bootstrap"]),
                 dict(req["backend"]),
                 str(req["mountpoint"]),
-                amplify=int(req.get("amplify", 1 << 20)),
+                amplify=request_number(req, "amplify", 1 << 20),
                 prefetch=prefetch_settings(req),
             )
             self.plane.registered(str(info["fsid"]))
@@ -176,8 +177,8 @@ class Worker:
             self.table.cache_dir,
             platform=req.get("platform"),
             plain_http="loopback" if plain == "loopback" else bool(plain),
-            deadline=float(req.get("deadline", 30.0)),
-            retries=int(req.get("retries", 3)),
+            deadline=request_number(req, "deadline", 30.0, integer=False),
+            retries=request_number(req, "retries", 3),
             docker_config=str(docker_config) if docker_config else None,
         )
         return {
@@ -195,6 +196,15 @@ class Worker:
             while True:
                 try:
                     line = await reader.receive_until(b"\n", MAX_REQUEST)
+                except anyio.DelimiterNotFound:
+                    # Refuse, say why, and drop the connection (the rest of the line
+                    # is never read): one client cannot take the daemon down.
+                    logs.limit_hit("control_request_bytes", log,
+                                   "control request over %d bytes refused", MAX_REQUEST)
+                    with contextlib.suppress(anyio.BrokenResourceError,
+                                             anyio.ClosedResourceError):
+                        await stream.send(json.dumps(_too_long()).encode() + b"\n")
+                    return
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     return
                 try:
@@ -248,13 +258,13 @@ class Worker:
             tg.cancel_scope.cancel()
 
 
+def _too_long() -> dict[str, Any]:
+    return {"ok": False, "error": f"request line longer than {MAX_REQUEST} bytes",
+            "type": "ProtocolError"}
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    logs.install(f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s")
 
 
 def run_worker(channel_fd: int) -> int:
@@ -267,6 +277,7 @@ def run_worker(channel_fd: int) -> int:
         log.error("bad hello from supervisor: %r", msg)
         return 2
     group_fd, listen_fd = fds[:2]
+    logs.set_log_file(RunPaths.of(str(msg["cache_dir"])).log)
     kept = _receive_kept_fds(chan, msg, fds[2:])
     listener = socket.socket(fileno=listen_fd)
     worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]),
