@@ -794,9 +794,13 @@ class RegistryClient:
     ) -> bytes:
         """Bytes [offset, offset+length) of a blob, via ``Range: bytes=a-b``.
 
-        A 206 answer must carry exactly that range.  A 200 answer (server ignores
-        Range) brings the whole blob, which is then verified and sliced.  Fewer
-        bytes than asked (range past the end) raise RegistryError.
+        A 206 answer must carry exactly that range and is read up to `length` bytes.
+        A 200 answer (a server ignoring Range, or a pull-through cache's first read)
+        is streamed: its first `offset` bytes are skipped, the next `length` kept and
+        the connection dropped, so a miss never buffers or hashes the whole blob.  The
+        slice cannot be checked against the blob digest then: callers verify what they
+        use (the daemon checks every chunk's digest).  Fewer bytes than asked (range
+        past the end) raise RegistryError.
         """
         image = as_image_reference(repo)
         check_digest(digest)
@@ -828,7 +832,12 @@ class RegistryClient:
                 if status not in (200, 206):
                     response.read()
                     raise self._fail(response, what)
-                body = self._read_body(response, dl, what)
+                if status == 206:
+                    content_range = response.headers.get("Content-Range", "")
+                    if content_range and not content_range.startswith(f"bytes {offset}-"):
+                        raise RegistryError(f"{what}: server sent range {content_range!r}")
+                data = self._read_window(response, dl, what, offset if status == 200 else 0,
+                                         length)
                 break
             except httpx.TransportError as exc:
                 failures += 1
@@ -836,20 +845,33 @@ class RegistryClient:
                     raise RegistryError(f"{what}: {type(exc).__name__}: {exc}") from exc
                 self._sleep_before_retry(failures - 1, dl, what)
             finally:
-                response.close()
-        if status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            if content_range and not content_range.startswith(f"bytes {offset}-"):
-                raise RegistryError(f"{what}: server sent range {content_range!r}")
-            data = body[:length]
-        else:
-            actual = sha256_digest(body)
-            if actual != digest:
-                raise DigestMismatchError(f"{what}: whole blob has digest {actual}")
-            data = body[offset : offset + length]
+                response.close()  # unread rest: httpx drops the connection
         if len(data) != length:
             raise RegistryError(f"{what}: short read ({len(data)} bytes)")
         return data
+
+    @staticmethod
+    def _read_window(
+        response: httpx.Response, dl: _Deadline, what: str, skip: int, length: int
+    ) -> bytes:
+        """Bytes [skip, skip+length) of a streaming body; stops reading right after them.
+
+        We ask for ``Accept-Encoding: identity``: a compressed answer would make each
+        network read inflate without bound, so it is refused.
+        """
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise RegistryError(f"{what}: unexpected Content-Encoding {encoding!r}")
+        buf = bytearray()
+        for piece in response.iter_bytes():  # identity: as received
+            dl.check(what)
+            if skip:
+                cut = min(skip, len(piece))
+                piece, skip = piece[cut:], skip - cut
+            buf += piece[: length - len(buf)]
+            if len(buf) >= length:
+                break
+        return bytes(buf)
 
     # -- blobs: writing ---------------------------------------------------------
 
