@@ -16,6 +16,7 @@ for anything else, naming HTTP status and URL.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import io
@@ -73,11 +74,40 @@ from erofs_nydus.registry.reference import (
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# Bounds of what a registry may make us hold or write (issue 11 invariant (e)).  Module
+# constants so a deployment can raise them; callers pass tighter ones where they know
+# the descriptor's size.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # manifests and indexes (distribution itself caps at 4 MiB)
+MAX_CONFIG_SIZE = 8 * 1024 * 1024  # image configs; get_blob's default bound
+MAX_BOOTSTRAP_LAYER_SIZE = 512 * 1024 * 1024  # a bootstrap layer (tar.gz), streamed to a file
 DEFAULT_CHUNK = 1024 * 1024
 USER_AGENT = "erofs-nydus/0.1"
 
 BlobData = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO
+
+
+class SizeLimitError(RegistryError):
+    """A registry answer exceeded a size bound (a limit constant or a descriptor's size)."""
+
+
+LIMIT_HITS: collections.Counter[str] = collections.Counter()
+_LIMIT_LOCK = threading.Lock()
+
+
+def note_limit(kind: str, message: str) -> SizeLimitError:
+    """Log and count one bound hit (`kind`: e.g. "manifest", "blob", "bootstrap");
+    returns the error to raise.  `LIMIT_HITS` is what metrics report."""
+    with _LIMIT_LOCK:
+        LIMIT_HITS[kind] += 1
+    log.info("size bound hit: %s", message)  # the daemon's log; the CLI prints the error
+    return SizeLimitError(message)
+
+
+def size_limit_text(max_size: int, name: str | None) -> str:
+    """``8 MiB (MAX_CONFIG_SIZE)``: a bound as a user reads it."""
+    n = f"{max_size >> 20} MiB" if max_size >= 1 << 20 and not max_size & 0xFFFFF else (
+        f"{max_size} bytes")
+    return f"{n} ({name})" if name else n
 
 
 class DeadlineExceededError(RegistryError, TimeoutError):
@@ -153,6 +183,24 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def blob_bound(
+    what: str, max_size: int | None, size: int | None, limit_name: str | None
+) -> tuple[int, str] | None:
+    """(bytes, how to name the bound) for a blob read, or None when unbounded.
+
+    A descriptor `size` beyond `max_size` fails now, before any download."""
+    if max_size is not None and size is not None and size > max_size:
+        raise note_limit(
+            "blob", f"{what}: its descriptor says {size} bytes, more than the limit of "
+            f"{size_limit_text(max_size, limit_name)}"
+        )
+    if size is not None:
+        return size, f"the descriptor's size of {size} bytes"
+    if max_size is not None:
+        return max_size, f"the limit of {size_limit_text(max_size, limit_name)}"
+    return None
 
 
 class BlobSource:
@@ -529,7 +577,10 @@ class RegistryClient:
         for piece in response.iter_bytes():
             buf += piece
             if limit is not None and len(buf) > limit:
-                raise RegistryError(f"{what}: answer larger than {limit} bytes")
+                raise note_limit(
+                    "manifest",
+                    f"{what}: answer larger than {size_limit_text(limit, 'MAX_MANIFEST_SIZE')}",
+                )
             dl.check(what)
         return bytes(buf)
 
@@ -695,21 +746,33 @@ class RegistryClient:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         deadline: float | None = None,
+        max_size: int | None = None,
+        size: int | None = None,
+        limit_name: str | None = None,
     ) -> Iterator[bytes]:
         """Iterate the blob in chunks of `chunk_size` (the last may be shorter).
 
         The sha256 is checked as bytes pass; a mismatch raises DigestMismatchError
         when the stream ends, so consumers must not commit data before exhausting it.
         A dropped connection resumes with ``Range: bytes=N-``.
+        `max_size` (named `limit_name` in errors) and the descriptor's `size` bound the
+        body: more bytes than either raise SizeLimitError as soon as they arrive.
         """
         image = as_image_reference(repo)
         check_digest(digest)
         if chunk_size <= 0:
             raise UsageError("chunk_size must be positive")
-        return self._blob_stream(image, digest, chunk_size, self._deadline(deadline))
+        what = f"blob {digest} in {image.name}"
+        bound = blob_bound(what, max_size, size, limit_name)
+        return self._blob_stream(image, digest, chunk_size, self._deadline(deadline), bound)
 
     def _blob_stream(
-        self, image: ImageReference, digest: str, chunk_size: int, dl: _Deadline
+        self,
+        image: ImageReference,
+        digest: str,
+        chunk_size: int,
+        dl: _Deadline,
+        bound: tuple[int, str] | None = None,
     ) -> Iterator[bytes]:
         what = f"blob {digest} in {image.name}"
         hasher = hashlib.sha256()
@@ -733,6 +796,11 @@ class RegistryClient:
                 if response.status_code not in (200, 206):
                     response.read()
                     raise self._fail(response, what)
+                length = response.headers.get("Content-Length", "")
+                if bound is not None and length.isdigit() and int(length) > bound[0] - (
+                    received if response.status_code == 206 else 0
+                ):
+                    raise note_limit("blob", f"{what}: {length} bytes exceed {bound[1]}")
                 skip = 0
                 if received and response.status_code == 200:
                     skip = received  # the server ignored Range: drop what we have
@@ -752,6 +820,8 @@ class RegistryClient:
                             continue
                     hasher.update(piece)
                     received += len(piece)
+                    if bound is not None and received > bound[0]:
+                        raise note_limit("blob", f"{what}: more bytes than {bound[1]}")
                     pending += piece
                     while len(pending) >= chunk_size:
                         out = bytes(pending[:chunk_size])
@@ -775,11 +845,27 @@ class RegistryClient:
             yield bytes(pending)
 
     def get_blob(
-        self, repo: Reference | str, digest: str, *, deadline: float | None = None
+        self,
+        repo: Reference | str,
+        digest: str,
+        *,
+        deadline: float | None = None,
+        max_size: int = MAX_CONFIG_SIZE,
+        size: int | None = None,
+        limit_name: str | None = None,
     ) -> bytes:
-        """The whole blob, verified against `digest`."""
+        """The whole blob in memory, verified against `digest`.
+
+        Bounded by `max_size` (default `MAX_CONFIG_SIZE`: configs are what is read
+        whole; stream anything bigger with open_blob_stream) and by the descriptor's
+        `size` when known.
+        """
+        if limit_name is None and max_size == MAX_CONFIG_SIZE:
+            limit_name = "MAX_CONFIG_SIZE"
         buf = bytearray()
-        for piece in self.open_blob_stream(repo, digest, deadline=deadline):
+        for piece in self.open_blob_stream(
+            repo, digest, deadline=deadline, max_size=max_size, size=size, limit_name=limit_name
+        ):
             buf += piece
         return bytes(buf)
 

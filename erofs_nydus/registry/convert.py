@@ -32,7 +32,7 @@ from typing import Any
 from erofs_nydus.builder import BuildOptions, create_image
 from erofs_nydus.builder.merge import merge_bootstraps
 from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
-from erofs_nydus.errors import RegistryError, UnsupportedError, UsageError
+from erofs_nydus.errors import UnsupportedError, UsageError
 from erofs_nydus.rafs.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
@@ -51,6 +51,7 @@ from erofs_nydus.registry.manifest import (
     parse_json_document,
     sha256_digest,
 )
+from erofs_nydus.registry.resolve import extract_bootstrap as extract_bootstrap  # bounded
 from erofs_nydus.registry.store import ImageStore, open_image_store
 
 BOOTSTRAP_NAME = "image/image.boot"
@@ -133,20 +134,6 @@ def bootstrap_layer_bytes(bootstrap: bytes) -> tuple[bytes, str]:
     return gzip.compress(tar, compresslevel=6, mtime=0), sha256_digest(tar)
 
 
-def extract_bootstrap(layer_tgz: bytes) -> bytes:
-    """The bootstrap out of a Nydus bootstrap layer."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(layer_tgz), mode="r:*") as tf:
-            for m in tf:
-                if m.name.lstrip("./") == BOOTSTRAP_NAME and m.isreg():
-                    f = tf.extractfile(m)
-                    assert f is not None
-                    return f.read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise RegistryError(f"bootstrap layer is not a readable tar.gz: {exc}") from exc
-    raise RegistryError(f"bootstrap layer has no {BOOTSTRAP_NAME}")
-
-
 def _layer_key(digest: str, opts: ConvertOptions) -> str:
     h = hashlib.sha256(f"{digest}|{opts.chunk_size}|{opts.compressor}|v1".encode())
     for p in opts.chunk_dicts:
@@ -174,7 +161,7 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
 
     def counted() -> Iterator[bytes]:
         nonlocal done
-        for piece in store.open_blob_stream(ref, layer.digest):
+        for piece in store.open_blob_stream(ref, layer.digest, size=layer.size):
             done += len(piece)
             if progress:
                 progress(label, done, layer.size)
@@ -260,7 +247,8 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
         man = src_store.get_manifest(src_ref, opts.platform)
         descs = manifest_blobs(man.data)
         config_desc, layers = descs[0], descs[1:]
-        config = parse_json_document(src_store.get_blob(src_ref, config_desc.digest))
+        config = parse_json_document(
+            src_store.get_blob(src_ref, config_desc.digest, size=config_desc.size))
         boots: list[str] = []
         cached = 0
         for i, layer in enumerate(layers):

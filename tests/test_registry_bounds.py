@@ -1,0 +1,197 @@
+"""Every registry body has a bound (issue 11 item 5, invariant (e)).
+
+What a registry (or whoever answers in its name) can do to us, and what stops it:
+an endless or oversized body ends at the descriptor's size or a named limit constant;
+a gzip bomb ends at MAX_BOOTSTRAP_INFLATED; each hit is one clear error line, logged
+and counted in `client.LIMIT_HITS`.  Fault servers: `FaultRegistry` (a real socket on
+127.0.0.1) where the code under test builds its own client, `httpx.MockTransport`
+where the test does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fault_registry import OCI_LAYER_GZIP, FaultRegistry, digest_of, endless, static
+
+from erofs_nydus.registry import RegistryClient, resolve
+from erofs_nydus.registry.client import LIMIT_HITS, SizeLimitError
+from erofs_nydus.registry.resolve import extract_bootstrap, resolve_remote_image
+
+NYDUS_BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true"}
+
+
+@pytest.fixture
+def fault() -> Iterator[FaultRegistry]:
+    server = FaultRegistry()
+    yield server
+    server.close()
+
+
+def _endless_transport() -> httpx.MockTransport:
+    def body() -> Iterator[bytes]:
+        while True:
+            yield b"{" * 65536
+
+    return httpx.MockTransport(lambda r: httpx.Response(200, content=body()))
+
+
+def test_get_blob_endless_body_stops_at_the_limit() -> None:
+    digest = "sha256:" + "a" * 64
+    with RegistryClient(plain_http=True, use_docker_config=False,
+                        transport=_endless_transport()) as c:
+        before = LIMIT_HITS["blob"]
+        with pytest.raises(SizeLimitError, match=r"8 MiB \(MAX_CONFIG_SIZE\)"):
+            c.get_blob("reg.test/app", digest, deadline=60)
+        with pytest.raises(SizeLimitError, match="descriptor's size of 1000 bytes"):
+            c.get_blob("reg.test/app", digest, size=1000, deadline=60)
+        with pytest.raises(SizeLimitError, match="descriptor's size of 1000 bytes"):
+            list(c.open_blob_stream("reg.test/app", digest, size=1000, deadline=60))
+        assert LIMIT_HITS["blob"] == before + 3
+
+
+def _tgz(entries: list[tuple[str, int, bytes | None]]) -> bytes:
+    """A tar.gz of (name, size, content or None for zeros) regular files."""
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        for name, size, content in entries:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            src = io.BytesIO(content) if content is not None else _Zeros(size)
+            tf.addfile(info, src)  # type: ignore[arg-type]
+    return raw.getvalue()
+
+
+class _Zeros:
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return b"\0" * n
+
+
+def test_extract_bootstrap_bounds_entry_and_inflated_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ok = _tgz([("image/image.boot", 5, b"hello")])
+    assert extract_bootstrap(ok) == b"hello"
+    monkeypatch.setattr(resolve, "MAX_BOOTSTRAP_SIZE", 1 << 20)
+    big = _tgz([("image/image.boot", 4 << 20, None)])
+    with pytest.raises(SizeLimitError, match=r"1 MiB \(MAX_BOOTSTRAP_SIZE\)"):
+        extract_bootstrap(big)
+    monkeypatch.setattr(resolve, "MAX_BOOTSTRAP_INFLATED", 8 << 20)
+    bomb = _tgz([("image/junk", 64 << 20, None), ("image/image.boot", 5, b"hello")])
+    assert len(bomb) < 1 << 20
+    with pytest.raises(SizeLimitError, match=r"inflates to more than 8 MiB "
+                       r"\(MAX_BOOTSTRAP_INFLATED\)"):
+        extract_bootstrap(bomb)
+
+
+def _leftovers(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.is_file()) if cache.exists() else []
+
+
+def test_resolve_endless_bootstrap_layer(fault: FaultRegistry, tmp_path: Path) -> None:
+    """The bootstrap layer is read inside the root daemon: an endless one must end."""
+    layer = b"x" * 1000
+    digest = fault.blob("app", layer, endless())
+    fault.image("app", "v1", {"architecture": "amd64", "os": "linux"},
+                [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": len(layer),
+                  "annotations": NYDUS_BOOT}])
+    cache = tmp_path / "cache"
+    with pytest.raises(SizeLimitError, match="descriptor's size of 1000 bytes") as info:
+        resolve_remote_image(fault.ref("app:v1"), str(cache), deadline=30)
+    assert "\n" not in str(info.value)
+    assert _leftovers(cache) == []
+
+
+def test_resolve_huge_descriptor_refused_before_download(
+    fault: FaultRegistry, tmp_path: Path
+) -> None:
+    digest = fault.blob("app", b"never served", endless())
+    fault.image("app", "v1", {"os": "linux"},
+                [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": 10 << 30,
+                  "annotations": NYDUS_BOOT}])
+    with pytest.raises(SizeLimitError, match=r"512 MiB \(MAX_BOOTSTRAP_LAYER_SIZE\)"):
+        resolve_remote_image(fault.ref("app:v1"), str(tmp_path / "cache"), deadline=30)
+    assert not [s for s in fault.requests if "/blobs/" in s.path]
+
+
+def test_resolve_gzip_bomb_with_correct_digest(
+    fault: FaultRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resolve, "MAX_BOOTSTRAP_INFLATED", 8 << 20)
+    bomb = _tgz([("image/junk", 64 << 20, None), ("image/image.boot", 5, b"hello")])
+    digest = fault.blob("app", bomb)
+    fault.image("app", "v1", {"os": "linux"},
+                [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": len(bomb),
+                  "annotations": NYDUS_BOOT}])
+    cache = tmp_path / "cache"
+    with pytest.raises(SizeLimitError, match="MAX_BOOTSTRAP_INFLATED"):
+        resolve_remote_image(fault.ref("app:v1"), str(cache), deadline=30)
+    assert _leftovers(cache) == []
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "erofs_nydus.cli", *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=cwd)
+
+
+def test_convert_endless_config_is_one_line(fault: FaultRegistry, tmp_path: Path) -> None:
+    config = b'{"os": "linux"}'
+    fault.blob("src", config, endless())
+    fault.manifest("src", "v1", {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest_of(config), "size": 100 << 20},
+        "layers": []})
+    target = tmp_path / "out"
+    proc = _cli("convert", "--source", fault.ref("src:v1"), "--target", f"oci:{target}:v1",
+                "--cache-dir", str(tmp_path / "cc"), "-q")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "MAX_CONFIG_SIZE" in proc.stderr
+    # no descriptor size: the limit constant bounds it
+    fault.manifest("src", "v2", {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest_of(config), "size": 16},
+        "layers": []})
+    proc = _cli("convert", "--source", fault.ref("src:v2"), "--target", f"oci:{target}:v1",
+                "--cache-dir", str(tmp_path / "cc"), "-q")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "descriptor's size of 16 bytes" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "inspect", "stat"])
+def test_bootstrap_commands_refuse_dev_zero(command: str) -> None:
+    proc = _cli(command, "/dev/zero")
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "erofs-nydus: error: /dev/zero: not a regular file"
+
+
+def test_merge_refuses_dev_zero(tmp_path: Path) -> None:
+    proc = _cli("merge", "/dev/zero", "/dev/zero", "-B", str(tmp_path / "m.boot"))
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "erofs-nydus: error: /dev/zero: not a regular file"
+
+
+def test_static_responder_serves(fault: FaultRegistry) -> None:
+    fault.route("/v2/x/tags/list", static(200, b'{"tags":["a"]}'))
+    with RegistryClient(plain_http=True, use_docker_config=False) as c:
+        assert c.list_tags(fault.ref("x")) == ["a"]
+
