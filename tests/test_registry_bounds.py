@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import subprocess
 import sys
@@ -23,8 +24,10 @@ import httpx
 import pytest
 from fault_registry import OCI_LAYER_GZIP, FaultRegistry, digest_of, endless, static
 
+from erofs_nydus.errors import RegistryError
 from erofs_nydus.registry import RegistryClient, resolve
 from erofs_nydus.registry.client import LIMIT_HITS, SizeLimitError
+from erofs_nydus.registry.manifest import OCI_MANIFEST, Descriptor, select_platform
 from erofs_nydus.registry.resolve import extract_bootstrap, resolve_remote_image
 
 NYDUS_BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true"}
@@ -195,3 +198,51 @@ def test_static_responder_serves(fault: FaultRegistry) -> None:
     with RegistryClient(plain_http=True, use_docker_config=False) as c:
         assert c.list_tags(fault.ref("x")) == ["a"]
 
+
+# -- digests are validated where they are parsed ---------------------------------------
+
+BAD_DIGESTS = [
+    "sha256:../../../../etc/passwd",
+    "sha256:" + "A" * 64,
+    "sha256:" + "a" * 63,
+    "sha256:" + "a" * 64 + "/x",
+    "sha512:" + "a" * 128,
+    "a" * 64,
+]
+
+
+@pytest.mark.parametrize("digest", BAD_DIGESTS)
+def test_descriptor_digest_validated_when_parsed(digest: str) -> None:
+    with pytest.raises(RegistryError, match="malformed descriptor digest"):
+        Descriptor.from_json({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": 1})
+    index = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": OCI_MANIFEST, "digest": digest, "size": 10,
+        "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    with pytest.raises(RegistryError, match="malformed descriptor digest"):
+        select_platform(index, "linux/amd64")
+
+
+def test_resolve_refuses_a_path_like_layer_digest(fault: FaultRegistry, tmp_path: Path) -> None:
+    """A manifest's digest must never reach the cache dir's paths (bootstrap-layers/<hex>)."""
+    planted = tmp_path / "planted"
+    planted.write_text("0" * 64)
+    evil = "sha256:../../planted"
+    fault.image("app", "v1", {"os": "linux"},
+                [{"mediaType": OCI_LAYER_GZIP, "digest": evil, "size": 10,
+                  "annotations": NYDUS_BOOT}])
+    with pytest.raises(RegistryError, match="malformed descriptor digest"):
+        resolve_remote_image(fault.ref("app:v1"), str(tmp_path / "c" / "cache"), deadline=30)
+    assert not [s for s in fault.requests if "/blobs/" in s.path]
+
+
+def test_manifest_digest_header_validated() -> None:
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            return httpx.Response(200, headers={"Docker-Content-Digest": "sha256:../../x"})
+        return httpx.Response(200, headers={"Content-Type": OCI_MANIFEST}, content=body)
+
+    with RegistryClient(plain_http=True, use_docker_config=False,
+                        transport=httpx.MockTransport(handler)) as c:
+        assert c.manifest_digest("reg.test/app:v1") == digest_of(body)

@@ -59,6 +59,7 @@ from erofs_nydus.registry.manifest import (
     ManifestResult,
     Platform,
     detect_media_type,
+    is_sha256_digest,
     select_platform,
     sha256_digest,
 )
@@ -654,8 +655,8 @@ class RegistryClient:
         )
         if response.status_code == 200:
             header = str(response.headers.get("Docker-Content-Digest", ""))
-            if header.startswith("sha256:"):
-                return header
+            if is_sha256_digest(header):
+                return header  # else: GET and digest the content ourselves
         elif response.status_code == 404:
             raise NotFoundError(f"manifest {image}: not found")
         return self._fetch_manifest(image, image.reference, dl).digest
