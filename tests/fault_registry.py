@@ -10,7 +10,7 @@ prefix, and records every request (method, path, headers).  Responders:
 * `redirect(location)`: 302 to `location` (a loop when it points back);
 * `slow(seconds, then)`: waits, then answers with `then`.
 
-Only ever binds 127.0.0.1.
+Only ever binds loopback (127.0.0.1 by default; 127.0.0.2 stands for another host).
 """
 
 from __future__ import annotations
@@ -87,17 +87,19 @@ class Seen:
 class FaultRegistry:
     """Routes: exact path, or a prefix ending in ``*``; unknown paths answer 404."""
 
-    def __init__(self) -> None:
+    def __init__(self, bind: str = "127.0.0.1") -> None:
+        assert bind.startswith("127."), "loopback only"
         self.routes: dict[str, Responder] = {}
         self.requests: list[Seen] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer((bind, 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self._server.server_address[1]}"
+        addr = self._server.server_address
+        return f"{addr[0]!s}:{addr[1]}"
 
     def ref(self, repo_tag: str) -> str:
         return f"{self.host}/{repo_tag}"

@@ -18,14 +18,16 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
 import pytest
 from fault_registry import OCI_LAYER_GZIP, FaultRegistry, digest_of, endless, static
 
-from erofs_nydus.errors import RegistryError
-from erofs_nydus.registry import RegistryClient, resolve
+from erofs_nydus.errors import AuthError, RegistryError
+from erofs_nydus.registry import Credentials, RegistryClient, resolve
+from erofs_nydus.registry.auth import credentials_withheld
 from erofs_nydus.registry.client import LIMIT_HITS, SizeLimitError
 from erofs_nydus.registry.manifest import OCI_MANIFEST, Descriptor, select_platform
 from erofs_nydus.registry.resolve import extract_bootstrap, resolve_remote_image
@@ -246,3 +248,83 @@ def test_manifest_digest_header_validated() -> None:
     with RegistryClient(plain_http=True, use_docker_config=False,
                         transport=httpx.MockTransport(handler)) as c:
         assert c.manifest_digest("reg.test/app:v1") == digest_of(body)
+
+
+# -- credentials go only to the registry's own token realm --------------------------------
+
+
+def _bearer_registry(registry: FaultRegistry, realm: str) -> None:
+    """The registry's manifest route: 401 with a Bearer challenge naming `realm`
+    unless a token came along."""
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+    challenge = f'Bearer realm="{realm}",service="svc",scope="repository:app:pull"'
+
+    def answer(h: BaseHTTPRequestHandler) -> None:
+        if h.headers.get("Authorization", "").startswith("Bearer "):
+            static(200, body, {"Content-Type": OCI_MANIFEST})(h)
+        else:
+            static(401, b"{}", {"WWW-Authenticate": challenge})(h)
+
+    registry.route("/v2/app/manifests/v1", answer)
+
+
+TOKEN_OK = static(200, b'{"token": "t0k", "expires_in": 300}',
+                  {"Content-Type": "application/json"})
+
+
+def test_credentials_never_go_to_a_realm_on_another_host(fault: FaultRegistry) -> None:
+    """A registry names the realm: one on another host (127.0.0.2 here) gets no password."""
+    other = FaultRegistry("127.0.0.2")
+    same = FaultRegistry("127.0.0.1")
+    try:
+        creds = Credentials("alice", "s3cret")
+        for realm_server, sent in ((other, False), (same, True)):
+            realm_server.route("/token", TOKEN_OK)
+            _bearer_registry(fault, f"http://{realm_server.host}/token")
+            with RegistryClient(plain_http="loopback", credentials=creds,
+                                use_docker_config=False) as c:
+                c.get_manifest(fault.ref("app:v1"))
+            (seen,) = realm_server.requests
+            assert ("Authorization" in seen.headers) == sent, seen
+            assert ("account=alice" in seen.path) == sent
+        # a realm elsewhere that refuses anonymous tokens: the error says why
+        other.route("/token", static(401, b"{}"))
+        with RegistryClient(plain_http="loopback", credentials=creds,
+                            use_docker_config=False, retries=0) as c:
+            _bearer_registry(fault, f"http://{other.host}/token")
+            with pytest.raises(AuthError, match=r"credentials withheld: token realm .* another"):
+                c.get_manifest(fault.ref("app:v1"))
+        assert all("Authorization" not in s.headers for s in other.requests)
+    finally:
+        other.close()
+        same.close()
+
+
+@pytest.mark.parametrize(("realm", "sent"), [
+    ("http://reg.test/token", False),  # https registry, http realm: never
+    ("https://reg.test:8443/token", True),  # same host, any port, https
+    ("https://auth.test/token", False),  # another host
+])
+def test_https_registry_realm_rule(realm: str, sent: bool) -> None:
+    token_requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            token_requests.append(request)
+            return httpx.Response(200, json={"token": "t0k"})
+        if request.headers.get("Authorization") == "Bearer t0k":
+            return httpx.Response(200, headers={"Content-Type": OCI_MANIFEST}, content=b"{}")
+        return httpx.Response(401, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
+
+    with RegistryClient(credentials=Credentials("u", "p"), use_docker_config=False,
+                        transport=httpx.MockTransport(handler)) as c:
+        c.get_manifest("reg.test/app:v1")
+    (req,) = token_requests
+    assert ("Authorization" in req.headers) == sent
+
+
+def test_docker_hub_realm_alias() -> None:
+    assert credentials_withheld("https://auth.docker.io/token",
+                                "https://registry-1.docker.io") is None
+    assert credentials_withheld("https://auth.docker.io.evil/token",
+                                "https://registry-1.docker.io") is not None

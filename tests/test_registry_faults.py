@@ -413,14 +413,14 @@ def test_bearer_token_flow_and_refusal() -> None:
     accept = {"good-token"}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "auth.test":
+        if request.url.path == "/token":
             token_requests.append(request)
             return httpx.Response(200, json={"access_token": "good-token", "expires_in": 300})
         auth = request.headers.get("Authorization", "")
         if auth.removeprefix("Bearer ") in accept:
             return manifest_ok(request)
         challenge = (
-            'Bearer realm="http://auth.test/token",service="reg.test",scope="repository:app:pull"'
+            'Bearer realm="http://reg.test/token",service="reg.test",scope="repository:app:pull"'
         )
         return httpx.Response(401, headers={"WWW-Authenticate": challenge})
 

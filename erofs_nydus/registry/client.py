@@ -47,6 +47,7 @@ from erofs_nydus.registry.auth import (
     BearerToken,
     Challenge,
     Credentials,
+    credentials_withheld,
     fetch_bearer_token,
     load_docker_credentials,
     merge_scopes,
@@ -314,6 +315,7 @@ class RegistryClient:
         self._host_auth: dict[str, _HostAuth] = {}
         self._tokens: dict[tuple[str, tuple[str, ...]], BearerToken] = {}
         self._creds_cache: dict[str, Credentials | None] = {}
+        self._withheld: dict[str, str] = {}  # host -> why its realm got no credentials
         self._http = httpx.Client(
             verify=verify,
             transport=transport,
@@ -337,10 +339,13 @@ class RegistryClient:
 
     # -- plumbing ---------------------------------------------------------------
 
+    def _host_url(self, host: str) -> str:
+        if self.plain_http == "loopback" and is_loopback_host(host):
+            return f"http://{host}"
+        return f"{self.scheme}://{host}"
+
     def _base_url(self, ref: ImageReference) -> str:
-        if self.plain_http == "loopback" and is_loopback_host(ref.api_host):
-            return f"http://{ref.api_host}"
-        return f"{self.scheme}://{ref.api_host}"
+        return self._host_url(ref.api_host)
 
     def _api_url(self, ref: ImageReference, tail: str) -> str:
         return f"{self._base_url(ref)}/v2/{ref.repository}/{tail}"
@@ -452,6 +457,12 @@ class RegistryClient:
     ) -> BearerToken:
         wanted = merge_scopes(challenge.scope, scopes)
         creds = self.credentials_for(host)
+        withheld = credentials_withheld(challenge.realm or "", self._host_url(host))
+        if creds is not None and withheld is not None:
+            log.info("%s: asking for an anonymous token: %s", host, withheld)
+            with self._lock:
+                self._withheld[host] = withheld
+            creds = None
 
         def send(req: httpx.Request) -> httpx.Response:
             def make(timeout: float) -> httpx.Request:
@@ -460,7 +471,12 @@ class RegistryClient:
 
             return self._send(make, dl)
 
-        token = fetch_bearer_token(send, challenge, wanted, creds)
+        try:
+            token = fetch_bearer_token(send, challenge, wanted, creds)
+        except AuthError as exc:
+            if withheld is None or self.credentials_for(host) is None:
+                raise
+            raise AuthError(f"{exc}; credentials withheld: {withheld}") from exc
         with self._lock:
             self._tokens[(host, scopes)] = token
         return token
@@ -544,6 +560,10 @@ class RegistryClient:
             if round_ == 1 or (auth is not None and not self._may_reauth(host, auth)):
                 creds = self.credentials_for(host)
                 who = f"as {creds.username!r}" if creds else "anonymously"
+                with self._lock:
+                    withheld = self._withheld.get(host)
+                if withheld and creds:
+                    who = f"anonymously (credentials withheld: {withheld})"
                 raise AuthError(
                     f"{method} {target}: authentication {who} refused (HTTP 401"
                     f"{_error_detail(response)})"
