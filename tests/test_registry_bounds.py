@@ -23,10 +23,24 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_registry import OCI_LAYER_GZIP, FaultRegistry, digest_of, endless, static
+from fault_registry import (
+    OCI_LAYER_GZIP,
+    FaultRegistry,
+    digest_of,
+    endless,
+    redirect,
+    slow,
+    static,
+)
 
 from erofs_nydus.errors import AuthError, RegistryError
-from erofs_nydus.registry import Credentials, RegistryClient, resolve
+from erofs_nydus.registry import (
+    Credentials,
+    DeadlineExceededError,
+    OCILayout,
+    RegistryClient,
+    resolve,
+)
 from erofs_nydus.registry.auth import credentials_withheld
 from erofs_nydus.registry.client import LIMIT_HITS, SizeLimitError
 from erofs_nydus.registry.manifest import OCI_MANIFEST, Descriptor, select_platform
@@ -328,3 +342,49 @@ def test_docker_hub_realm_alias() -> None:
                                 "https://registry-1.docker.io") is None
     assert credentials_withheld("https://auth.docker.io.evil/token",
                                 "https://registry-1.docker.io") is not None
+
+
+# -- failures end in one line and leave nothing behind -------------------------------------
+
+
+def test_convert_redirect_loop_is_one_line_and_leaves_no_target(
+    fault: FaultRegistry, tmp_path: Path
+) -> None:
+    fault.route("/v2/src/manifests/v1", redirect("/v2/src/manifests/v1"))
+    target = tmp_path / "new" / "out"
+    proc = _cli("convert", "--source", fault.ref("src:v1"), "--target", f"oci:{target}:v1",
+                "--cache-dir", str(tmp_path / "cc"), "-q")
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "redirect loop" in proc.stderr
+    assert not (tmp_path / "new").exists()
+    # an existing (empty) target folder stays, without the layout skeleton
+    target.mkdir(parents=True)
+    proc = _cli("convert", "--source", fault.ref("src:v1"), "--target", f"oci:{target}:v1",
+                "--cache-dir", str(tmp_path / "cc"), "-q")
+    assert proc.returncode != 0
+    assert list(target.iterdir()) == []
+
+
+def test_convert_failure_keeps_an_existing_layout(fault: FaultRegistry, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    OCILayout(target, create=True).put_manifest("keep", OCI_MANIFEST, b'{"layers": []}')
+    before = sorted(p.relative_to(target) for p in target.rglob("*"))
+    fault.route("/v2/src/manifests/v1", redirect("/v2/src/manifests/v1"))
+    proc = _cli("convert", "--source", fault.ref("src:v1"), "--target", f"oci:{target}:v1",
+                "--cache-dir", str(tmp_path / "cc"), "-q")
+    assert proc.returncode != 0
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
+
+
+def test_slow_manifest_ends_within_the_resolve_deadline(
+    fault: FaultRegistry, tmp_path: Path
+) -> None:
+    """A registry that stalls must not outlive the daemon's idle exit (60 s): the whole
+    resolve has one deadline (RESOLVE_DEADLINE, 45 s by default; 1 s here)."""
+    fault.route("/v2/app/manifests/v1", slow(5, static(200, b"{}")))
+    with pytest.raises(DeadlineExceededError) as info:
+        resolve_remote_image(fault.ref("app:v1"), str(tmp_path / "cache"), deadline=30,
+                             resolve_deadline=1)
+    assert "\n" not in str(info.value)
+    assert resolve.RESOLVE_DEADLINE < 60

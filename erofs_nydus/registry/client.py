@@ -399,6 +399,8 @@ class RegistryClient:
             what = f"{request.method} {request.url}"
             try:
                 response = self._http.send(request, stream=stream)
+            except httpx.TooManyRedirects as exc:
+                raise RegistryError(f"{what}: redirect loop ({exc})") from exc
             except httpx.TransportError as exc:
                 if _is_tls_verify_failure(exc):
                     raise RegistryError(
@@ -421,6 +423,8 @@ class RegistryClient:
                 self._sleep_before_retry(attempt, dl, what)
                 attempt += 1
                 continue
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # e.g. a bad Location header
+                raise RegistryError(f"{what}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUSES:
                 if not retry or attempt >= self.retries:
                     if stream:

@@ -19,11 +19,13 @@ bootstrap it was recorded on; a trace of any other image is refused.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from erofs_nydus.registry.manifest import (
     parse_json_document,
     sha256_digest,
 )
+from erofs_nydus.registry.reference import parse_layout_reference
 from erofs_nydus.registry.resolve import extract_bootstrap as extract_bootstrap  # bounded
 from erofs_nydus.registry.store import ImageStore, open_image_store
 
@@ -236,13 +239,50 @@ def _optimize_merged(merged: str, opts: ConvertOptions,
     return out, res
 
 
+class _LayoutUndo:
+    """What `convert` creates for an ``oci:DIR`` target, removed again when it fails:
+    the directories that did not exist (the topmost one, recursively), or in an existing
+    directory the layout skeleton files it did not hold.  Registry targets: nothing."""
+
+    SKELETON = ("oci-layout", "index.json", "blobs")
+
+    def __init__(self, target: str) -> None:
+        self.top: str | None = None
+        self.new_files: list[str] = []
+        if not target.startswith("oci:"):
+            return
+        path = os.path.abspath(parse_layout_reference(target).path)
+        probe = path
+        while not os.path.lexists(probe):
+            self.top, probe = probe, os.path.dirname(probe)
+        if self.top is None and os.path.isdir(path):
+            self.new_files = [os.path.join(path, n) for n in self.SKELETON
+                              if not os.path.lexists(os.path.join(path, n))]
+
+    def run(self) -> None:
+        if self.top is not None:
+            shutil.rmtree(self.top, ignore_errors=True)
+        for p in self.new_files:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+
+
 def convert_image(source: str, target: str, opts: ConvertOptions,
                   progress: Progress | None = None,
                   warn: Callable[[str], None] | None = None) -> ConvertResult:
     # a bad trace file fails now, not after converting every layer
     trace = load_trace(opts.prefetch_trace) if opts.prefetch_trace else None
+    undo = _LayoutUndo(target)
     src_store, src_ref = open_image_store(source, **opts.client_options)
-    dst_store, dst_ref = open_image_store(target, create=True, **opts.client_options)
+    try:
+        dst_store, dst_ref = open_image_store(target, create=True, **opts.client_options)
+    except BaseException:
+        src_store.close()
+        undo.run()
+        raise
     try:
         man = src_store.get_manifest(src_ref, opts.platform)
         descs = manifest_blobs(man.data)
@@ -271,6 +311,10 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
                              blobs=blob_sizes, layers_converted=len(layers) - cached,
                              layers_cached=cached, bootstrap_layer_digest=boot_digest,
                              prefetch=optimized)
+    except BaseException:
+        dst_store.close()
+        undo.run()
+        raise
     finally:
         src_store.close()
         dst_store.close()

@@ -25,7 +25,9 @@ import io
 import os
 import tarfile
 import tempfile
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
@@ -35,6 +37,7 @@ from erofs_nydus.rafs.reader import MAX_BOOTSTRAP_SIZE, BootstrapReader, read_bo
 from erofs_nydus.registry import client
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import (
+    DeadlineExceededError,
     RegistryClient,
     note_limit,
     size_limit_text,
@@ -62,6 +65,9 @@ __all__ = [
 BOOTSTRAP_NAME = "image/image.boot"  # convert.BOOTSTRAP_NAME
 NOT_NYDUS = "not a Nydus image; convert it first with erofs-nydus convert"
 LAYER_INDEX = "bootstrap-layers"
+# All registry traffic of one resolve (manifest, bootstrap layer, blob checks): below the
+# daemon's 60 s idle exit (EROFS_NYDUS_IDLE_EXIT), which counts only registered images.
+RESOLVE_DEADLINE = 45.0
 # The whole uncompressed tar of a bootstrap layer: the bootstrap plus headers and padding.
 MAX_BOOTSTRAP_INFLATED = MAX_BOOTSTRAP_SIZE + 16 * 1024 * 1024
 
@@ -164,7 +170,7 @@ def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
 
 
 def _fetch_bootstrap(store: OCILayout | RegistryClient, ref: Reference, desc: Descriptor,
-                     cache_dir: str) -> tuple[str, int]:
+                     cache_dir: str, left: Callable[[], float]) -> tuple[str, int]:
     """Download the bootstrap layer `desc` to a temporary file (bounded by its descriptor
     size and MAX_BOOTSTRAP_LAYER_SIZE, digest-verified), extract the bootstrap (bounded)
     into ``<cache-dir>/<sha256>.boot``; returns (path, bytes downloaded)."""
@@ -176,7 +182,8 @@ def _fetch_bootstrap(store: OCILayout | RegistryClient, ref: Reference, desc: De
             for piece in store.open_blob_stream(ref, desc.digest,
                                                 max_size=client.MAX_BOOTSTRAP_LAYER_SIZE,
                                                 size=desc.size,
-                                                limit_name="MAX_BOOTSTRAP_LAYER_SIZE"):
+                                                limit_name="MAX_BOOTSTRAP_LAYER_SIZE",
+                                                deadline=left()):
                 layer.write(piece)
                 fetched += len(piece)
             layer.seek(0)
@@ -216,6 +223,7 @@ def resolve_remote_image(
     retries: int = 3,
     docker_config: str | None = None,
     verify: bool | str = True,
+    resolve_deadline: float | None = None,
 ) -> RemoteImage:
     """Resolve `text`, fetch its bootstrap into `cache_dir`, return what to register.
 
@@ -223,7 +231,20 @@ def resolve_remote_image(
     AuthError (credentials missing or refused), RegistryError, UnsupportedError
     (not a Nydus image), FormatError (a bootstrap that does not parse).
     `deadline`: seconds per on-demand read in the daemon (retries included).
+    `resolve_deadline` (default RESOLVE_DEADLINE): seconds for all of this call's
+    registry traffic together, so a slow registry ends in one DeadlineExceededError
+    line before the daemon that runs this gives up on being idle.
     """
+    total = RESOLVE_DEADLINE if resolve_deadline is None else resolve_deadline
+    end = time.monotonic() + total
+
+    def left() -> float:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(f"{text}: resolving took longer than {total:g} s "
+                                        "(RESOLVE_DEADLINE)")
+        return remaining
+
     ref = parse_reference(text) if isinstance(text, str) else text
     cache_dir = os.path.abspath(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
@@ -251,7 +272,7 @@ def resolve_remote_image(
         if verify is not True:
             backend["verify"] = verify
     try:
-        man = store.get_manifest(ref, platform)
+        man = store.get_manifest(ref, platform, deadline=left())
         descs = manifest_blobs(man.data)
         layers = descs[1:]
         if not layers or layers[-1].annotations.get(ANNOTATION_NYDUS_BOOTSTRAP) != "true":
@@ -260,12 +281,12 @@ def resolve_remote_image(
         fetched = 0
         boot_path = _cached_bootstrap(cache_dir, boot_desc.digest)
         if boot_path is None:
-            boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir)
+            boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left)
         image = BootstrapReader(read_bootstrap_bytes(boot_path)).image
         listed = {d.digest for d in layers}
         for b in image.blobs:
             digest = f"sha256:{b.blob_id}"
-            if digest not in listed and not store.blob_exists(ref, digest):
+            if digest not in listed and not store.blob_exists(ref, digest, deadline=left()):
                 raise NotFoundError(f"{ref}: blob {digest} named by the bootstrap is missing")
         return RemoteImage(
             ref=str(ref),
