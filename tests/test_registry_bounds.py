@@ -388,3 +388,27 @@ def test_slow_manifest_ends_within_the_resolve_deadline(
                              resolve_deadline=1)
     assert "\n" not in str(info.value)
     assert resolve.RESOLVE_DEADLINE < 60
+
+
+def test_manifest_bounded_by_limit_and_index_entry() -> None:
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [],
+                           "pad": "x" * 1000}).encode()
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [{"mediaType": OCI_MANIFEST, "digest": digest_of(manifest),
+                                       "size": 100,
+                                       "platform": {"os": "linux", "architecture": "amd64"}}]})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/manifests/endless"):
+            return _endless_transport().handle_request(request)
+        if request.url.path.endswith("/manifests/v1"):
+            return httpx.Response(200, headers={"Content-Type": "application/vnd.oci.image."
+                                                "index.v1+json"}, content=index.encode())
+        return httpx.Response(200, headers={"Content-Type": OCI_MANIFEST}, content=manifest)
+
+    with RegistryClient(plain_http=True, use_docker_config=False,
+                        transport=httpx.MockTransport(handler)) as c:
+        with pytest.raises(SizeLimitError, match=r"100 bytes \(its index entry\)"):
+            c.get_manifest("reg.test/app:v1")
+        with pytest.raises(SizeLimitError, match=r"4 MiB \(MAX_MANIFEST_SIZE\)"):
+            c.get_manifest("reg.test/app:endless", deadline=60)

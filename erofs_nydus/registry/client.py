@@ -602,16 +602,19 @@ class RegistryClient:
         for piece in response.iter_bytes():
             buf += piece
             if limit is not None and len(buf) > limit:
+                name = "MAX_MANIFEST_SIZE" if limit == MAX_MANIFEST_SIZE else "its index entry"
                 raise note_limit(
-                    "manifest",
-                    f"{what}: answer larger than {size_limit_text(limit, 'MAX_MANIFEST_SIZE')}",
+                    "manifest", f"{what}: answer larger than {size_limit_text(limit, name)}"
                 )
             dl.check(what)
         return bytes(buf)
 
     # -- manifests --------------------------------------------------------------
 
-    def _fetch_manifest(self, ref: ImageReference, reference: str, dl: _Deadline) -> ManifestResult:
+    def _fetch_manifest(
+        self, ref: ImageReference, reference: str, dl: _Deadline, size: int | None = None
+    ) -> ManifestResult:
+        """`size`: the index entry's, when it names one (a tighter bound than the limit)."""
         what = f"manifest {ref.name}{'@' if reference.startswith('sha256:') else ':'}{reference}"
         response = self._request(
             "GET",
@@ -626,7 +629,8 @@ class RegistryClient:
             if response.status_code != 200:
                 response.read()
                 raise self._fail(response, what)
-            data = self._read_body(response, dl, what, MAX_MANIFEST_SIZE)
+            limit = MAX_MANIFEST_SIZE if size is None else min(size, MAX_MANIFEST_SIZE)
+            data = self._read_body(response, dl, what, limit)
         finally:
             response.close()
         digest = sha256_digest(data)
@@ -662,7 +666,7 @@ class RegistryClient:
         result = self._fetch_manifest(image, image.reference, dl)
         if resolve and result.media_type in INDEX_TYPES:
             entry = select_platform(result.data, platform, name=str(image))
-            result = self._fetch_manifest(image, entry.digest, dl)
+            result = self._fetch_manifest(image, entry.digest, dl, entry.size)
         return result
 
     def manifest_digest(self, ref: Reference | str, *, deadline: float | None = None) -> str:
@@ -853,6 +857,8 @@ class RegistryClient:
                         del pending[:chunk_size]
                         yield out
                 break
+            except httpx.DecodingError as exc:  # a Content-Encoding we did not ask for
+                raise RegistryError(f"{what}: undecodable body: {exc}") from exc
             except httpx.TransportError as exc:
                 failures += 1
                 if failures > self.retries:

@@ -115,7 +115,12 @@ class OCILayout:
     def _read_index(self) -> dict[str, Any]:
         path = self.path / "index.json"
         try:
-            obj = json.loads(path.read_bytes())
+            with open(path, "rb") as f:
+                data = f.read(MAX_MANIFEST_SIZE + 1)
+            if len(data) > MAX_MANIFEST_SIZE:
+                raise SourceError(f"{path}: larger than {MAX_MANIFEST_SIZE >> 20} MiB "
+                                  "(MAX_MANIFEST_SIZE)")
+            obj = json.loads(data)
         except FileNotFoundError:
             raise NotFoundError(f"{self.path}: OCI layout without index.json") from None
         except (ValueError, OSError) as exc:

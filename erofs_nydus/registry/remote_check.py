@@ -155,7 +155,7 @@ def _source_tree(source: str, platform: str | None, client_options: dict[str, An
             if progress:
                 progress(f"reading source layer {i + 1}/{len(layers)}")
             writer = DigestOnlyWriter("/nonexistent", chunk_size=chunk_size, compressor="none")
-            stream = io.BufferedReader(IterStream(store.open_blob_stream(r, d.digest)))
+            stream = io.BufferedReader(IterStream(store.open_blob_stream(r, d.digest, size=d.size)))
             fake = BlobInfo(f"source-layer-{i}", 0, chunk_size, 0, "none", "sha256", 0, 0, 0, 0,
                             0, 0)  # merge_trees needs a blob per layer to relabel chunks
             trees.append((tree_from_tar(stream, writer, label=f"source layer {i}"), [fake]))
