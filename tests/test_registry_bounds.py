@@ -1,11 +1,32 @@
-"""Every registry body has a bound (issue 11 item 5, invariant (e)).
+"""Threat model, part "a registry": what a registry can and cannot do to us.
 
-What a registry (or whoever answers in its name) can do to us, and what stops it:
-an endless or oversized body ends at the descriptor's size or a named limit constant;
-a gzip bomb ends at MAX_BOOTSTRAP_INFLATED; each hit is one clear error line, logged
-and counted in `client.LIMIT_HITS`.  Fault servers: `FaultRegistry` (a real socket on
-127.0.0.1) where the code under test builds its own client, `httpx.MockTransport`
-where the test does.
+A registry (or whoever answers in its name: a proxy, a redirect target, a token realm
+it names) is untrusted input, read by the CLI and by the root daemon (`mount REF`
+resolves the image there).  Tests here pin each bound (issue 11 item 5, invariant (e)).
+
+It CAN: refuse or stall (every operation has a deadline; one `resolve` has
+RESOLVE_DEADLINE for all its traffic, below the daemon's idle exit); serve wrong bytes
+(blobs and manifests are digest-checked, and chunks read by Range are checked against
+their chunk digest by the daemon); point a tag at another image (pin @sha256 digests).
+
+It CANNOT make us:
+* hold or write more than a bound: manifests <= MAX_MANIFEST_SIZE or their index
+  entry's size; configs <= MAX_CONFIG_SIZE or their descriptor's size; a bootstrap layer
+  <= MAX_BOOTSTRAP_LAYER_SIZE, streamed to a file, inflating to <= MAX_BOOTSTRAP_INFLATED
+  with an image.boot <= MAX_BOOTSTRAP_SIZE (a gzip bomb with a correct digest ends
+  there); a Range read costs the asked window even when the server answers 200 with an
+  endless body.  Each hit is one error line naming the bound, logged and counted in
+  `client.LIMIT_HITS`;
+* use a path of its choosing: digests are `sha256:` + 64 lower-case hex when parsed;
+* learn our credentials for another host: they go only to a token realm on the
+  registry's own host name, over https unless the registry itself is plain http;
+* print a traceback (redirect loops, bad URLs, odd encodings) or leave a half-made
+  `oci:` target behind after a failed convert.
+
+Local files named as bootstraps get the same care: /dev/zero, FIFOs and files over
+MAX_BOOTSTRAP_SIZE are refused in one line.  Fault servers: `FaultRegistry` (a real
+socket on loopback) where the code under test builds its own client,
+`httpx.MockTransport` where the test does.
 """
 
 from __future__ import annotations
