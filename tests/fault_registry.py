@@ -146,7 +146,10 @@ class FaultRegistry:
                             break
                 if responder is None and path == "/v2/":
                     responder = static(200, b"{}")
-                (responder or static(404, b'{"errors":[{"code":"NOT_FOUND"}]}'))(self)
+                try:
+                    (responder or static(404, b'{"errors":[{"code":"NOT_FOUND"}]}'))(self)
+                except OSError:  # the client hung up first (a deadline, a bound): fine
+                    self.close_connection = True
 
             do_GET = do_HEAD = do_POST = _dispatch
 
