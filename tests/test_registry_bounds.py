@@ -44,6 +44,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from daemon_support import fanotify_usable, run_cli
 from fault_registry import (
     OCI_LAYER_GZIP,
     FaultRegistry,
@@ -55,6 +56,7 @@ from fault_registry import (
 )
 
 from erofs_nydus.errors import AuthError, RegistryError
+from erofs_nydus.mount import is_mountpoint
 from erofs_nydus.registry import (
     Credentials,
     DeadlineExceededError,
@@ -66,6 +68,7 @@ from erofs_nydus.registry.auth import credentials_withheld
 from erofs_nydus.registry.client import LIMIT_HITS, SizeLimitError
 from erofs_nydus.registry.manifest import OCI_MANIFEST, Descriptor, select_platform
 from erofs_nydus.registry.resolve import extract_bootstrap, resolve_remote_image
+from erofs_nydus.service.client import DaemonClient
 
 NYDUS_BOOT = {"containerd.io/snapshot/nydus-bootstrap": "true"}
 
@@ -433,3 +436,32 @@ def test_manifest_bounded_by_limit_and_index_entry() -> None:
             c.get_manifest("reg.test/app:v1")
         with pytest.raises(SizeLimitError, match=r"4 MiB \(MAX_MANIFEST_SIZE\)"):
             c.get_manifest("reg.test/app:endless", deadline=60)
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not fanotify_usable(), reason="needs root and pre-content fanotify")
+def test_mount_ref_with_endless_bootstrap_layer_is_one_line(
+    fault: FaultRegistry, tmp_path: Path
+) -> None:
+    """Through the CLI and the root daemon that resolves the image: the daemon's memory
+    stays bounded and the user gets one line (it used to be an empty `error:`)."""
+    layer = b"x" * 4096
+    digest = fault.blob("app", layer, endless(b"\x1f\x8b" + b"\0" * 65534))
+    fault.image("app", "v1", {"os": "linux"},
+                [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": len(layer),
+                  "annotations": NYDUS_BOOT}])
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cache = tmp_path / "cache"
+    proc = run_cli("mount", fault.ref("app:v1"), str(mp), "--cache-dir", str(cache),
+                   check=False)
+    try:
+        assert proc.returncode != 0
+        errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("mode: ")]
+        assert len(errors) == 1, proc.stderr
+        assert "descriptor's size of 4096 bytes" in errors[0]
+        assert not is_mountpoint(mp)
+    finally:
+        client = DaemonClient(cache)
+        if client.alive():
+            client.shutdown()
