@@ -423,9 +423,18 @@ def read_image_meta(data: bytes, name: str = "bootstrap", strict: bool = True) -
     return r.image
 
 
+MAX_BOOTSTRAP_SIZE = 512 * 1024 * 1024  # a bootstrap we read whole (regular files only)
+
+
 def read_bootstrap_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # FIFOs: no hang
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{path}: not a regular file")
+            if st.st_size > MAX_BOOTSTRAP_SIZE:
+                raise FormatError(f"{path}: larger than {MAX_BOOTSTRAP_SIZE >> 20} MiB "
+                                  "(MAX_BOOTSTRAP_SIZE)")
             return f.read()
     except OSError as exc:
         raise FormatError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
