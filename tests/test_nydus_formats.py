@@ -1,0 +1,193 @@
+"""Real Nydus images: the nydus-image 2.2 fixture (zstd, blake3, ToC blob, mapped_blkaddr),
+the feature bits we accept or refuse, and the zstd/blake3 chunk codec."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from daemon_support import fanotify_usable, run_cli
+
+from erofs_nydus.errors import DigestMismatchError, UnsupportedError
+from erofs_nydus.layout import rafs as R
+from erofs_nydus.mount import is_mountpoint
+from erofs_nydus.rafs.check import check_bootstrap
+from erofs_nydus.rafs.codec import compress_chunk, decode_chunk, digest
+from erofs_nydus.rafs.image import ChunkInfo
+from erofs_nydus.rafs.reader import BootstrapReader, read_image_meta
+
+DATA = Path(__file__).parent / "data" / "nydus"
+BOOT = DATA / "rafs-v6-2.2.boot"
+BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
+# sha256 of blobfs/src/lib.rs and blobfs/src/sync_io.rs in dragonflyoss/nydus at
+# 10a2fef0cbd94549186c4d2299b83ee357972fbf, the commit that added the fixture.
+SOURCE_SHA256 = {
+    "lib.rs": "1810eba864521293bb0d6b55a3c82318d4d89f294ed761c456d9088a17de0c69",
+    "sync_io.rs": "e629ab260ff0dc02a24648a3e0dd8c13a5daf233d535c330e3201925f5eeff96",
+}
+BLOB_TABLE = 4096  # the fixture's s_blob_table_offset
+
+
+def _patched(tmp_path: Path, offset: int, fmt: str, value: int) -> Path:
+    data = bytearray(BOOT.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    out = tmp_path / "patched.boot"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_fixture_passes_check_with_blobs() -> None:
+    report = check_bootstrap(BOOT.read_bytes(), "fixture", str(DATA))
+    assert report.ok, report.problems
+    assert report.chunks_verified == 2
+
+
+def test_fixture_check_cli_and_inspect_tell_the_truth() -> None:
+    out = run_cli("check", "-D", str(DATA), str(BOOT)).stdout
+    assert "OK (3 inodes, 1 blobs, 2 chunks verified)" in out
+    img = read_image_meta(BOOT.read_bytes())
+    (b,) = img.blobs
+    assert (b.compressor, b.digester, b.mapped_blkaddr) == ("zstd", "blake3", 512)
+    assert b.tar_toc and b.file_size == (DATA / BLOB_ID).stat().st_size
+    info = run_cli("inspect", "--json", str(BOOT)).stdout
+    assert '"compressor": "zstd"' in info and '"digester": "blake3"' in info
+
+
+def test_fixture_chunks_decode_to_the_nydus_sources() -> None:
+    r = BootstrapReader(BOOT.read_bytes())
+    blob = (DATA / BLOB_ID).read_bytes()
+    for path, node in r.tree().walk():
+        if not node.inode.is_reg:
+            continue
+        plain = b"".join(decode_chunk(blob[c.compressed_offset:c.compressed_offset
+                                           + c.compressed_size], c) for c in node.inode.chunks)
+        assert hashlib.sha256(plain).hexdigest() == SOURCE_SHA256[path.decode().lstrip("/")]
+
+
+def test_blob_id_rule_and_toc_digest_are_checked(tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    data = bytearray((DATA / BLOB_ID).read_bytes())
+    data[-600] ^= 1  # inside the ToC
+    (blobs / BLOB_ID).write_bytes(bytes(data))
+    report = check_bootstrap(BOOT.read_bytes(), "fixture", str(blobs))
+    assert any("ToC sha256" in p for p in report.problems), report.problems
+    assert any("does not match its id" in p for p in report.problems), report.problems
+
+
+def test_fixture_corrupt_zstd_chunk_is_refused_by_check(tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    data = bytearray((DATA / BLOB_ID).read_bytes())
+    data[100] ^= 0xFF  # inside chunk 0's zstd frame
+    (blobs / BLOB_ID).write_bytes(bytes(data))
+    report = check_bootstrap(BOOT.read_bytes(), "fixture", str(blobs))
+    assert report.chunks_verified == 1
+    assert any("chunk 0" in p for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize(("bit", "name"), [
+    (R.BLOB_FEATURE_ENCRYPTED, "encrypted chunks"),
+    (R.BLOB_FEATURE_BATCH, "batch chunks"),
+    (R.BLOB_FEATURE_ZRAN, "zran (OCI-ref) chunks"),
+    (R.BLOB_FEATURE_TARFS, "tarfs mode"),
+    (R.BLOB_FEATURE_EXTERNAL, "external blobs"),
+])
+def test_refused_blob_features_name_the_feature(tmp_path: Path, bit: int, name: str) -> None:
+    feats = int.from_bytes(BOOT.read_bytes()[BLOB_TABLE + 84:BLOB_TABLE + 88], "little")
+    boot = _patched(tmp_path, BLOB_TABLE + 84, "<I", feats | bit)
+    with pytest.raises(UnsupportedError, match=f"blob 0 .* uses {re.escape(name)}") as ei:
+        read_image_meta(boot.read_bytes())
+    assert "\n" not in str(ei.value)
+    proc = run_cli("check", str(boot), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0].endswith(f"unsupported: blob 0 ({BLOB_ID[:12]}) uses {name}")
+
+
+def test_refused_cipher_tarfs_flag_and_batch_chunk(tmp_path: Path) -> None:
+    boot = _patched(tmp_path, BLOB_TABLE + 216, "<I", 1)
+    with pytest.raises(UnsupportedError, match="encrypted chunks"):
+        read_image_meta(boot.read_bytes())
+    flags = int.from_bytes(BOOT.read_bytes()[1152:1160], "little")
+    boot = _patched(tmp_path, 1152, "<Q", flags | R.FLAG_TARFS_MODE)
+    with pytest.raises(UnsupportedError, match="image uses tarfs mode"):
+        read_image_meta(boot.read_bytes())
+    boot = _patched(tmp_path, 16384 + 36, "<I", R.CHUNK_FLAG_COMPRESSED | R.CHUNK_FLAG_BATCH)
+    with pytest.raises(UnsupportedError, match="blob 0 has batch chunks"):
+        read_image_meta(boot.read_bytes())
+
+
+def test_mount_refuses_unsupported_feature_with_one_line(tmp_path: Path) -> None:
+    feats = int.from_bytes(BOOT.read_bytes()[BLOB_TABLE + 84:BLOB_TABLE + 88], "little")
+    boot = _patched(tmp_path, BLOB_TABLE + 84, "<I", feats | R.BLOB_FEATURE_ENCRYPTED)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    proc = run_cli("mount", str(boot), str(mp), "--blob-dir", str(DATA), "--cache-dir",
+                   str(tmp_path / "cache"), check=False)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and errors[0].endswith("uses encrypted chunks"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_rafs_v5_is_fuse_only(tmp_path: Path) -> None:
+    v5 = tmp_path / "v5.boot"
+    v5.write_bytes(struct.pack("<II", R.RAFS_V5_MAGIC, 0x500) + bytes(8192))
+    proc = run_cli("check", str(v5), check=False)
+    assert proc.returncode == UnsupportedError.exit_code
+    assert proc.stderr.strip().splitlines() == [
+        "erofs-nydus: error: v5.boot: RAFS v5 bootstrap: FUSE-only (nydusd fuse), the kernel "
+        "can mount only RAFS v6"]
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "none"])
+@pytest.mark.parametrize("digester", ["blake3", "sha256"])
+def test_codec_round_trip_and_corruption(compressor: str, digester: str) -> None:
+    plain = b"nydus " * 5000 + bytes(range(256))
+    packed = compress_chunk(plain, compressor)
+    raw = plain if packed is None else packed
+    c = ChunkInfo(digest(plain, digester), 0, 0, 0, len(raw), 0, len(plain), packed is not None,
+                  compressor, digester)
+    assert decode_chunk(raw, c) == plain
+    bad = bytearray(raw)
+    bad[len(bad) // 2] ^= 0x55
+    with pytest.raises(DigestMismatchError):
+        decode_chunk(bytes(bad), c)
+    wrong = ChunkInfo(bytes(32), 0, 0, 0, len(raw), 0, len(plain), packed is not None,
+                      compressor, digester)
+    with pytest.raises(DigestMismatchError, match=digester):
+        decode_chunk(raw, wrong)
+
+
+def test_blake3_is_the_nydus_digest() -> None:
+    # chunk 0 of the fixture is lib.rs; its blake3 is the digest in the chunk table
+    r = BootstrapReader(BOOT.read_bytes())
+    c0 = min(r.image.chunks[0], key=lambda c: c.index)
+    assert c0.digester == "blake3" and len(c0.digest) == 32
+
+
+def test_fixture_copy_is_untouched(tmp_path: Path) -> None:
+    shutil.copy(BOOT, tmp_path / "b")
+    assert hashlib.sha256((DATA / BLOB_ID).read_bytes()).hexdigest().startswith("4b16fb83")
+
+
+@pytest.mark.kernel
+def test_fixture_lazy_fanotify_mount_reads_the_nydus_sources(tmp_path: Path) -> None:
+    if not fanotify_usable():
+        pytest.skip("needs root and pre-content fanotify (Linux >= 6.14)")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cache = tmp_path / "cache"
+    run_cli("mount", str(BOOT), str(mp), "--blob-dir", str(DATA), "--cache-dir", str(cache))
+    try:
+        assert is_mountpoint(mp)
+        assert sorted(p.name for p in mp.iterdir()) == sorted(SOURCE_SHA256)
+        for name, want in SOURCE_SHA256.items():
+            assert hashlib.sha256((mp / name).read_bytes()).hexdigest() == want
+    finally:
+        run_cli("umount", str(mp), "--cache-dir", str(cache), check=False)
+    assert not is_mountpoint(mp)
