@@ -87,6 +87,9 @@ def chunk_digest(data: bytes, digester: str = "sha256") -> bytes:
     return digest(data, digester)
 
 
+digest_of = digest  # for modules whose own variables are called `digest`
+
+
 def decode_chunk(raw: bytes, chunk: ChunkInfo) -> bytes:
     """Decompress and verify one chunk against its digest: plain bytes or an error.
 
