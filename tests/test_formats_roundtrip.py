@@ -167,3 +167,24 @@ def test_layer_without_file_data_mounts(tmp_path: Path) -> None:
     mnt.mkdir()
     with mounted(img.bootstrap, mnt) as root:
         assert (root / "d" / "empty").read_bytes() == b""
+
+
+def test_prefetch_directory_entry_expands_recursively(synthetic_tree: treeutil.Manifest,
+                                                      tmp_path: Path) -> None:
+    from erofs_nydus.builder.bootstrap import write_bootstrap
+    from erofs_nydus.daemon.prefetch import prefetch_chunks
+
+    img = build_image(synthetic_tree.root, tmp_path / "img", "--chunk-size", "0x10000")
+    r = BootstrapReader(img.bootstrap.read_bytes())
+    root = r.tree()
+    sub = next(n for p, n in root.walk() if p == b"/sizes")
+    all_chunks = [c for lst in r.image.chunks for c in lst]
+    for prefetch, paths in (([root], None), ([sub], b"/sizes/")):
+        plan = write_bootstrap(root, r.image.blobs, all_chunks, chunk_size=r.image.chunk_size,
+                               compressor="lz4", prefetch=prefetch)
+        got = prefetch_chunks(plan.data)
+        want = {(c.blob_index, c.uncompressed_offset) for p, n in root.walk()
+                if n.inode.is_reg and (paths is None or p.startswith(paths))
+                for c in n.inode.chunks}
+        assert want and {(c.blob_index, c.uncompressed_offset) for c in got} == want
+        assert len(got) == len(want)
