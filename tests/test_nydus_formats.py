@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from daemon_support import fanotify_usable, run_cli
 
-from erofs_nydus.errors import DigestMismatchError, UnsupportedError
+from erofs_nydus.errors import DigestMismatchError, FormatError, UnsupportedError
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.mount import is_mountpoint
 from erofs_nydus.rafs.check import check_bootstrap
@@ -191,3 +191,63 @@ def test_fixture_lazy_fanotify_mount_reads_the_nydus_sources(tmp_path: Path) -> 
     finally:
         run_cli("umount", str(mp), "--cache-dir", str(cache), check=False)
     assert not is_mountpoint(mp)
+
+
+def _blob_entry_patched(tmp_path: Path, **fields: int) -> Path:
+    from erofs_nydus.layout import build, parse
+
+    data = bytearray(BOOT.read_bytes())
+    e = dict(parse(R.BlobEntry, data, BLOB_TABLE))
+    e.pop("_io", None)
+    e.update(fields)
+    data[BLOB_TABLE:BLOB_TABLE + R.BLOB_ENTRY_SIZE] = build(R.BlobEntry, e)
+    out = tmp_path / "entry.boot"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_tar_header_layout_without_toc_is_walked(tmp_path: Path) -> None:
+    feats = 0x7000_0021 & ~R.BLOB_FEATURE_HAS_TOC
+    boot = _blob_entry_patched(tmp_path, features=feats, blob_toc_size=0)
+    report = check_bootstrap(boot.read_bytes(), "no-toc", str(DATA))
+    assert report.ok, report.problems
+    from erofs_nydus.rafs.backend import LocalDirBackend
+    from erofs_nydus.rafs.blobfile import blob_layout
+
+    (b,) = read_image_meta(boot.read_bytes()).blobs
+    lay = blob_layout(LocalDirBackend(DATA), b, b.file_size)
+    assert set(lay.sections) == {"image.blob", "blob.meta", "blob.digest", "rafs.blob.toc"}
+    assert (lay.sections["image.blob"].offset, lay.sections["image.blob"].size) == (0, 7802)
+
+
+def test_toc_found_by_its_tar_header_when_size_is_unknown(tmp_path: Path) -> None:
+    boot = _blob_entry_patched(tmp_path, blob_toc_size=0)
+    report = check_bootstrap(boot.read_bytes(), "toc-size-0", str(DATA))
+    assert report.ok, report.problems
+
+
+def test_blob_table_size_rule_per_layout(tmp_path: Path) -> None:
+    boot = _blob_entry_patched(tmp_path, compressed_size=12442)  # what our layout would say
+    report = check_bootstrap(boot.read_bytes(), "short", str(DATA))
+    assert any("file is 14554 bytes, blob table says 12442" in p for p in report.problems)
+
+
+def test_ci_v2_entry_decoding() -> None:
+    # uoff 0x5000 (>>12 = 5), usize 13400 (stored - 1), flags COMPRESSED | HAS_CRC32
+    uncomp = 5 | (13399 << 32) | ((R.CI_V2_FLAG_COMPRESSED | R.CI_V2_FLAG_HAS_CRC32) << 56)
+    comp = 4828 | (2974 << 40)  # coff, csize (not minus one in V2)
+    assert R.decode_ci_v2(uncomp, comp) == (0x5000, 13400, 4828, 2974, 0x11)
+
+
+def test_ci_v2_blob_entry_size_rule(tmp_path: Path) -> None:
+    feats = 0x7000_0021 | R.BLOB_FEATURE_CHUNK_INFO_V2
+    ok = _blob_entry_patched(tmp_path, features=feats, ci_uncompressed_size=2 * 24)
+    assert not [p for p in BootstrapReader(ok.read_bytes()).problems() if "ci_" in p]
+    bad = _blob_entry_patched(tmp_path, features=feats)  # 2 * 16: a V1 table
+    with pytest.raises(FormatError, match="ci_uncompressed_size 32 != 2 \\* 24"):
+        read_image_meta(bad.read_bytes())
+
+
+def test_inspect_labels_digests_with_their_digester() -> None:
+    out = run_cli("inspect", str(BOOT), "/lib.rs").stdout
+    assert "blake3=f7e2735f1c6ae9cd" in out and "sha256=" not in out

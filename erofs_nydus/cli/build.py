@@ -180,7 +180,8 @@ def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
                                f"({c['blob_id'][:12]}) ci#{c['ci_index']} "
                                f"c={c['compressed_offset']:#x}+{c['compressed_size']} "
                                f"u={c['uncompressed_offset']:#x}+{c['uncompressed_size']} "
-                               f"sha256={c['digest'][:16]}")
+                               f"{c['digester']}={c['digest'][:16]}"
+                               + ("" if c["compressed"] else " raw"))
             else:
                 click.echo(f"{key}: {value}")
         return

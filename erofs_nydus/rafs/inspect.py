@@ -56,7 +56,9 @@ def node_info(path: bytes, node: Node, blob_ids: list[str]) -> dict[str, Any]:
         info["rdev"] = [ino.rdev_major, ino.rdev_minor]
     if ino.chunks:
         info["chunks"] = [
-            {"file_offset": n, "digest": c.digest.hex(), "blob_id": blob_ids[c.blob_index],
+            {"file_offset": n, "digest": c.digest.hex(), "digester": c.digester,
+             "compressed": c.compressed, "compressor": c.compressor if c.compressed else "none",
+             "blob_id": blob_ids[c.blob_index],
              "blob_index": c.blob_index, "ci_index": c.index,
              "compressed_offset": c.compressed_offset, "compressed_size": c.compressed_size,
              "uncompressed_offset": c.uncompressed_offset,
