@@ -188,3 +188,21 @@ def test_prefetch_directory_entry_expands_recursively(synthetic_tree: treeutil.M
                 for c in n.inode.chunks}
         assert want and {(c.blob_index, c.uncompressed_offset) for c in got} == want
         assert len(got) == len(want)
+
+
+@pytest.mark.slow
+@pytest.mark.kernel
+@needs_fanotify
+def test_debootstrap_zstd_blake3_lazy_chroot_and_full_compare(
+        debootstrap_rootfs: Path, tmp_path: Path, lazy_mount: list[_Mount]) -> None:
+    import subprocess
+
+    img = build_image(debootstrap_rootfs, tmp_path / "img", "--compressor", "zstd",
+                      "--digester", "blake3")
+    m = _Mount(img, tmp_path)
+    lazy_mount.append(m)
+    dpkg = subprocess.run(["chroot", str(m.mp), "dpkg", "-l"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert dpkg.returncode == 0 and "ii  dpkg " in dpkg.stdout
+    diffs = treeutil.compare_trees(debootstrap_rootfs, m.mp, limit=20)
+    assert diffs == []
