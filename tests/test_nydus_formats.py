@@ -108,9 +108,12 @@ def test_refused_blob_features_name_the_feature(tmp_path: Path, bit: int, name: 
     assert proc.stderr.splitlines()[0].endswith(f"unsupported: blob 0 ({BLOB_ID[:12]}) uses {name}")
 
 
-def test_refused_cipher_tarfs_flag_and_batch_chunk(tmp_path: Path) -> None:
+def test_refused_cipher_gzip_tarfs_flag_and_batch_chunk(tmp_path: Path) -> None:
     boot = _patched(tmp_path, BLOB_TABLE + 216, "<I", 1)
     with pytest.raises(UnsupportedError, match="encrypted chunks"):
+        read_image_meta(boot.read_bytes())
+    boot = _patched(tmp_path, BLOB_TABLE + 76, "<I", R.COMPRESSOR_IDS["gzip"])
+    with pytest.raises(UnsupportedError, match=r"uses gzip-compressed chunks$"):
         read_image_meta(boot.read_bytes())
     flags = int.from_bytes(BOOT.read_bytes()[1152:1160], "little")
     boot = _patched(tmp_path, 1152, "<Q", flags | R.FLAG_TARFS_MODE)

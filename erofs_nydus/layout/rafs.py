@@ -336,13 +336,16 @@ def refused_super_flags(flags: int) -> str | None:
     return None
 
 
-def refused_blob_features(features: int, cipher_algo: int = 0) -> str | None:
+def refused_blob_features(features: int, cipher_algo: int = 0,
+                          compression_algo: int = 0) -> str | None:
     """The first blob feature that changes what a byte means and is not implemented."""
     for bit, name in REFUSED_BLOB_FEATURES.items():
         if features & bit:
             return name
     if cipher_algo:
         return f"encrypted chunks (cipher {cipher_algo})"
+    if COMPRESSOR_NAMES.get(compression_algo) == "gzip":
+        return "gzip-compressed chunks"
     return None
 
 

@@ -112,7 +112,7 @@ class BootstrapReader:
                          f"device slot {i}")
             blob_id = R.blob_id_str(e.blob_id)
             where = f"blob {i} ({blob_id[:12]})"
-            refused = R.refused_blob_features(e.features, e.cipher_algo)
+            refused = R.refused_blob_features(e.features, e.cipher_algo, e.compression_algo)
             if refused:
                 self._refuse(f"{where} uses {refused}")
             for msg in R.validate_blob_entry(e, i, cs):
