@@ -1,5 +1,6 @@
-"""The nydus-image 2.2 fixture (zstd, blake3, ToC blob, mapped_blkaddr 512) mounted in
-fscache mode inside the QEMU VM: the files read back as the Nydus sources."""
+"""fscache mode inside the QEMU VM for the new formats: the nydus-image 2.2 fixture (zstd,
+blake3, ToC blob, mapped_blkaddr 512) reads back as the Nydus sources, and our own
+zstd + blake3 and none + sha256 images of the small guest tree read back identical."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ try:
     out["files"] = {n: hashlib.sha256(open(os.path.join(mp, n), "rb").read()).hexdigest()
                     for n in sorted(os.listdir(mp))}
     out["remaining"] = g.umount(mp, cache)
+    for name, own in OWN.items():
+        g.mount(own, mp, cache)
+        out[name] = g.compare(own, mp)
+        g.umount(mp, cache)
     out["stopped"] = g.stop(cache)
 except Exception as exc:
     out["error"] = repr(exc)
@@ -34,9 +39,29 @@ g.emit(out)
 """
 
 
-def test_fixture_fscache_mount_reads_the_nydus_sources() -> None:
+def _own_images(work: Path) -> dict[str, dict[str, str]]:
+    import fscache_guest as g
+
+    from erofs_nydus.builder.create import BuildOptions, create_image
+
+    src = work / "tree"
+    g.make_small_tree(src, 3)
+    snap = g.snapshot(src, work / "tree.pickle")
+    out = {}
+    for comp, dig in (("zstd", "blake3"), ("none", "sha256")):
+        d = work / f"{comp}-{dig}"
+        d.mkdir()
+        create_image(str(src), str(d / "image.boot"), str(d / "blobs"),
+                     BuildOptions(chunk_size=g.CHUNK, compressor=comp, digester=dig))
+        out[f"{comp}+{dig}"] = {"bootstrap": str(d / "image.boot"),
+                                "blob_dir": str(d / "blobs"), "snapshot": snap}
+    return out
+
+
+def test_fscache_mounts_of_the_fixture_and_zstd_blake3_images(tmp_path: Path) -> None:
     vs.ensure_kernel()
-    code = f"BOOT, DATA = {str(BOOT)!r}, {str(DATA)!r}\n" + GUEST
+    own = _own_images(tmp_path)
+    code = f"BOOT, DATA, OWN = {str(BOOT)!r}, {str(DATA)!r}, {own!r}\n" + GUEST
     res = vs.run_python_in_vm(code, timeout=600)
     assert res.returncode == 0, res.stdout[-6000:]
     out = vs.vm_result(res.stdout)
@@ -44,4 +69,4 @@ def test_fixture_fscache_mount_reads_the_nydus_sources() -> None:
     assert "error" not in out, out
     assert out["files"] == SOURCE_SHA256
     assert out["remaining"] == 0 and out["stopped"] is True
-    assert Path(BOOT).exists()
+    assert out["zstd+blake3"] == [] and out["none+sha256"] == [], out
