@@ -254,3 +254,42 @@ def test_ci_v2_blob_entry_size_rule(tmp_path: Path) -> None:
 def test_inspect_labels_digests_with_their_digester() -> None:
     out = run_cli("inspect", str(BOOT), "/lib.rs").stdout
     assert "blake3=f7e2735f1c6ae9cd" in out and "sha256=" not in out
+
+
+# -- must-fail cases of the validate() functions (each a rule nydusd applies) -------------
+@pytest.mark.parametrize(("offset", "fmt", "value", "message"), [
+    (1024 + 4, "<I", 0x1234, "checksum 0x1234, nydusd requires 0"),
+    (1024 + 16, "<Q", 0, "inos is 0"),
+    (1024 + 88, "<H", 12, "devt_slotoff 12"),
+    (1152 + 24, "<Q", 4096, "chunk table overlaps the blob table"),
+    (1152 + 40, "<Q", 16384 + 4096 * 9, "prefetch table"),
+    (1408 + 64, "<I", 0, "device slot has 0 blocks"),
+    (1408 + 64, "<I", 8, "device slot blocks 8 != uncompressed size / 4096"),
+    (BLOB_TABLE + 64, "<I", 1, "blob_index 1 at position 0"),
+    (BLOB_TABLE + 80, "<I", 7, "unknown digester id 7"),
+    (BLOB_TABLE + 108, "<I", 9, "unknown chunk-info compressor id 9"),
+    (BLOB_TABLE + 84, "<I", 0x7000_1021, "unknown incompatible features 0x70001021"),
+    (BLOB_TABLE + 84, "<I", 0x7000_0020, "ALIGNED feature missing"),
+    (BLOB_TABLE + 120, "<Q", 64, "ci_compressed_size 64 > ci_uncompressed_size 32"),
+])
+def test_validate_rejects(tmp_path: Path, offset: int, fmt: str, value: int,
+                          message: str) -> None:
+    boot = _patched(tmp_path, offset, fmt, value)
+    if offset == 1152 + 40:  # a prefetch table needs a size to be checked
+        data = bytearray(boot.read_bytes())
+        struct.pack_into("<I", data, 1152 + 48, 8)
+        boot.write_bytes(bytes(data))
+    problems = check_bootstrap(boot.read_bytes(), "x").problems
+    assert any(message in p for p in problems), problems
+
+
+def test_validate_superblock_blocks_without_devices() -> None:
+    from erofs_nydus.layout import erofs as E
+    from erofs_nydus.layout import parse
+
+    sb = parse(E.SuperBlock, BOOT.read_bytes(), E.EROFS_SUPER_OFFSET)
+    sb.extra_devices = 0
+    assert any("blocks 9 with 0 extra devices" in p for p in E.validate_superblock(sb, 20480, 11))
+    for ok in (0, 4096):  # 4096: an old nydus-image bug nydusd tolerates
+        sb.blocks = ok
+        assert E.validate_superblock(sb, 20480, 11) == []
