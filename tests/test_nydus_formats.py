@@ -293,3 +293,23 @@ def test_validate_superblock_blocks_without_devices() -> None:
     for ok in (0, 4096):  # 4096: an old nydus-image bug nydusd tolerates
         sb.blocks = ok
         assert E.validate_superblock(sb, 20480, 11) == []
+
+
+def test_new_structure_sizes() -> None:
+    assert (R.TOC_ENTRY_SIZE, R.CI_ENTRY_V2_SIZE, R.CI_ENTRY_V2_PACK.size) == (128, 24, 24)
+    assert R.TocEntry.sizeof() == 128 and R.BlobEntry.sizeof() == 256
+
+
+def test_tar_header_parser_takes_garbage() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.binary(min_size=512, max_size=512))
+    def run(raw: bytes) -> None:
+        got = R.tar_header_entry(raw)
+        assert got is None or (isinstance(got[0], str) and got[1] >= 0)
+
+    run()
+    blob = (DATA / BLOB_ID).read_bytes()
+    assert R.tar_header_entry(blob[-512:]) == ("rafs.blob.toc", 512)
+    assert R.tar_header_entry(blob[-512:-1] + b"x") is None  # checksum

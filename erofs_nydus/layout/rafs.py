@@ -278,8 +278,10 @@ def tar_header_entry(raw: bytes) -> tuple[str, int] | None:
         return None
     name = raw[:100].split(b"\0", 1)[0]
     size_field = raw[124:136].split(b"\0", 1)[0].strip()
+    if not size_field or size_field.strip(b"01234567"):
+        return None
     try:
-        size = int(size_field or b"x", 8)
+        size = int(size_field, 8)
         text = name.decode("ascii")
     except (ValueError, UnicodeDecodeError):
         return None
