@@ -49,8 +49,10 @@ def _write_json(obj: Any, dest: str | None) -> None:
                    "address space, ready to mount without a daemon.")
 @click.option("--chunk-size", default="0x100000", show_default=True,
               help="Chunk size, a power of two from 0x1000 to 0x1000000.")
-@click.option("--compressor", type=click.Choice(["lz4", "none"]), default="lz4",
-              show_default=True, help="Per-chunk compression (lz4 block format).")
+@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="lz4",
+              show_default=True, help="Per-chunk compression (zstd frame or lz4 block).")
+@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="sha256",
+              show_default=True, help="Chunk digest (blake3 is nydus-image's default).")
 @click.option("--chunk-dict", "chunk_dicts", multiple=True, metavar="BOOTSTRAP",
               help="Reuse chunks already stored in this image's blobs (repeatable).")
 @click.option("--whiteout-spec", type=click.Choice(["oci", "overlayfs", "none"]),
@@ -60,9 +62,9 @@ def _write_json(obj: Any, dest: str | None) -> None:
 @click.option("--output-json", "-J", metavar="FILE",
               help="Write blob ids, sizes, chunk counts and dedup figures as JSON ('-' = stdout).")
 def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | None,
-           chunk_size: str, compressor: str, chunk_dicts: tuple[str, ...], whiteout_spec: str,
-           output_json: str | None) -> None:
-    """Build SOURCE into a RAFS v6 bootstrap plus one lz4-chunked data blob.
+           chunk_size: str, compressor: str, digester: str, chunk_dicts: tuple[str, ...],
+           whiteout_spec: str, output_json: str | None) -> None:
+    """Build SOURCE into a RAFS v6 bootstrap plus one chunked data blob.
 
     SOURCE is a directory, a .tar or .tar.gz file, or '-' for a tar/tar.gz stream on
     stdin (gzip is detected by its magic).  Tar input is streamed, never unpacked.
@@ -72,8 +74,8 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
     from erofs_nydus.builder import BuildOptions, create_image
 
     opts = BuildOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
-                        blob_cache_dir=blob_cache_dir, chunk_dicts=list(chunk_dicts),
-                        whiteout_spec=whiteout_spec)
+                        digester=digester, blob_cache_dir=blob_cache_dir,
+                        chunk_dicts=list(chunk_dicts), whiteout_spec=whiteout_spec)
     result = create_image(source, bootstrap, blob_dir, opts)
     if output_json:
         _write_json(result.to_json(), output_json)
@@ -178,7 +180,8 @@ def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
                                f"({c['blob_id'][:12]}) ci#{c['ci_index']} "
                                f"c={c['compressed_offset']:#x}+{c['compressed_size']} "
                                f"u={c['uncompressed_offset']:#x}+{c['uncompressed_size']} "
-                               f"sha256={c['digest'][:16]}")
+                               f"{c['digester']}={c['digest'][:16]}"
+                               + ("" if c["compressed"] else " raw"))
             else:
                 click.echo(f"{key}: {value}")
         return
@@ -251,7 +254,9 @@ def stat_cmd(bootstraps: tuple[str, ...], as_json: bool) -> None:
                    f"(dedup {img['dedup_ratio']:.1%})")
         for b in img["blobs"]:
             click.echo(f"  blob {b['blob_id'][:16]}: {b['chunks']} chunks, "
-                       f"{b['compressed_size']} bytes, {b['chunks_referenced']} refs")
+                       f"{b['chunk_data_size']} bytes of {b['compressor']} chunk data "
+                       f"({b['blob_file_size']} bytes file, {b['digester']} digests), "
+                       f"{b['chunks_referenced']} refs")
     t = info["total"]
     if len(info["images"]) > 1:
         click.echo(f"total: {t['unique_blobs']} blobs, {t['unique_chunks']} unique chunks, "

@@ -91,6 +91,7 @@ class IterStream(io.RawIOBase):
 class ConvertOptions:
     chunk_size: int = 0x100000
     compressor: str = "lz4"
+    digester: str = "sha256"
     chunk_dicts: list[str] = field(default_factory=list)
     platform: str | None = None
     cache_dir: str = "/var/cache/erofs_nydus/convert"
@@ -138,7 +139,8 @@ def bootstrap_layer_bytes(bootstrap: bytes) -> tuple[bytes, str]:
 
 
 def _layer_key(digest: str, opts: ConvertOptions) -> str:
-    h = hashlib.sha256(f"{digest}|{opts.chunk_size}|{opts.compressor}|v1".encode())
+    dig = "" if opts.digester == "sha256" else f"|{opts.digester}"  # old keys stay valid
+    h = hashlib.sha256(f"{digest}|{opts.chunk_size}|{opts.compressor}|v1{dig}".encode())
     for p in opts.chunk_dicts:
         with open(p, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
@@ -172,7 +174,7 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
 
     stream = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
     bopts = BuildOptions(chunk_size=opts.chunk_size, compressor=opts.compressor,
-                         chunk_dicts=opts.chunk_dicts)
+                         digester=opts.digester, chunk_dicts=opts.chunk_dicts)
     create_image(stream, boot, blob_dir, bopts, label=label)
     return boot, False
 
