@@ -56,6 +56,7 @@ class Stack:
     registry_host: str
     daemon_mode: str = "dedicated"
     scheme: str = "http"
+    auth: tuple[str, str] | None = None  # registry user/password (snapshotter's docker config)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -184,6 +185,14 @@ endpoint = ["http://{self.registry_host}"]
         self.env = {**os.environ, "PATH": f"{self.bindir}:{os.environ.get('PATH', '')}",
                     "HOME": str(self.base / "home")}
         (self.base / "home").mkdir(exist_ok=True)
+        if self.auth is not None:
+            import base64
+
+            d = self.base / "home" / ".docker"
+            d.mkdir(mode=0o700, exist_ok=True)
+            token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            (d / "config.json").write_text(json.dumps(
+                {"auths": {self.registry_host: {"auth": token}}}))
         self.start_snapshotter()
         self._start("containerd", [str(self.bindir / "containerd"), "--config",
                                    str(self.base / "containerd.toml")], self.sock)
@@ -235,8 +244,9 @@ endpoint = ["http://{self.registry_host}"]
         for name in ("containerd", "snapshotter"):
             with contextlib.suppress(OSError):
                 out.append(f"--- {name} log ---\n{self.log(name).read_text()[-n:]}")
-        for f in sorted(self.snap_root.glob("logs/*/stderr.log")) if self.snap_root.exists() \
-                else []:
+        logs = [*self.snap_root.glob("logs/*/stderr.log"), self.cache_dir / "daemon.log",
+                *self.snap_root.glob("config/*/config.json")] if self.snap_root.exists() else []
+        for f in logs:
             with contextlib.suppress(OSError):
                 out.append(f"--- {f} ---\n{f.read_text()[-n:]}")
         return "\n".join(out)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,9 +104,9 @@ def stack_factory(tmp_path: Path, bindir: Path, registry: RegistryServer,
     # short paths: unix sockets under the snapshotter root must fit in 108 bytes
     base = Path(f"/tmp/ctd-{os.getpid()}-{tmp_path.name[-12:]}")
 
-    def make(**kwargs: object) -> Stack:
-        s = Stack(base / str(len(stacks)), bindir, registry.host, **kwargs)  # type: ignore[arg-type]
-        s.registry = registry  # type: ignore[attr-defined]
+    def make(reg: RegistryServer = registry, **kwargs: object) -> Stack:
+        s = Stack(base / str(len(stacks)), bindir, reg.host, **kwargs)  # type: ignore[arg-type]
+        s.registry = reg  # type: ignore[attr-defined]
         stacks.append(s)
         return s.start()
 
@@ -172,3 +174,111 @@ def test_dedicated_run_lazily(stack_factory: Callable[..., Stack],
     assert stack.nydusd_pids(), stack.tail()
     assert _erofs_mounts_under(stack.base)
 
+
+
+def _wait(cond: Callable[[], object], what: str, stack: Stack, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{stack.tail()}")
+
+
+def _exec(stack: Stack, container: str, exec_id: str, *cmd: str) -> str:
+    return stack.ctr("task", "exec", "--exec-id", exec_id, container, *cmd).stdout
+
+
+def test_kill9_of_nydusd_and_snapshotter_restart_keep_live_containers(
+        stack_factory: Callable[..., Stack], nydus_image: tuple[str, dict[str, bytes]]) -> None:
+    ref, files = nydus_image
+    stack = stack_factory(daemon_mode="dedicated")
+    _pull(stack, ref)
+    stack.ctr("run", "-d", "--snapshotter", "nydus", ref, "live", "/bin/sleep", "600")
+    _wait(stack.nydusd_pids, "nydusd", stack)
+    (old,) = stack.nydusd_pids()
+    os.kill(old, signal.SIGKILL)
+    # the live container reads a file it never touched: correct bytes
+    out = _exec(stack, "live", "e1", "/usr/bin/sha256sum", "/data/other.bin")
+    assert out.split()[0] == hashlib.sha256(files["data/other.bin"]).hexdigest()
+    # the snapshotter's restart policy starts nydusd again with the same argv; it adopts
+    _wait(lambda: [p for p in stack.nydusd_pids() if p != old]
+          and len(_erofs_mounts_under(stack.base)) == 1, "restarted nydusd", stack)
+    out = _exec(stack, "live", "e2", "/bin/head", "-c", "20", "/etc/greeting")
+    assert out == files["etc/greeting"][:20].decode()
+    # the snapshotter itself restarts (kill -9): it reconnects to the live nydusd
+    stack.stop_process("snapshotter", signal.SIGKILL)
+    stack.snap_sock.unlink(missing_ok=True)
+    stack.start_snapshotter()
+    # containerd's proxy-plugin connection comes back on its own, after a backoff
+    _wait(lambda: stack.ctr("snapshots", "--snapshotter", "nydus", "ls",
+                            check=False).returncode == 0, "containerd to reconnect", stack)
+    out = stack.run(ref, "c2", "/usr/bin/sha256sum", "/data/big.bin")
+    assert out.split()[0] == hashlib.sha256(files["data/big.bin"]).hexdigest()
+    assert _exec(stack, "live", "e3", "/bin/cat", "/etc/greeting") == \
+        files["etc/greeting"].decode()
+
+
+def test_shared_mode(stack_factory: Callable[..., Stack],
+                     nydus_image: tuple[str, dict[str, bytes]]) -> None:
+    ref, files = nydus_image
+    stack = stack_factory(daemon_mode="shared")
+    _pull(stack, ref)
+    out = stack.run(ref, "c1", "/bin/cat", "/etc/greeting")
+    assert out == files["etc/greeting"].decode()
+    out = stack.run(ref, "c2", "/usr/bin/sha256sum", "/data/big.bin")
+    assert out.split()[0] == hashlib.sha256(files["data/big.bin"]).hexdigest()
+    assert len(stack.nydusd_pids()) == 1
+    # restart policy in shared mode: nydusd killed, restarted, every mount re-POSTed
+    stack.ctr("run", "-d", "--snapshotter", "nydus", ref, "live", "/bin/sleep", "600")
+    (old,) = stack.nydusd_pids()
+    os.kill(old, signal.SIGKILL)
+    _wait(lambda: [p for p in stack.nydusd_pids() if p != old], "restarted nydusd", stack)
+    out = _exec(stack, "live", "e1", "/usr/bin/sha256sum", "/data/other.bin")
+    assert out.split()[0] == hashlib.sha256(files["data/other.bin"]).hexdigest()
+
+
+def test_image_removal_leaves_nothing(stack_factory: Callable[..., Stack],
+                                      nydus_image: tuple[str, dict[str, bytes]]) -> None:
+    ref, files = nydus_image
+    stack = stack_factory(daemon_mode="dedicated")
+    _pull(stack, ref)
+    assert stack.run(ref, "c1", "/bin/cat", "/etc/greeting") == files["etc/greeting"].decode()
+    with CRIImages(str(stack.sock)) as cri:
+        cri.remove(ref)
+    _wait(lambda: not _erofs_mounts_under(stack.base) and not stack.nydusd_pids(),
+          "unmount and nydusd exit after image removal", stack)
+    from erofs_nydus.service.client import DaemonClient
+
+    _wait(lambda: not DaemonClient(stack.cache_dir).supervisor_running(),
+          "the cache dir's daemon to stop", stack)
+    left = sorted(p.name for p in stack.cache_dir.iterdir()) if stack.cache_dir.exists() else []
+    blob_files = [n for n in left if n.split(".")[0] in
+                  {d.split(":")[1] for d in _nydus_blobs(stack_registry(stack), ref)}]
+    assert not blob_files, left
+    # nor the image's stored bootstrap: only the (stopped) daemon's own files are left
+    assert not [n for n in left if n.endswith((".boot", ".blob.data", ".chunk_map"))], left
+
+
+def test_registry_with_basic_auth(
+        stack_factory: Callable[..., Stack], registry_htpasswd: RegistryServer,
+        nydus_image: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
+    from registry_fixture import HTPASSWD_USER
+
+    ref, files = nydus_image
+    user, password = HTPASSWD_USER
+    # copy the converted Nydus image as is into the registry that needs auth
+    target = registry_htpasswd.ref("ctd/private:nydus")
+    run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+         "--dest-tls-verify=false", "--dest-creds", f"{user}:{password}",
+         f"docker://{ref}", f"docker://{target}"])
+    stack = stack_factory(registry_htpasswd, daemon_mode="dedicated", auth=HTPASSWD_USER)
+    with CRIImages(str(stack.sock)) as cri:
+        cri.pull(target, user, password)
+    out = stack.run(target, "c1", "/usr/bin/sha256sum", "/data/big.bin")
+    assert out.split()[0] == hashlib.sha256(files["data/big.bin"]).hexdigest()
+    # the snapshotter passed the credentials in nydusd's config (auth), and nydusd gave them
+    # to the daemon as a private docker config
+    from erofs_nydus.service.nydusd_config import AUTH_DIR
+
+    assert list((stack.cache_dir / AUTH_DIR).glob("*/config.json"))

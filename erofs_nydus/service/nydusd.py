@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,24 @@ class Mount:
     target: str  # where EROFS is mounted
     bootstrap: str
     config: NydusdConfig
+    fsid: str | None = None  # the image id in the daemon (its `<fsid>.boot` in the cache dir)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: str) -> Iterator[None]:
+    """Serialise mount and unmount of all nydusd processes sharing a cache dir, so that one
+    stopping the idle daemon (and removing what the image left) never races another that is
+    registering an image with it."""
+    import fcntl
+
+    os.makedirs(cache_dir, exist_ok=True)
+    fd = os.open(os.path.join(cache_dir, "nydusd.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class ApiError(ErofsNydusError):
@@ -159,7 +178,7 @@ class NydusdService:
         from erofs_nydus.service.client import DaemonClient, DaemonUnreachable
 
         target = self.target_of(key)
-        with self.lock:
+        with self.lock, _cache_lock(config.cache_dir):
             if key in self.mounts:
                 raise ApiError(409, "AlreadyExists", f"{key} is already mounted")
             config.write_credentials()
@@ -185,9 +204,9 @@ class NydusdService:
             try:
                 mount_erofs_file(info["bootstrap"], target, info["devices"])
             except BaseException:
-                self._detach(client, target)
+                self._detach(client, target, None)
                 raise
-            self.mounts[key] = Mount(key, target, bootstrap, config)
+            self.mounts[key] = Mount(key, target, bootstrap, config, str(info["fsid"]))
             log.info("mounted %s at %s (image %s)", bootstrap, target, info["fsid"][:12])
 
     def umount(self, key: str) -> None:
@@ -202,25 +221,33 @@ class NydusdService:
         from erofs_nydus.mount import is_mountpoint, umount
         from erofs_nydus.service.client import DaemonClient
 
-        if is_mountpoint(m.target):
-            try:
-                umount(m.target, retries=3)
-            except KernelError:
-                umount(m.target, lazy=True)
-        client = DaemonClient(m.config.cache_dir)
-        self._detach(client, m.target)
+        with _cache_lock(m.config.cache_dir):
+            if is_mountpoint(m.target):
+                try:
+                    umount(m.target, retries=3)
+                except KernelError:
+                    umount(m.target, lazy=True)
+            client = DaemonClient(m.config.cache_dir)
+            self._detach(client, m.target, m.fsid)
         log.info("unmounted %s", m.target)
 
     @staticmethod
-    def _detach(client: Any, target: str) -> None:
+    def _detach(client: Any, target: str, fsid: str | None) -> None:
+        """Tell the daemon a mount is gone; stop it when it serves nothing else, and then
+        remove the image's stored bootstrap (the snapshotter removes the blobs' files)."""
         try:
             detached = client.request("detach", mountpoint=target)
         except DaemonError as exc:
             log.warning("detach %s: %s", target, exc)
             return
         if detached.get("remaining") == 0 and not detached.get("resident"):
-            with contextlib.suppress(DaemonError):  # a mount registered meanwhile keeps it
+            try:
                 client.shutdown()
+            except DaemonError:  # another user registered meanwhile: it keeps running
+                return
+            if fsid:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(client.paths.cache_dir, f"{fsid}.boot"))
 
     def unmount_all(self) -> None:
         with self.lock:

@@ -126,6 +126,16 @@ class NydusdApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         super().server_bind()
         os.chmod(self.path, 0o600)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-answer (the snapshotter restarting) is no error.
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("api client went away: %s", exc)
+            return
+        log.exception("api connection failed")
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever,
                                         kwargs={"poll_interval": 0.5}, name="api", daemon=True)
