@@ -56,6 +56,7 @@ class Stack:
     registry_host: str
     daemon_mode: str = "dedicated"
     scheme: str = "http"
+    recover_policy: str = "restart"
     auth: tuple[str, str] | None = None  # registry user/password (snapshotter's docker config)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
@@ -115,7 +116,7 @@ enable = false
 nydusd_config = "{self.base / 'nydusd-config.json'}"
 nydusd_path = "{nydusd}"
 fs_driver = "fusedev"
-recover_policy = "restart"
+recover_policy = "{self.recover_policy}"
 threads_number = 2
 
 [log]

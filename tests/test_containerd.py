@@ -189,10 +189,12 @@ def _exec(stack: Stack, container: str, exec_id: str, *cmd: str) -> str:
     return stack.ctr("task", "exec", "--exec-id", exec_id, container, *cmd).stdout
 
 
+@pytest.mark.parametrize("policy", ["restart", "failover"])
 def test_kill9_of_nydusd_and_snapshotter_restart_keep_live_containers(
-        stack_factory: Callable[..., Stack], nydus_image: tuple[str, dict[str, bytes]]) -> None:
+        stack_factory: Callable[..., Stack], nydus_image: tuple[str, dict[str, bytes]],
+        policy: str) -> None:
     ref, files = nydus_image
-    stack = stack_factory(daemon_mode="dedicated")
+    stack = stack_factory(daemon_mode="dedicated", recover_policy=policy)
     _pull(stack, ref)
     stack.ctr("run", "-d", "--snapshotter", "nydus", ref, "live", "/bin/sleep", "600")
     _wait(stack.nydusd_pids, "nydusd", stack)
@@ -201,9 +203,11 @@ def test_kill9_of_nydusd_and_snapshotter_restart_keep_live_containers(
     # the live container reads a file it never touched: correct bytes
     out = _exec(stack, "live", "e1", "/usr/bin/sha256sum", "/data/other.bin")
     assert out.split()[0] == hashlib.sha256(files["data/other.bin"]).hexdigest()
-    # the snapshotter's restart policy starts nydusd again with the same argv; it adopts
+    # the snapshotter's recovery starts nydusd again with the same argv; it adopts the mount
     _wait(lambda: [p for p in stack.nydusd_pids() if p != old]
           and len(_erofs_mounts_under(stack.base)) == 1, "restarted nydusd", stack)
+    if policy == "failover":  # 0.13.4: same argv plus --supervisor, then takeover + start
+        assert "Do failover" in stack.log("snapshotter").read_text(), stack.tail()
     out = _exec(stack, "live", "e2", "/bin/head", "-c", "20", "/etc/greeting")
     assert out == files["etc/greeting"][:20].decode()
     # the snapshotter itself restarts (kill -9): it reconnects to the live nydusd
