@@ -57,6 +57,8 @@ class Stack:
     daemon_mode: str = "dedicated"
     scheme: str = "http"
     recover_policy: str = "restart"
+    cri_snapshotter: str = "nydus"  # what CRI pulls unpack into ("overlayfs": the default)
+    prefix: list[str] = field(default_factory=list)  # e.g. nsenter into a network namespace
     auth: tuple[str, str] | None = None  # registry user/password (snapshotter's docker config)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
@@ -170,7 +172,7 @@ stream_server_port = "0"
 enable_cdi = false
 
 [plugins."io.containerd.grpc.v1.cri".containerd]
-snapshotter = "nydus"
+snapshotter = "{self.cri_snapshotter}"
 disable_snapshot_annotations = false
 
 [plugins."io.containerd.grpc.v1.cri".cni]
@@ -206,7 +208,7 @@ endpoint = ["http://{self.registry_host}"]
 
     def _start(self, name: str, argv: list[str], sock: Path) -> None:
         with open(self.log(name), "ab") as logf:
-            proc = subprocess.Popen(argv, stdout=logf, stderr=logf, env=self.env,
+            proc = subprocess.Popen([*self.prefix, *argv], stdout=logf, stderr=logf, env=self.env,
                                     cwd=self.base, start_new_session=True)
         self.procs[name] = proc
         _wait_socket(sock, proc, self.log(name))
@@ -235,9 +237,10 @@ endpoint = ["http://{self.registry_host}"]
                                  f"{p.stdout}{p.stderr}\n{self.tail()}")
         return p
 
-    def run(self, image: str, name: str, *cmd: str, timeout: float = 180) -> str:
+    def run(self, image: str, name: str, *cmd: str, timeout: float = 180,
+            snapshotter: str = "nydus") -> str:
         """`ctr run --rm --snapshotter nydus IMAGE NAME CMD...`: the container's output."""
-        return self.ctr("run", "--rm", "--snapshotter", "nydus", image, name, *cmd,
+        return self.ctr("run", "--rm", "--snapshotter", snapshotter, image, name, *cmd,
                         timeout=timeout).stdout
 
     def tail(self, n: int = 3000) -> str:
