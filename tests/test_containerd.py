@@ -81,20 +81,35 @@ def bindir() -> Path:
     return d
 
 
+def _push_nydus(registry: RegistryServer, work: Path, files: dict[str, bytes],
+                repo: str) -> str:
+    oci = _build_oci(work, files)
+    src = registry.ref(f"{repo}:oci")
+    run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", oci,
+         f"docker://{src}"])
+    target = registry.ref(f"{repo}:nydus")
+    run([sys.executable, "-m", "erofs_nydus.cli", "convert", "--source", src, "--target",
+         target, "--plain-http", "-q", "--cache-dir", str(work / "convert-cache")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    return target
+
+
 @pytest.fixture(scope="module")
 def nydus_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory,
                 ) -> tuple[str, dict[str, bytes]]:
     work = tmp_path_factory.mktemp("ctd-image")
     files = _rootfs(work / "src")
-    oci = _build_oci(work, files)
-    src = registry.ref("ctd/app:oci")
-    run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", oci,
-         f"docker://{src}"])
-    target = registry.ref("ctd/app:nydus")
-    run([sys.executable, "-m", "erofs_nydus.cli", "convert", "--source", src, "--target",
-         target, "--plain-http", "-q", "--cache-dir", str(work / "convert-cache")],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    return target, files
+    return _push_nydus(registry, work, files, "ctd/app"), files
+
+
+@pytest.fixture(scope="module")
+def nydus_image2(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory,
+                 nydus_image: tuple[str, dict[str, bytes]]) -> tuple[str, dict[str, bytes]]:
+    """Same programs, other data: a second image with blobs of its own."""
+    work = tmp_path_factory.mktemp("ctd-image2")
+    files = {**nydus_image[1], "data/big.bin": nydus_image[1]["data/other.bin"][1:] + b"x",
+             "etc/greeting": b"the second image\n"}
+    return _push_nydus(registry, work, files, "ctd/app2"), files
 
 
 @pytest.fixture
@@ -262,6 +277,26 @@ def test_image_removal_leaves_nothing(stack_factory: Callable[..., Stack],
     assert not blob_files, left
     # nor the image's stored bootstrap: only the (stopped) daemon's own files are left
     assert not [n for n in left if n.endswith((".boot", ".blob.data", ".chunk_map"))], left
+
+
+def test_two_images_share_the_daemon_and_removal_of_one_spares_the_other(
+        stack_factory: Callable[..., Stack], nydus_image: tuple[str, dict[str, bytes]],
+        nydus_image2: tuple[str, dict[str, bytes]]) -> None:
+    (ref1, files1), (ref2, files2) = nydus_image, nydus_image2
+    stack = stack_factory(daemon_mode="dedicated")
+    _pull(stack, ref1)
+    _pull(stack, ref2)
+    stack.ctr("run", "-d", "--snapshotter", "nydus", ref2, "live2", "/bin/sleep", "600")
+    assert stack.run(ref1, "c1", "/bin/cat", "/etc/greeting") == files1["etc/greeting"].decode()
+    _wait(lambda: len(stack.nydusd_pids()) == 2, "two dedicated nydusd", stack)
+    with CRIImages(str(stack.sock)) as cri:
+        cri.remove(ref1)
+    _wait(lambda: len(stack.nydusd_pids()) == 1 and len(_erofs_mounts_under(stack.base)) == 1,
+          "the first image's nydusd to go", stack)
+    out = _exec(stack, "live2", "e1", "/usr/bin/sha256sum", "/data/big.bin")
+    assert out.split()[0] == hashlib.sha256(files2["data/big.bin"]).hexdigest()
+    assert _exec(stack, "live2", "e2", "/bin/cat", "/etc/greeting") == \
+        files2["etc/greeting"].decode()
 
 
 def test_registry_with_basic_auth(

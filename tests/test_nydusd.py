@@ -339,3 +339,32 @@ def test_daemon_death_ends_nydusd(tmp_path: Path, image: tuple[BuiltImage, Path]
     wait_state(sock)
     assert (mnt / "big").read_bytes() == (src / "big").read_bytes()
     assert d2.stop() == 0
+
+
+@kernel
+def test_restart_after_the_mount_was_removed_mounts_again(
+        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+    """The snapshotter's failover unmounts nydusd's mountpoint when it can; the daemon still
+    has the image registered there: the restarted nydusd mounts it again."""
+    img, src = image
+    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
+    mnt.mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
+    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
+            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock)]
+    d = Nydusd(tmp_path, argv).start()
+    cleanup.append(d)
+    wait_state(sock)
+    d.stop(signal.SIGKILL)
+    umount(mnt)
+    d2 = Nydusd(tmp_path, argv).start()
+    cleanup.append(d2)
+    wait_state(sock)
+    assert (mnt / "big").read_bytes() == (src / "big").read_bytes()
+    assert d2.stop() == 0
+    assert not is_mountpoint(mnt)
+    # registered once: the daemon stopped with that unmount
+    deadline = time.monotonic() + 30
+    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not DaemonClient(cache).supervisor_running()
