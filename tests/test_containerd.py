@@ -321,3 +321,26 @@ def test_registry_with_basic_auth(
     from erofs_nydus.service.nydusd_config import AUTH_DIR
 
     assert list((stack.cache_dir / AUTH_DIR).glob("*/config.json"))
+
+
+def test_death_of_the_serving_daemon_starts_the_snapshotters_recovery(
+        stack_factory: Callable[..., Stack], nydus_image: tuple[str, dict[str, bytes]]) -> None:
+    """kill -9 of the cache dir's daemon (the process serving the kernel): our nydusd exits
+    too, so the snapshotter restarts it, and new containers of the image read right bytes.
+    (Containers that were running on the old mount do not survive this: the fanotify group
+    dies with the daemon's supervisor.)"""
+    from erofs_nydus.service.client import DaemonClient
+
+    ref, files = nydus_image
+    stack = stack_factory(daemon_mode="dedicated")
+    _pull(stack, ref)
+    assert stack.run(ref, "c1", "/bin/cat", "/etc/greeting") == files["etc/greeting"].decode()
+    (old,) = stack.nydusd_pids()
+    pid = DaemonClient(stack.cache_dir).supervisor_pid()
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: [p for p in stack.nydusd_pids() if p != old]
+          and len(_erofs_mounts_under(stack.base)) == 1, "recovered nydusd", stack)
+    assert "died" in stack.log("snapshotter").read_text()
+    out = stack.run(ref, "c2", "/usr/bin/sha256sum", "/data/other.bin")
+    assert out.split()[0] == hashlib.sha256(files["data/other.bin"]).hexdigest()
