@@ -218,6 +218,12 @@ def test_dedicated_mount_api_and_sigterm(tmp_path: Path, image: tuple[BuiltImage
     for _ in range(3):
         status, body = api(sock, "GET", "/api/v1/daemon", conn=conn)
         assert status == 200 and body["state"] == "RUNNING"
+    # every descriptor nydusd holds (listener, kept connection, lock, log) is close-on-exec
+    assert d.proc is not None
+    for fd in os.listdir(f"/proc/{d.proc.pid}/fd"):
+        if int(fd) > 2:
+            flags = Path(f"/proc/{d.proc.pid}/fdinfo/{fd}").read_text().split("flags:")[1]
+            assert int(flags.split()[0], 8) & 0o2000000, f"fd {fd} is inherited by children"
     status, m = api(sock, "GET", "/api/v1/metrics", conn=conn)
     assert status == 200 and m["data_read"] > 0
     status, cm = api(sock, "GET", "/api/v1/metrics/blobcache", conn=conn)
