@@ -374,3 +374,27 @@ def test_restart_after_the_mount_was_removed_mounts_again(
     while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not DaemonClient(cache).supervisor_running()
+
+
+@kernel
+def test_bad_bootstrap_is_one_line_and_leaves_no_daemon(
+        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+    img, _src = image
+    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
+    mnt.mkdir()
+    bad = tmp_path / "bad.boot"
+    bad.write_bytes(b"not an image" * 1000)
+    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
+    p = subprocess.run([*NYDUSD, "fuse", "--config", str(tmp_path / "config.json"),
+                        "--bootstrap", str(bad), "--mountpoint", str(mnt), "--apisock",
+                        str(sock), "--log-file", str(tmp_path / "nydusd.log")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert p.stderr.strip() and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.strip() in (tmp_path / "nydusd.log").read_text()
+    assert not is_mountpoint(mnt) and not sock.exists()
+    deadline = time.monotonic() + 30
+    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not DaemonClient(cache).supervisor_running()

@@ -193,7 +193,7 @@ class NydusdService:
                 log.warning("%s is mounted but not served: unmounting it", target)
                 umount(target, lazy=True)
             for attempt in (1, 2):
-                client.ensure_running()
+                started = client.ensure_running()
                 try:
                     info = client.request("register", bootstrap=bootstrap,
                                           backend=config.backend, mountpoint=target)
@@ -201,6 +201,11 @@ class NydusdService:
                 except DaemonUnreachable:  # it stopped with its last mount meanwhile
                     if attempt == 2:
                         raise
+                except BaseException:
+                    if started:  # a daemon we started for nothing must not stay behind
+                        with contextlib.suppress(DaemonError):
+                            client.shutdown()
+                    raise
             try:
                 mount_erofs_file(info["bootstrap"], target, info["devices"])
             except BaseException:
