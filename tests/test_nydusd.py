@@ -276,6 +276,11 @@ def test_kill9_and_restart_adopts_the_mount(tmp_path: Path, image: tuple[BuiltIm
     held.close()
     assert d2.stop() == 0
     assert not is_mountpoint(mnt)
+    # the adopted image was cleaned up like one mounted by this process
+    deadline = time.monotonic() + 30
+    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(cache.glob("*.boot"))
 
 
 @kernel

@@ -185,10 +185,10 @@ class NydusdService:
             client = DaemonClient(config.cache_dir)
             os.makedirs(target, exist_ok=True)
             if is_mountpoint(target):
-                served = client.alive() and target in client.request("ping").get("mounts", [])
-                if served:  # we were restarted: the daemon still serves this mount
+                fsid = self._served_fsid(client, target)
+                if fsid is not None:  # we were restarted: the daemon still serves this mount
                     log.info("adopting %s (still served by the daemon)", target)
-                    self.mounts[key] = Mount(key, target, bootstrap, config)
+                    self.mounts[key] = Mount(key, target, bootstrap, config, fsid)
                     return
                 log.warning("%s is mounted but not served: unmounting it", target)
                 umount(target, lazy=True)
@@ -213,6 +213,16 @@ class NydusdService:
                 raise
             self.mounts[key] = Mount(key, target, bootstrap, config, str(info["fsid"]))
             log.info("mounted %s at %s (image %s)", bootstrap, target, info["fsid"][:12])
+
+    @staticmethod
+    def _served_fsid(client: Any, target: str) -> str | None:
+        """The fsid of the image the cache dir's daemon serves at `target`, if any."""
+        if not client.alive():
+            return None
+        for img in client.request("status").get("images", []):
+            if target in img.get("mountpoints", []):
+                return str(img["fsid"])
+        return None
 
     def umount(self, key: str) -> None:
         with self.lock:
