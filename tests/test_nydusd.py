@@ -130,6 +130,22 @@ def test_registry_config_becomes_backend_spec_without_secrets(tmp_path: Path) ->
     assert creds is not None and (creds.username, creds.password) == ("alice", "wonderland")
 
 
+def test_localfs_and_v2_config_shapes(tmp_path: Path) -> None:
+    cfg = parse_nydusd_config({"device": {
+        "backend": {"type": "localfs", "config": {"dir": "blobs"}},
+        "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}}}})
+    assert cfg.backend == {"type": "local", "dir": os.path.abspath("blobs")}
+    # the v2 shape (backend and cache at the top level, as fscache configs are)
+    v2 = parse_nydusd_config({"type": "bootstrap", "id": "x", "backend": {
+        "type": "registry", "registry": {"host": "reg.example", "repo": "a/b"}},
+        "cache": {"type": "fscache", "fscache": {"work_dir": str(tmp_path / "f")}}})
+    assert v2.cache_dir == str(tmp_path / "f")
+    assert v2.backend["repo"] == "reg.example/a/b" and v2.backend["plain_http"] == "loopback"
+    assert "docker_config" not in v2.backend
+    v2.write_credentials()  # nothing to write without auth
+    assert not (tmp_path / "f").exists()
+
+
 @pytest.mark.parametrize("bad", [
     "{", "[]", '{"device": {"backend": {"type": "oss"}, "cache": {"config": {"work_dir": "/c"}}}}',
     '{"device": {"backend": {"type": "registry", "config": {"host": "h"}},'
