@@ -332,6 +332,7 @@ def test_shared_mode_mounts_by_api_and_failover_calls(
     assert (root / "1" / "fs" / "other").read_bytes() == (src / "other").read_bytes()
     assert api(sock, "DELETE", "/api/v1/mount?mountpoint=/1/fs")[0] == 204
     assert not is_mountpoint(root / "1" / "fs")
+    assert not (root / "1").exists()  # like nydusd's pseudo fs: the directories went too
     assert api(sock, "DELETE", "/api/v1/mount?mountpoint=/1/fs")[0] == 404
     # failover calls answer at once
     assert api(sock, "PUT", "/api/v1/daemon/fuse/sendfd")[0] == 204
@@ -339,6 +340,7 @@ def test_shared_mode_mounts_by_api_and_failover_calls(
     assert api(sock, "PUT", "/api/v1/daemon/start")[0] == 204
     assert d2.stop() == 0
     assert not is_mountpoint(root / "2" / "fs")
+    assert list(root.iterdir()) == []
 
 
 @kernel

@@ -119,6 +119,7 @@ class Mount:
     bootstrap: str
     config: NydusdConfig
     fsid: str | None = None  # the image id in the daemon (its `<fsid>.boot` in the cache dir)
+    made: list[str] = field(default_factory=list)  # directories we created for it, deepest first
 
 
 @contextlib.contextmanager
@@ -145,6 +146,30 @@ class ApiError(ErofsNydusError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+def _makedirs(path: str, root: str | None) -> list[str]:
+    """`os.makedirs(path)`; returns the directories between `root` (excluded) and `path`,
+    deepest first.  In shared mode nydusd's mountpoints are directories of its pseudo file
+    system under the root, gone with the mount: ours are removed again on unmount (when
+    empty).  A mount at the root itself (dedicated) removes nothing."""
+    os.makedirs(path, exist_ok=True)
+    made: list[str] = []
+    if root is None:
+        return made
+    p = path
+    while p != root and p.startswith(root + os.sep):
+        made.append(p)
+        p = os.path.dirname(p)
+    return made
+
+
+def _rmdirs(made: list[str]) -> None:
+    for d in made:
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (someone else's now), or gone already
+            return
 
 
 class NydusdService:
@@ -175,7 +200,7 @@ class NydusdService:
 
     def mount(self, key: str, bootstrap: str, config: NydusdConfig) -> None:
         from erofs_nydus.mount import is_mountpoint, mount_erofs_file, umount
-        from erofs_nydus.service.client import DaemonClient, DaemonUnreachable
+        from erofs_nydus.service.client import DaemonClient
 
         target = self.target_of(key)
         with self.lock, _cache_lock(config.cache_dir):
@@ -183,36 +208,49 @@ class NydusdService:
                 raise ApiError(409, "AlreadyExists", f"{key} is already mounted")
             config.write_credentials()
             client = DaemonClient(config.cache_dir)
-            os.makedirs(target, exist_ok=True)
+            made = _makedirs(target, self.root)
             if is_mountpoint(target):
                 fsid = self._served_fsid(client, target)
                 if fsid is not None:  # we were restarted: the daemon still serves this mount
                     log.info("adopting %s (still served by the daemon)", target)
-                    self.mounts[key] = Mount(key, target, bootstrap, config, fsid)
+                    self.mounts[key] = Mount(key, target, bootstrap, config, fsid, made)
                     return
                 log.warning("%s is mounted but not served: unmounting it", target)
                 umount(target, lazy=True)
-            for attempt in (1, 2):
-                started = client.ensure_running()
-                try:
-                    info = client.request("register", bootstrap=bootstrap,
-                                          backend=config.backend, mountpoint=target)
-                    break
-                except DaemonUnreachable:  # it stopped with its last mount meanwhile
-                    if attempt == 2:
-                        raise
-                except BaseException:
-                    if started:  # a daemon we started for nothing must not stay behind
-                        with contextlib.suppress(DaemonError):
-                            client.shutdown()
-                    raise
             try:
-                mount_erofs_file(info["bootstrap"], target, info["devices"])
+                info = self._register(client, bootstrap, config, target)
+                try:
+                    mount_erofs_file(info["bootstrap"], target, info["devices"])
+                except BaseException:
+                    self._detach(client, target, None)
+                    raise
             except BaseException:
-                self._detach(client, target, None)
+                _rmdirs(made)
                 raise
-            self.mounts[key] = Mount(key, target, bootstrap, config, str(info["fsid"]))
+            self.mounts[key] = Mount(key, target, bootstrap, config, str(info["fsid"]), made)
             log.info("mounted %s at %s (image %s)", bootstrap, target, info["fsid"][:12])
+
+    @staticmethod
+    def _register(client: Any, bootstrap: str, config: NydusdConfig,
+                  target: str) -> dict[str, Any]:
+        """Register the image with the cache dir's daemon (started if needed)."""
+        from erofs_nydus.service.client import DaemonUnreachable
+
+        for attempt in (1, 2):
+            started = client.ensure_running()
+            try:
+                info: dict[str, Any] = client.request(
+                    "register", bootstrap=bootstrap, backend=config.backend, mountpoint=target)
+                return info
+            except DaemonUnreachable:  # it stopped with its last mount meanwhile
+                if attempt == 2:
+                    raise
+            except BaseException:
+                if started:  # a daemon we started for nothing must not stay behind
+                    with contextlib.suppress(DaemonError):
+                        client.shutdown()
+                raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _served_fsid(client: Any, target: str) -> str | None:
@@ -244,6 +282,8 @@ class NydusdService:
                     umount(m.target, lazy=True)
             client = DaemonClient(m.config.cache_dir)
             self._detach(client, m.target, m.fsid)
+            if not is_mountpoint(m.target):
+                _rmdirs(m.made)
         log.info("unmounted %s", m.target)
 
     @staticmethod
