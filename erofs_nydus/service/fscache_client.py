@@ -8,12 +8,11 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, UnsupportedError
-from erofs_nydus.service.client import DaemonClient
+from erofs_nydus.service.client import DaemonClient, spawn_daemon
 
 __all__ = [
     "BUFFERED_ENV",
@@ -98,17 +97,9 @@ class FscacheClient(DaemonClient):
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         os.makedirs(self.paths.cache_dir, exist_ok=True)
-        with open(self.paths.log, "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "erofs_nydus.service.fscache_daemon",
-                 "--cache-dir", self.paths.cache_dir],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-        from erofs_nydus.service import client as _client
-
-        _client._SPAWNED.setdefault(self.paths.cache_dir, []).append(proc)
-        return proc
+        return spawn_daemon(self.paths.cache_dir, self.paths.log,
+                            "erofs_nydus.service.fscache_daemon",
+                            "--cache-dir", self.paths.cache_dir)
 
 
 def fscache_cache_dir() -> str | None:
