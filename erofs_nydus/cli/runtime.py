@@ -129,7 +129,9 @@ def mount_cmd(
     REF is a Nydus image in a registry (host[:port]/repo[:tag|@digest]) or an OCI
     layout (oci:DIR[:tag]): only its bootstrap layer is fetched now, chunks are read
     with HTTP Range requests when first accessed.  Credentials come from Docker's
-    config.json ($DOCKER_CONFIG).
+    config.json ($DOCKER_CONFIG, else ~/.docker; the path goes to the daemon with each
+    mount).  The daemon ignores the caller's proxy variables: set [backend] in the
+    config file.
 
     Starts (or reuses) the daemon for --cache-dir in the background, registers the
     image, and mounts it with file-backed EROFS, one cache file per blob.  Returns
@@ -214,10 +216,28 @@ def _resolve_args(platform: str | None, plain_http: bool,
                   read_deadline: float) -> dict[str, Any]:
     """`resolve_remote_image` keyword arguments (also the daemon's `resolve` request)."""
     cfg = current_config()
-    docker_config = cfg.docker_config_dir() or os.environ.get("DOCKER_CONFIG")
+    docker_config = cfg.docker_config_dir() or _caller_docker_config()
     return {"platform": platform, "plain_http": True if plain_http else "loopback",
             "deadline": read_deadline, "retries": cfg.retries,
-            "docker_config": os.path.abspath(docker_config) if docker_config else None}
+            "docker_config": os.path.abspath(docker_config)}
+
+
+def _caller_docker_config() -> str:
+    """This caller's registry auth file, named explicitly in each request: the daemon
+    runs with an allow-listed environment and must never fall back to the settings of
+    whoever started it.  `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`;
+    `$REGISTRY_AUTH_FILE` when that one does not exist (the order of
+    `registry.auth.docker_config_paths`, which this light process does not import)."""
+    env = os.environ
+    if env.get("DOCKER_CONFIG"):
+        first = os.path.join(env["DOCKER_CONFIG"], "config.json")
+    else:
+        home = env.get("HOME") or os.path.expanduser("~")
+        first = os.path.join(home, ".docker", "config.json")
+    auth_file = env.get("REGISTRY_AUTH_FILE")
+    if auth_file and not os.path.exists(first):
+        return auth_file
+    return first
 
 
 def _local_backend(bootstrap: str, blob_dir: str | None) -> dict[str, Any] | None:
