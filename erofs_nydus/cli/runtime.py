@@ -137,8 +137,7 @@ def mount_cmd(
     image, and mounts it with file-backed EROFS, one cache file per blob.  Returns
     once the mount is usable.  A second mount of the same image shares the cache.
     """
-    from erofs_nydus.mount import is_mountpoint, mount_erofs_file
-    from erofs_nydus.service.client import DaemonClient
+    from erofs_nydus.mount import is_mountpoint
 
     if cache_dir is None:
         raise UsageError("give --cache-dir (or daemon.cache_dir in the config file)")
@@ -148,10 +147,41 @@ def mount_cmd(
     mp = os.path.realpath(mountpoint)
     if is_mountpoint(mp):
         raise UsageError(f"{mp} is already a mountpoint")
-    if chosen == "fscache":
-        _mount_fscache(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
-                       read_deadline, domain_id, buffered_cache)
+    existed = os.path.isdir(cache_dir)
+    had = set(os.listdir(cache_dir)) if existed else set()
+    try:
+        if chosen == "fscache":
+            _mount_fscache(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
+                           read_deadline, domain_id, buffered_cache)
+        else:
+            _mount_fanotify(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
+                            read_deadline, domain_id, buffered_cache)
+    except BaseException as exc:
+        _forget_failed_start(cache_dir, existed, had, keep_log=isinstance(exc, DaemonError))
+        raise
+
+
+def _forget_failed_start(cache_dir: str, existed: bool, had: set[str], keep_log: bool) -> None:
+    """A mount failed: remove the daemon's lock and log files it left in the cache dir
+    (and the dir, if this mount made it and it is empty), unless they were there
+    before, a daemon still runs, or the error names the log (``keep_log``)."""
+    from erofs_nydus.service.client import DaemonClient
+
+    client = DaemonClient(cache_dir)
+    if os.path.basename(client.paths.lock) in had:
         return
+    client.remove_stale_files(log=not keep_log and os.path.basename(client.paths.log) not in had)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.rmdir(cache_dir)  # only when empty
+
+
+def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
+                    plain_http: bool, platform: str | None, read_deadline: float,
+                    domain_id: str | None, buffered_cache: bool | None) -> None:
+    from erofs_nydus.mount import mount_erofs_file
+    from erofs_nydus.service.client import DaemonClient
+
     if domain_id is not None:
         raise UsageError("--domain-id is for --mode fscache")
     if buffered_cache:
@@ -190,7 +220,7 @@ def mount_cmd(
             client.shutdown()
         raise
     click.echo(
-        f"mounted {bootstrap} at {mp} ({chosen}, image {info['fsid'][:12]}, "
+        f"mounted {bootstrap} at {mp} (fanotify, image {info['fsid'][:12]}, "
         f"{len(info['devices'])} blob(s), cache {client.paths.cache_dir})"
     )
 

@@ -159,7 +159,15 @@ class DaemonClient:
             ) from exc
         if not buf:
             raise DaemonUnreachable(f"daemon for {self.paths.cache_dir} closed the connection")
-        resp: dict[str, Any] = json.loads(buf)
+        try:
+            resp = json.loads(buf)
+        except ValueError:
+            resp = None
+        if not isinstance(resp, dict) or not buf.endswith(b"\n"):
+            raise DaemonError(
+                f"daemon for {self.paths.cache_dir} sent a partial or garbled reply to "
+                f"{op!r} ({len(buf)} bytes); see {self.paths.log}"
+            )
         if not resp.get("ok"):
             raise error_from_response(resp)
         return resp
@@ -188,6 +196,28 @@ class DaemonClient:
             os.close(fd)
         _reap(self.paths.cache_dir)
         return False
+
+    def remove_stale_files(self, *, log: bool) -> None:
+        """Remove the lock file (and with ``log`` the log) a stopped daemon left.
+
+        The lock file is unlinked while holding its lock, so no supervisor is using
+        it; one that opened it just before re-checks the path after locking
+        (`take_supervisor_lock`)."""
+        try:
+            fd = os.open(self.paths.lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(self.paths.lock)):
+                os.unlink(self.paths.lock)
+        except OSError:
+            return  # held: a supervisor runs, and its log is in use
+        finally:
+            os.close(fd)
+        if log:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.log)
 
     def supervisor_pid(self) -> int | None:
         try:
