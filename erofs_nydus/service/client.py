@@ -94,9 +94,9 @@ def error_from_response(resp: dict[str, Any]) -> ErofsNydusError:
 
 def daemon_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a daemon gets: an allow-list of the caller's (PATH, locale, TZ
-    and :data:`DAEMON_ENV`).  Whatever a mount needs beyond that (registry auth files,
-    TLS roots) travels in its request, so a daemon never serves a later caller with
-    the first caller's settings."""
+    and :data:`DAEMON_ENV`).  Whatever a mount needs beyond that (the registry auth
+    file, backend settings) travels in its request, so a daemon never serves a later
+    caller with the first caller's settings."""
     env = os.environ if environ is None else environ
     out = {k: v for k, v in env.items()
            if k in _LOCALE_ENV or k.startswith("LC_") or k in DAEMON_ENV}
