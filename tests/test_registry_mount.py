@@ -466,6 +466,21 @@ def test_each_mount_uses_its_own_callers_credentials(source_layout: Path,
             time.sleep(0.1)
 
 
+@needs_fanotify
+def test_callers_tls_roots_travel_with_the_mount(nydus_ref: str, tmp_path: Path,
+                                                ref_mounts: RefMounts) -> None:
+    """$SSL_CERT_FILE does not reach the daemon's environment; the mount's backend gets
+    it explicitly (its registry reads use the caller's CA bundle)."""
+    import certifi
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes())
+    mp = ref_mounts.mount(nydus_ref, "mnt", env={"SSL_CERT_FILE": str(bundle)})
+    state = json.loads((ref_mounts.cache(mp) / "daemon-state.json").read_text())
+    assert str(bundle) in json.dumps(state), state
+    assert (mp / "etc/keep").exists()
+
+
 # -- faults --------------------------------------------------------------------------------
 
 

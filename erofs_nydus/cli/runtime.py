@@ -247,9 +247,16 @@ def _resolve_args(platform: str | None, plain_http: bool,
     """`resolve_remote_image` keyword arguments (also the daemon's `resolve` request)."""
     cfg = current_config()
     docker_config = cfg.docker_config_dir() or _caller_docker_config()
-    return {"platform": platform, "plain_http": True if plain_http else "loopback",
-            "deadline": read_deadline, "retries": cfg.retries,
-            "docker_config": os.path.abspath(docker_config)}
+    args: dict[str, Any] = {
+        "platform": platform, "plain_http": True if plain_http else "loopback",
+        "deadline": read_deadline, "retries": cfg.retries,
+        "docker_config": os.path.abspath(docker_config)}
+    # The caller's TLS roots (what httpx reads from these variables in this process)
+    # go with the request: the daemon's environment has none of them.
+    ca = os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")
+    if ca:
+        args["verify"] = os.path.abspath(ca)
+    return args
 
 
 def _caller_docker_config() -> str:

@@ -179,6 +179,7 @@ class Worker:
             deadline=float(req.get("deadline", 30.0)),
             retries=int(req.get("retries", 3)),
             docker_config=str(docker_config) if docker_config else None,
+            verify=str(req["verify"]) if req.get("verify") else True,
         )
         return {
             "ref": remote.ref,
