@@ -51,6 +51,15 @@ def test_create_json_into_missing_dir_refused_before_writing(tree: Path, tmp_pat
     assert not boot.exists() and not blobs.exists()
 
 
+def test_convert_json_into_missing_dir_refused_before_converting(tmp_path: Path) -> None:
+    # nothing listens on port 9: refused before any registry is asked
+    proc = _cli("convert", "--source", "127.0.0.1:9/a/src:v1", "--target",
+                "127.0.0.1:9/a/dst:v1", "--cache-dir", str(tmp_path / "conv"),
+                "-J", "/nonexistent/x.json")
+    assert "/nonexistent" in _one_line_error(proc, 2)
+    assert not (tmp_path / "conv").exists()
+
+
 def test_create_bootstrap_in_missing_dir_refused(tree: Path, tmp_path: Path) -> None:
     proc = _cli("create", str(tree), "-B", str(tmp_path / "no" / "dir" / "b"),
                 "-D", str(tmp_path / "blobs"))

@@ -28,7 +28,7 @@ def parse_size(value: str) -> int:
         raise UsageError(f"not a size: {value!r}") from exc
 
 
-def _check_output(path: str | None, option: str) -> None:
+def check_output(path: str | None, option: str) -> None:
     """Refuse, before any work, an output file whose directory is missing or not
     writable (nothing is created on the way), or that is a directory."""
     if path is None or path == "-":
@@ -92,8 +92,8 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
     """
     from erofs_nydus.builder import BuildOptions, create_image
 
-    _check_output(bootstrap, "--bootstrap")
-    _check_output(output_json, "--output-json")
+    check_output(bootstrap, "--bootstrap")
+    check_output(output_json, "--output-json")
     opts = BuildOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
                         blob_cache_dir=blob_cache_dir, chunk_dicts=list(chunk_dicts),
                         whiteout_spec=whiteout_spec)
@@ -244,8 +244,8 @@ def merge(layers: tuple[str, ...], bootstrap: str, allow_missing_whiteouts: bool
     """
     from erofs_nydus.builder.merge import merge_bootstraps
 
-    _check_output(bootstrap, "--bootstrap")
-    _check_output(output_json, "--output-json")
+    check_output(bootstrap, "--bootstrap")
+    check_output(output_json, "--output-json")
     def warn(msg: str) -> None:
         click.echo(f"erofs-nydus: warning: {msg}", err=True)
 
@@ -305,8 +305,8 @@ def optimize(bootstrap: str, blob_dir: str, trace: str | None, prefetch_list: st
     """
     from erofs_nydus.builder.optimize import optimize_image
 
-    _check_output(out_boot, "--output-bootstrap")
-    _check_output(output_json, "--output-json")
+    check_output(out_boot, "--output-bootstrap")
+    check_output(output_json, "--output-json")
     res = optimize_image(bootstrap, blob_dir, out_boot, out_blobs or blob_dir, trace=trace,
                          prefetch_list=prefetch_list)
     if output_json:
