@@ -60,6 +60,12 @@ def test_convert_json_into_missing_dir_refused_before_converting(tmp_path: Path)
     assert not (tmp_path / "conv").exists()
 
 
+def test_trace_output_into_missing_dir_refused(tmp_path: Path) -> None:
+    proc = _cli("trace", str(tmp_path), "-o", str(tmp_path / "no" / "trace.json"))
+    assert "no such directory" in _one_line_error(proc, 2)
+    assert not (tmp_path / "no").exists()
+
+
 def test_create_bootstrap_in_missing_dir_refused(tree: Path, tmp_path: Path) -> None:
     proc = _cli("create", str(tree), "-B", str(tmp_path / "no" / "dir" / "b"),
                 "-D", str(tmp_path / "blobs"))

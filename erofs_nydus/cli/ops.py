@@ -57,9 +57,11 @@ def trace_cmd(mountpoint: str, output: str, cache_dir: str | None) -> None:
     offset; feed it to `erofs-nydus optimize BOOTSTRAP --trace FILE`.
     """
     from erofs_nydus.builder.create import write_file_atomic
+    from erofs_nydus.cli.build import check_output
     from erofs_nydus.cli.runtime import _cache_dir_of, _mount_source
     from erofs_nydus.service.api import ApiClient
 
+    check_output(output, "--output")
     mp = os.path.realpath(mountpoint)
     if cache_dir is None and _mount_source(mp) is None:
         raise UsageError(f"{mp} is not mounted")
