@@ -71,6 +71,12 @@ def test_create_bootstrap_in_missing_dir_refused(tree: Path, tmp_path: Path) -> 
                 "-D", str(tmp_path / "blobs"))
     assert "no such directory" in _one_line_error(proc, 2)
     assert not (tmp_path / "no").exists() and not (tmp_path / "blobs").exists()
+    for opt in ("-D", "--blob-cache-dir"):  # the folder itself may be made, not its parents
+        args = {"-D": str(tmp_path / "blobs"), opt: str(tmp_path / "no" / "dir" / "d")}
+        proc = _cli("create", str(tree), "-B", str(tmp_path / "b"),
+                    *(x for kv in args.items() for x in kv))
+        assert "no such directory" in _one_line_error(proc, 2)
+        assert not (tmp_path / "no").exists() and not (tmp_path / "b").exists()
 
 
 def test_check_of_a_missing_relative_path_is_a_missing_file(tmp_path: Path) -> None:

@@ -42,6 +42,18 @@ def check_output(path: str | None, option: str) -> None:
         raise UsageError(f"{option} {path}: directory {parent} is not writable")
 
 
+def check_output_dir(path: str | None, option: str) -> None:
+    """An output directory may be made, but not its parent: refuse a missing parent
+    (a typo would otherwise grow a tree of folders), or a path that is a file."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: no such directory {parent}")
+
+
 def _is_path(arg: str) -> bool:
     """A command-line argument that names a file: it exists, or looks like a path
     (./x, ../x, /x), so a missing one is reported as a missing file, not parsed as
@@ -94,6 +106,8 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
 
     check_output(bootstrap, "--bootstrap")
     check_output(output_json, "--output-json")
+    check_output_dir(blob_dir, "--blob-dir")
+    check_output_dir(blob_cache_dir, "--blob-cache-dir")
     opts = BuildOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
                         blob_cache_dir=blob_cache_dir, chunk_dicts=list(chunk_dicts),
                         whiteout_spec=whiteout_spec)
@@ -307,6 +321,7 @@ def optimize(bootstrap: str, blob_dir: str, trace: str | None, prefetch_list: st
 
     check_output(out_boot, "--output-bootstrap")
     check_output(output_json, "--output-json")
+    check_output_dir(out_blobs, "--output-blob-dir")
     res = optimize_image(bootstrap, blob_dir, out_boot, out_blobs or blob_dir, trace=trace,
                          prefetch_list=prefetch_list)
     if output_json:
