@@ -180,6 +180,7 @@ class Worker:
             deadline=request_number(req, "deadline", 30.0, integer=False),
             retries=request_number(req, "retries", 3),
             docker_config=str(docker_config) if docker_config else None,
+            verify=str(req["verify"]) if req.get("verify") else True,
         )
         return {
             "ref": remote.ref,
