@@ -376,7 +376,9 @@ def daemon_cmd(cache_dir: str, resident: bool) -> None:
     """Run the daemon for --cache-dir in the foreground (fanotify mode).
 
     `mount` starts one on demand, which stops with its last mount; run this to keep
-    one up.  SIGTERM or SIGINT stops it.  Logs go to stderr.
+    one up.  SIGTERM or SIGINT stops it when no image is mounted; with mounts live
+    it refuses (logs "N mounts live; umount first") and keeps serving.  Logs go to
+    stderr.
     """
     from erofs_nydus.service.supervisor import run_supervisor, setup_logging
 

@@ -14,8 +14,10 @@ in the daemon, and so does the read side of the event queue:
   old daemon had already answered gets a second answer, which the kernel rejects
   harmlessly (ENOENT) - a reader never gets two, and never none.
 
-The supervisor exits when the daemon asks it to (no mounts left); SIGTERM/SIGINT/
-SIGHUP are ignored so that it cannot be stopped under live mounts by accident.
+The supervisor exits when the daemon asks it to (no mounts left).  SIGTERM and
+SIGINT stop it only while no image is mounted; with mounts live it refuses, logs
+"N mounts live; umount first" and keeps serving (stopping would close the group and
+let the mounts' holes read as zeros).  SIGHUP is ignored.
 """
 
 from __future__ import annotations
@@ -211,6 +213,8 @@ class _Supervisor:
                         os.close(n)
             elif op == "shutdown":
                 self.stopping = True
+            elif op == "stop_refused":
+                log.warning("not stopping: %s mounts live; umount first", msg.get("mounts"))
             else:
                 log.error("unknown daemon message %r", op)
 
@@ -228,8 +232,10 @@ class _Supervisor:
         try:
             while alive:
                 if self.stop_requested and not self.stopping:
-                    log.info("stop requested by signal; stopping the daemon")
-                    self.stopping = True
+                    # The daemon decides: it stops only with no mounts live ("shutdown"
+                    # comes back), else it answers "stop_refused" and keeps serving.
+                    log.info("stop requested by signal; asking the daemon")
+                    self.stop_requested = False
                     with contextlib.suppress(OSError):
                         channel.send(sock, {"op": "stop"})
                 for key, _ in sel.select(timeout=1.0):
@@ -293,7 +299,8 @@ class _Supervisor:
 
 def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
     """Run the supervisor for `cache_dir` in the foreground until the daemon stops it,
-    or SIGTERM/SIGINT arrives.  A `resident` daemon keeps running with no mounts (no
+    or SIGTERM/SIGINT arrives while no image is mounted (with mounts live they are
+    refused: "N mounts live; umount first").  A `resident` daemon keeps running with no mounts (no
     idle exit, `umount` of the last mount leaves it up), as a node service would."""
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)

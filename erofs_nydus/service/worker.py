@@ -117,6 +117,16 @@ class Worker:
                     for fd in fds[len(events) :]:
                         os.close(fd)
                 elif op == "stop":
+                    # SIGTERM/SIGINT to the supervisor.  Stopping under a mount would
+                    # close the fanotify group and let its holes read as zeros.
+                    mounts = self.table.mountpoints()
+                    if mounts:
+                        log.warning("stop refused: %d mounts live; umount first (%s)",
+                                    len(mounts), ", ".join(mounts))
+                        self._tell_supervisor({"op": "stop_refused", "mounts": len(mounts)})
+                        continue
+                    with contextlib.suppress(OSError):
+                        channel.send(self.chan, {"op": "shutdown"})
                     tg.cancel_scope.cancel()
                     return
                 else:
