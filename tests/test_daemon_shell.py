@@ -95,5 +95,72 @@ def test_sigterm_without_mounts_stops(tmp_path: Path) -> None:
     client.shutdown()  # reaps the process we started
 
 
-def _unused(*_: object) -> None:  # keep imports used by later tests in this module
-    _ = (errno, threading, run_cli)
+def _small_image(tmp_path: Path, nfiles: int = 40) -> tuple[Path, object]:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    for i in range(nfiles):
+        (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
+    return src, build_image(src, tmp_path / "img", "--chunk-size", "0x10000")
+
+
+def _read_all(paths: list[tuple[Path, Path]], timeout: float) -> dict[str, bytes | Exception]:
+    """Read each mounted file in its own thread; fail if one is still blocked."""
+    results: dict[str, bytes | Exception] = {}
+
+    def read(mounted: Path) -> None:
+        try:
+            results[mounted.name] = mounted.read_bytes()
+        except Exception as exc:
+            results[mounted.name] = exc
+
+    threads = [threading.Thread(target=read, args=(m,), daemon=True) for m, _ in paths]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.1, end - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a reader is still blocked"
+    return results
+
+
+def _right_or_eio(results: dict[str, bytes | Exception], paths: list[tuple[Path, Path]]) -> int:
+    """Every result is the file's bytes or EIO; return how many were EIO."""
+    eio = 0
+    for mounted, source in paths:
+        got = results[mounted.name]
+        if isinstance(got, OSError):
+            assert got.errno == errno.EIO, got
+            eio += 1
+        else:
+            assert got == source.read_bytes(), f"{mounted.name}: wrong bytes"
+    return eio
+
+
+def test_stopped_worker_is_replaced_and_readers_get_eio(
+    tmp_path: Path, mounts: Mounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGSTOPped (stuck) daemon: after the read deadline the supervisor answers
+    EIO itself, replaces the daemon, and later reads are served again."""
+    monkeypatch.setenv("EROFS_NYDUS_READ_DEADLINE", "3")
+    src, img = _small_image(tmp_path)
+    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
+    cache = mounts.base / "cache"
+    files = sorted(src.iterdir())
+    pid = daemon_status(cache)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        paths = [(mp / f.name, f) for f in files[:8]]
+        results = _read_all(paths, timeout=60)
+        _right_or_eio(results, paths)  # EIO for reads past the deadline, else re-served
+        assert "daemon stuck" in Path(DaemonClient(cache).paths.log).read_text()
+        _wait_for(lambda: not _alive(pid), what="stuck daemon replaced")
+        out = run_cli("ctl", "info", "--cache-dir", str(cache), timeout=60).stdout
+        new = daemon_status(cache)["pid"]
+        assert new != pid and f"pid: {new}" in out
+        for f in files:
+            assert (mp / f.name).read_bytes() == f.read_bytes()
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert "daemon stopped" in mounts.umount(mp)

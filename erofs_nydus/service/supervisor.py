@@ -49,6 +49,15 @@ __all__ = ["run_supervisor"]
 log = logging.getLogger("erofs_nydus.supervisor")
 
 
+def read_deadline() -> float:
+    """Seconds an event may wait for the daemon before the supervisor answers EIO
+    itself and replaces the daemon as stuck (`EROFS_NYDUS_READ_DEADLINE`, default 60)."""
+    try:
+        return max(0.5, float(os.environ.get("EROFS_NYDUS_READ_DEADLINE", "60")))
+    except ValueError:
+        return 60.0
+
+
 class _Child:
     """The daemon process, forked from the supervisor (no new interpreter to start:
     a restart after a crash takes milliseconds)."""
@@ -115,6 +124,10 @@ class _Supervisor:
         self.group_fd = group_fd
         self.listener = listener
         self.inflight: dict[int, dict[str, Any]] = {}  # our event fd -> event
+        self.since: dict[int, float] = {}  # our event fd -> when it was read (monotonic)
+        self.deadline = read_deadline()
+        self.ping_sent: float | None = None  # when an unanswered liveness ping went out
+        self.last_ping = 0.0
         self.stopping = False
         self.generation = 0
 
@@ -180,6 +193,7 @@ class _Supervisor:
                     continue
                 d = channel.event_to_dict(ev)
                 self.inflight[ev.fd] = d
+                self.since[ev.fd] = time.monotonic()
                 fresh.append(d)
             if fresh and alive:
                 alive = self.forward(sock, fresh)
@@ -210,7 +224,10 @@ class _Supervisor:
             elif op == "done":
                 for n in msg.get("fds", []):
                     if self.inflight.pop(n, None) is not None:
+                        self.since.pop(n, None)
                         os.close(n)
+            elif op == "pong":
+                self.ping_sent = None
             elif op == "shutdown":
                 self.stopping = True
             elif op == "stop_refused":
@@ -229,6 +246,9 @@ class _Supervisor:
         sel.register(self.group_fd, selectors.EVENT_READ, "group")
         sel.register(sock, selectors.EVENT_READ, "daemon")
         alive = True
+        self.ping_sent = None
+        self.last_ping = time.monotonic()
+        tick = min(1.0, self.deadline / 4)
         try:
             while alive:
                 if self.stop_requested and not self.stopping:
@@ -238,7 +258,7 @@ class _Supervisor:
                     self.stop_requested = False
                     with contextlib.suppress(OSError):
                         channel.send(sock, {"op": "stop"})
-                for key, _ in sel.select(timeout=1.0):
+                for key, _ in sel.select(timeout=tick):
                     if key.data == "group":
                         sock.setblocking(True)
                         sock.settimeout(5.0)
@@ -252,8 +272,52 @@ class _Supervisor:
                     # drain what it said before dying
                     self.handle_message(sock)
                     alive = False
+                elif alive and self.stuck(sock):
+                    proc.kill()
+                    proc.wait()
+                    self.handle_message(sock)  # answers it sent before it stopped
+                    self.deny_overdue()
+                    alive = False
         finally:
             sel.close()
+
+    def stuck(self, sock: socket.socket) -> bool:
+        """True when the daemon left an event unanswered past the read deadline, or
+        did not answer a liveness ping within it (its event loop is blocked)."""
+        now = time.monotonic()
+        oldest = min(self.since.values(), default=now)
+        if now - oldest > self.deadline:
+            log.error("daemon stuck: an event has waited %.1f s (deadline %.0f s); "
+                      "answering overdue reads with EIO and replacing the daemon",
+                      now - oldest, self.deadline)
+            return True
+        if self.ping_sent is not None:
+            if now - self.ping_sent > self.deadline:
+                log.error("daemon stuck: no answer to a ping for %.1f s; replacing it",
+                          now - self.ping_sent)
+                return True
+        elif now - self.last_ping > self.deadline / 4:
+            self.last_ping = now
+            try:
+                channel.send(sock, {"op": "ping"})
+                self.ping_sent = now
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False  # gone: pump sees it exit
+        return False
+
+    def deny_overdue(self) -> None:
+        """Answer EIO to every event past the read deadline (the daemon that had them
+        is dead, so nothing else answers under the same number), and forget them."""
+        now = time.monotonic()
+        for n, t in list(self.since.items()):
+            if now - t > self.deadline:
+                with contextlib.suppress(OSError):
+                    os.write(self.group_fd, fp.deny(n, errno.EIO))
+                self.inflight.pop(n, None)
+                del self.since[n]
+                os.close(n)
 
     def run(self) -> None:
         recent: list[float] = []
@@ -295,6 +359,7 @@ class _Supervisor:
                 os.write(self.group_fd, fp.deny(n, errno.EIO))
             os.close(n)
         self.inflight.clear()
+        self.since.clear()
 
 
 def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:

@@ -116,6 +116,8 @@ class Worker:
                         self.handler.submit(tg, ev, fd, ev.fd)
                     for fd in fds[len(events) :]:
                         os.close(fd)
+                elif op == "ping":  # liveness: the supervisor replaces a stuck daemon
+                    self._tell_supervisor({"op": "pong"})
                 elif op == "stop":
                     # SIGTERM/SIGINT to the supervisor.  Stopping under a mount would
                     # close the fanotify group and let its holes read as zeros.
