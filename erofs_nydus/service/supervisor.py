@@ -14,6 +14,19 @@ in the daemon, and so does the read side of the event queue:
   old daemon had already answered gets a second answer, which the kernel rejects
   harmlessly (ENOENT) - a reader never gets two, and never none.
 
+A *keeper*, a tiny process forked from the supervisor at start-up, holds a second
+reference to the group fd (and the control listener and the cache dir's lock) so
+that the group outlives a `kill -9` of the supervisor or the OOM killer (both run
+with oom_score_adj -1000).  When the supervisor dies, the keeper kills its orphaned
+daemon, then forks a new supervisor that inherits those fds.  The kernel matches a
+response to a permission event by the integer fd number the event was read as (the
+`access_list` walk in fanotify_user.c `process_access_response`), and those numbers
+went with the dead supervisor: so before it reads any event the new supervisor
+answers FAN_DENY(EIO) under every fd number the dead one could have had (below its
+RLIMIT_NOFILE); a number with nothing pending answers ENOENT.  Readers caught in the
+gap get EIO, never zeros, and no reply can reach a newer event that reuses a number.
+The supervisor likewise starts a new keeper when the keeper dies.
+
 The supervisor exits when the daemon asks it to (no mounts left).  SIGTERM and
 SIGINT stop it only while no image is mounted; with mounts live it refuses, logs
 "N mounts live; umount first" and keeps serving (stopping would close the group and
@@ -23,9 +36,12 @@ let the mounts' holes read as zeros).  SIGHUP is ignored.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
+import resource
+import select
 import selectors
 import signal
 import socket
@@ -45,6 +61,11 @@ from erofs_nydus.service.paths import (
 )
 
 __all__ = ["run_supervisor"]
+
+# Open-file limit in fanotify mode: every in-flight event holds an fd here and in
+# the daemon, every blob a cache fd.  Also the range of fd numbers a successor sweeps.
+NOFILE = 65536
+PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("erofs_nydus.supervisor")
 
@@ -72,6 +93,7 @@ class _Child:
         from erofs_nydus.registry import resolve as remote_mount  # noqa: F401
         from erofs_nydus.service import worker
 
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child: keep stdio and the channel only
             code = 1
@@ -83,6 +105,8 @@ class _Child:
                 os.closerange(lo, 1 << 20)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent(parent)
+                _set_oom_score_adj(0)  # the daemon holds the memory; it may be killed
                 code = worker.run_worker(channel_fd)
             except BaseException:
                 traceback.print_exc()
@@ -114,8 +138,11 @@ class _Child:
 
 class _Supervisor:
     def __init__(self, paths: RunPaths, group_fd: int, listener: socket.socket,
-                 resident: bool = False) -> None:
+                 resident: bool = False, lock_fd: int = -1) -> None:
         self.paths = paths
+        self.lock_fd = lock_fd
+        self.keeper: _KeeperLink | None = None
+        self.worker_pid: int | None = None
         self.resident = resident
         self.stop_requested = False  # SIGTERM/SIGINT
         # blob id -> copy of the daemon's cache-file fd, opened before the file was
@@ -154,6 +181,8 @@ class _Supervisor:
                              [fd for _, fd in batch])
         except OSError as exc:  # it died at once; pump() sees EOF and we try again
             log.error("daemon did not take the hello: %s", exc)
+        self.worker_pid = proc.pid
+        self.tell_keeper_worker()
         self.forward(ours, list(self.inflight.values()))
         self.generation += 1
         log.info(
@@ -245,6 +274,8 @@ class _Supervisor:
         sel = selectors.DefaultSelector()
         sel.register(self.group_fd, selectors.EVENT_READ, "group")
         sel.register(sock, selectors.EVENT_READ, "daemon")
+        if self.keeper is not None:
+            sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
         alive = True
         self.ping_sent = None
         self.last_ping = time.monotonic()
@@ -259,6 +290,13 @@ class _Supervisor:
                     with contextlib.suppress(OSError):
                         channel.send(sock, {"op": "stop"})
                 for key, _ in sel.select(timeout=tick):
+                    if key.data == "keeper":
+                        if not self.keeper_message():
+                            sel.unregister(key.fileobj)
+                            self.restart_keeper()
+                            if self.keeper is not None:
+                                sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
+                        continue
                     if key.data == "group":
                         sock.setblocking(True)
                         sock.settimeout(5.0)
@@ -280,6 +318,77 @@ class _Supervisor:
                     alive = False
         finally:
             sel.close()
+
+    # -- keeper ------------------------------------------------------------------------
+
+    def start_keeper(self) -> None:
+        self.keeper = _KeeperLink.fork(self)
+        self.tell_keeper_worker()
+
+    def restart_keeper(self) -> None:
+        if self.keeper is not None:
+            self.keeper.close()
+        log.error("keeper died; starting a new one")
+        try:
+            self.start_keeper()
+        except Exception:
+            log.exception("cannot start a keeper")
+            self.keeper = None
+
+    def keeper_message(self) -> bool:
+        """Read what the keeper says (nothing yet); False when it is gone."""
+        assert self.keeper is not None
+        try:
+            msg, fds = channel.recv(self.keeper.sock)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        for fd in fds:
+            os.close(fd)
+        return msg is not None
+
+    def tell_keeper_worker(self) -> None:
+        """Hand the keeper a pidfd of the current daemon: if we die, it kills the
+        daemon before a successor answers our events (no late answer may reach a
+        newer event under a reused fd number)."""
+        if self.keeper is None or self.worker_pid is None:
+            return
+        try:
+            pidfd = os.pidfd_open(self.worker_pid)
+        except OSError:
+            return
+        try:
+            channel.send(self.keeper.sock, {"op": "worker"}, [pidfd])
+        except OSError as exc:
+            log.warning("cannot reach the keeper: %s", exc)
+        finally:
+            os.close(pidfd)
+
+    def stop_keeper(self) -> None:
+        if self.keeper is None:
+            return
+        with contextlib.suppress(OSError):
+            self.keeper.sock.setblocking(True)
+            channel.send(self.keeper.sock, {"op": "stop"})
+            self.keeper.sock.settimeout(10.0)
+            while channel.recv(self.keeper.sock)[0] is not None:
+                pass  # until it has closed everything (EOF)
+        self.keeper.close()
+        self.keeper = None
+
+    def sweep(self, limit: int) -> None:
+        """Answer EIO under every fd number below `limit`: the events a dead
+        supervisor had read and not answered (see the module docstring)."""
+        answered = 0
+        for n in range(limit):
+            try:
+                os.write(self.group_fd, fp.deny(n, errno.EIO))
+                answered += 1
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("sweep: answer for fd %d: %s", n, exc)
+        log.warning("answered %d reads the dead supervisor left pending with EIO", answered)
 
     def stuck(self, sock: socket.socket) -> bool:
         """True when the daemon left an event unanswered past the read deadline, or
@@ -365,17 +474,24 @@ class _Supervisor:
 def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
     """Run the supervisor for `cache_dir` in the foreground until the daemon stops it,
     or SIGTERM/SIGINT arrives while no image is mounted (with mounts live they are
-    refused: "N mounts live; umount first").  A `resident` daemon keeps running with no mounts (no
-    idle exit, `umount` of the last mount leaves it up), as a node service would."""
+    refused: "N mounts live; umount first").  A `resident` daemon keeps running with
+    no mounts (no idle exit, `umount` of the last mount leaves it up), as a node
+    service would."""
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)
     if lock_fd is None:
         log.info("a supervisor already serves %s", paths.cache_dir)
         return 0
+    _raise_nofile()
+    _set_oom_score_adj(-1000)  # the OOM killer must not take the group fd's holder
     group = init_group()
     listener = listen_unix(paths.socket)
-    sup = _Supervisor(paths, group, listener, resident)
+    sup = _Supervisor(paths, group, listener, resident, lock_fd)
+    sup.start_keeper()
+    return _serve(sup)
 
+
+def _serve(sup: _Supervisor) -> int:
     def _on_signal(signum: int, frame: object) -> None:
         sup.stop_requested = True
 
@@ -385,12 +501,192 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
         sup.run()
     finally:
         sup.close()
-        unlink_own_socket(paths.socket)
-        listener.close()
-        os.close(group)
-        os.ftruncate(lock_fd, 0)
-        os.close(lock_fd)
+        unlink_own_socket(sup.paths.socket)
+        sup.stop_keeper()
+        sup.listener.close()
+        os.close(sup.group_fd)
+        os.ftruncate(sup.lock_fd, 0)
+        os.close(sup.lock_fd)
     return 0
+
+
+class _KeeperLink:
+    """The supervisor's end of the keeper: a SOCK_SEQPACKET pair (hang-up = death)."""
+
+    def __init__(self, sock: socket.socket, pid: int, child: bool) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.child = child  # ours to reap
+
+    @classmethod
+    def fork(cls, sup: _Supervisor) -> _KeeperLink:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sup_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                keep = {sup.group_fd, sup.listener.fileno(), sup.lock_fd, theirs.fileno()}
+                lo = 3
+                for fd in sorted(keep):
+                    os.closerange(lo, fd)
+                    lo = fd + 1
+                os.closerange(lo, 1 << 20)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_IGN)
+                code = _Keeper(sup, theirs, sup_pid).run()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        log.info("keeper started (pid %d)", pid)
+        return cls(ours, pid, child=True)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.child:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+class _Keeper:
+    """Second holder of the fanotify group: restarts a dead supervisor."""
+
+    def __init__(self, sup: _Supervisor, sock: socket.socket, sup_pid: int) -> None:
+        self.paths = sup.paths
+        self.group_fd = sup.group_fd
+        self.listener = sup.listener
+        self.lock_fd = sup.lock_fd
+        self.resident = sup.resident
+        self.sock = sock
+        self.sup_pidfd = os.pidfd_open(sup_pid)
+        self.worker_pidfd: int | None = None
+        if os.getppid() != sup_pid:  # it died while we were forked
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> int:
+        recent: list[float] = []
+        while True:
+            try:
+                readable, _, _ = select.select([self.sock.fileno(), self.sup_pidfd], [], [])
+                if self.sock.fileno() in readable:
+                    try:
+                        msg, fds = channel.recv(self.sock)
+                    except OSError:
+                        msg, fds = None, []
+                    if msg is not None:
+                        if msg.get("op") == "stop":
+                            for fd in fds:
+                                os.close(fd)
+                            return self.stop()
+                        if msg.get("op") == "worker" and len(fds) == 1:
+                            if self.worker_pidfd is not None:
+                                os.close(self.worker_pidfd)
+                            self.worker_pidfd = fds[0]
+                        else:
+                            for fd in fds:
+                                os.close(fd)
+                        continue
+                elif self.sup_pidfd not in readable:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in recent if now - t < 10] + [now]
+                if len(recent) > 5:
+                    time.sleep(1.0)
+                self.replace_supervisor()
+            except Exception:
+                traceback.print_exc()
+                time.sleep(0.5)
+
+    def stop(self) -> int:
+        """The supervisor stops cleanly: let go of the lock and the group first."""
+        os.close(self.lock_fd)
+        os.close(self.group_fd)
+        self.listener.close()
+        self.sock.close()
+        return 0
+
+    def replace_supervisor(self) -> None:
+        _kill_and_wait(self.sup_pidfd)
+        if self.worker_pidfd is not None:
+            _kill_and_wait(self.worker_pidfd)  # its answers would hit reused fd numbers
+            os.close(self.worker_pidfd)
+            self.worker_pidfd = None
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        print(f"keeper[{os.getpid()}]: supervisor died; starting a new one",
+              file=sys.stderr, flush=True)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keeper_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                self.sock.close()
+                os.close(self.sup_pidfd)
+                code = _adopt(self, theirs, keeper_pid, limit)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        self.sock.close()
+        os.close(self.sup_pidfd)
+        self.sock = ours
+        self.sup_pidfd = os.pidfd_open(pid)
+
+
+def _adopt(keeper: _Keeper, sock: socket.socket, keeper_pid: int, limit: int) -> int:
+    """A new supervisor, forked by the keeper after the old one died."""
+    setup_logging(force=True)
+    os.ftruncate(keeper.lock_fd, 0)
+    os.pwrite(keeper.lock_fd, f"{os.getpid()}\n".encode(), 0)
+    sup = _Supervisor(keeper.paths, keeper.group_fd, keeper.listener, keeper.resident,
+                      keeper.lock_fd)
+    sup.generation = 1  # the daemon restores state and keeps all mounts
+    sup.keeper = _KeeperLink(sock, keeper_pid, child=False)
+    log.error("supervisor restarted by the keeper after the previous one died")
+    sup.sweep(limit)  # before reading any event: see the module docstring
+    return _serve(sup)
+
+
+def _kill_and_wait(pidfd: int, timeout: float = 30.0) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    select.select([pidfd], [], [], timeout)  # readable once it has exited
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this (forked) process when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _set_oom_score_adj(value: int) -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError as exc:
+        log.warning("cannot set oom_score_adj %d: %s", value, exc)
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE if hard == resource.RLIM_INFINITY else min(hard, NOFILE)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit to %d: %s", want, exc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -409,9 +705,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(run_supervisor(args.cache_dir, resident=args.resident))
 
 
-def setup_logging() -> None:
+def setup_logging(*, force: bool = False) -> None:
     logging.basicConfig(
         level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
         format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
         stream=sys.stderr,
+        force=force,
     )
