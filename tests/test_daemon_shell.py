@@ -312,3 +312,110 @@ def test_kill_9_supervisor_with_reads_pending(tmp_path: Path, mounts: Mounts) ->
         if _alive(daemon):
             os.kill(daemon, signal.SIGKILL)
     assert "daemon stopped" in mounts.umount(mp)
+
+
+def test_daemon_channel_never_drops_messages(tmp_path: Path) -> None:
+    """A supervisor that does not read for a while (stopped, busy): the daemon's
+    "done" messages wait instead of being dropped (a lost "done" leaks an event fd in
+    the supervisor and makes the event look overdue)."""
+    import socket
+
+    from erofs_nydus.fanotify.handler import init_group
+    from erofs_nydus.service import channel
+    from erofs_nydus.service.worker import Worker
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    group = init_group()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = Worker(theirs, group, listener, str(tmp_path / "cache"))
+    theirs.setblocking(False)  # as the daemon's event loop has it
+    n = 3000
+    answered = worker.handler.on_answered
+    assert answered is not None
+    producer = threading.Thread(target=lambda: [answered(i) for i in range(n)])
+    try:
+        producer.start()
+        time.sleep(2.5)  # nobody reads: the channel fills up
+        ours.settimeout(10)
+        got: list[int] = []
+        while len(got) < n:
+            msg, fds = channel.recv(ours)
+            assert msg is not None and msg["op"] == "done" and not fds
+            got += msg["fds"]
+        assert got == list(range(n))
+        producer.join(10)
+        assert not producer.is_alive()
+        # a full queue makes the sender wait, counted (here with a tiny bound)
+        small = channel.Sender(theirs, bound=4)
+        feeder = threading.Thread(target=lambda: [small.put({"op": "pong"}) for _ in range(500)])
+        feeder.start()
+        time.sleep(1.0)
+        count = 0
+        while count < 500:
+            msg, _ = channel.recv(ours)
+            assert msg == {"op": "pong"}
+            count += 1
+        feeder.join(10)
+        assert small.full > 0
+        small.close()
+    finally:
+        close = getattr(worker, "close_channel", None)
+        if close is not None:
+            close()
+        for s in (ours, theirs, listener):
+            s.close()
+        os.close(group)
+
+
+def test_low_open_file_limit_bounds_inflight_never_kills_daemon(
+    many_files: tuple[Path, object], mounts: Mounts
+) -> None:
+    """A supervisor started with few fds allowed (hard limit 48): it keeps its
+    in-flight events under the limit (the kernel queues the rest) instead of hitting
+    EMFILE, and never kills a healthy daemon; every read is right."""
+    import resource
+    import subprocess
+
+    from daemon_support import CLI
+
+    src, img = many_files
+    cache = mounts.base / "cache"
+    client = DaemonClient(cache)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    with open(mounts.base / "daemon.out", "wb") as out:
+        daemon = subprocess.Popen([*CLI, "daemon", "--cache-dir", str(cache)],
+                                  stdout=out, stderr=subprocess.STDOUT, preexec_fn=low_limit)
+    try:
+        _wait_for(client.alive, what="daemon up")
+        mp = mounts.mount(img, "mnt", cache, "--amplify", "0")  # type: ignore[arg-type]
+        pid = daemon_status(cache)["pid"]
+        files = sorted(src.iterdir())  # type: ignore[attr-defined]
+        bad: list[str] = []
+
+        def reader(k: int) -> None:
+            for f in files[k::64]:
+                try:
+                    if (mp / f.name).read_bytes() != f.read_bytes():
+                        bad.append(f.name)
+                except OSError as exc:
+                    bad.append(f"{f.name}: {exc}")
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert bad == []
+        assert daemon_status(cache)["pid"] == pid
+        text = (mounts.base / "daemon.out").read_text()
+        assert "restarting" not in text and "Traceback" not in text, text[-3000:]
+        assert "(bound 8)" in text and "pausing reads" in text  # the bound was hit
+        assert "daemon stopped" in mounts.umount(mp)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()

@@ -70,6 +70,15 @@ PR_SET_PDEATHSIG = 1
 log = logging.getLogger("erofs_nydus.supervisor")
 
 
+def inflight_bound() -> int:
+    """Events read ahead of the daemon's answers: each holds an fd here and one in the
+    daemon, so stay well under the open-file limit (`channel.MAX_INFLIGHT` at most)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return channel.MAX_INFLIGHT
+    return max(8, min(channel.MAX_INFLIGHT, (soft - 64) // 2))
+
+
 def read_deadline() -> float:
     """Seconds an event may wait for the daemon before the supervisor answers EIO
     itself and replaces the daemon as stuck (`EROFS_NYDUS_READ_DEADLINE`, default 60)."""
@@ -152,6 +161,13 @@ class _Supervisor:
         self.listener = listener
         self.inflight: dict[int, dict[str, Any]] = {}  # our event fd -> event
         self.since: dict[int, float] = {}  # our event fd -> when it was read (monotonic)
+        self.backlog: list[dict[str, Any]] = []  # read, not yet taken by the daemon
+        self.max_inflight = inflight_bound()
+        self.throttled = False
+        self.throttle_count = 0
+        self.throttle_logged = -1e9
+        self.emfile_count = 0
+        self.paused_until = 0.0
         self.deadline = read_deadline()
         self.ping_sent: float | None = None  # when an unanswered liveness ping went out
         self.last_ping = 0.0
@@ -183,6 +199,8 @@ class _Supervisor:
             log.error("daemon did not take the hello: %s", exc)
         self.worker_pid = proc.pid
         self.tell_keeper_worker()
+        ours.setblocking(False)
+        self.backlog = []
         self.forward(ours, list(self.inflight.values()))
         self.generation += 1
         log.info(
@@ -191,25 +209,67 @@ class _Supervisor:
         return proc, ours
 
     def forward(self, sock: socket.socket, events: list[dict[str, Any]]) -> bool:
+        """Queue `events` for the daemon and send what the channel takes now (never
+        waiting: a slow daemon is not a dead one).  False when the daemon is gone."""
+        self.backlog.extend(events)
+        return self.flush(sock)
+
+    def flush(self, sock: socket.socket) -> bool:
         try:
-            for i in range(0, len(events), channel.MAX_FDS):
-                batch = events[i : i + channel.MAX_FDS]
-                channel.send(sock, {"op": "events", "events": batch}, [e["fd"] for e in batch])
+            while self.backlog:
+                batch = self.backlog[: channel.MAX_FDS]
+                batch = [e for e in batch if e["fd"] in self.inflight]  # answered meanwhile
+                if batch:
+                    channel.send(sock, {"op": "events", "events": batch},
+                                 [e["fd"] for e in batch])
+                del self.backlog[: channel.MAX_FDS]
+        except BlockingIOError:
+            return True
         except OSError as exc:
             log.warning("daemon unreachable (%s); events kept for its successor", exc)
+            self.backlog.clear()  # the successor gets every in-flight event anyway
             return False
         return True
 
+    def may_read(self) -> bool:
+        """Read more events only while fewer than `max_inflight` are unanswered and the
+        daemon has taken what we read: the kernel keeps the rest queued."""
+        if len(self.inflight) >= self.max_inflight or self.backlog:
+            if not self.throttled:
+                self.throttled = True
+                self.throttle_count += 1
+                now = time.monotonic()
+                if now - self.throttle_logged < 10:
+                    return False
+                self.throttle_logged = now
+                log.info("%d events in flight (bound %d), %d not yet taken by the daemon: "
+                         "pausing reads (%d times)", len(self.inflight), self.max_inflight,
+                         len(self.backlog), self.throttle_count)
+            return False
+        self.throttled = False
+        return time.monotonic() >= self.paused_until
+
     def read_events(self, sock: socket.socket) -> bool:
         alive = True
-        while True:
+        while self.may_read():
             try:
-                buf = os.read(self.group_fd, 64 * 1024)
+                # no more events than the bound allows (an event is >= 24 bytes)
+                room = self.max_inflight - len(self.inflight)
+                buf = os.read(self.group_fd, min(64 * 1024, max(128, room * 24)))
             except BlockingIOError:
                 return alive
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # The kernel could not open an event's fd (and denies that event).
+                    # Not the daemon's fault: wait for answers to free fds.
+                    self.emfile_count += 1
+                    log.error("fanotify read: %s (%d times; %d events in flight); "
+                              "pausing reads", exc.strerror, self.emfile_count,
+                              len(self.inflight))
+                    self.paused_until = time.monotonic() + 0.2
+                    return alive
                 raise
             events, err = fp.split_events(buf)
             if err is not None:
@@ -226,6 +286,7 @@ class _Supervisor:
                 fresh.append(d)
             if fresh and alive:
                 alive = self.forward(sock, fresh)
+        return alive
 
     def handle_message(self, sock: socket.socket) -> bool:
         """Process daemon messages; False at EOF."""
@@ -272,8 +333,8 @@ class _Supervisor:
     def pump(self, proc: _Child, sock: socket.socket) -> None:
         sock.setblocking(False)
         sel = selectors.DefaultSelector()
-        sel.register(self.group_fd, selectors.EVENT_READ, "group")
         sel.register(sock, selectors.EVENT_READ, "daemon")
+        reading = False
         if self.keeper is not None:
             sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
         alive = True
@@ -289,7 +350,18 @@ class _Supervisor:
                     self.stop_requested = False
                     with contextlib.suppress(OSError):
                         channel.send(sock, {"op": "stop"})
-                for key, _ in sel.select(timeout=tick):
+                if self.backlog and not self.flush(sock):
+                    alive = False
+                    break
+                want = self.may_read()
+                if want != reading:
+                    if want:
+                        sel.register(self.group_fd, selectors.EVENT_READ, "group")
+                    else:
+                        sel.unregister(self.group_fd)
+                    reading = want
+                wait = 0.02 if self.backlog or self.paused_until > time.monotonic() else tick
+                for key, _ in sel.select(timeout=wait):
                     if key.data == "keeper":
                         if not self.keeper_message():
                             sel.unregister(key.fileobj)
@@ -298,12 +370,7 @@ class _Supervisor:
                                 sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
                         continue
                     if key.data == "group":
-                        sock.setblocking(True)
-                        sock.settimeout(5.0)
-                        try:
-                            alive = self.read_events(sock) and alive
-                        finally:
-                            sock.setblocking(False)
+                        alive = self.read_events(sock) and alive
                     else:
                         alive = self.handle_message(sock) and alive
                 if proc.poll() is not None:

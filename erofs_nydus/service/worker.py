@@ -10,7 +10,6 @@ shutdown).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -45,6 +44,7 @@ class Worker:
         *, resident: bool = False,
     ) -> None:
         self.chan = chan
+        self.sender = channel.Sender(chan)
         self.resident = resident
         self.group_fd = group_fd
         self.listener = listener
@@ -58,7 +58,10 @@ class Worker:
         self.started = time.time()
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
-        self.plane = ControlPlane(self.table, request_stats=self.handler.stats.snapshot)
+        self.plane = ControlPlane(self.table, request_stats=self.request_stats)
+
+    def request_stats(self) -> dict[str, float]:
+        return {**self.handler.stats.snapshot(), "channel_full": float(self.sender.full)}
 
     # -- fanotify marks ----------------------------------------------------------------
 
@@ -82,16 +85,12 @@ class Worker:
         self._tell_supervisor({"op": "done", "fds": [response_fd]})
 
     def _tell_supervisor(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-        """Send from any thread (the channel may be non-blocking: retry briefly)."""
-        for _ in range(1000):
-            try:
-                channel.send(self.chan, msg, fds or [])
-                return
-            except BlockingIOError:
-                time.sleep(0.001)
-            except OSError as exc:
-                log.error("cannot send %s to the supervisor: %s", msg.get("op"), exc)
-                return
+        """Send from any thread, never blocking on the socket (see channel.Sender)."""
+        self.sender.put(msg, fds)
+
+    def close_channel(self) -> None:
+        """Flush what is queued for the supervisor and stop the sender thread."""
+        self.sender.close()
 
     async def _channel_loop(self, tg: anyio.abc.TaskGroup) -> None:
         self.chan.setblocking(False)
@@ -127,8 +126,7 @@ class Worker:
                                     len(mounts), ", ".join(mounts))
                         self._tell_supervisor({"op": "stop_refused", "mounts": len(mounts)})
                         continue
-                    with contextlib.suppress(OSError):
-                        channel.send(self.chan, {"op": "shutdown"})
+                    self._tell_supervisor({"op": "shutdown"})
                     tg.cancel_scope.cancel()
                     return
                 else:
@@ -164,7 +162,7 @@ class Worker:
             st = self.table.status()
             st["pid"] = os.getpid()
             st["uptime"] = time.time() - self.started
-            st["fanotify"] = self.handler.stats.snapshot()
+            st["fanotify"] = self.request_stats()
             return st
         if op == "shutdown":
             mounts = self.table.mountpoints()
@@ -225,8 +223,7 @@ class Worker:
                     return
                 if resp["ok"] and req.get("op") == "shutdown":
                     log.info("shutdown requested")
-                    with contextlib.suppress(OSError):
-                        channel.send(self.chan, {"op": "shutdown"})
+                    self._tell_supervisor({"op": "shutdown"})
                     assert self._stop is not None
                     self._stop.set()
                     return
@@ -241,8 +238,7 @@ class Worker:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= idle_timeout:
                 log.info("no images for %.0f s; exiting", idle_timeout)
-                with contextlib.suppress(OSError):
-                    channel.send(self.chan, {"op": "shutdown"})
+                self._tell_supervisor({"op": "shutdown"})
                 assert self._stop is not None
                 self._stop.set()
                 return
@@ -303,6 +299,7 @@ def run_worker(channel_fd: int) -> int:
     finally:
         worker.plane.stop()
         worker.table.close()
+        worker.close_channel()
     return 0
 
 
