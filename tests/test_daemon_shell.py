@@ -419,3 +419,27 @@ def test_low_open_file_limit_bounds_inflight_never_kills_daemon(
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+def test_lazy_umount_then_cli_umount_keeps_serving_open_file(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """`umount -l` and then `erofs-nydus umount MNT --cache-dir C` with a file still
+    open: the superblock lives on, so the daemon keeps serving it until it is gone."""
+    import subprocess
+
+    _src, big, img = _big_file_image(tmp_path)
+    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
+    cache = mounts.base / "cache"
+    client = DaemonClient(cache)
+    want = big.read_bytes()
+    with open(mp / "big", "rb") as held:
+        assert held.read(1 << 20) == want[: 1 << 20]
+        subprocess.run(["umount", "-l", str(mp)], check=True)
+        out = run_cli("umount", str(mp), "--cache-dir", str(cache)).stdout
+        mounts.active.clear()
+        assert "still in use" in out
+        assert client.alive()
+        assert held.read() == want[1 << 20 :]  # not zeros
+    # the superblock goes with the last open file: then the daemon stops by itself
+    _wait_for(lambda: not client.supervisor_running(), what="daemon stop")

@@ -308,7 +308,10 @@ def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
         return
     detached = client.request("detach", mountpoint=mp)
     remaining = detached["remaining"]
-    if remaining == 0 and detached.get("resident"):
+    if detached.get("lingering"):
+        click.echo(f"unmounted {mp}; its image is still in use (lazily unmounted, files "
+                   "open): the daemon serves it until the last file is closed")
+    elif remaining == 0 and detached.get("resident"):
         click.echo(f"unmounted {mp}; resident daemon keeps running")
     elif remaining == 0:
         try:

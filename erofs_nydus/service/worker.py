@@ -11,6 +11,7 @@ shutdown).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -56,6 +57,8 @@ class Worker:
             on_complete=self.table.blob_complete,
         )
         self.started = time.time()
+        # mountpoint -> bootstrap: unmounted (lazily) but the superblock still in use
+        self.lingering: dict[str, str] = {}
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
         self.plane = ControlPlane(self.table, request_stats=self.request_stats)
@@ -154,8 +157,18 @@ class Worker:
         if op == "resolve":
             return self._resolve(req)
         if op == "detach":
-            self.plane.detaching(str(req["mountpoint"]))
-            remaining = self.table.detach(str(req["mountpoint"]))
+            mp = os.path.abspath(str(req["mountpoint"]))
+            boot = self._last_user_of(mp)
+            if boot is not None and in_use(boot):
+                # `umount -l` with files still open: the superblock lives on and reads
+                # through it; unmarking now would let its holes read as zeros.
+                self.lingering[mp] = boot
+                log.info("%s detached but its superblock is still in use; serving it "
+                         "until it is gone", mp)
+                return {"remaining": len(self.table.mountpoints()), "lingering": True,
+                        "resident": self.resident}
+            self.plane.detaching(mp)
+            remaining = self.table.detach(mp)
             self.plane.detached()
             return {"remaining": remaining, "resident": self.resident}
         if op == "status":
@@ -173,6 +186,37 @@ class Worker:
                                   "with SIGTERM to its supervisor")
             return {}
         raise DaemonError(f"unknown request {op!r}")
+
+    def _last_user_of(self, mountpoint: str) -> str | None:
+        """The bootstrap of the image mounted at `mountpoint` if no other registered
+        mount uses that image (else detaching it changes nothing for the kernel)."""
+        for e in list(self.table.images.values()):
+            if mountpoint in e.mountpoints:
+                others = [m for m in e.mountpoints if m != mountpoint]
+                return None if others else e.bootstrap
+        return None
+
+    async def _linger_loop(self) -> None:
+        """Finish deferred detaches once the kernel has really let go of the image."""
+        while True:
+            await anyio.sleep(1.0)
+            for mp, boot in list(self.lingering.items()):
+                if in_use(boot):
+                    continue
+                del self.lingering[mp]
+                log.info("%s: superblock gone; detaching", mp)
+                self.plane.detaching(mp)
+                try:
+                    await anyio.to_thread.run_sync(self.table.detach, mp)
+                except DaemonError as exc:
+                    log.warning("deferred detach of %s: %s", mp, exc)
+                self.plane.detached()
+                if not self.table.images and not self.resident:
+                    log.info("no mounts left; stopping")
+                    self._tell_supervisor({"op": "shutdown"})
+                    assert self._stop is not None
+                    self._stop.set()
+                    return
 
     def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
         """Resolve an image reference and fetch its bootstrap into the cache dir, so that
@@ -250,10 +294,33 @@ class Worker:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._channel_loop, tg)
             tg.start_soon(listener.serve, self._serve_conn, tg)
+            tg.start_soon(self._linger_loop)
             if idle > 0 and not self.resident:
                 tg.start_soon(self._idle_exit, idle)
             await self._stop.wait()
             tg.cancel_scope.cancel()
+
+
+def in_use(path: str) -> bool:
+    """True while any open file description other than ours refers to `path`.
+
+    An EROFS superblock keeps its bootstrap and device files open until it is really
+    gone - after `umount -l`, as long as a file in it is open.  The kernel refuses a
+    write lease (EAGAIN) on a file that others have open (verified on 6.18, also
+    for the kernel's own read-only opens)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _setup_logging() -> None:
