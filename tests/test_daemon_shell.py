@@ -441,5 +441,10 @@ def test_lazy_umount_then_cli_umount_keeps_serving_open_file(
         assert "still in use" in out
         assert client.alive()
         assert held.read() == want[1 << 20 :]  # not zeros
+        again = run_cli("mount", str(img.bootstrap), str(mp),  # type: ignore[attr-defined]
+                        "--blob-dir", str(img.blob_dir),  # type: ignore[attr-defined]
+                        "--cache-dir", str(cache), check=False)
+        assert again.returncode != 0 and "still in use" in again.stderr, again.stderr
+        assert "Traceback" not in again.stderr
     # the superblock goes with the last open file: then the daemon stops by itself
     _wait_for(lambda: not client.supervisor_running(), what="daemon stop")

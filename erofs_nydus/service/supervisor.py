@@ -36,7 +36,6 @@ let the mounts' holes read as zeros).  SIGHUP is ignored.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -59,13 +58,15 @@ from erofs_nydus.service.paths import (
     take_supervisor_lock,
     unlink_own_socket,
 )
+from erofs_nydus.service.procs import (
+    die_with_parent,
+    raise_nofile,
+    read_deadline,
+    set_oom_score_adj,
+)
 
 __all__ = ["run_supervisor"]
 
-# Open-file limit in fanotify mode: every in-flight event holds an fd here and in
-# the daemon, every blob a cache fd.  Also the range of fd numbers a successor sweeps.
-NOFILE = 65536
-PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("erofs_nydus.supervisor")
 
@@ -77,15 +78,6 @@ def inflight_bound() -> int:
     if soft == resource.RLIM_INFINITY:
         return channel.MAX_INFLIGHT
     return max(8, min(channel.MAX_INFLIGHT, (soft - 64) // 2))
-
-
-def read_deadline() -> float:
-    """Seconds an event may wait for the daemon before the supervisor answers EIO
-    itself and replaces the daemon as stuck (`EROFS_NYDUS_READ_DEADLINE`, default 60)."""
-    try:
-        return max(0.5, float(os.environ.get("EROFS_NYDUS_READ_DEADLINE", "60")))
-    except ValueError:
-        return 60.0
 
 
 class _Child:
@@ -114,8 +106,8 @@ class _Child:
                 os.closerange(lo, 1 << 20)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                _die_with_parent(parent)
-                _set_oom_score_adj(0)  # the daemon holds the memory; it may be killed
+                die_with_parent(parent)
+                set_oom_score_adj(0)  # the daemon holds the memory; it may be killed
                 code = worker.run_worker(channel_fd)
             except BaseException:
                 traceback.print_exc()
@@ -549,8 +541,8 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
     if lock_fd is None:
         log.info("a supervisor already serves %s", paths.cache_dir)
         return 0
-    _raise_nofile()
-    _set_oom_score_adj(-1000)  # the OOM killer must not take the group fd's holder
+    raise_nofile()
+    set_oom_score_adj(-1000)  # the OOM killer must not take the group fd's holder
     group = init_group()
     listener = listen_unix(paths.socket)
     sup = _Supervisor(paths, group, listener, resident, lock_fd)
@@ -728,32 +720,6 @@ def _kill_and_wait(pidfd: int, timeout: float = 30.0) -> None:
     with contextlib.suppress(ProcessLookupError, OSError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     select.select([pidfd], [], [], timeout)  # readable once it has exited
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this (forked) process when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _set_oom_score_adj(value: int) -> None:
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(value))
-    except OSError as exc:
-        log.warning("cannot set oom_score_adj %d: %s", value, exc)
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = NOFILE if hard == resource.RLIM_INFINITY else min(hard, NOFILE)
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit to %d: %s", want, exc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -145,6 +145,10 @@ class Worker:
             return {"pid": os.getpid(), "mounts": self.table.mountpoints(),
                     "resident": self.resident}
         if op == "register":
+            mp = os.path.abspath(str(req["mountpoint"]))
+            if mp in self.lingering:
+                raise DaemonError(f"{mp}: the image lazily unmounted there is still in use "
+                                  "(files open); close them or mount elsewhere")
             info = self.table.register(
                 str(req["bootstrap"]),
                 dict(req["backend"]),
