@@ -7,10 +7,15 @@ supervisor -> daemon
                                                  fds: [fanotify group, control listener]
     {"op": "events", "events": [{fd, mask, pid, offset?, count?, problem?}, ...]}
                                                  fds: one per event, same order
-    {"op": "stop"}
+    {"op": "stop"}                               SIGTERM/SIGINT: stop if no mounts live
+    {"op": "ping"}
 daemon -> supervisor
     {"op": "done", "fds": [event fd numbers as the supervisor knows them]}
     {"op": "shutdown"}                           no mounts left: stop everything
+    {"op": "stop_refused", "mounts": n}          answer to "stop" with mounts live
+    {"op": "pong"}                               answer to {"op": "ping"} (liveness)
+    {"op": "deadline", "seconds": s}             fills may take this long (registry)
+    {"op": "keep"|"drop", "blob": id}            a cache fd to keep (fds: [it]) / forget
 
 Backpressure: the daemon sends through a `Sender` (a thread with a bounded queue):
 nothing is dropped; when the bound is hit the producer waits, and that is logged and

@@ -310,6 +310,8 @@ class _Supervisor:
                         os.close(n)
             elif op == "pong":
                 self.ping_sent = None
+            elif op == "deadline":  # fills may take this long (slow registry reads)
+                self.deadline = max(read_deadline(), float(msg.get("seconds", 0)))
             elif op == "shutdown":
                 self.stopping = True
             elif op == "stop_refused":

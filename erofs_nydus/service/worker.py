@@ -59,6 +59,7 @@ class Worker:
         self.started = time.time()
         # mountpoint -> bootstrap: unmounted (lazily) but the superblock still in use
         self.lingering: dict[str, str] = {}
+        self._reported_deadline = 0.0
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
         self.plane = ControlPlane(self.table, request_stats=self.request_stats)
@@ -157,6 +158,7 @@ class Worker:
                 prefetch=prefetch_settings(req),
             )
             self.plane.registered(str(info["fsid"]))
+            self.report_deadline()
             return info
         if op == "resolve":
             return self._resolve(req)
@@ -190,6 +192,17 @@ class Worker:
                                   "with SIGTERM to its supervisor")
             return {}
         raise DaemonError(f"unknown request {op!r}")
+
+    def report_deadline(self) -> None:
+        """Tell the supervisor how long a fill may legitimately take: twice the
+        longest registry read deadline of the images served (plus slack), so that a
+        slow registry is not taken for a stuck daemon."""
+        worst = max((float(e.backend.get("deadline", 60.0))
+                     for e in list(self.table.images.values())
+                     if e.backend.get("type") == "registry"), default=0.0)
+        if worst > self._reported_deadline:
+            self._reported_deadline = worst
+            self._tell_supervisor({"op": "deadline", "seconds": 2 * worst + 10})
 
     def _last_user_of(self, mountpoint: str) -> str | None:
         """The bootstrap of the image mounted at `mountpoint` if no other registered
@@ -364,6 +377,7 @@ def run_worker(channel_fd: int) -> int:
     # fd without raising events: no prefetch for it (fds kept by the supervisor are fine).
     unsafe = set(worker.table.blobs) - worker.table.adopted if msg.get("restart") else set()
     worker.plane.restored(unsafe)
+    worker.report_deadline()
     worker.plane.start()
     try:
         anyio.run(worker.run)
