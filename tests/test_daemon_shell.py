@@ -476,3 +476,70 @@ def test_lazy_umount_then_cli_umount_keeps_serving_open_file(
         assert "Traceback" not in again.stderr
     # the superblock goes with the last open file: then the daemon stops by itself
     _wait_for(lambda: not client.supervisor_running(), what="daemon stop")
+
+
+def test_daemon_answers_events_that_came_without_an_fd(tmp_path: Path) -> None:
+    """Out of fds, the kernel drops SCM_RIGHTS fds (MSG_CTRUNC): the daemon must still
+    answer those events (EIO) and report them done, not leave the reader blocked until
+    the supervisor takes it for stuck."""
+    import socket
+
+    import anyio
+
+    from erofs_nydus.fanotify import protocol as fp
+    from erofs_nydus.fanotify.handler import add_mark, init_group
+    from erofs_nydus.service import channel
+    from erofs_nydus.service.paths import listen_unix
+    from erofs_nydus.service.worker import Worker
+
+    target = tmp_path / "marked"
+    target.write_bytes(b"x" * 8192)
+    group = init_group()
+    add_mark(group, str(target))
+    got: list[bytes | Exception] = []
+
+    def reader() -> None:
+        try:
+            got.append(target.read_bytes())
+        except OSError as exc:
+            got.append(exc)
+
+    rt = threading.Thread(target=reader, daemon=True)
+    rt.start()
+    events: list[fp.FanotifyEvent] = []
+    deadline = time.monotonic() + 10
+    while not events and time.monotonic() < deadline:
+        try:
+            events = [e for e in fp.split_events(os.read(group, 4096))[0] if e.needs_response]
+        except BlockingIOError:
+            time.sleep(0.01)
+    assert events
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = listen_unix(str(tmp_path / "ctl.sock"))
+    worker = Worker(theirs, group, listener, str(tmp_path / "cache"))
+    wt = threading.Thread(target=lambda: anyio.run(worker.run), daemon=True)
+    wt.start()
+    try:
+        channel.send(ours, {"op": "events",
+                            "events": [channel.event_to_dict(e) for e in events]})  # no fds
+        rt.join(20)
+        assert not rt.is_alive(), "reader still blocked"
+        assert isinstance(got[0], OSError) and got[0].errno == errno.EIO, got
+        ours.settimeout(10)
+        done: list[int] = []
+        while len(done) < len(events):
+            msg, _ = channel.recv(ours)
+            assert msg is not None
+            if msg["op"] == "done":
+                done += msg["fds"]
+        assert sorted(done) == sorted(e.fd for e in events)
+        channel.send(ours, {"op": "stop"})
+        wt.join(20)
+        assert not wt.is_alive()
+    finally:
+        worker.close_channel()
+        for e in events:
+            os.close(e.fd)
+        for s in (ours, theirs, listener):
+            s.close()
+        os.close(group)

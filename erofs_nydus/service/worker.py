@@ -113,10 +113,16 @@ class Worker:
                 if op == "events":
                     events = msg.get("events", [])
                     if len(events) != len(fds):
-                        log.error("events/fds mismatch (%d/%d)", len(events), len(fds))
+                        log.error("events/fds mismatch (%d/%d): out of fds? answering "
+                                  "the events without one EIO", len(events), len(fds))
                     for d, fd in zip(events, fds, strict=False):
                         ev = channel.event_from_dict(d)
                         self.handler.submit(tg, ev, fd, ev.fd)
+                    for d in events[len(fds) :]:  # cannot be served, but must be answered
+                        ev = channel.event_from_dict(d)
+                        self.handler.stats.denied += 1
+                        self.handler.respond(ev.fd, False)
+                        self._answered(ev.fd)
                     for fd in fds[len(events) :]:
                         os.close(fd)
                 elif op == "ping":  # liveness: the supervisor replaces a stuck daemon
