@@ -441,6 +441,9 @@ def test_low_open_file_limit_bounds_inflight_never_kills_daemon(
         text = (mounts.base / "daemon.out").read_text()
         assert "restarting" not in text and "Traceback" not in text, text[-3000:]
         assert "(bound 8)" in text and "pausing reads" in text  # the bound was hit
+        from daemon_support import daemon_metrics
+
+        assert daemon_metrics(cache)["erofs_nydus_inflight_throttled_total"] > 0
         assert "daemon stopped" in mounts.umount(mp)
         assert daemon.wait(timeout=30) == 0
     finally:

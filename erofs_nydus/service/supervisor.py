@@ -329,6 +329,7 @@ class _Supervisor:
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ, "daemon")
         reading = False
+        reported = (-1, -1)  # a new daemon gets the counts too
         if self.keeper is not None:
             sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
         alive = True
@@ -354,6 +355,13 @@ class _Supervisor:
                     else:
                         sel.unregister(self.group_fd)
                     reading = want
+                counters = (self.throttle_count, self.emfile_count)
+                if counters != reported:  # into the daemon's metrics
+                    with contextlib.suppress(BlockingIOError):
+                        channel.send(sock, {"op": "counters",
+                                            "inflight_throttled": self.throttle_count,
+                                            "group_read_emfile": self.emfile_count})
+                        reported = counters
                 wait = 0.02 if self.backlog or self.paused_until > time.monotonic() else tick
                 for key, _ in sel.select(timeout=wait):
                     if key.data == "keeper":

@@ -60,12 +60,14 @@ class Worker:
         # mountpoint -> bootstrap: unmounted (lazily) but the superblock still in use
         self.lingering: dict[str, str] = {}
         self._reported_deadline = 0.0
+        self.supervisor_counters: dict[str, float] = {}
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
         self.plane = ControlPlane(self.table, request_stats=self.request_stats)
 
     def request_stats(self) -> dict[str, float]:
-        return {**self.handler.stats.snapshot(), "channel_full": float(self.sender.full)}
+        return {**self.handler.stats.snapshot(), "channel_full": float(self.sender.full),
+                **self.supervisor_counters}
 
     # -- fanotify marks ----------------------------------------------------------------
 
@@ -125,6 +127,9 @@ class Worker:
                         self._answered(ev.fd)
                     for fd in fds[len(events) :]:
                         os.close(fd)
+                elif op == "counters":  # the supervisor's bounds hit, for the metrics
+                    for k in ("inflight_throttled", "group_read_emfile"):
+                        self.supervisor_counters[k] = float(msg.get(k, 0))
                 elif op == "ping":  # liveness: the supervisor replaces a stuck daemon
                     self._tell_supervisor({"op": "pong"})
                 elif op == "stop":
