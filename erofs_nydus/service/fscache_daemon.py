@@ -48,6 +48,7 @@ import json
 import logging
 import mmap
 import os
+import resource
 import select
 import signal
 import socket
@@ -500,6 +501,10 @@ def _setup_logging(role: str) -> None:
 
 def _run_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
     _setup_logging("daemon")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    del soft
     worker = FscacheWorker(devfd, listener, cache_dir)
     worker.table.load_state()  # before any request: OPENs name restored images
     if not restart:

@@ -551,10 +551,10 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
     if lock_fd is None:
         log.info("a supervisor already serves %s", paths.cache_dir)
         return 0
-    raise_nofile()
-    set_oom_score_adj(-1000)  # the OOM killer must not take the group fd's holder
     group = init_group()
     listener = listen_unix(paths.socket)
+    raise_nofile()
+    set_oom_score_adj(-1000)  # the OOM killer must not take the group fd's holder
     sup = _Supervisor(paths, group, listener, resident, lock_fd)
     sup.start_keeper()
     return _serve(sup)
@@ -714,7 +714,9 @@ class _Keeper:
 
 def _adopt(keeper: _Keeper, sock: socket.socket, keeper_pid: int, limit: int) -> int:
     """A new supervisor, forked by the keeper after the old one died."""
-    setup_logging(force=True)
+    for handler in logging.getLogger().handlers:  # our pid, not the dead one's
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s"))
     os.ftruncate(keeper.lock_fd, 0)
     os.pwrite(keeper.lock_fd, f"{os.getpid()}\n".encode(), 0)
     sup = _Supervisor(keeper.paths, keeper.group_fd, keeper.listener, keeper.resident,
@@ -748,10 +750,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(run_supervisor(args.cache_dir, resident=args.resident))
 
 
-def setup_logging(*, force: bool = False) -> None:
+def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
         format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
         stream=sys.stderr,
-        force=force,
     )

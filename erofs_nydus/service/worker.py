@@ -39,6 +39,28 @@ log = logging.getLogger("erofs_nydus.daemon")
 MAX_REQUEST = 1 << 20
 
 
+def in_use(path: str) -> bool:
+    """True while any open file description other than ours refers to `path`.
+
+    An EROFS superblock keeps its bootstrap and device files open until it is really
+    gone - after `umount -l`, as long as a file in it is open.  The kernel refuses a
+    write lease (EAGAIN) on a file that others have open (verified on 6.18, also
+    for the kernel's own read-only opens)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
 class Worker:
     def __init__(
         self, chan: socket.socket, group_fd: int, listener: socket.socket, cache_dir: str,
@@ -327,28 +349,6 @@ class Worker:
                 tg.start_soon(self._idle_exit, idle)
             await self._stop.wait()
             tg.cancel_scope.cancel()
-
-
-def in_use(path: str) -> bool:
-    """True while any open file description other than ours refers to `path`.
-
-    An EROFS superblock keeps its bootstrap and device files open until it is really
-    gone - after `umount -l`, as long as a file in it is open.  The kernel refuses a
-    write lease (EAGAIN) on a file that others have open (verified on 6.18, also
-    for the kernel's own read-only opens)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-    except OSError as exc:
-        return exc.errno in (errno.EAGAIN, errno.EBUSY)
-    else:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return False
-    finally:
-        os.close(fd)
 
 
 def _setup_logging() -> None:
