@@ -631,3 +631,17 @@ def test_resident_daemon_outlives_its_mounts_and_stops_on_sigterm(
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+@needs_fanotify
+def test_slow_registry_read_is_not_a_stuck_daemon(nydus_ref: str, proxy: FaultProxy,
+                                                  expected_tree: Path,
+                                                  ref_mounts: RefMounts) -> None:
+    """A range read slower than the stuck-daemon deadline but within the mount's
+    --read-deadline is served: the supervisor waits as long as the registry may take."""
+    proxy.mode, proxy.delay = "delay", 4.0
+    mp = ref_mounts.mount(_via(proxy, nydus_ref), "mnt", "--read-deadline", "20",
+                          env={"EROFS_NYDUS_READ_DEADLINE": "1"})
+    pid = daemon_status(ref_mounts.cache(mp))["pid"]
+    assert (mp / "etc/keep").read_bytes() == (expected_tree / "etc/keep").read_bytes()
+    assert daemon_status(ref_mounts.cache(mp))["pid"] == pid

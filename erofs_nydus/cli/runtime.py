@@ -371,7 +371,10 @@ def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
         return
     detached = client.request("detach", mountpoint=mp)
     remaining = detached["remaining"]
-    if remaining == 0 and detached.get("resident"):
+    if detached.get("lingering"):
+        click.echo(f"unmounted {mp}; its image is still in use (lazily unmounted, files "
+                   "open): the daemon serves it until the last file is closed")
+    elif remaining == 0 and detached.get("resident"):
         click.echo(f"unmounted {mp}; resident daemon keeps running")
     elif remaining == 0:
         try:
@@ -439,7 +442,9 @@ def daemon_cmd(cache_dir: str, resident: bool) -> None:
     """Run the daemon for --cache-dir in the foreground (fanotify mode).
 
     `mount` starts one on demand, which stops with its last mount; run this to keep
-    one up.  SIGTERM or SIGINT stops it.  Logs go to stderr.
+    one up.  SIGTERM or SIGINT stops it when no image is mounted; with mounts live
+    it refuses (logs "N mounts live; umount first") and keeps serving.  Logs go to
+    stderr.
     """
     from erofs_nydus.service.supervisor import run_supervisor, setup_logging
 
