@@ -35,10 +35,12 @@ class DaemonUnreachable(DaemonError):
 
 #: The project's own variables a daemon reads, fixed for its lifetime (daemon-wide
 #: settings: they come from the caller that starts it, later callers cannot change
-#: them): log level, idle exit, the fscache pointer file and the fscache test switches.
+#: them): log level, idle exit, the stuck-daemon deadline, the fscache pointer file and
+#: the fscache test switches.
 DAEMON_ENV = (
     "EROFS_NYDUS_LOG",
     "EROFS_NYDUS_IDLE_EXIT",
+    "EROFS_NYDUS_READ_DEADLINE",
     "EROFS_NYDUS_FSCACHE_POINTER",
     "EROFS_NYDUS_FSCACHE_READ_DELAY",
     "EROFS_NYDUS_FSCACHE_CHUNK_WRITES",

@@ -74,7 +74,12 @@ from erofs_nydus.service.paths import (
     take_supervisor_lock,
     unlink_own_socket,
 )
-from erofs_nydus.service.procs import raise_nofile, read_deadline, set_oom_score_adj
+from erofs_nydus.service.procs import (
+    exit_forked_child,
+    raise_nofile,
+    read_deadline,
+    set_oom_score_adj,
+)
 
 __all__ = ["FscacheWorker", "kernel_cache_dir", "pointer_path", "run_supervisor"]
 
@@ -542,8 +547,7 @@ def _fork_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: b
     except BaseException:
         traceback.print_exc()
     finally:
-        sys.stderr.flush()
-        os._exit(code)
+        exit_forked_child(code)
 
 
 class _Watch:

@@ -8,6 +8,8 @@ import logging
 import os
 import resource
 import signal
+import sys
+from typing import NoReturn
 
 __all__ = ["NOFILE", "die_with_parent", "raise_nofile", "read_deadline", "set_oom_score_adj"]
 
@@ -53,3 +55,17 @@ def raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit to %d: %s", want, exc)
+
+
+def exit_forked_child(code: int) -> NoReturn:
+    """End a forked child: flush what it can, then `os._exit`, whatever the flush does.
+
+    A flush that raises (its log on a full disk) must never let the child return into
+    the code of the process it was forked from: it would run a second supervisor loop.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(code)

@@ -60,6 +60,7 @@ from erofs_nydus.service.paths import (
 )
 from erofs_nydus.service.procs import (
     die_with_parent,
+    exit_forked_child,
     raise_nofile,
     read_deadline,
     set_oom_score_adj,
@@ -112,8 +113,7 @@ class _Child:
             except BaseException:
                 traceback.print_exc()
             finally:
-                sys.stderr.flush()
-                os._exit(code)
+                exit_forked_child(code)
         return cls(pid)
 
     def poll(self) -> int | None:
@@ -609,8 +609,7 @@ class _KeeperLink:
             except BaseException:
                 traceback.print_exc()
             finally:
-                sys.stderr.flush()
-                os._exit(code)
+                exit_forked_child(code)
         theirs.close()
         log.info("keeper started (pid %d)", pid)
         return cls(ours, pid, child=True)
@@ -704,8 +703,7 @@ class _Keeper:
             except BaseException:
                 traceback.print_exc()
             finally:
-                sys.stderr.flush()
-                os._exit(code)
+                exit_forked_child(code)
         theirs.close()
         self.sock.close()
         os.close(self.sup_pidfd)

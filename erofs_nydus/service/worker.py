@@ -10,6 +10,7 @@ shutdown).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
