@@ -367,6 +367,7 @@ def group_control(images: dict[str, Any]) -> dict[str, Any]:
     cli("umount", mp)
 
     opt = f"{scratch}/ctl-opt"
+    os.makedirs(opt, exist_ok=True)  # optimize refuses a missing output folder
     r = cli("optimize", a["bootstrap"], "--blob-dir", a["blob_dir"], "--trace", trace,
             "-B", f"{opt}/image.boot", "--output-blob-dir", f"{opt}/blobs")
     out["optimize"] = [r.returncode, r.stdout.strip() or r.stderr.strip()[-600:]]
