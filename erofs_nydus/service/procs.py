@@ -69,3 +69,12 @@ def exit_forked_child(code: int) -> NoReturn:
         except BaseException:
             pass
     os._exit(code)
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """In a forked child: close every descriptor above stdio except those in `keep`."""
+    lo = 3
+    for fd in sorted(keep):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, 1 << 20)

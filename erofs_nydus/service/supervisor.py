@@ -59,6 +59,7 @@ from erofs_nydus.service.paths import (
     unlink_own_socket,
 )
 from erofs_nydus.service.procs import (
+    close_fds_except,
     die_with_parent,
     exit_forked_child,
     raise_nofile,
@@ -100,11 +101,7 @@ class _Child:
         if pid == 0:  # child: keep stdio and the channel only
             code = 1
             try:
-                lo = 3
-                for keep in sorted({channel_fd}):
-                    os.closerange(lo, keep)
-                    lo = keep + 1
-                os.closerange(lo, 1 << 20)
+                close_fds_except({channel_fd})
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
                 die_with_parent(parent)
@@ -597,12 +594,8 @@ class _KeeperLink:
             code = 1
             try:
                 ours.close()
-                keep = {sup.group_fd, sup.listener.fileno(), sup.lock_fd, theirs.fileno()}
-                lo = 3
-                for fd in sorted(keep):
-                    os.closerange(lo, fd)
-                    lo = fd + 1
-                os.closerange(lo, 1 << 20)
+                close_fds_except(
+                    {sup.group_fd, sup.listener.fileno(), sup.lock_fd, theirs.fileno()})
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_IGN)
                 code = _Keeper(sup, theirs, sup_pid).run()
