@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 import treeutil
-from daemon_support import BuiltImage, build_image, daemon_status, fanotify_usable, run_cli
+from daemon_support import (
+    BuiltImage,
+    build_image,
+    daemon_status,
+    fanotify_usable,
+    read_or_fail,
+    run_cli,
+)
 
 from erofs_nydus.mount import is_mountpoint
 from erofs_nydus.service.client import DaemonClient
@@ -352,35 +359,6 @@ def tiny_ext4(tmp_path: Path) -> Iterator[Path]:
         # a daemon that is still exiting may hold files there: fall back to a lazy umount
         if subprocess.run(["umount", str(mp)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(mp)], check=False)
-
-
-_READER = """
-import os, sys
-try:
-    with open(sys.argv[1], "rb") as f:
-        sys.stdout.buffer.write(f.read())
-except OSError as exc:
-    sys.stderr.write(str(exc.errno))
-    sys.exit(3)
-"""
-
-
-def read_or_fail(path: Path, timeout: float = 60.0) -> bytes:
-    """Read `path` in a child process, so that a read the daemon never answers fails
-    the test after `timeout` instead of hanging it (fanotify permission waits are
-    killable); an I/O error comes back as OSError with the reader's errno."""
-    import subprocess
-    import sys
-
-    try:
-        r = subprocess.run([sys.executable, "-c", _READER, str(path)], capture_output=True,
-                           timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"reading {path} hung for {timeout:.0f} s")
-    if r.returncode == 3:
-        raise OSError(int(r.stderr), os.strerror(int(r.stderr)), str(path))
-    assert r.returncode == 0, r.stderr.decode(errors="replace")
-    return r.stdout
 
 
 def test_full_cache_disk_read_errors_daemon_keeps_serving(
