@@ -298,9 +298,9 @@ endpoint = ["http://{self.registry_host}"]
         client = DaemonClient(self.cache_dir)
         if client.supervisor_running():
             pid = client.supervisor_pid()
-            if pid:
+            if pid:  # the whole group: the keeper would replace a lone supervisor
                 with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
 
     def remove_tree(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)

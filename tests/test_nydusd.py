@@ -4,6 +4,7 @@ shared (images by the API), SIGTERM, kill -9 and restart with the same argv, fai
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import BuiltImage, build_image, fanotify_usable
+from daemon_support import BuiltImage, build_image, fanotify_usable, read_or_fail
 
 from erofs_nydus.mount import is_mountpoint, umount
 from erofs_nydus.service.client import DaemonClient
@@ -210,8 +211,9 @@ def cleanup(tmp_path: Path) -> Iterator[list[Nydusd]]:
     client = DaemonClient(cache)
     if client.supervisor_running():
         pid = client.supervisor_pid()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
+        if pid:  # the whole group: the keeper would replace a lone supervisor
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 @kernel
@@ -343,14 +345,34 @@ def test_shared_mode_mounts_by_api_and_failover_calls(
     assert list(root.iterdir()) == []
 
 
+def wait_new_supervisor(cache: Path, old: int, timeout: float = 60) -> int:
+    """The pid of the supervisor that replaced `old` (the keeper writes it to the lock)."""
+    client = DaemonClient(cache)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = client.supervisor_pid()
+        if pid and pid != old and client.supervisor_running():
+            return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no supervisor replaced {old} for {cache}")
+
+
+def kill_daemon_group(cache: Path) -> None:
+    """kill -9 of every process of the cache dir's daemon at once (keeper, supervisor,
+    worker: one process group), as `systemctl kill -s KILL` or a cgroup OOM kill does."""
+    pid = DaemonClient(cache).supervisor_pid()
+    assert pid
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
 @kernel
-@pytest.mark.skip(reason="issue 13/11: since the keeper (issue 11) restarts a killed "
-                  "supervisor, killing the serving daemon this way no longer ends it, so nydusd "
-                  "does not exit; the test must kill the whole group (keeper included)")
-def test_daemon_death_ends_nydusd(tmp_path: Path, image: tuple[BuiltImage, Path],
-                                  cleanup: list[Nydusd]) -> None:
-    """The process the snapshotter watches dies when the process serving the kernel does,
-    and a restart with the same argv serves the image again."""
+def test_supervisor_death_the_keeper_repairs_is_not_nydusds_death(
+        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+    """kill -9 of the supervisor alone (what the OOM killer would pick first if it could)
+    is repaired by the keeper, which holds the fanotify group meanwhile: the mount keeps
+    serving right bytes, so nydusd must not exit - the snapshotter's recovery would
+    restart it and replace a mount that works (and containers running on it).
+    nydus-snapshotter takes a hang-up of nydusd's API socket as its death."""
     img, src = image
     cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
     mnt.mkdir()
@@ -360,16 +382,43 @@ def test_daemon_death_ends_nydusd(tmp_path: Path, image: tuple[BuiltImage, Path]
     d = Nydusd(tmp_path, argv).start()
     cleanup.append(d)
     wait_state(sock)
-    pid = DaemonClient(cache).supervisor_pid()
-    assert pid
-    os.kill(pid, signal.SIGKILL)
+    assert read_or_fail(mnt / "etc" / "greeting") == (src / "etc" / "greeting").read_bytes()
+    old = DaemonClient(cache).supervisor_pid()
+    assert old
+    os.kill(old, signal.SIGKILL)
+    wait_new_supervisor(cache, old)
+    # never read before: served through the new supervisor and its daemon
+    assert read_or_fail(mnt / "big") == (src / "big").read_bytes()
+    assert d.proc is not None and d.proc.poll() is None
+    assert wait_state(sock)["state"] == "RUNNING"
+    assert is_mountpoint(mnt)
+    assert d.stop() == 0  # SIGTERM still unmounts and exits
+    assert not is_mountpoint(mnt)
+
+
+@kernel
+def test_death_of_the_whole_daemon_ends_nydusd(
+        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+    """When nothing is left to serve the kernel (keeper, supervisor and daemon killed
+    together), the process the snapshotter watches dies too, taking its mount along,
+    and a restart with the same argv (the snapshotter's recovery) serves the image."""
+    img, src = image
+    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
+    mnt.mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
+    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
+            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock)]
+    d = Nydusd(tmp_path, argv).start()
+    cleanup.append(d)
+    wait_state(sock)
+    kill_daemon_group(cache)
     assert d.proc is not None
     assert d.proc.wait(60) != 0
     assert not is_mountpoint(mnt)  # never a mount whose holes read as zeros
     d2 = Nydusd(tmp_path, argv).start()
     cleanup.append(d2)
     wait_state(sock)
-    assert (mnt / "big").read_bytes() == (src / "big").read_bytes()
+    assert read_or_fail(mnt / "big") == (src / "big").read_bytes()
     assert d2.stop() == 0
 
 

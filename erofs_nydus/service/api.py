@@ -291,6 +291,8 @@ class _Collector:
         yield blob
         yield counter("log_suppressed", "daemon.log lines dropped by the rate limit",
                       logs.suppressed_total())
+        yield counter("log_write_errors", "daemon.log writes dropped because they failed "
+                      "(a full cache disk)", logs.write_errors_total())
         hits = CounterMetricFamily(f"{p}_limit_hits", "Times a bound was hit (and refused)",
                                    labels=["limit"])
         for name, n in sorted(logs.limit_hits().items()):

@@ -21,9 +21,16 @@ nydusd would mount FUSE.  The snapshotter only needs a directory tree there.
 
 Flags we have no use for (--thread-num, --log-rotation-size, --prefetch-files, ...) are
 accepted and ignored.  This process is what the snapshotter watches (pid, and a hang-up of its
-idle API connection): it exits when the cache dir's daemon that serves its mounts dies, so the
+idle API connection): it exits when the cache dir's daemon that serves its mounts is gone, so the
 snapshotter's recovery starts; killed itself, a restart with the same argv adopts the mounts
 that are still served.
+
+"Gone" means nothing holds the cache dir's lock any more: the keeper, the supervisor and the
+worker all died (`systemctl kill`, a cgroup OOM kill).  The death of one of them is repaired
+inside that group - the keeper holds the fanotify group and the lock and starts a new
+supervisor, the supervisor a new worker - and the mounts keep serving the image's bytes
+(readers caught in the gap get EIO), so that is not nydusd's death: exiting then would make
+the snapshotter replace a working mount under running containers.
 """
 
 from __future__ import annotations
@@ -430,7 +437,9 @@ class NydusdService:
         self.stop_event.set()
 
     def watch_daemons(self, interval: float = 1.0) -> None:
-        """Exit (so the snapshotter recovers) when a daemon serving our mounts is gone."""
+        """Exit (so the snapshotter recovers) when a daemon serving our mounts is gone:
+        no process holds its cache dir's lock (the keeper keeps it while it replaces a
+        dead supervisor, which is no reason to exit)."""
         from erofs_nydus.service.client import DaemonClient
 
         while not self.stop_event.wait(interval):
