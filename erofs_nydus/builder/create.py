@@ -36,6 +36,13 @@ class BuildOptions:
     blob_cache_dir: str | None = None
     chunk_dicts: list[str] = field(default_factory=list)
     whiteout_spec: str = "none"
+    # chunk digest + compress threads (blob.py); None: one per CPU, at most 4; 0: none
+    threads: int | None = None
+
+    def worker_threads(self) -> int:
+        if self.threads is None:
+            return min(4, os.cpu_count() or 1)
+        return self.threads
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -47,6 +54,8 @@ class BuildOptions:
                              f"{', '.join(COMPRESSORS)}")
         if self.digester not in DIGESTERS:
             raise UsageError(f"--digester {self.digester}: choose one of {', '.join(DIGESTERS)}")
+        if self.threads is not None and not 0 <= self.threads <= 64:
+            raise UsageError(f"threads {self.threads}: must be between 0 and 64")
 
 
 @dataclass(slots=True)
@@ -191,7 +200,7 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
         label = label or "tar stream"
     writer = BlobWriter(blob_dir, chunk_size=opts.chunk_size, compressor=opts.compressor,
                         cache_dir=opts.blob_cache_dir, chunk_dict=lookup,
-                        digester=opts.digester)
+                        digester=opts.digester, threads=opts.worker_threads())
     new_blob: BlobInfo | None = None
     try:
         try:
