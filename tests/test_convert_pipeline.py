@@ -304,3 +304,59 @@ def test_huge_file_converts_under_an_rss_limit(tmp_path: Path) -> None:
     peak_mib = usage.ru_maxrss / 1024  # KiB on Linux
     assert peak_mib < 200, f"peak RSS {peak_mib:.0f} MiB for a 1 GiB file"
     assert (tmp_path / "b").exists()
+
+
+# -- the one-layer merge shortcut ----------------------------------------------------------------
+
+
+def _odd_layer() -> bytes:
+    """Implicit parent dirs, a hard link, a symlink, a fifo, xattrs, an empty file, a
+    repeated directory entry."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        def add(info: tarfile.TarInfo, data: bytes = b"") -> None:
+            info.size = len(data) if info.isreg() else 0
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+
+        f = tarfile.TarInfo("deep/er/file")
+        f.pax_headers = {"SCHILY.xattr.user.k": "v"}
+        add(f, b"x" * 70000)
+        h = tarfile.TarInfo("deep/link")
+        h.type, h.linkname = tarfile.LNKTYPE, "deep/er/file"
+        add(h)
+        s = tarfile.TarInfo("sym")
+        s.type, s.linkname = tarfile.SYMTYPE, "deep/er/file"
+        add(s)
+        p = tarfile.TarInfo("fifo")
+        p.type = tarfile.FIFOTYPE
+        add(p)
+        add(tarfile.TarInfo("empty"))
+        for mode in (0o700, 0o755):
+            d = tarfile.TarInfo("deep")
+            d.type, d.mode = tarfile.DIRTYPE, mode
+            add(d)
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def test_one_layer_merge_is_the_layer(source_layout: Path, tmp_path: Path) -> None:
+    """Where convert skips the merge of a one-layer image, merging gives the same bytes."""
+    from layers_support import layer_paths
+
+    from erofs_nydus.builder.merge import merge_bootstraps
+    from erofs_nydus.registry.convert import single_layer_merge_is_identity
+
+    (tmp_path / "odd.tar.gz").write_bytes(_odd_layer())
+    (tmp_path / "mixed.tar.gz").write_bytes(_tar_gz(_mixed_entries()))
+    sources = [*layer_paths(source_layout), tmp_path / "odd.tar.gz", tmp_path / "mixed.tar.gz"]
+    identity = 0
+    for i, src in enumerate(sources):
+        for comp in ("lz4", "zstd"):
+            boot = tmp_path / f"l{i}{comp}.boot"
+            create_image(str(src), str(boot), str(tmp_path / "blobs"),
+                         BuildOptions(compressor=comp, chunk_size=65536))
+            if not single_layer_merge_is_identity([str(boot)], ConvertOptions()):
+                continue
+            identity += 1
+            merge_bootstraps([str(boot)], str(tmp_path / "m.boot"))
+            assert (tmp_path / "m.boot").read_bytes() == boot.read_bytes(), src
+    assert identity >= 6  # the base layer, the odd one and the mixed one at least

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.builder.create import write_file_atomic
 from erofs_nydus.builder.merge import merge_bootstraps
 from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.errors import UnsupportedError, UsageError
@@ -335,6 +336,19 @@ class _Uploads:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def single_layer_merge_is_identity(boots: list[str], opts: ConvertOptions) -> bool:
+    """True when merging `boots` gives back the one layer bootstrap byte for byte: one
+    layer, no chunk dictionary, and no whiteout name anywhere in it (names are stored
+    verbatim in directory blocks, so a bootstrap without the bytes ".wh." has none; a
+    false positive only costs a real merge).  The merge of such a layer applies it onto
+    an empty tree and keeps every blob and chunk (tests/test_convert_pipeline.py checks
+    the identity)."""
+    if len(boots) != 1 or opts.chunk_dicts:
+        return False
+    with open(boots[0], "rb") as f:
+        return b".wh." not in f.read()
+
+
 def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts: ConvertOptions,
                     progress: Progress | None, lock: threading.Lock,
                     uploads: _Uploads | None) -> tuple[list[str], int]:
@@ -415,8 +429,12 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
         os.makedirs(work, exist_ok=True)
         merged = os.path.join(work, hashlib.sha256(
             "|".join([man.digest, *boots]).encode()).hexdigest() + ".boot")
-        # layer bootstraps come from our own cache: skip re-validating each one
-        merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
+        if not single_layer_merge_is_identity(boots, opts):
+            # layer bootstraps come from our own cache: skip re-validating each one
+            merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
+        else:
+            with open(boots[0], "rb") as f:
+                write_file_atomic(merged, f.read())
         boot, optimized = merged, None
         if trace is not None:
             boot, optimized = _optimize_merged(merged, opts, trace)
