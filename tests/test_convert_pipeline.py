@@ -203,12 +203,45 @@ def pushed(source_layout: Path, registry: RegistryServer) -> str:
     return ref
 
 
+def _break_stream_uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """RegistryClient.push_blob_stream fails after its first piece (fault injection)."""
+    failed: list[str] = []
+
+    def failing(self: RegistryClient, repo: object, pieces: Iterator[bytes],
+                **kw: object) -> tuple[str, int]:
+        next(iter(pieces), None)
+        failed.append(str(repo))
+        raise RegistryError("injected: connection reset while streaming a blob")
+
+    monkeypatch.setattr(RegistryClient, "push_blob_stream", failing)
+    return failed
+
+
+@pytest.mark.registry
+def test_failed_stream_upload_falls_back_to_the_file(
+        pushed: str, registry: RegistryServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, no_leaked_threads: None) -> None:
+    from erofs_nydus.registry.remote_check import check_remote
+
+    failed = _break_stream_uploads(monkeypatch)
+    target = registry.ref("pipeline/fallback:v1")
+    ref = convert_image(pushed, target, _opts(tmp_path, "c", jobs=3))
+    assert len(failed) == len(ref.blobs)  # each blob went up again from its file
+    monkeypatch.undo()
+    report = check_remote(target, pushed, client_options={"plain_http": True})
+    assert report.ok, report.problems
+    again = convert_image(pushed, registry.ref("pipeline/streamed:v1"), _opts(tmp_path, "d"))
+    assert again.manifest_digest == ref.manifest_digest
+
+
 @pytest.mark.registry
 def test_failing_upload_leaves_no_manifest(pushed: str, registry: RegistryServer,
                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            no_leaked_threads: None) -> None:
-    """The registry refuses the second data blob (fault injection): convert fails with
-    that error, the target tag never appears, and every thread is joined."""
+    """The registry refuses every data blob but the first, streamed and from its file
+    (fault injection): convert fails with that error, the target tag never appears,
+    and every thread is joined."""
+    _break_stream_uploads(monkeypatch)
     real = RegistryClient.push_blob
     calls = []
 
@@ -216,13 +249,13 @@ def test_failing_upload_leaves_no_manifest(pushed: str, registry: RegistryServer
                 **kw: object) -> str:
         if isinstance(data, str):  # data blobs are pushed from files
             calls.append(digest)
-            if len(calls) == 2:
+            if len(calls) >= 2:
                 raise RegistryError(f"injected: upload of {digest} refused")
         return real(self, repo, data, digest, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(RegistryClient, "push_blob", failing)
     target = registry.ref("pipeline/out:v1")
-    with pytest.raises(RegistryError, match="injected"):
+    with pytest.raises(RegistryError, match="injected: upload"):
         convert_image(pushed, target, _opts(tmp_path, "c", jobs=3))
     monkeypatch.undo()
     client = RegistryClient(plain_http=True)
@@ -360,3 +393,39 @@ def test_one_layer_merge_is_the_layer(source_layout: Path, tmp_path: Path) -> No
             merge_bootstraps([str(boot)], str(tmp_path / "m.boot"))
             assert (tmp_path / "m.boot").read_bytes() == boot.read_bytes(), src
     assert identity >= 6  # the base layer, the odd one and the mixed one at least
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_member_reads_like_tarfile(tmp_path: Path, fmt: str) -> None:
+    """Sparse members (GNU tar --sparse) still go through tarfile's sparse map; plain
+    members are read straight from the read-ahead reader: the files read back equal."""
+    from erofs_nydus.rafs.backend import LocalDirBackend
+    from erofs_nydus.rafs.check import read_chunk
+    from erofs_nydus.rafs.reader import open_bootstrap
+    from erofs_nydus.rafs.tree import lookup
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"middle")
+        f.seek((3 << 20) - 5)
+        f.write(b"tail!")
+    (src / "after").write_bytes(b"plain member after a sparse one" * 1000)
+    tar = tmp_path / "s.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", str(tar), "-C", str(src),
+                    "holes", "after"], check=True)
+    with tarfile.open(tar) as tf:
+        assert tf.getmember("holes").issparse()
+    create_image(str(tar), str(tmp_path / "b.boot"), str(tmp_path / "blobs"),
+                 BuildOptions(threads=2))
+    r = open_bootstrap(str(tmp_path / "b.boot"))
+    backend = LocalDirBackend(str(tmp_path / "blobs"))
+    root = r.tree()
+    for name in ("holes", "after"):
+        node = lookup(root, b"/" + name.encode())
+        assert node is not None and node.inode.chunks
+        blob_id = r.image.blobs[node.inode.chunks[0].blob_index].blob_id
+        got = b"".join(read_chunk(backend, blob_id, c, verify=True) for c in node.inode.chunks)
+        assert got == (src / name).read_bytes(), name

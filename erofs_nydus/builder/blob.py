@@ -54,6 +54,7 @@ _ZEROS = bytes(16 << 20)
 _UNSET = object()  # "not compressed yet" (distinct from None: "not smaller, store raw")
 BATCH_BYTES = 1 << 20  # chunks go to the pool in batches of about this many bytes
 BATCH_ITEMS = 256  # or of this many chunks (small files: fewer hand-offs)
+SINK_PIECE = 1 << 20  # blob bytes gathered per hand-off to the writer thread
 _Item = tuple[bytes, "bytes | None", "list[ChunkInfo]", str]
 
 
@@ -145,7 +146,8 @@ class BlobWriter:
 
     def __init__(self, blob_dir: str, *, chunk_size: int, compressor: str, blob_index: int = 0,
                  cache_dir: str | None = None, chunk_dict: ChunkLookup | None = None,
-                 digester: str = "sha256", threads: int = 0) -> None:
+                 digester: str = "sha256", threads: int = 0,
+                 tee: Callable[[bytes], None] | None = None) -> None:
         self.blob_dir = blob_dir
         self.cache_dir = cache_dir
         self.chunk_size = chunk_size
@@ -175,6 +177,9 @@ class BlobWriter:
         self._pending: deque[tuple[Future[list[tuple[bytes, object]]], list[_Item]]] = deque()
         self._window = 2 * threads + 2
         self._sink: _Sink | None = None
+        self._tee = tee  # sees every byte of the blob, in order, as it is written
+        self._blob_buf = bytearray()  # blob / cache file bytes not yet handed to the sink
+        self._cache_buf = bytearray()
 
     # -- temp files -------------------------------------------------------------------------
     def _open_tmp(self, directory: str, suffix: str) -> BinaryIO:
@@ -195,8 +200,11 @@ class BlobWriter:
                 self._sink = _Sink(self._write_error)
 
     def _write_blob(self, data: bytes) -> None:
-        if self._sink is not None:
-            self._sink.put(self._current, self._write_blob_now, data)
+        if self._sink is not None:  # gathered: one hand-off per SINK_PIECE bytes
+            self._blob_buf += data
+            if len(self._blob_buf) >= SINK_PIECE:
+                self._sink.put(self._current, self._write_blob_now, bytes(self._blob_buf))
+                self._blob_buf.clear()
         else:
             self._write_blob_now(data)
 
@@ -204,13 +212,35 @@ class BlobWriter:
         assert self._blob_f is not None
         self._blob_f.write(data)
         self._hash.update(data)
+        if self._tee is not None:
+            self._tee(data)
 
     def _write_cache(self, data: bytes | None, size: int) -> None:
         """Append one chunk to the cache file: `data` padded to 4 KiB, or a hole."""
-        if self._sink is not None:
-            self._sink.put(self._current, self._write_cache_now, data, size)
-        else:
+        if self._sink is None:
             self._write_cache_now(data, size)
+        elif data is None:
+            self._flush_cache_buf()
+            self._sink.put(self._current, self._write_cache_now, None, size)
+        else:
+            self._cache_buf += data
+            self._cache_buf += _ZEROS[:align(size, BLOCK_SIZE) - size]
+            if len(self._cache_buf) >= SINK_PIECE:
+                self._flush_cache_buf()
+
+    def _flush_cache_buf(self) -> None:
+        if self._cache_buf and self._sink is not None:
+            data = bytes(self._cache_buf)
+            self._sink.put(self._current, self._write_cache_now, data, len(data))
+            self._cache_buf.clear()
+
+    def _flush_bufs(self) -> None:
+        """Hand what is gathered for the blob and cache file to the writer thread."""
+        if self._sink is not None:
+            if self._blob_buf:
+                self._sink.put(self._current, self._write_blob_now, bytes(self._blob_buf))
+                self._blob_buf.clear()
+            self._flush_cache_buf()
 
     def _write_cache_now(self, data: bytes | None, size: int) -> None:
         assert self._cache_f is not None
@@ -284,6 +314,7 @@ class BlobWriter:
         while self._pending:
             self._commit_oldest()
         if self._sink is not None:
+            self._flush_bufs()
             self._sink.wait()
 
     def _stop_threads(self) -> None:
@@ -291,6 +322,8 @@ class BlobWriter:
             future.cancel()
         self._pending.clear()
         self._batch.clear()
+        self._blob_buf.clear()
+        self._cache_buf.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
@@ -182,11 +183,14 @@ def write_file_atomic(path: str, data: bytes) -> None:
 
 
 def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
-                 opts: BuildOptions | None = None, label: str | None = None) -> BuildResult:
+                 opts: BuildOptions | None = None, label: str | None = None,
+                 blob_tee: Callable[[bytes], None] | None = None) -> BuildResult:
     """Build `source` into `bootstrap` + a blob in `blob_dir`.
 
     `source` is a directory, a tar or tar.gz file, "-" (stdin), or an open binary
     stream of a tar/tar.gz (not closed here); `label` names it in error messages.
+    `blob_tee` is given every byte of the new blob in order as it is written (convert
+    streams it to the registry); the blob is only valid once this returns.
     """
     opts = opts or BuildOptions()
     opts.validate()
@@ -200,7 +204,7 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
         label = label or "tar stream"
     writer = BlobWriter(blob_dir, chunk_size=opts.chunk_size, compressor=opts.compressor,
                         cache_dir=opts.blob_cache_dir, chunk_dict=lookup,
-                        digester=opts.digester, threads=opts.worker_threads())
+                        digester=opts.digester, threads=opts.worker_threads(), tee=blob_tee)
     new_blob: BlobInfo | None = None
     try:
         try:

@@ -29,11 +29,13 @@ the manifest is only put when everything succeeded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
 import json
 import os
+import queue
 import shutil
 import tarfile
 import threading
@@ -165,10 +167,81 @@ class _Cancelled(Exception):
     """Another layer failed: this one stops reading its source."""
 
 
+class _StreamUpload:
+    """A layer's new blob uploaded to a registry while the builder writes it
+    (`RegistryClient.push_blob_stream`), fed in order from the blob writer through a
+    bounded queue; the upload thread starts with the first byte."""
+
+    PIECE = 1 << 20  # bytes gathered per queue item
+    _ABORT = object()
+
+    def __init__(self, push: Callable[[Iterator[bytes]], tuple[str, int]], label: str) -> None:
+        self._push = push
+        self._label = label
+        self._q: queue.Queue[Any] = queue.Queue(8)
+        self._buf = bytearray()
+        self._done = threading.Event()  # the upload thread ended (success or not)
+        self._thread: threading.Thread | None = None
+        self.result: tuple[str, int] | None = None
+        self.error: BaseException | None = None
+
+    def feed(self, data: bytes) -> None:
+        """The blob writer's tee: gather, hand over full pieces (blocks while full)."""
+        if self._done.is_set():
+            return
+        self._buf += data
+        if len(self._buf) >= self.PIECE:
+            self._put(bytes(self._buf))
+            self._buf.clear()
+
+    def _put(self, item: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"upload {self._label}",
+                                            daemon=True)
+            self._thread.start()
+        while not self._done.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _pieces(self) -> Iterator[bytes]:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if item is self._ABORT:
+                raise _Cancelled(self._label)
+            yield item
+
+    def _run(self) -> None:
+        try:
+            self.result = self._push(self._pieces())
+        except BaseException as exc:  # the caller falls back to a plain upload
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def finish(self, ok: bool) -> tuple[str, int] | None:
+        """End the upload: complete it (`ok`) or abort it; join the thread.  Returns
+        (digest, size) when the whole blob went up."""
+        if self._thread is None:
+            return None
+        if ok and self._buf:
+            self._put(bytes(self._buf))
+        self._buf.clear()
+        self._put(None if ok else self._ABORT)
+        self._thread.join()
+        return self.result if ok and self.error is None else None
+
+
 def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: ConvertOptions,
                    progress: Progress | None, label: str,
-                   cancel: threading.Event | None = None) -> tuple[str, bool, list[str]]:
-    """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids)."""
+                   cancel: threading.Event | None = None,
+                   stream: _StreamUpload | None = None) -> tuple[str, bool, list[str]]:
+    """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids).
+    `stream`: where the new blob is uploaded as it is written."""
     if layer.media_type in _ZSTD_LAYER_TYPES:
         raise UnsupportedError(f"{label}: zstd-compressed layers are not supported yet "
                                f"({layer.media_type})")
@@ -193,11 +266,12 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
                 progress(label, done, layer.size)
             yield piece
 
-    stream = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
+    source = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
     bopts = BuildOptions(chunk_size=opts.chunk_size, compressor=opts.compressor,
                          digester=opts.digester, chunk_dicts=opts.chunk_dicts,
                          threads=opts.threads)
-    res = create_image(stream, boot, blob_dir, bopts, label=label)
+    res = create_image(source, boot, blob_dir, bopts, label=label,
+                       blob_tee=stream.feed if stream is not None else None)
     return boot, False, [b.blob_id for b in res.blobs]
 
 
@@ -311,6 +385,13 @@ class _Uploads:
         self.futures: dict[str, Future[Any]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
 
+    def done(self, blob_id: str) -> None:
+        """`blob_id` is already in the registry (streamed while it was written)."""
+        f: Future[Any] = Future()
+        f.set_result(f"sha256:{blob_id}")
+        with self.lock:
+            self.futures.setdefault(blob_id, f)
+
     def start(self, blob_id: str) -> None:
         with self.lock:
             if blob_id not in self.futures:
@@ -365,11 +446,24 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
 
     def one(i: int, layer: Descriptor) -> tuple[str, bool]:
         label = f"layer {i + 1}/{len(layers)} {layer.digest[7:19]}"
-        boot, was_cached, blob_ids = _convert_layer(
-            store, ref, layer, opts, locked_progress if progress else None, label, cancel)
+        push_stream = getattr(uploads.store, "push_blob_stream", None) if uploads else None
+        stream = None
+        if uploads is not None and push_stream is not None:
+            stream = _StreamUpload(functools.partial(push_stream, uploads.ref), label)
+        ok = False
+        try:
+            boot, was_cached, blob_ids = _convert_layer(
+                store, ref, layer, opts, locked_progress if progress else None, label, cancel,
+                stream)
+            ok = True
+        finally:
+            streamed = stream.finish(ok) if stream is not None else None
         if uploads is not None:
             for blob_id in blob_ids:
-                uploads.start(blob_id)
+                if streamed is not None and streamed[0] == f"sha256:{blob_id}":
+                    uploads.done(blob_id)
+                else:
+                    uploads.start(blob_id)
         return boot, was_cached
 
     # a layer digest listed twice is converted once
