@@ -268,8 +268,11 @@ def tree_from_tar(stream: BinaryIO, writer: BlobWriter, label: str = "tar") -> N
                 else:
                     node = Node(parts[-1], _tar_inode(member, where))
                     if member.isreg():
-                        member_f = tf.extractfile(member)
-                        assert member_f is not None
+                        member_f: Any = data
+                        if member.issparse():
+                            member_f = tf.extractfile(member)
+                        else:  # straight from the reader: no per-member file object
+                            data.seek(member.offset_data)
                         node.inode.size = member.size
                         node.inode.chunks = writer.add_stream(member_f, member.size,
                                                               f"tar entry {where}")
