@@ -66,7 +66,7 @@ class _Sink:
 
     def __init__(self, on_oserror: Callable[[str, OSError], BaseException]) -> None:
         self._q: queue.Queue[tuple[Callable[..., None], tuple[Any, ...], str] | None] = \
-            queue.Queue(32)
+            queue.Queue(8)
         self._on_oserror = on_oserror
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
