@@ -15,9 +15,11 @@ With `threads` > 0, chunks are digested and compressed by a pool of that many th
 (hashlib, blake3, lz4 and zstd release the GIL) while the caller reads on: each chunk
 is submitted in source order, and committed (dedup, append to the blob) in that same
 order once its result is in, so the blob is byte-identical to a build without threads.
-At most `2 * threads + 2` chunks are in flight: memory is bounded by that window, not
-by file or layer size.  The chunk lists `add_stream` / `add_file` return are filled in
-as their chunks commit; all are complete after `flush()` (which `finish()` calls).
+Chunks go to the pool in batches (about 1 MiB, or 256 small chunks); at most
+`2 * threads + 2` batches are in flight, and the writer thread's queue holds at most 8
+pieces of 1 MiB: memory is bounded by that window, not by file or layer size.  The
+chunk lists `add_stream` / `add_file` return are filled in as their chunks commit; all
+are complete after `flush()` (which `finish()` calls).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class _Sink:
             queue.Queue(8)
         self._on_oserror = on_oserror
         self._error: BaseException | None = None
+        self._discard = False  # stop(discard=True): skip what is still queued
         self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
         self._thread.start()
 
@@ -79,7 +82,7 @@ class _Sink:
                 if item is None:
                     return
                 fn, args, where = item
-                if self._error is None:
+                if self._error is None and not self._discard:
                     fn(*args)
             except OSError as exc:  # raised on the builder's thread
                 self._error = self._on_oserror(where, exc)
@@ -101,8 +104,9 @@ class _Sink:
         self._q.join()
         self._check()
 
-    def stop(self) -> None:
+    def stop(self, discard: bool = False) -> None:
         if self._thread.is_alive():
+            self._discard = self._discard or discard
             self._q.put(None)
             self._thread.join()
 
@@ -327,8 +331,8 @@ class BlobWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        if self._sink is not None:
-            self._sink.stop()
+        if self._sink is not None:  # after flush() nothing is queued; else: an abort
+            self._sink.stop(discard=True)
             self._sink = None
 
     def add_chunk(self, data: bytes, file_offset: int, digest: bytes | None = None) -> ChunkInfo:
