@@ -18,12 +18,15 @@ bootstrap it was recorded on; a trace of any other image is refused.
 
 Pipeline: up to `ConvertOptions.jobs` layers are converted at once (each one fetched and
 inflated in a read-ahead thread, its chunks digested and compressed by a small pool: see
-builder/inflate.py and builder/blob.py), and each layer's blobs are uploaded by one
-uploader thread as soon as the layer is done, while other layers convert and the
-bootstraps merge.  The output does not depend on the timing: layers are merged in
-manifest order, and every layer is built alone.  The first failure stops the other
-layers' downloads, cancels queued uploads, and joins every thread before it is raised;
-the manifest is only put when everything succeeded.
+builder/inflate.py and builder/blob.py).  On a registry target each layer's new blob
+is streamed up while it is written (`RegistryClient.push_blob_stream`); other blobs
+(cached layers, chunk dictionaries, oci: targets, a failed stream) are uploaded by one
+uploader thread as soon as their layer is done, while other layers convert and the
+bootstraps merge.  A one-layer image without whiteouts skips the merge (the merged
+bootstrap is that layer's, byte for byte).  The output does not depend on the timing:
+layers are merged in manifest order, and every layer is built alone.  The first failure
+stops the other layers' downloads, aborts streams, cancels queued uploads, and joins every
+thread before it is raised; the manifest is only put when everything succeeded.
 """
 
 from __future__ import annotations
