@@ -429,3 +429,21 @@ def test_sparse_member_reads_like_tarfile(tmp_path: Path, fmt: str) -> None:
         blob_id = r.image.blobs[node.inode.chunks[0].blob_index].blob_id
         got = b"".join(read_chunk(backend, blob_id, c, verify=True) for c in node.inode.chunks)
         assert got == (src / name).read_bytes(), name
+
+
+def test_zlib_fallback_inflates_and_checks_the_crc(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without isal the read-ahead inflates with zlib: same image, CRC still checked."""
+    import zlib
+
+    from erofs_nydus.builder import inflate
+
+    good = _tar_gz(_mixed_entries())
+    (tmp_path / "good.tar.gz").write_bytes(good)
+    (tmp_path / "bad.tar.gz").write_bytes(_corrupt(good, "crc"))
+    ref = _build(tmp_path / "good.tar.gz", tmp_path / "isal")
+    monkeypatch.setattr(inflate, "_inflate_lib", zlib)
+    monkeypatch.setattr(inflate, "INFLATE_ERRORS", (zlib.error,))
+    assert _build(tmp_path / "good.tar.gz", tmp_path / "zlib") == ref
+    with pytest.raises(SourceError, match="corrupt"):
+        _build(tmp_path / "bad.tar.gz", tmp_path / "bad")
