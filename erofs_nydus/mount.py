@@ -388,7 +388,8 @@ def umount(
         if err == errno.EINVAL:
             hint = "not a mountpoint"
         elif err == errno.EBUSY:
-            hint = "still busy (open files or a process's cwd inside); try lazy=True"
+            hint = ("still busy (open files or a process's cwd inside): close them "
+                    "(see fuser -vm) and try again")
         raise _kernel_error(err, f"umount {os.fsdecode(target)}", extra_hint=hint)
 
 

@@ -19,9 +19,9 @@ def _blob(cache: Path, bid: str, nbytes: int, age: float) -> None:
     with open(data, "wb") as f:
         f.truncate(1 << 20)
         f.write(os.urandom(nbytes))
-    (cache / f"{bid}.chunkmap").write_bytes(b"\1" * 8)
+    (cache / f"{bid}.chunk_map").write_bytes(b"\1" * 8)
     t = time.time() - age
-    for p in (data, cache / f"{bid}.chunkmap"):
+    for p in (data, cache / f"{bid}.chunk_map"):
         os.utime(p, (t, t))
 
 
@@ -67,7 +67,7 @@ def test_gc_budget_removes_oldest_unused_first(cache: Path) -> None:
     proc = run_cli("cache", "gc", "--cache-dir", str(cache), "--budget", str(before - 1))
     assert "removed blob aaaaaaaaaaaaaaaa" in proc.stdout and "removed 1 entries" in proc.stdout
     assert not (cache / ("a" * 64 + ".blob.data")).exists()
-    assert not (cache / ("a" * 64 + ".chunkmap")).exists()
+    assert not (cache / ("a" * 64 + ".chunk_map")).exists()
     assert scan_cache(str(cache)).disk == before - a_disk
     # dry run says, does nothing
     out = run_cli("cache", "gc", "--cache-dir", str(cache), "--dry-run").stdout

@@ -465,3 +465,26 @@ def test_mount_ref_with_endless_bootstrap_layer_is_one_line(
         client = DaemonClient(cache)
         if client.alive():
             client.shutdown()
+
+
+def test_digest_only_writer_creates_nothing(tmp_path: Path) -> None:
+    """check REF --source builds the source tree with a writer that must not create its
+    (placeholder) blob dir or temp files there (it filled /nonexistent before)."""
+    import io
+    import tarfile
+
+    from erofs_nydus.builder.source import tree_from_tar
+    from erofs_nydus.registry.remote_check import DigestOnlyWriter
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in (("a", b"x" * 70000), ("z", bytes(9000))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    target = tmp_path / "never"
+    writer = DigestOnlyWriter(str(target), chunk_size=0x10000, compressor="none")
+    tree_from_tar(io.BufferedReader(buf), writer, label="t")  # type: ignore[arg-type]
+    writer.abort()
+    assert not target.exists()

@@ -28,6 +28,39 @@ def parse_size(value: str) -> int:
         raise UsageError(f"not a size: {value!r}") from exc
 
 
+def check_output(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output file whose directory is missing or not
+    writable (nothing is created on the way), or that is a directory."""
+    if path is None or path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: no such directory {parent}")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: directory {parent} is not writable")
+
+
+def check_output_dir(path: str | None, option: str) -> None:
+    """An output directory may be made, but not its parent: refuse a missing parent
+    (a typo would otherwise grow a tree of folders), or a path that is a file."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: no such directory {parent}")
+
+
+def _is_path(arg: str) -> bool:
+    """A command-line argument that names a file: it exists, or looks like a path
+    (./x, ../x, /x), so a missing one is reported as a missing file, not parsed as
+    an image reference."""
+    return arg in (".", "..") or arg.startswith(("./", "../", "/")) or os.path.lexists(arg)
+
+
 def _write_json(obj: Any, dest: str | None) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False)
     if dest in (None, "-"):
@@ -73,6 +106,10 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
     """
     from erofs_nydus.builder import BuildOptions, create_image
 
+    check_output(bootstrap, "--bootstrap")
+    check_output(output_json, "--output-json")
+    check_output_dir(blob_dir, "--blob-dir")
+    check_output_dir(blob_cache_dir, "--blob-cache-dir")
     opts = BuildOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
                         digester=digester, blob_cache_dir=blob_cache_dir,
                         chunk_dicts=list(chunk_dicts), whiteout_spec=whiteout_spec)
@@ -116,7 +153,7 @@ def check(bootstrap: str, blob_dir: str | None, source: str | None, plain_http: 
     from erofs_nydus.rafs.check import check_bootstrap
     from erofs_nydus.rafs.reader import read_bootstrap_bytes
 
-    if not os.path.exists(bootstrap) and (":" in bootstrap or "/" in bootstrap):
+    if not _is_path(bootstrap) and (":" in bootstrap or "/" in bootstrap):
         _check_ref(bootstrap, source, plain_http, platform, as_json)
         return
     if source is not None:
@@ -224,6 +261,8 @@ def merge(layers: tuple[str, ...], bootstrap: str, allow_missing_whiteouts: bool
     """
     from erofs_nydus.builder.merge import merge_bootstraps
 
+    check_output(bootstrap, "--bootstrap")
+    check_output(output_json, "--output-json")
     def warn(msg: str) -> None:
         click.echo(f"erofs-nydus: warning: {msg}", err=True)
 
@@ -285,6 +324,9 @@ def optimize(bootstrap: str, blob_dir: str, trace: str | None, prefetch_list: st
     """
     from erofs_nydus.builder.optimize import optimize_image
 
+    check_output(out_boot, "--output-bootstrap")
+    check_output(output_json, "--output-json")
+    check_output_dir(out_blobs, "--output-blob-dir")
     res = optimize_image(bootstrap, blob_dir, out_boot, out_blobs or blob_dir, trace=trace,
                          prefetch_list=prefetch_list)
     if output_json:

@@ -8,7 +8,7 @@ import time
 import click
 
 from erofs_nydus.cli import main
-from erofs_nydus.cli.build import _write_json, parse_size
+from erofs_nydus.cli.build import _write_json, check_output, parse_size
 
 
 class _Progress:
@@ -83,6 +83,7 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
     """
     from erofs_nydus.registry.convert import ConvertOptions, convert_image
 
+    check_output(output_json, "--output-json")
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
 
     def warn(msg: str) -> None:

@@ -2,7 +2,7 @@
 
 `<cache-dir>/<blob_id>.blob.data` is a sparse file of `uncompressed_size` bytes;
 chunk i lives at its `uncompressed_offset`, zero-padded to 4 KiB.  Which chunks are
-present is recorded in `<blob_id>.chunkmap` (see `chunkmap.py`) and re-verified on
+present is recorded in `<blob_id>.chunk_map` (see `chunkmap.py`) and re-verified on
 open: a set bit whose extent has a hole in the file (SEEK_DATA/SEEK_HOLE) is cleared,
 so a chunk is never trusted without data behind it.
 
@@ -35,7 +35,8 @@ def cache_paths(cache_dir: str, blob_id: str) -> tuple[str, str]:
     """(data file, chunk map) paths of a blob in `cache_dir`."""
     return (
         os.path.join(cache_dir, f"{blob_id}.blob.data"),
-        os.path.join(cache_dir, f"{blob_id}.chunkmap"),
+        os.path.join(cache_dir, f"{blob_id}.chunk_map"),  # nydusd's name: the snapshotter
+        # removes `<blob>.blob.data` and `<blob>.chunk_map` with an image
     )
 
 

@@ -1,4 +1,4 @@
-"""Persisted chunk-presence bitmap: `<cache-dir>/<blob_id>.chunkmap`.
+"""Persisted chunk-presence bitmap: `<cache-dir>/<blob_id>.chunk_map`.
 
 Layout: a 16-byte header `{b"ENCM", u32 version=1, u32 nbits, u32 reserved}`
 followed by ceil(nbits/8) bytes, bit i (LSB first) = chunk with CI index i is

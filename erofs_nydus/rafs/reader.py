@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from erofs_nydus.errors import FormatError, UnsupportedError
+from erofs_nydus.errors import FormatError, SourceError, UnsupportedError
 from erofs_nydus.layout import erofs as E
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
@@ -416,8 +416,8 @@ def read_bootstrap_bytes(path: str) -> bytes:
                 raise FormatError(f"{path}: larger than {MAX_BOOTSTRAP_SIZE >> 20} MiB "
                                   "(MAX_BOOTSTRAP_SIZE)")
             return f.read()
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
+    except OSError as exc:  # unreadable is not corrupt: its own message and exit code
+        raise SourceError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
 
 
 def read_bootstrap_file(path: str) -> RafsImage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,14 @@ MAX_DATA_BLOB_IN_MEMORY = 4 * 1024 * 1024 * 1024  # `check REF` verifies a data 
 
 
 class DigestOnlyWriter(BlobWriter):
-    """A BlobWriter that stores nothing: files get chunk digests, for tree comparison."""
+    """A BlobWriter that stores nothing: files get chunk digests, for tree comparison.
+
+    Whatever the writer would write (zero-filled or raw chunks) goes to /dev/null: it
+    never creates its blob directory or a temp file in it."""
+
+    def _ensure_open(self) -> None:
+        if self._blob_f is None:
+            self._blob_f = open(os.devnull, "wb")  # noqa: SIM115 - closed by the writer
 
     def add_chunk(self, data: bytes, file_offset: int, digest: bytes | None = None) -> ChunkInfo:
         if digest is None:

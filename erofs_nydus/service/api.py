@@ -238,6 +238,12 @@ class _Collector:
         yield counter(
             "cache_hits", "Kernel requests answered without fetching", req.get("hits", 0)
         )
+        yield counter("channel_full", "Times the daemon's channel to its supervisor was full "
+                      "(messages waited, none dropped)", req.get("channel_full", 0))
+        yield counter("inflight_throttled", "Times the supervisor paused reading kernel "
+                      "events at its in-flight bound", req.get("inflight_throttled", 0))
+        yield counter("event_read_emfile", "Kernel event reads that failed for lack of fds",
+                      req.get("group_read_emfile", 0))
         yield counter("fills", "Fill requests to the daemon core (reads served)", c["reads"])
         yield counter("fill_hits", "Fill requests whose chunks were all present", c["hits"])
         yield counter("backend_requests", "Range reads sent to blob backends",

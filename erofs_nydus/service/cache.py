@@ -1,7 +1,7 @@
 """Cache dir management: what a cache dir holds, who uses it, and garbage collection.
 
 A cache dir holds, per blob, `<blob id>.blob.data` (sparse, the uncompressed address
-space) and `<blob id>.chunkmap`; per image, `<fsid>.boot` (the stored bootstrap); and
+space) and `<blob id>.chunk_map`; per image, `<fsid>.boot` (the stored bootstrap); and
 the daemon's `daemon-state.json` naming the images it serves, their blobs and their
 mountpoints.
 
@@ -122,13 +122,13 @@ def scan_cache(cache_dir: str) -> CacheReport:
     names = sorted(os.listdir(cdir))
     blob_ids = sorted(
         {n[: -len(".blob.data")] for n in names if n.endswith(".blob.data")}
-        | {n[: -len(".chunkmap")] for n in names if n.endswith(".chunkmap")}
+        | {n[: -len(".chunk_map")] for n in names if n.endswith(".chunk_map")}
     )
     for bid in blob_ids:
-        files = [os.path.join(cdir, f"{bid}{s}") for s in (".blob.data", ".chunkmap")]
+        files = [os.path.join(cdir, f"{bid}{s}") for s in (".blob.data", ".chunk_map")]
         files = [f for f in files if os.path.exists(f)]
         size, data_disk, mtime = _disk(os.path.join(cdir, f"{bid}.blob.data"))
-        _s, map_disk, mt2 = _disk(os.path.join(cdir, f"{bid}.chunkmap"))
+        _s, map_disk, mt2 = _disk(os.path.join(cdir, f"{bid}.chunk_map"))
         fsids, mounts, in_use = usage(blob_users.get(bid, []))
         entries.append(
             CacheEntry(

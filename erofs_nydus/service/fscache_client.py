@@ -8,13 +8,12 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, UnsupportedError
 from erofs_nydus.fsutil import private_dir
-from erofs_nydus.service.client import DaemonClient
+from erofs_nydus.service.client import DaemonClient, spawn_daemon
 
 __all__ = [
     "BUFFERED_ENV",
@@ -99,17 +98,10 @@ class FscacheClient(DaemonClient):
         return f"fscache daemon exited with status {code}; see {self.paths.log}"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        with os.fdopen(self.open_log(), "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "erofs_nydus.service.fscache_daemon",
-                 "--cache-dir", self.paths.cache_dir],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-        from erofs_nydus.service import client as _client
-
-        _client._SPAWNED.setdefault(self.paths.cache_dir, []).append(proc)
-        return proc
+        private_dir(self.paths.cache_dir)
+        return spawn_daemon(self.paths.cache_dir, self.paths.log,
+                            "erofs_nydus.service.fscache_daemon",
+                            "--cache-dir", self.paths.cache_dir)
 
 
 def fscache_cache_dir() -> str | None:

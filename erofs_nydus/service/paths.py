@@ -53,12 +53,19 @@ def take_supervisor_lock(paths: RunPaths) -> int | None:
     Returns the locked fd (keep it open), or None when another supervisor holds it.
     """
     private_dir(paths.cache_dir)  # ours, not writable by others (UnsafePathError)
-    lock_fd = open_private(paths.lock, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        lock_fd = open_private(paths.lock, os.O_RDWR | os.O_CREAT)  # planted symlink: refused
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            return None
+        try:  # still the file at the path? (a failed mount's cleanup may unlink it)
+            if os.path.samestat(os.fstat(lock_fd), os.stat(paths.lock)):
+                break
+        except FileNotFoundError:
+            pass
         os.close(lock_fd)
-        return None
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
