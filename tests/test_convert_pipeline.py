@@ -25,8 +25,11 @@ from layers_support import base_step, top_step, umoci_image, upper_step
 from registry_fixture import RegistryServer, skopeo_copy
 
 from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.builder.blob import BlobWriter, DigestOnlyWriter
 from erofs_nydus.builder.inflate import ReadAhead
+from erofs_nydus.builder.source import tree_from_dir, tree_from_tar
 from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, SourceError
+from erofs_nydus.rafs.tree import Node
 from erofs_nydus.registry import RegistryClient
 from erofs_nydus.registry.convert import ConvertOptions, convert_image
 
@@ -78,7 +81,8 @@ def _build(src: str | Path, out: Path, **opts: object) -> tuple[bytes, dict[str,
 # -- determinism -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("compressor", "digester"), [("lz4", "sha256"), ("zstd", "blake3")])
+@pytest.mark.parametrize(("compressor", "digester"), [
+    ("lz4", "sha256"), ("zstd", "blake3"), ("none", "blake3"), ("zstd", "sha256")])
 def test_pipelined_tar_build_is_byte_identical(tmp_path: Path, compressor: str,
                                                digester: str, no_leaked_threads: None) -> None:
     src = tmp_path / "src.tar.gz"
@@ -105,6 +109,54 @@ def test_pipelined_dir_build_is_byte_identical(tmp_path: Path, no_leaked_threads
     (blob_id,) = ref[1]
     cache = f"{blob_id}.blob.data"
     assert (tmp_path / "c0" / cache).read_bytes() == (tmp_path / "c4" / cache).read_bytes()
+
+
+def _digests(root: Node) -> dict[bytes, list[bytes]]:
+    return {p: [c.digest for c in n.inode.chunks] for p, n in root.walk()}
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_digest_only_writer_goes_through_the_pipeline_storing_nothing(
+        tmp_path: Path, threads: int, no_leaked_threads: None) -> None:
+    """`check REF --source` chunks source layers with DigestOnlyWriter: the pipelined
+    add_stream / add_file commit each chunk through its hook, so it stores no chunk,
+    creates no file, gives each reference its own offset (merge_trees tells chunks apart
+    by offset), and the digests a real zstd+blake3 build gives."""
+    entries = _mixed_entries(3)
+    tgz = _tar_gz(entries)
+    tree = tmp_path / "tree"
+    for name, data in entries:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    target = tmp_path / "never"
+    got = {}
+    for kind in ("tar", "dir"):
+        writer = DigestOnlyWriter(str(target), chunk_size=65536, compressor="none",
+                                  digester="blake3", threads=threads)
+        try:
+            if kind == "tar":
+                root = tree_from_tar(io.BufferedReader(io.BytesIO(tgz)),  # type: ignore[arg-type]
+                                     writer, label="t")
+            else:
+                root = tree_from_dir(str(tree), writer)
+            writer.flush()
+        finally:
+            writer.abort()
+        assert writer.chunks == [] and writer.stats.chunks_stored == 0, kind
+        refs = [c for _, n in root.walk() for c in n.inode.chunks]
+        assert len(refs) == writer.stats.chunks_referenced > len({c.digest for c in refs})
+        assert len({c.uncompressed_offset for c in refs}) == len(refs)
+        got[kind] = _digests(root)
+    assert not target.exists()
+    real = BlobWriter(str(tmp_path / "blobs"), chunk_size=65536, compressor="zstd",
+                      digester="blake3")
+    try:
+        want = _digests(tree_from_tar(io.BufferedReader(io.BytesIO(tgz)),  # type: ignore[arg-type]
+                                      real, label="t"))
+    finally:
+        real.abort()
+    assert got["tar"] == want
+    assert {p: d for p, d in got["dir"].items() if d} == {p: d for p, d in want.items() if d}
 
 
 def test_multi_member_gzip_and_zero_padding(tmp_path: Path) -> None:

@@ -548,6 +548,33 @@ class BlobWriter:
         self._tmp_paths.clear()
 
 
+class DigestOnlyWriter(BlobWriter):
+    """A BlobWriter that stores nothing: files get chunk digests, for tree comparison
+    (`check REF --source` chunks the source image's layers with it).
+
+    Every chunk of `add_stream` / `add_file` / `add_chunk` (pipelined or not) commits
+    through `_commit`, overridden here: no dedup, no blob, no cache file, and it never
+    creates its blob directory or a temp file in it.  Each reference gets its own
+    uncompressed offset (merge_trees tells chunks apart by blob and offset)."""
+
+    def _commit(self, data: bytes, digest: bytes | None, packed: object) -> ChunkInfo:
+        if digest is None:
+            digest = digest_of(data, self.digester)
+        n = self.stats.chunks_referenced
+        self.stats.chunks_referenced += 1
+        self.stats.bytes_referenced += len(data)
+        return ChunkInfo(digest, 0, n, 0, len(data), n << 12, len(data), False,
+                         compressor="none", digester=self.digester)
+
+    def _prepare(self, items: list[_Item]) -> list[tuple[bytes, object]]:
+        """Digests only (in the pool): nothing is compressed."""
+        return [(digest_of(data, self.digester) if digest is None else digest, _UNSET)
+                for data, digest, _, _ in items]
+
+    def _ensure_open(self) -> None:
+        raise AssertionError("DigestOnlyWriter never opens a blob")
+
+
 def _seek_data(fd: int, off: int) -> int | None:
     """Next offset >= off holding data, None if only a hole follows."""
     try:
