@@ -194,6 +194,39 @@ def test_convert_same_image_whatever_jobs_and_threads(source_layout: Path, tmp_p
         assert got.blobs == ref.blobs
 
 
+@pytest.mark.registry
+def test_cli_jobs_1_and_4_push_identical_zstd_blake3_images(
+        pushed: str, registry: RegistryServer, source_layout: Path, tmp_path: Path) -> None:
+    """`convert --jobs 1` and `--jobs 4` with zstd + blake3 (streamed uploads, pooled
+    chunks) push the same manifest, blobs and bootstrap as a serial in-process build
+    (one layer at a time, no chunk threads); `check --source` passes on it."""
+    import json
+
+    serial = convert_image(f"oci:{source_layout}:latest", f"oci:{tmp_path / 'serial'}:n",
+                           _opts(tmp_path, "c0", jobs=1, threads=0, compressor="zstd",
+                                 digester="blake3"))
+    results = {}
+    for jobs in (1, 4):
+        target = registry.ref(f"pipeline/zb{jobs}:v1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "erofs_nydus.cli", "convert", "--source", pushed,
+             "--target", target, "--plain-http", "--cache-dir", str(tmp_path / f"j{jobs}"),
+             "--compressor", "zstd", "--digester", "blake3", "--jobs", str(jobs), "-q",
+             "-J", "-"], capture_output=True, text=True, check=False, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        results[jobs] = json.loads(proc.stdout)
+        assert results[jobs]["layers_converted"] == 3
+    for jobs, res in results.items():
+        assert res["manifest_digest"] == serial.manifest_digest, jobs
+        assert [(b["digest"][7:], b["size"]) for b in res["blobs"]] == serial.blobs, jobs
+        assert Path(res["bootstrap"]).read_bytes() == Path(serial.bootstrap).read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "erofs_nydus.cli", "check", registry.ref("pipeline/zb4:v1"),
+         "--source", pushed, "--plain-http"], capture_output=True, text=True, check=False,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- failures in the middle of the pipeline ---------------------------------------------------
 
 
