@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from erofs_nydus.rafs.image import RafsImage
 from erofs_nydus.rafs.reader import load_image
 
 __all__ = ["REQUEST_LIMITS", "STATE_FILE", "ImageEntry", "ImageTable", "make_backend",
-           "request_number"]
+           "request_number", "requested_fsid"]
 
 STATE_FILE = "daemon-state.json"
 log = logging.getLogger("erofs_nydus.daemon")
@@ -125,6 +126,22 @@ def request_number(req: dict[str, Any], key: str, default: float, *, integer: bo
     if not lo <= raw <= hi:  # also refuses NaN
         raise UsageError(f"{key}={raw!r} is out of range [{lo:g}, {hi:g}]")
     return int(raw) if integer else float(raw)
+
+
+_FSID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def requested_fsid(req: dict[str, Any]) -> str | None:
+    """The register request's ``fsid``: the name the caller's mount will use for the image
+    (nydus-snapshotter mounts ``fsid=<its id>`` itself), or None for the content digest.
+    Letters, digits, ``-`` and ``_`` only: it becomes a mount option value, a cookie key
+    (``.`` separates a second mount's suffix) and a file name."""
+    raw = req.get("fsid")
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not _FSID.fullmatch(raw):
+        raise UsageError(f"fsid={raw!r}: 1-128 letters, digits, '-' or '_'")
+    return raw
 
 
 def prefetch_settings(req: dict[str, Any]) -> dict[str, Any]:
@@ -265,8 +282,13 @@ class ImageTable:
         *,
         amplify: int = DEFAULT_AMPLIFY,
         prefetch: dict[str, Any] | None = None,
+        fsid: str | None = None,
     ) -> dict[str, Any]:
         """Validate and register an image for `mountpoint`; return what to mount.
+
+        `fsid`: register the image under this name instead of its content digest (see
+        :func:`requested_fsid`).  A name registered for other bytes is refused while it
+        has mounts, and replaced when it has none.
 
         Raises FormatError for a bootstrap that fails validation, BackendError when a
         local blob is missing or truncated; nothing is registered then.
@@ -274,7 +296,8 @@ class ImageTable:
         with open(bootstrap, "rb") as f:
             data = f.read()
         image = load_image(data)
-        fsid = image.fsid or hashlib.sha256(data).hexdigest()
+        named = fsid is not None
+        fsid = fsid or image.fsid or hashlib.sha256(data).hexdigest()
         for b in image.blobs:
             _check_backend(backend, b.blob_id, b.compressed_size)
         mountpoint = os.path.abspath(mountpoint)
@@ -288,6 +311,8 @@ class ImageTable:
                     self.detach(mountpoint)  # left over from a failed mount
                     break
             boot = os.path.join(self.cache_dir, f"{fsid}.boot")
+            if named:
+                self._replace_named(fsid, boot, data)
             if not os.path.exists(boot):
                 atomic_write(boot, data, mode=0o600)
             entry = self.images.get(fsid)
@@ -321,6 +346,25 @@ class ImageTable:
                 "bootstrap": boot,
                 "devices": [self.blobs[b].cache.data_path for b in entry.blob_ids],
             }
+
+    def _replace_named(self, fsid: str, boot: str, data: bytes) -> None:
+        """A caller-named image whose stored bootstrap differs from `data`: refused while
+        mounted, else forgotten (its copy is rewritten by the caller)."""
+        try:
+            with os.fdopen(open_private(boot, os.O_RDONLY), "rb") as f:
+                same = f.read() == data
+        except FileNotFoundError:
+            same = True
+        if same:
+            return
+        entry = self.images.get(fsid)
+        if entry is not None and entry.mountpoints:
+            raise DaemonError(f"fsid {fsid} is registered for another image "
+                              f"(mounts: {', '.join(entry.mountpoints)})")
+        if entry is not None:
+            del self.images[fsid]
+        log.info("fsid %.12s now names another image", fsid)
+        os.unlink(boot)
 
     def detach(self, mountpoint: str) -> int:
         """Forget `mountpoint`; release images and blobs nobody uses.  Return mounts left."""

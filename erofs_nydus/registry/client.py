@@ -443,6 +443,9 @@ class RegistryClient:
             return response
 
     def _auth_header(self, host: str, scopes: tuple[str, ...], dl: _Deadline) -> str | None:
+        creds = self.credentials_for(host)
+        if creds is not None and creds.registry_token:  # given, not negotiated
+            return f"Bearer {creds.registry_token}"
         with self._lock:
             state = self._host_auth.get(host)
             token = self._tokens.get((host, scopes))
@@ -576,7 +579,11 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _may_reauth(self, host: str, auth: str) -> bool:
-        """A cached bearer token may lack a scope or have expired: worth one more round."""
+        """A cached bearer token may lack a scope or have expired: worth one more round.
+        A configured registry token refused is final."""
+        creds = self.credentials_for(host)
+        if creds is not None and creds.registry_token and auth == f"Bearer {creds.registry_token}":
+            return False
         with self._lock:
             for key in [k for k in self._tokens if k[0] == host]:
                 del self._tokens[key]

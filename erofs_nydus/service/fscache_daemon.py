@@ -365,12 +365,14 @@ class FscacheWorker:
                     f"the daemon for {self.cache_dir} runs in fscache mode; mount with "
                     "--mode fscache or use another cache dir"
                 )
+            from erofs_nydus.daemon.images import requested_fsid  # nydusd singleton
+
             mp = os.path.abspath(str(req["mountpoint"]))
             domain = req.get("domain_id")
             info = self.table.register(
                 str(req["bootstrap"]), dict(req["backend"]), mp,
                 amplify=request_number(req, "amplify", 1 << 20),
-                prefetch=prefetch_settings(req),
+                prefetch=prefetch_settings(req), fsid=requested_fsid(req),
             )  # fmt: skip
             key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
             self.plane.registered(str(info["fsid"]))

@@ -10,9 +10,13 @@ nydusd would mount FUSE.  The snapshotter only needs a directory tree there.
     nydusd fuse --config C --bootstrap B --mountpoint M --apisock S [...]   dedicated
     nydusd fuse --mountpoint ROOT --apisock S [...]                        shared: images
                                                                            come by the API
-    nydusd singleton --fscache DIR --apisock S [...]                       fscache (refused
-                                                                           where the kernel
-                                                                           lacks it)
+    nydusd singleton --fscache DIR --apisock S [...]                       fscache: images
+                                                                           come by PUT
+                                                                           /api/v2/blobs, the
+                                                                           snapshotter mounts
+                                                                           (service.nydusd_fscache;
+                                                                           refused where the
+                                                                           kernel lacks it)
     nydusd --version
 
 Flags we have no use for (--thread-num, --log-rotation-size, --prefetch-files, ...) are
@@ -36,10 +40,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
 from erofs_nydus.service.nydusd_config import NydusdConfig, parse_nydusd_config
+
+if TYPE_CHECKING:
+    from erofs_nydus.service.nydusd_fscache import FscacheBindings
 
 __all__ = ["NydusdService", "build_info", "main", "parse_argv"]
 
@@ -104,6 +111,9 @@ def parse_argv(argv: list[str]) -> Options:
     mode = "fuse" if ns.mode == "daemon" else ns.mode
     if mode == "fuse" and not ns.mountpoint:
         raise UsageError("nydusd fuse: --mountpoint is required")
+    if mode == "singleton" and not ns.fscache:
+        raise UsageError("nydusd singleton: --fscache DIR is required (the only singleton "
+                         "mode erofs-nydus serves)")
     if ns.bootstrap and not ns.config:
         raise UsageError("nydusd fuse: --bootstrap needs --config")
     return Options(mode=mode, apisock=ns.apisock, mountpoint=ns.mountpoint,
@@ -185,6 +195,11 @@ class NydusdService:
         self.stop_event = threading.Event()
         self.exit_code = 0
         self.keep_mounts = False  # PUT /daemon/exit: leave mounts for the next process
+        self.fscache: FscacheBindings | None = None
+        if opts.mode == "singleton":
+            from erofs_nydus.service.nydusd_fscache import FscacheBindings
+
+            self.fscache = FscacheBindings(os.path.abspath(opts.fscache or "."))
 
     # -- mounts --------------------------------------------------------------------------
 
@@ -304,6 +319,38 @@ class NydusdService:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(client.paths.cache_dir, f"{fsid}.boot"))
 
+    # -- fscache mode: blob entries ---------------------------------------------------------
+
+    def _bindings(self) -> FscacheBindings:
+        if self.fscache is None:
+            raise ApiError(400, "Unsupported", "blob entries are for fscache mode "
+                           "(nydusd singleton --fscache DIR)")
+        return self.fscache
+
+    def bind_blob(self, body: bytes) -> None:
+        from erofs_nydus.service.nydusd_config import parse_blob_request
+
+        b = self._bindings()
+        req = parse_blob_request(body, b.cache_dir)
+        with self.lock:
+            b.bind(req)
+
+    def unbind_blob(self, domain_id: str | None, blob_id: str | None) -> None:
+        b = self._bindings()
+        with self.lock:
+            b.unbind(domain_id, blob_id)
+
+    def blob_entries(self) -> list[dict[str, Any]]:
+        from erofs_nydus.service.nydusd_fscache import LABEL_ROOT
+
+        b = self._bindings()
+        with self.lock:
+            entries = b.entries()
+        return [{"type": "bootstrap", "id": img["fsid"],
+                 "domain_id": lb[len(LABEL_ROOT) + 1:].rsplit("/", 1)[0],
+                 "config": {"metadata_path": img.get("bootstrap", "")}}
+                for lb, img in sorted(entries.items())]
+
     def unmount_all(self) -> None:
         with self.lock:
             for key in list(self.mounts):
@@ -315,7 +362,10 @@ class NydusdService:
 
     def cache_dirs(self) -> set[str]:
         with self.lock:
-            return {m.config.cache_dir for m in self.mounts.values()}
+            dirs = {m.config.cache_dir for m in self.mounts.values()}
+            if self.fscache is not None and self.fscache.started:
+                dirs.add(self.fscache.cache_dir)
+            return dirs
 
     def takeover(self) -> None:
         """Failover (`--upgrade`): adopt the argv image's mount, still served by the cache
@@ -384,7 +434,17 @@ class NydusdService:
         from erofs_nydus.service.client import DaemonClient
 
         while not self.stop_event.wait(interval):
+            if self.fscache is not None:
+                with self.lock:
+                    gone = self.fscache.daemon_gone()
+                if gone:
+                    log.error("the fscache daemon for %s is gone: exiting so that the "
+                              "snapshotter recovers", self.fscache.cache_dir)
+                    self.request_stop(1, keep_mounts=True)
+                    return
             for cdir in self.cache_dirs():
+                if self.fscache is not None and cdir == self.fscache.cache_dir:
+                    continue
                 if not DaemonClient(cdir).supervisor_running():
                     log.error("the daemon for %s is gone: exiting so that the mounts are "
                               "recovered", cdir)
@@ -432,15 +492,12 @@ def run(opts: Options) -> int:
     from erofs_nydus.service.nydusd_api import NydusdApiServer
 
     svc = NydusdService(opts)
-    if opts.mode == "singleton" or opts.fscache:
-        from erofs_nydus.fscache.device import unavailable_reason
+    if svc.fscache is not None:
+        from erofs_nydus.service.nydusd_fscache import fscache_unusable
 
-        why = unavailable_reason()
-        if why is not None:
-            raise UsageError(f"nydusd: fscache mode is not available here: {why}")
-        raise UsageError("nydusd: fscache (singleton) mode is not implemented yet; "
-                         "use fs_driver = \"fusedev\"")
-    why_not = _fanotify_unsupported()
+        why_not = fscache_unusable(svc.fscache.cache_dir)
+    else:
+        why_not = _fanotify_unsupported()
     if why_not is not None:
         raise UsageError(why_not)
     server = NydusdApiServer(opts.apisock, svc)
@@ -461,6 +518,9 @@ def run(opts: Options) -> int:
     finally:
         if not svc.keep_mounts:
             svc.unmount_all()
+            if svc.fscache is not None:
+                with svc.lock:
+                    svc.fscache.release_unmounted()
         svc.state = "DESTROYED"
         server.stop()
     return svc.exit_code

@@ -12,7 +12,10 @@
     PUT    /api/v1/daemon/start                 state RUNNING
     PUT    /api/v1/daemon/exit                  exit, leaving the mounts to the next process
     PUT    /api/v1/config                       accepted, nothing to change
-    PUT    /api/v2/blobs, DELETE /api/v2/blobs  fscache mode: 501 (not implemented)
+    PUT    /api/v2/blobs                        fscache mode: register a blob cache entry
+                                                (bootstrap under the snapshotter's fsid)
+    DELETE /api/v2/blobs?domain_id=&blob_id=    fscache mode: remove entries / cull a blob
+    GET    /api/v2/blobs                        fscache mode: the entries
 
 Errors are `{"code": ..., "message": ...}` with a 4xx/5xx status.  The snapshotter keeps one
 idle keep-alive connection and takes its hang-up as the daemon's death: one thread per
@@ -209,7 +212,12 @@ class NydusdApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             return 204, None
         if path == "/api/v1/config" and method == "PUT":
             return 204, None
-        if path == "/api/v2/blobs" and method in ("PUT", "DELETE", "GET"):
-            raise ApiError(501, "Unsupported", "fscache blobs are not implemented by "
-                           "erofs-nydus's nydusd")
+        if path == "/api/v2/blobs" and method == "PUT":
+            svc.bind_blob(body)
+            return 204, None
+        if path == "/api/v2/blobs" and method == "DELETE":
+            svc.unbind_blob(query.get("domain_id"), query.get("blob_id"))
+            return 204, None
+        if path == "/api/v2/blobs" and method == "GET":
+            return 200, svc.blob_entries()
         raise ApiError(404, "NotFound", f"no route {method} {path}")
