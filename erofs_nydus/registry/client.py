@@ -1045,6 +1045,64 @@ class RegistryClient:
                 self._sleep_before_retry(attempt, dl, f"upload of {digest}")
                 attempt += 1
 
+    def push_blob_stream(
+        self,
+        repo: Reference | str,
+        pieces: Iterable[bytes],
+        *,
+        deadline: float | None = None,
+    ) -> tuple[str, int]:
+        """Upload a blob while it is being produced: one PATCH whose body streams
+        `pieces` (chunked transfer encoding), the sha256 computed on the way and sent
+        with the closing PUT.  Returns (digest, size).  The bytes go out once, without
+        retry; a caller that still has them (a file) falls back to `push_blob`."""
+        image = as_image_reference(repo)
+        dl = self._deadline(deadline)
+        push = repository_scope(image.repository, ("pull", "push"))
+        what = f"streaming a blob to {image.name}"
+        response = self._request(
+            "POST", image, self._api_url(image, "blobs/uploads/"), scopes=[push],
+            headers={"Content-Length": "0"}, dl=dl,
+        )
+        if response.status_code != 202:
+            raise self._fail(response, what)
+        location = self._location(response, what)
+        hasher = hashlib.sha256()
+        size = 0
+        sent = False
+
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            if sent:
+                raise RegistryError(f"{what}: the registry asked for the body again")
+            sent = True
+            return hashed()
+
+        def hashed() -> Iterator[bytes]:
+            nonlocal size
+            for piece in pieces:
+                hasher.update(piece)
+                size += len(piece)
+                yield piece
+
+        response = self._request(
+            "PATCH", image, location, scopes=[push],
+            headers={"Content-Type": "application/octet-stream"}, content=body,
+            retry=False, dl=dl,
+        )
+        if response.status_code != 202:
+            self._raise_upload(response, what)
+        location = self._location(response, what)
+        digest = "sha256:" + hasher.hexdigest()
+        response = self._request(
+            "PUT", image, location.copy_merge_params({"digest": digest}), scopes=[push],
+            headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
+            retry=False, dl=dl,
+        )
+        if response.status_code not in (201, 204):
+            self._raise_upload(response, what)
+        return digest, size
+
     def mount_blob(
         self,
         repo: Reference | str,
