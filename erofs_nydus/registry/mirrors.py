@@ -1,0 +1,347 @@
+"""Blob range reads through registry mirrors and an HTTP proxy, falling back to the origin.
+
+The settings are nydusd's (`config.normalize_mirrors` / `normalize_proxy` give every key):
+a read goes first to the proxy (when set and healthy), then to each healthy mirror in
+order, then to the origin registry.  What a mirror or the proxy fails (connection
+error, any HTTP error, a short or slow answer, bytes that fail their digest later)
+goes on to the next path; nothing that comes back is trusted more than the origin's
+bytes, because the daemon core verifies every chunk whatever answered.
+
+Health, as nydusd does it: a mirror is skipped once it failed `failure_limit` times;
+then a thread pings `ping_url` (default ``HOST/v2``) every `health_check_interval`
+seconds and puts it back when the answer is below 500.  The proxy is skipped after a
+failure only when it has a `ping_url`: a thread pings it every `check_interval`
+seconds and puts it back on a 2xx/3xx answer; without a ping URL every read tries it.
+With `fallback = false` a failed proxy read is an error (nothing goes to the origin).
+
+Mirrors and the proxy never get more than half of what is left of a read's deadline,
+so the origin always has time to answer.  A pull-through cache answers the first
+Range read of a blob it does not hold yet with 200 and the whole blob:
+`RangeStreamTransport` turns that into the asked range while it streams and drops the
+connection after it, never holding more than the range.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from erofs_nydus.config import normalize_mirrors, normalize_proxy
+from erofs_nydus.errors import BackendError, ErofsNydusError, UsageError
+from erofs_nydus.rafs.backend import note_path
+from erofs_nydus.registry.client import RegistryClient
+from erofs_nydus.registry.reference import ImageReference
+
+log = logging.getLogger(__name__)
+
+ORIGIN = "origin"
+_RANGE_RE = re.compile(r"^bytes=(\d+)-(\d+)$")
+MIRROR_SHARE = 0.5  # of the time left, at most, for one mirror or proxy attempt
+PING_TIMEOUT = 5.0
+
+
+# -- 200 with the whole blob -> 206 with the range ------------------------------------------
+
+
+class _SliceStream(httpx.SyncByteStream):
+    """Bytes [start, end) of `inner`, read as they stream; the rest is never read."""
+
+    def __init__(self, inner: httpx.SyncByteStream, start: int, end: int) -> None:
+        self._inner, self._start, self._end = inner, start, end
+
+    def __iter__(self) -> Iterator[bytes]:
+        pos = 0
+        for piece in self._inner:
+            lo, hi = max(self._start - pos, 0), min(self._end - pos, len(piece))
+            pos += len(piece)
+            if lo < hi:
+                yield piece[lo:hi]
+            if pos >= self._end:
+                break  # close() drops the connection: the rest of the blob is not read
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class RangeStreamTransport(httpx.BaseTransport):
+    """`inner` with `headers` added to every request; a 200 answer to a single
+    ``Range: bytes=a-b`` GET becomes a 206 of that range, sliced while it streams."""
+
+    def __init__(self, inner: httpx.BaseTransport, headers: dict[str, str] | None = None) -> None:
+        self._inner = inner
+        self._headers = dict(headers or {})
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for k, v in self._headers.items():
+            request.headers[k] = v
+        response = self._inner.handle_request(request)
+        m = _RANGE_RE.match(request.headers.get("Range", ""))
+        if request.method != "GET" or response.status_code != 200 or m is None:
+            return response
+        start, end = int(m.group(1)), int(m.group(2)) + 1
+        total = response.headers.get("Content-Length", "*")
+        if total.isdigit() and int(total) < end:
+            return response  # the client reports the short blob
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k.lower() not in ("content-length", "content-range")]  # fmt: skip
+        headers += [("Content-Range", f"bytes {start}-{end - 1}/{total}"),
+                    ("Content-Length", str(end - start))]  # fmt: skip
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        return httpx.Response(
+            206,
+            headers=headers,
+            stream=_SliceStream(response.stream, start, end),
+            extensions=response.extensions,
+            request=request,
+        )
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+# -- endpoints and their health ------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    """One mirror or proxy: its client, the reference to read through it, its health."""
+
+    kind: str  # "mirror" | "proxy"
+    url: str
+    settings: dict[str, Any]
+    client: RegistryClient
+    failure_limit: int
+    interval: float
+    ping_url: str
+    failures: int = 0
+    healthy: bool = True
+    users: int = 0
+    _checker: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.url}"
+
+    def ref_for(self, origin: ImageReference) -> ImageReference:
+        if self.kind == "proxy":
+            return origin
+        return ImageReference(self.url.split("://", 1)[1], origin.repository)
+
+    def ok(self) -> bool:
+        return self.healthy
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.failures = 0
+
+    def failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+            if not self.healthy or self.failures < self.failure_limit:
+                return
+            self.healthy = False
+            note_path(self.name, healthy=False)
+            log.warning("%s failed %d times: skipped until its health check passes",
+                        self.name, self.failures)  # fmt: skip
+            if self._checker is None or not self._checker.is_alive():
+                self._checker = threading.Thread(
+                    target=self._check_loop, name=f"health {self.url}", daemon=True
+                )
+                self._checker.start()
+
+    def _check_loop(self) -> None:
+        with httpx.Client(timeout=PING_TIMEOUT, follow_redirects=False, trust_env=False) as c:
+            while not self._stop.wait(self.interval):
+                try:
+                    status = c.get(self.ping_url).status_code
+                except httpx.HTTPError as exc:
+                    log.debug("%s: ping %s failed: %s", self.name, self.ping_url, exc)
+                    continue
+                good = status < 500 if self.kind == "mirror" else 200 <= status < 400
+                if good:
+                    with self._lock:
+                        self.failures, self.healthy = 0, True
+                    note_path(self.name, healthy=True)
+                    log.info("%s recovered (ping answered %d)", self.name, status)
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.client.close()
+
+
+_ENDPOINTS: dict[str, Endpoint] = {}
+_ENDPOINTS_LOCK = threading.Lock()
+
+
+def _make_endpoint(kind: str, s: dict[str, Any], options: dict[str, Any]) -> Endpoint:
+    if kind == "mirror":
+        url = s["host"]
+        transport: httpx.BaseTransport = httpx.HTTPTransport()
+        client = RegistryClient(
+            plain_http=url.startswith("http://"),
+            verify=options.get("verify", True),
+            use_docker_config=s["auth_through"],
+            docker_config=options.get("docker_config"),
+            timeout=options.get("timeout", 30.0),
+            retries=0,
+            transport=RangeStreamTransport(transport, s["headers"]),
+            trust_env=False,
+        )
+        ping = s["ping_url"] or f"{url}/v2"
+        interval = float(s["health_check_interval"])
+        return Endpoint(kind, url, s, client, int(s["failure_limit"]), interval, ping)
+    url = s["url"]
+    plain = True if s["use_http"] else options.get("plain_http", False)
+    client = RegistryClient(
+        plain_http=plain,
+        verify=options.get("verify", True),
+        docker_config=options.get("docker_config"),
+        timeout=options.get("timeout", 30.0),
+        retries=0,
+        transport=RangeStreamTransport(httpx.HTTPTransport(proxy=url)),
+        trust_env=False,
+    )
+    # Without a ping URL nothing could bring the proxy back: never skip it then.
+    limit = 1 if s["ping_url"] else 1 << 30
+    return Endpoint(kind, url, s, client, limit, float(s["check_interval"]), s["ping_url"])
+
+
+def acquire_endpoint(kind: str, settings: dict[str, Any], options: dict[str, Any]) -> Endpoint:
+    """The process's shared endpoint for these settings (one client, one health state)."""
+    key = json.dumps([kind, settings, options], sort_keys=True, default=str)
+    with _ENDPOINTS_LOCK:
+        ep = _ENDPOINTS.get(key)
+        if ep is None:
+            ep = _ENDPOINTS[key] = _make_endpoint(kind, settings, options)
+            note_path(ep.name, healthy=True)
+        ep.users += 1
+        return ep
+
+
+def release_endpoint(ep: Endpoint) -> None:
+    with _ENDPOINTS_LOCK:
+        ep.users -= 1
+        if ep.users > 0:
+            return
+        for k, v in list(_ENDPOINTS.items()):
+            if v is ep:
+                del _ENDPOINTS[k]
+    ep.close()
+
+
+# -- routing -----------------------------------------------------------------------------
+
+
+def parse_routes(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The spec's mirrors and proxy, validated (the daemon may load an old state file)."""
+    try:
+        return normalize_mirrors(spec.get("mirrors") or []), normalize_proxy(spec.get("proxy"))
+    except ValueError as exc:
+        raise UsageError(f"registry backend spec: {exc}") from exc
+
+
+ReadFn = Callable[[RegistryClient, ImageReference, float], bytes]
+
+_REMEMBER = 4096  # recent (blob, offset, length) -> path, for `reject`
+
+
+class Router:
+    """Sends one backend's reads along proxy -> mirrors -> origin (see the module doc)."""
+
+    def __init__(self, mirrors: list[dict[str, Any]], proxy: dict[str, Any] | None,
+                 options: dict[str, Any]) -> None:  # fmt: skip
+        self.mirror_settings, self.proxy_settings, self._options = mirrors, proxy, options
+        self._endpoints: list[Endpoint] | None = None
+        self._lock = threading.Lock()
+        self._served: OrderedDict[tuple[str, int, int], Endpoint | None] = OrderedDict()
+        self._origin_only: set[tuple[str, int, int]] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.mirror_settings or self.proxy_settings)
+
+    def endpoints(self) -> list[Endpoint]:
+        with self._lock:
+            if self._endpoints is None:
+                eps = []
+                if self.proxy_settings:
+                    eps.append(acquire_endpoint("proxy", self.proxy_settings, self._options))
+                for m in self.mirror_settings:
+                    eps.append(acquire_endpoint("mirror", m, self._options))
+                self._endpoints = eps
+            return self._endpoints
+
+    def read(self, key: tuple[str, int, int], origin: ImageReference, deadline: float,
+             read: ReadFn, origin_client: Callable[[], RegistryClient]) -> bytes:  # fmt: skip
+        """`read(client, ref, seconds)` along the paths; the origin gets what time is left."""
+        end = time.monotonic() + deadline
+        with self._lock:
+            skip_others = key in self._origin_only
+            self._origin_only.discard(key)
+        errors: list[str] = []
+        if not skip_others:
+            for ep in self.endpoints():
+                if not ep.ok():
+                    continue
+                budget = (end - time.monotonic()) * MIRROR_SHARE
+                try:
+                    data = read(ep.client, ep.ref_for(origin), budget)
+                except (ErofsNydusError, httpx.HTTPError, OSError) as exc:
+                    ep.failed()
+                    note_path(ep.name, ok=False)
+                    errors.append(f"{ep.name}: {exc}")
+                    log.info("%s failed, trying the next path: %s", ep.name, exc)
+                    if ep.kind == "proxy" and not ep.settings["fallback"]:
+                        raise BackendError(f"{ep.name} (no fallback): {exc}") from exc
+                    continue
+                ep.succeeded()
+                note_path(ep.name, ok=True, nbytes=len(data))
+                self._remember(key, ep)
+                return data
+        try:
+            data = read(origin_client(), origin, max(end - time.monotonic(), 0.001))
+        except Exception:
+            note_path(ORIGIN, ok=False)
+            raise
+        note_path(ORIGIN, ok=True, nbytes=len(data))
+        self._remember(key, None)
+        return data
+
+    def _remember(self, key: tuple[str, int, int], ep: Endpoint | None) -> None:
+        with self._lock:
+            self._served[key] = ep
+            self._served.move_to_end(key)
+            while len(self._served) > _REMEMBER:
+                self._served.popitem(last=False)
+
+    def reject(self, key: tuple[str, int, int]) -> bool:
+        """The bytes read for `key` were bad: blame who served them, next time the origin."""
+        with self._lock:
+            ep = self._served.pop(key, None)
+            if ep is None:
+                return False
+            self._origin_only.add(key)
+            while len(self._origin_only) > _REMEMBER:
+                self._origin_only.pop()
+        ep.failed()
+        note_path(ep.name, ok=False)
+        log.warning("%s served bytes that failed their digest; reading again from the origin",
+                    ep.name)  # fmt: skip
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            eps, self._endpoints = self._endpoints or [], None
+        for ep in eps:
+            release_endpoint(ep)

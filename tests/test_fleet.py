@@ -1,0 +1,434 @@
+"""Registry mirrors and a caching proxy in front of the origin, with failover.
+
+Real components only: the origin is the session's docker-registry; a mirror is another
+docker-registry configured as a pull-through cache of it (``proxy: remoteurl:``); the
+proxy is nginx caching blob Range reads (``proxy_cache`` + the slice module).  Faults
+come from `FaultServer`, a small HTTP server on 127.0.0.1 in front of a mirror that can
+cut an answer in the middle, stall it, or flip a byte of it; nginx with a dead upstream
+answers 502 by itself.  Which path served what is read from the backend path counters
+(`ctl metrics` in the daemon tests).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from registry_fixture import RegistryServer, free_port
+
+from erofs_nydus.config import load_config
+from erofs_nydus.errors import BackendError
+from erofs_nydus.rafs.backend import path_counters
+from erofs_nydus.registry import RegistryClient
+from erofs_nydus.registry.backend import RegistryBackend
+from erofs_nydus.registry.mirrors import RangeStreamTransport
+
+pytestmark = [pytest.mark.registry]
+
+REPO = "fleet/app"
+BLOB_SIZE = 6 << 20
+
+
+# -- components ----------------------------------------------------------------------------
+
+
+def start_mirror(workdir: Path, origin: RegistryServer, port: int | None = None) -> RegistryServer:
+    """A docker-registry as a pull-through cache of `origin`."""
+    m = RegistryServer(workdir, extra_config={"proxy": {"remoteurl": origin.url}})
+    return m.start(port)
+
+
+class FaultServer:
+    """HTTP server on 127.0.0.1 forwarding to `upstream`.  `mode` applies to blob GETs
+    with a Range header: "pass", "cut" (half the body, then close), "slow" (sleep
+    `delay` s before answering), "corrupt" (flip the first byte)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.mode = "pass"
+        self.delay = 30.0
+        self.range_gets = 0
+        self._client = httpx.Client(timeout=60)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._client.close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fs = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                ranged = "/blobs/" in self.path and "Range" in self.headers
+                mode = fs.mode if ranged else "pass"
+                if ranged:
+                    fs.range_gets += 1
+                if mode == "slow":
+                    time.sleep(fs.delay)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                with fs._client.stream("GET", fs.upstream + self.path, headers=headers) as r:
+                    body = r.read()
+                if mode == "corrupt" and body:  # the first byte of the asked range
+                    at = 0
+                    if r.status_code == 200:
+                        at = int(self.headers["Range"].split("=")[1].split("-")[0])
+                    body = body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1 :]
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode == "cut":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+        return Handler
+
+
+NGINX_CONF = """
+user root;
+worker_processes 1;
+daemon off;
+error_log {d}/error.log;
+pid {d}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3;
+  uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;
+  proxy_cache_path {d}/cache levels=1:2 keys_zone=blobs:4m max_size=1g inactive=1h
+                   use_temp_path=off;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      slice 1m;
+      proxy_cache blobs;
+      proxy_cache_key $host$uri$slice_range;
+      proxy_set_header Range $slice_range;
+      proxy_http_version 1.1;
+      proxy_cache_valid 200 206 1h;
+      proxy_pass http://{upstream};
+    }}
+  }}
+}}
+"""
+
+
+class Nginx:
+    """nginx as a caching HTTP proxy that honours Range (slices of 1 MiB)."""
+
+    def __init__(self, workdir: Path, upstream: str) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(nginx, os.X_OK):
+            pytest.skip("nginx not installed (apt-get install nginx-light)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(d=workdir, port=self.port, upstream=upstream))
+        self.log = workdir / "error.log"
+        self.process = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(workdir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.close()
+        pytest.fail(f"nginx did not start: {self.log.read_text(errors='replace')}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blob(registry: RegistryServer) -> tuple[str, bytes]:
+    data = os.urandom(BLOB_SIZE)
+    with RegistryClient(plain_http=True, use_docker_config=False) as c:
+        digest = c.push_blob(registry.ref(REPO), data)
+    return digest.split(":", 1)[1], data
+
+
+@pytest.fixture
+def mirror(registry: RegistryServer, tmp_path: Path) -> Iterator[RegistryServer]:
+    m = start_mirror(tmp_path / "mirror", registry)
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def counted_origin(registry: RegistryServer) -> Iterator[FaultServer]:
+    """The origin behind a pass-through FaultServer that counts its blob Range GETs."""
+    f = FaultServer(registry.url)
+    yield f
+    f.close()
+
+
+def backend(origin: str, *, mirrors: list[Any] = (), proxy: Any = None,  # type: ignore[assignment]
+            deadline: float = 20.0) -> RegistryBackend:  # fmt: skip
+    spec: dict[str, Any] = {"type": "registry", "repo": f"{origin}/{REPO}", "plain_http": True,
+                            "deadline": deadline, "retries": 1}  # fmt: skip
+    if mirrors:
+        spec["mirrors"] = list(mirrors)
+    if proxy is not None:
+        spec["proxy"] = proxy
+    return RegistryBackend.from_spec(spec)
+
+
+def counts(path: str) -> dict[str, int]:
+    return path_counters().get(path, {"reads": 0, "errors": 0, "bytes": 0, "healthy": 1})
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+def test_config_mirrors_and_proxy(tmp_path: Path) -> None:
+    from daemon_support import run_cli
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[[backend.mirrors]]\nhost = "http://127.0.0.1:5001/"\nfailure_limit = 3\n'
+        'headers = { "X-Node" = "n1" }\n'
+        '[[backend.mirrors]]\nhost = "https://m2.example"\n'
+        '[backend.proxy]\nurl = "http://127.0.0.1:65001"\nfallback = false\n'
+    )
+    c = load_config(str(cfg))
+    assert c.mirrors[0] == {"host": "http://127.0.0.1:5001", "headers": {"X-Node": "n1"},
+                            "health_check_interval": 5, "failure_limit": 3, "ping_url": "",
+                            "auth_through": False}  # fmt: skip
+    assert c.mirrors[1]["failure_limit"] == 5 and c.proxy is not None
+    assert c.proxy["fallback"] is False and c.proxy["check_interval"] == 5
+    shown = run_cli("config", "show", "--config", str(cfg)).stdout
+    again = tmp_path / "again.toml"
+    again.write_text(shown)
+    c2 = load_config(str(again))
+    assert (c2.mirrors, c2.proxy) == (c.mirrors, c.proxy)
+    flags = run_cli("config", "show", "--json", "--mirror", "http://127.0.0.1:1",
+                    "--proxy", "http://127.0.0.1:2").stdout  # fmt: skip
+    assert '"host": "http://127.0.0.1:1"' in flags and '"url": "http://127.0.0.1:2"' in flags
+    for bad in ('[[backend.mirrors]]\nhost = "ftp://x"\n',
+                '[[backend.mirrors]]\nhost = "http://a"\nfailure_limit = 0\n',
+                '[backend.proxy]\nurl = "http://a"\nbogus = 1\n'):  # fmt: skip
+        cfg.write_text(bad)
+        proc = run_cli("config", "show", "--config", str(cfg), check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# -- a pull-through-cache mirror ------------------------------------------------------------
+
+
+class _Counting(httpx.BaseTransport):
+    """Records the upstream status and how many body bytes were pulled from it."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.statuses: list[int] = []
+        self.pulled = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        r = self.inner.handle_request(request)
+        self.statuses.append(r.status_code)
+        outer = self
+        inner_stream = r.stream
+        assert isinstance(inner_stream, httpx.SyncByteStream)
+
+        class Stream(httpx.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                for piece in inner_stream:
+                    outer.pulled += len(piece)
+                    yield piece
+
+            def close(self) -> None:
+                inner_stream.close()
+
+        return httpx.Response(r.status_code, headers=r.headers, stream=Stream(),
+                              extensions=r.extensions)  # fmt: skip
+
+
+def test_pull_through_mirror_whole_blob_answer_is_streamed(
+    blob: tuple[str, bytes], mirror: RegistryServer
+) -> None:
+    blob_id, data = blob
+    counting = _Counting()
+    url = f"{mirror.url}/v2/{REPO}/blobs/sha256:{blob_id}"
+    off, n = 1000, 1000
+    with httpx.Client(transport=RangeStreamTransport(counting)) as c:
+        r = c.get(url, headers={"Range": f"bytes={off}-{off + n - 1}"})
+    assert counting.statuses == [200]  # uncached: the mirror sends the whole blob
+    assert r.status_code == 206 and r.content == data[off : off + n]
+    assert r.headers["Content-Range"] == f"bytes {off}-{off + n - 1}/{BLOB_SIZE}"
+    assert counting.pulled < BLOB_SIZE // 4  # stopped reading after the range
+    be = backend("127.0.0.1:1", mirrors=[mirror.url])  # origin unreachable: mirror only
+    try:
+        for off, n in ((5 << 20, 4096), (0, 1 << 20), (BLOB_SIZE - 10, 10)):
+            assert be.read_range(blob_id, off, n) == data[off : off + n]
+    finally:
+        be.close()
+    assert counts(f"mirror {mirror.url}")["reads"] == 3
+
+
+def test_mirror_down_skipped_after_failure_limit_then_recovers(
+    blob: tuple[str, bytes], registry: RegistryServer, tmp_path: Path
+) -> None:
+    blob_id, data = blob
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    name = f"mirror {url}"
+    spec = {"host": url, "failure_limit": 2, "health_check_interval": 0.2}
+    be = backend(registry.host, mirrors=[spec])
+    origin_before = counts("origin")["reads"]
+    try:
+        for i in range(4):
+            assert be.read_range(blob_id, i * 4096, 4096) == data[i * 4096 : (i + 1) * 4096]
+        assert counts(name)["errors"] == 2 and counts(name)["healthy"] == 0
+        assert counts("origin")["reads"] == origin_before + 4
+        m = start_mirror(tmp_path / "late-mirror", registry, port)
+        try:
+            wait_for(lambda: counts(name)["healthy"] == 1, "the mirror's health check")
+            assert be.read_range(blob_id, 0, 100) == data[:100]
+            assert counts(name)["reads"] == 1
+        finally:
+            m.stop()
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("mode", ["cut", "slow", "corrupt"])
+def test_faulty_mirror_costs_time_never_bytes(
+    mode: str, blob: tuple[str, bytes], registry: RegistryServer, mirror: RegistryServer
+) -> None:
+    blob_id, data = blob
+    fault = FaultServer(mirror.url)
+    fault.mode, fault.delay = mode, 10
+    be = backend(registry.host, mirrors=[fault.url], deadline=6)
+    name = f"mirror {fault.url}"
+    off, n = BLOB_SIZE - 400_000, 300_000  # in the half "cut" never sends
+    try:
+        got = be.read_range(blob_id, off, n)
+        if mode == "corrupt":  # only the daemon core can tell (chunk digests): it rejects
+            assert got != data[off : off + n] and counts(name)["reads"] == 1
+            assert be.reject(blob_id, off, n)
+            got = be.read_range(blob_id, off, n)
+            assert not be.reject(blob_id, off, n)  # the origin's bytes: nothing to retry
+        assert got == data[off : off + n]
+        assert counts(name)["errors"] == 1
+    finally:
+        be.close()
+        fault.close()
+
+
+# -- nginx as a caching proxy ---------------------------------------------------------------
+
+
+def test_nginx_caching_proxy_serves_a_second_node_from_its_cache(
+    blob: tuple[str, bytes], counted_origin: FaultServer, tmp_path: Path
+) -> None:
+    blob_id, data = blob
+    ng = Nginx(tmp_path / "nginx", f"127.0.0.1:{counted_origin.port}")
+    try:
+        nodes = [backend(f"127.0.0.1:{counted_origin.port}", proxy={"url": ng.url})
+                 for _ in range(2)]  # fmt: skip
+        ranges = [(100, 5000), (3 << 20, 1 << 20), (BLOB_SIZE - 5000, 5000)]
+        for off, n in ranges:
+            assert nodes[0].read_range(blob_id, off, n) == data[off : off + n]
+        first = counted_origin.range_gets
+        assert 0 < first <= 5  # whole 1 MiB slices, fetched once
+        for off, n in ranges:
+            assert nodes[1].read_range(blob_id, off, n) == data[off : off + n]
+        assert counted_origin.range_gets == first  # all from nginx's cache
+        assert counts(f"proxy {ng.url}")["reads"] == 6
+        for be in nodes:
+            be.close()
+    finally:
+        ng.close()
+
+
+def test_proxy_502_falls_back_to_the_origin_unless_told_not_to(
+    blob: tuple[str, bytes], registry: RegistryServer, tmp_path: Path
+) -> None:
+    blob_id, data = blob
+    ng = Nginx(tmp_path / "nginx", f"127.0.0.1:{free_port()}")  # nobody there: 502
+    try:
+        with httpx.Client() as c:
+            assert c.get(ng.url + "/v2/").status_code == 502
+        origin_before = counts("origin")["reads"]
+        be = backend(registry.host, proxy={"url": ng.url})
+        try:
+            assert be.read_range(blob_id, 7, 70_000) == data[7:70_007]
+        finally:
+            be.close()
+        assert counts(f"proxy {ng.url}")["errors"] >= 1
+        assert counts("origin")["reads"] == origin_before + 1
+        strict = backend(registry.host, proxy={"url": ng.url, "fallback": False})
+        try:
+            with pytest.raises(BackendError, match="no fallback"):
+                strict.read_range(blob_id, 7, 70)
+        finally:
+            strict.close()
+    finally:
+        ng.close()
+
+
+# -- through the daemon and the kernel -------------------------------------------------------
+
+_ = errno  # used by the mount tests below
