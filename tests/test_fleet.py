@@ -11,7 +11,6 @@ answers 502 by itself.  Which path served what is read from the backend path cou
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -26,14 +25,18 @@ from typing import Any
 
 import httpx
 import pytest
-from registry_fixture import RegistryServer, free_port
+from daemon_support import daemon_metrics, daemon_status, fanotify_usable, run_cli
+from layers_support import base_step, top_step, umoci_image, umoci_unpack, upper_step
+from registry_fixture import RegistryServer, free_port, skopeo_copy
 
 from erofs_nydus.config import load_config
 from erofs_nydus.errors import BackendError
 from erofs_nydus.rafs.backend import path_counters
 from erofs_nydus.registry import RegistryClient
 from erofs_nydus.registry.backend import RegistryBackend
+from erofs_nydus.registry.convert import ConvertOptions, convert_image
 from erofs_nydus.registry.mirrors import RangeStreamTransport
+from erofs_nydus.service.client import DaemonClient
 
 pytestmark = [pytest.mark.registry]
 
@@ -242,8 +245,6 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
 
 
 def test_config_mirrors_and_proxy(tmp_path: Path) -> None:
-    from daemon_support import run_cli
-
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         '[[backend.mirrors]]\nhost = "http://127.0.0.1:5001/"\nfailure_limit = 3\n'
@@ -431,4 +432,121 @@ def test_proxy_502_falls_back_to_the_origin_unless_told_not_to(
 
 # -- through the daemon and the kernel -------------------------------------------------------
 
-_ = errno  # used by the mount tests below
+needs_fanotify = pytest.mark.skipif(
+    not fanotify_usable(), reason="needs root and pre-content fanotify (Linux >= 6.14)"
+)
+
+
+@pytest.fixture(scope="module")
+def source_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return umoci_image(tmp_path_factory.mktemp("src"), [base_step, upper_step, top_step])
+
+
+@pytest.fixture(scope="module")
+def expected_tree(source_layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return umoci_unpack(source_layout, tmp_path_factory.mktemp("unpacked") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def nydus_ref(source_layout: Path, registry: RegistryServer,
+              tmp_path_factory: pytest.TempPathFactory) -> str:  # fmt: skip
+    src = registry.ref("fleet/src:v1")
+    skopeo_copy(f"oci:{source_layout}:latest", f"docker://{src}", fmt="v2s2")
+    target = registry.ref("fleet/nydus:v1")
+    convert_image(src, target, ConvertOptions(
+        cache_dir=str(tmp_path_factory.mktemp("conv")), client_options={"plain_http": True}))
+    return target
+
+
+class Node:
+    """One mount of an image by reference, with its own cache dir and daemon."""
+
+    def __init__(self, base: Path, ref: str, config: str, *extra: str) -> None:
+        self.mp, self.cache = base / "mnt", base / "cache"
+        self.mp.mkdir(parents=True)
+        cfg = base / "config.toml"
+        cfg.write_text(config)
+        run_cli("mount", ref, str(self.mp), "--cache-dir", str(self.cache), "--config",
+                str(cfg), "--amplify", "0", "--no-prefetch", *extra)  # fmt: skip
+
+    def metric(self, family: str, **labels: str) -> float:
+        key = family + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+        return daemon_metrics(self.cache).get(key, 0.0)
+
+    def umount(self) -> None:
+        run_cli("umount", str(self.mp), "--cache-dir", str(self.cache), check=False)
+        client = DaemonClient(self.cache)
+        wait_for(lambda: not client.supervisor_running(), "the daemon to stop")
+
+
+FILES = ("etc/keep", "big", "hl/one", "opaque/new")
+
+
+@needs_fanotify
+@pytest.mark.kernel
+def test_mount_reads_through_a_pull_through_mirror(
+    nydus_ref: str, registry: RegistryServer, mirror: RegistryServer, expected_tree: Path,
+    tmp_path: Path,
+) -> None:
+    node = Node(tmp_path, nydus_ref, f'[[backend.mirrors]]\nhost = "{mirror.url}"\n')
+    try:
+        for rel in FILES:
+            assert (node.mp / rel).read_bytes() == (expected_tree / rel).read_bytes(), rel
+        served = node.metric("erofs_nydus_backend_path_reads_total",
+                             path=f"mirror {mirror.url}", result="ok")  # fmt: skip
+        assert served >= 1
+        assert node.metric("erofs_nydus_backend_path_reads_total", path="origin",
+                           result="ok") == 0  # fmt: skip
+        status = daemon_status(node.cache)
+        assert status["images"][0]["backend"]["mirrors"][0]["host"] == mirror.url
+        assert status["metrics"]["digest_failures"] == 0
+    finally:
+        node.umount()
+
+
+@needs_fanotify
+@pytest.mark.kernel
+@pytest.mark.parametrize("fault", ["down", "cut", "corrupt", "slow", "proxy502"])
+def test_mount_survives_a_failing_mirror_or_proxy(
+    fault: str, nydus_ref: str, registry: RegistryServer, mirror: RegistryServer,
+    expected_tree: Path, tmp_path: Path,
+) -> None:
+    """Every fault: correct bytes (from the origin), counted on the failing path."""
+    fs: FaultServer | None = None
+    ng: Nginx | None = None
+    if fault == "down":
+        url = f"http://127.0.0.1:{free_port()}"
+        config = f'[[backend.mirrors]]\nhost = "{url}"\nfailure_limit = 2\n'
+    elif fault == "proxy502":
+        ng = Nginx(tmp_path / "nginx", f"127.0.0.1:{free_port()}")
+        url = ng.url
+        config = f'[backend.proxy]\nurl = "{url}"\n'
+    else:
+        fs = FaultServer(mirror.url)
+        fs.mode, fs.delay = fault, 20
+        url = fs.url
+        config = f'[[backend.mirrors]]\nhost = "{url}"\n'
+    path = f"{'proxy' if ng else 'mirror'} {url}"
+    extra = ("--read-deadline", "8") if fault == "slow" else ()
+    node = Node(tmp_path / "node", nydus_ref, config, *extra)
+    try:
+        for rel in FILES:
+            assert (node.mp / rel).read_bytes() == (expected_tree / rel).read_bytes(), rel
+        errors = node.metric("erofs_nydus_backend_path_reads_total", path=path, result="error")
+        assert errors >= 1
+        assert node.metric("erofs_nydus_backend_path_reads_total", path="origin",
+                           result="ok") >= 1  # fmt: skip
+        st = daemon_status(node.cache)
+        assert st["fanotify"]["denied"] == 0
+        if fault == "corrupt":
+            assert st["metrics"]["digest_failures"] >= 1
+        if fault == "down":  # skipped after failure_limit errors
+            assert errors == 2
+            assert node.metric("erofs_nydus_backend_path_healthy", path=path) == 0
+    finally:
+        node.umount()
+        if fs is not None:
+            fs.close()
+        if ng is not None:
+            ng.close()
+
