@@ -11,6 +11,7 @@ answers 502 by itself.  Which path served what is read from the backend path cou
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -550,3 +551,53 @@ def test_mount_survives_a_failing_mirror_or_proxy(
         if ng is not None:
             ng.close()
 
+
+
+# -- pre-warming ---------------------------------------------------------------------------
+
+
+@needs_fanotify
+@pytest.mark.kernel
+def test_warm_fills_the_cache_dir_a_mount_then_uses(
+    nydus_ref: str, counted_origin: FaultServer, expected_tree: Path, tmp_path: Path
+) -> None:
+    ref = f"127.0.0.1:{counted_origin.port}" + nydus_ref[nydus_ref.index("/"):]
+    cache = tmp_path / "cache"
+    out = run_cli("warm", ref, "--cache-dir", str(cache), "--all").stdout
+    assert "all chunks" in out and "origin:" in out
+    assert counted_origin.range_gets > 0
+    again = run_cli("warm", ref, "--cache-dir", str(cache), "--all").stdout
+    assert " 0 bytes fetched" in again  # everything present already
+    counted_origin.range_gets = 0
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", ref, str(mp), "--cache-dir", str(cache))
+    try:
+        for rel in FILES:
+            assert (mp / rel).read_bytes() == (expected_tree / rel).read_bytes(), rel
+        assert counted_origin.range_gets == 0  # all from the warmed cache
+    finally:
+        run_cli("umount", str(mp), "--cache-dir", str(cache), check=False)
+        client = DaemonClient(cache)
+        wait_for(lambda: not client.supervisor_running(), "the daemon to stop")
+
+
+def test_warm_mirrors_only_fills_a_pull_through_mirror(
+    nydus_ref: str, registry: RegistryServer, mirror: RegistryServer, tmp_path: Path
+) -> None:
+    out = run_cli("warm", nydus_ref, "--mirrors-only", "--mirror", mirror.url).stdout
+    assert f"mirror {mirror.url}:" in out and "mirrors / proxy" in out
+    with RegistryClient(plain_http=True, use_docker_config=False) as c:
+        manifest = c.get_manifest(nydus_ref)
+    layers = [d["digest"] for d in json.loads(manifest.data)["layers"]]
+    data_blobs = layers[:-1]  # the last layer is the bootstrap
+    assert data_blobs
+
+    def cached(digest: str) -> bool:
+        hexd = digest.split(":", 1)[1]
+        return (mirror.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd
+                / "data").exists()  # fmt: skip
+
+    wait_for(lambda: all(cached(d) for d in data_blobs), "the mirror to store the blobs")
+    proc = run_cli("warm", nydus_ref, "--mirrors-only", check=False)
+    assert proc.returncode != 0 and "needs a mirror" in proc.stderr
