@@ -96,8 +96,13 @@ class FaultServer:
                 if mode == "slow":
                     time.sleep(fs.delay)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                with fs._client.stream("GET", fs.upstream + self.path, headers=headers) as r:
-                    body = r.read()
+                try:
+                    with fs._client.stream("GET", fs.upstream + self.path,
+                                           headers=headers) as r:  # fmt: skip
+                        body = r.read()
+                except (httpx.HTTPError, RuntimeError):  # upstream gone, or closed
+                    self.close_connection = True
+                    return
                 if mode == "corrupt" and body:  # the first byte of the asked range
                     at = 0
                     if r.status_code == 200:
@@ -231,7 +236,8 @@ def backend(origin: str, *, mirrors: list[Any] = (), proxy: Any = None,  # type:
 
 
 def counts(path: str) -> dict[str, int]:
-    return path_counters().get(path, {"reads": 0, "errors": 0, "bytes": 0, "healthy": 1})
+    empty = {"reads": 0, "errors": 0, "misses": 0, "bytes": 0, "healthy": 1}
+    return path_counters().get(path, empty)
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
@@ -320,6 +326,7 @@ def test_pull_through_mirror_whole_blob_answer_is_streamed(
     assert r.status_code == 206 and r.content == data[off : off + n]
     assert r.headers["Content-Range"] == f"bytes {off}-{off + n - 1}/{BLOB_SIZE}"
     assert counting.pulled < BLOB_SIZE // 4  # stopped reading after the range
+    wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
     be = backend("127.0.0.1:1", mirrors=[mirror.url])  # origin unreachable: mirror only
     try:
         for off, n in ((5 << 20, 4096), (0, 1 << 20), (BLOB_SIZE - 10, 10)):
@@ -327,6 +334,48 @@ def test_pull_through_mirror_whole_blob_answer_is_streamed(
     finally:
         be.close()
     assert counts(f"mirror {mirror.url}")["reads"] == 3
+
+
+def data_blobs(ref: str) -> list[str]:
+    """Blob ids of a Nydus image's data layers (the last layer is the bootstrap)."""
+    with RegistryClient(plain_http=True, use_docker_config=False) as c:
+        manifest = c.get_manifest(ref)
+    layers = [d["digest"].split(":", 1)[1] for d in json.loads(manifest.data)["layers"]]
+    return layers[:-1]
+
+
+def stored(mirror: RegistryServer, blob_id: str) -> bool:
+    return (mirror.storage / "docker/registry/v2/blobs/sha256" / blob_id[:2] / blob_id
+            / "data").exists()  # fmt: skip
+
+
+def prime(mirror: RegistryServer, blob_id: str) -> None:
+    """Make the pull-through mirror fetch and store the blob."""
+    with httpx.Client() as c:
+        c.get(f"{mirror.url}/v2/{REPO}/blobs/sha256:{blob_id}", headers={"Range": "bytes=0-0"})
+    wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
+
+
+def test_cold_mirror_far_range_goes_to_the_origin_meanwhile(
+    blob: tuple[str, bytes], registry: RegistryServer, mirror: RegistryServer
+) -> None:
+    """A range deep into a blob the mirror has not cached: not worth streaming the blob
+    up to it; the origin answers and the mirror, storing the blob, serves later reads."""
+    blob_id, data = blob
+    name = f"mirror {mirror.url}"
+    be = backend(registry.host, mirrors=[mirror.url])
+    origin_before = counts("origin")["reads"]
+    off, n = 5 << 20, 65536
+    try:
+        assert be.read_range(blob_id, off, n) == data[off : off + n]
+        assert counts(name)["misses"] == 1 and counts(name)["errors"] == 0
+        assert counts(name)["healthy"] == 1
+        assert counts("origin")["reads"] == origin_before + 1
+        wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
+        assert be.read_range(blob_id, off, n) == data[off : off + n]
+        assert counts(name)["reads"] == 1 and counts("origin")["reads"] == origin_before + 1
+    finally:
+        be.close()
 
 
 def test_mirror_down_skipped_after_failure_limit_then_recovers(
@@ -360,11 +409,12 @@ def test_faulty_mirror_costs_time_never_bytes(
     mode: str, blob: tuple[str, bytes], registry: RegistryServer, mirror: RegistryServer
 ) -> None:
     blob_id, data = blob
+    prime(mirror, blob_id)
     fault = FaultServer(mirror.url)
     fault.mode, fault.delay = mode, 10
     be = backend(registry.host, mirrors=[fault.url], deadline=6)
     name = f"mirror {fault.url}"
-    off, n = BLOB_SIZE - 400_000, 300_000  # in the half "cut" never sends
+    off, n = BLOB_SIZE - 400_000, 300_000
     try:
         got = be.read_range(blob_id, off, n)
         if mode == "corrupt":  # only the daemon core can tell (chunk digests): it rejects
@@ -493,11 +543,13 @@ def test_mount_reads_through_a_pull_through_mirror(
     try:
         for rel in FILES:
             assert (node.mp / rel).read_bytes() == (expected_tree / rel).read_bytes(), rel
-        served = node.metric("erofs_nydus_backend_path_reads_total",
-                             path=f"mirror {mirror.url}", result="ok")  # fmt: skip
-        assert served >= 1
-        assert node.metric("erofs_nydus_backend_path_reads_total", path="origin",
-                           result="ok") == 0  # fmt: skip
+        def reads(path: str, result: str) -> float:
+            return node.metric("erofs_nydus_backend_path_reads_total", path=path, result=result)
+
+        m = f"mirror {mirror.url}"
+        assert reads(m, "ok") >= 1 and reads(m, "error") == 0
+        # the origin only read what the mirror did not hold yet (ranges far into a blob)
+        assert reads("origin", "ok") == reads(m, "miss")
         status = daemon_status(node.cache)
         assert status["images"][0]["backend"]["mirrors"][0]["host"] == mirror.url
         assert status["metrics"]["digest_failures"] == 0
@@ -522,7 +574,10 @@ def test_mount_survives_a_failing_mirror_or_proxy(
         ng = Nginx(tmp_path / "nginx", f"127.0.0.1:{free_port()}")
         url = ng.url
         config = f'[backend.proxy]\nurl = "{url}"\n'
-    else:
+    else:  # the mirror holds the blobs: the faults hit its 206 answers
+        run_cli("warm", nydus_ref, "--mirrors-only", "--mirror", mirror.url)
+        for d in data_blobs(nydus_ref):
+            wait_for(lambda d=d: stored(mirror, d), "the mirror to store the blobs")
         fs = FaultServer(mirror.url)
         fs.mode, fs.delay = fault, 20
         url = fs.url
@@ -587,17 +642,8 @@ def test_warm_mirrors_only_fills_a_pull_through_mirror(
 ) -> None:
     out = run_cli("warm", nydus_ref, "--mirrors-only", "--mirror", mirror.url).stdout
     assert f"mirror {mirror.url}:" in out and "mirrors / proxy" in out
-    with RegistryClient(plain_http=True, use_docker_config=False) as c:
-        manifest = c.get_manifest(nydus_ref)
-    layers = [d["digest"] for d in json.loads(manifest.data)["layers"]]
-    data_blobs = layers[:-1]  # the last layer is the bootstrap
-    assert data_blobs
-
-    def cached(digest: str) -> bool:
-        hexd = digest.split(":", 1)[1]
-        return (mirror.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd
-                / "data").exists()  # fmt: skip
-
-    wait_for(lambda: all(cached(d) for d in data_blobs), "the mirror to store the blobs")
+    blobs = data_blobs(nydus_ref)
+    assert blobs
+    wait_for(lambda: all(stored(mirror, d) for d in blobs), "the mirror to store the blobs")
     proc = run_cli("warm", nydus_ref, "--mirrors-only", check=False)
     assert proc.returncode != 0 and "needs a mirror" in proc.stderr

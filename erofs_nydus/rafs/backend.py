@@ -46,20 +46,25 @@ _paths: dict[str, dict[str, int]] = {}
 
 
 def note_path(path: str, *, ok: bool | None = None, nbytes: int = 0,
-              healthy: bool | None = None) -> None:
+              healthy: bool | None = None, miss: bool = False) -> None:
     """Count a read served (`ok`) or failed by one network path of a backend ("origin",
-    "mirror <url>", "proxy <url>"), and/or record whether that path is in use."""
+    "mirror <url>", "proxy <url>"), or passed on because the path did not hold the blob
+    yet (`miss`), and/or record whether that path is in use."""
     with _paths_lock:
-        c = _paths.setdefault(path, {"reads": 0, "errors": 0, "bytes": 0, "healthy": 1})
+        c = _paths.setdefault(path, {"reads": 0, "errors": 0, "misses": 0, "bytes": 0,
+                                     "healthy": 1})  # fmt: skip
         if ok is not None:
             c["reads" if ok else "errors"] += 1
+        if miss:
+            c["misses"] += 1
         c["bytes"] += nbytes
         if healthy is not None:
             c["healthy"] = int(healthy)
 
 
 def path_counters() -> dict[str, dict[str, int]]:
-    """Per path: reads served, errors, bytes served, healthy (0/1), since process start."""
+    """Per path: reads served, errors, misses, bytes served, healthy (0/1), since the
+    process started."""
     with _paths_lock:
         return {k: dict(v) for k, v in _paths.items()}
 

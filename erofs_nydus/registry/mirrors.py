@@ -16,9 +16,13 @@ With `fallback = false` a failed proxy read is an error (nothing goes to the ori
 
 Mirrors and the proxy never get more than half of what is left of a read's deadline,
 so the origin always has time to answer.  A pull-through cache answers the first
-Range read of a blob it does not hold yet with 200 and the whole blob:
-`RangeStreamTransport` turns that into the asked range while it streams and drops the
-connection after it, never holding more than the range.
+Range read of a blob it does not hold yet with 200 and the whole blob (and stores the
+blob meanwhile, whether the reader stays or not): `RangeStreamTransport` turns that
+into the asked range while it streams and drops the connection after it, never
+holding more than the range.  When the range starts more than `MAX_SKIP` bytes into
+the blob, streaming up to it would cost the origin (and the reader) that much: the
+answer is dropped at once and the read goes on to the next path, counted as a miss,
+not a failure; the mirror serves the range once it has stored the blob.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ ORIGIN = "origin"
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d+)$")
 MIRROR_SHARE = 0.5  # of the time left, at most, for one mirror or proxy attempt
 PING_TIMEOUT = 5.0
+MAX_SKIP = 4 << 20  # bytes of a whole-blob answer worth streaming past to reach a range
+
+
+class BlobNotCachedError(Exception):
+    """A mirror answered a Range read with the whole blob, the range too far into it."""
 
 
 # -- 200 with the whole blob -> 206 with the range ------------------------------------------
@@ -76,9 +85,11 @@ class RangeStreamTransport(httpx.BaseTransport):
     """`inner` with `headers` added to every request; a 200 answer to a single
     ``Range: bytes=a-b`` GET becomes a 206 of that range, sliced while it streams."""
 
-    def __init__(self, inner: httpx.BaseTransport, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, inner: httpx.BaseTransport, headers: dict[str, str] | None = None,
+                 max_skip: int | None = None) -> None:  # fmt: skip
         self._inner = inner
         self._headers = dict(headers or {})
+        self._max_skip = max_skip
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         for k, v in self._headers.items():
@@ -91,6 +102,12 @@ class RangeStreamTransport(httpx.BaseTransport):
         total = response.headers.get("Content-Length", "*")
         if total.isdigit() and int(total) < end:
             return response  # the client reports the short blob
+        if self._max_skip is not None and start > self._max_skip:
+            response.close()
+            raise BlobNotCachedError(
+                f"{request.url.host}:{request.url.port} answered with the whole blob "
+                f"(not cached there yet); range starts {start} bytes in"
+            )
         headers = [(k, v) for k, v in response.headers.multi_items()
                    if k.lower() not in ("content-length", "content-range")]  # fmt: skip
         headers += [("Content-Range", f"bytes {start}-{end - 1}/{total}"),
@@ -196,7 +213,7 @@ def _make_endpoint(kind: str, s: dict[str, Any], options: dict[str, Any]) -> End
             docker_config=options.get("docker_config"),
             timeout=options.get("timeout", 30.0),
             retries=0,
-            transport=RangeStreamTransport(transport, s["headers"]),
+            transport=RangeStreamTransport(transport, s["headers"], MAX_SKIP),
             trust_env=False,
         )
         ping = s["ping_url"] or f"{url}/v2"
@@ -210,7 +227,7 @@ def _make_endpoint(kind: str, s: dict[str, Any], options: dict[str, Any]) -> End
         docker_config=options.get("docker_config"),
         timeout=options.get("timeout", 30.0),
         retries=0,
-        transport=RangeStreamTransport(httpx.HTTPTransport(proxy=url)),
+        transport=RangeStreamTransport(httpx.HTTPTransport(proxy=url), None, MAX_SKIP),
         trust_env=False,
     )
     # Without a ping URL nothing could bring the proxy back: never skip it then.
@@ -297,6 +314,12 @@ class Router:
                 budget = (end - time.monotonic()) * MIRROR_SHARE
                 try:
                     data = read(ep.client, ep.ref_for(origin), budget)
+                except BlobNotCachedError as exc:
+                    note_path(ep.name, miss=True)
+                    log.debug("%s: %s", ep.name, exc)
+                    if ep.kind == "proxy" and not ep.settings["fallback"]:
+                        raise BackendError(f"{ep.name} (no fallback): {exc}") from exc
+                    continue
                 except (ErofsNydusError, httpx.HTTPError, OSError) as exc:
                     ep.failed()
                     note_path(ep.name, ok=False)

@@ -291,7 +291,8 @@ class _Collector:
 def _path_families(p: str) -> Iterator[Metric]:
     """Which network path (origin, each mirror, the proxy) served the registry reads."""
     reads = CounterMetricFamily(f"{p}_backend_path_reads", "Registry range reads by path and "
-                                "result", labels=["path", "result"])  # fmt: skip
+                                "result (miss: a mirror that did not hold the blob yet)",
+                                labels=["path", "result"])  # fmt: skip
     nbytes = CounterMetricFamily(f"{p}_backend_path_bytes", "Bytes served by each registry path",
                                  labels=["path"])  # fmt: skip
     healthy = GaugeMetricFamily(f"{p}_backend_path_healthy", "1 while a mirror or the proxy is "
@@ -300,6 +301,7 @@ def _path_families(p: str) -> Iterator[Metric]:
     for path, v in sorted(path_counters().items()):
         reads.add_metric([path, "ok"], v["reads"])
         reads.add_metric([path, "error"], v["errors"])
+        reads.add_metric([path, "miss"], v["misses"])
         nbytes.add_metric([path], v["bytes"])
         healthy.add_metric([path], v["healthy"])
     yield reads
