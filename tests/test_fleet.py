@@ -378,6 +378,20 @@ def test_cold_mirror_far_range_goes_to_the_origin_meanwhile(
         be.close()
 
 
+def test_cold_mirror_streams_the_whole_blob_when_the_origin_is_out_of_reach(
+    blob: tuple[str, bytes], mirror: RegistryServer
+) -> None:
+    blob_id, data = blob
+    name = f"mirror {mirror.url}"
+    be = backend("127.0.0.1:1", mirrors=[mirror.url])  # the node reaches only its mirror
+    off, n = BLOB_SIZE - 70_000, 65536
+    try:
+        assert be.read_range(blob_id, off, n) == data[off : off + n]
+        assert counts(name)["misses"] == 1 and counts(name)["reads"] == 1
+    finally:
+        be.close()
+
+
 def test_mirror_down_skipped_after_failure_limit_then_recovers(
     blob: tuple[str, bytes], registry: RegistryServer, tmp_path: Path
 ) -> None:
@@ -642,6 +656,7 @@ def test_warm_mirrors_only_fills_a_pull_through_mirror(
 ) -> None:
     out = run_cli("warm", nydus_ref, "--mirrors-only", "--mirror", mirror.url).stdout
     assert f"mirror {mirror.url}:" in out and "mirrors / proxy" in out
+    assert "origin:" not in out  # filling the mirror never reads from the origin
     blobs = data_blobs(nydus_ref)
     assert blobs
     wait_for(lambda: all(stored(mirror, d) for d in blobs), "the mirror to store the blobs")

@@ -398,22 +398,26 @@ def daemon_cmd(cache_dir: str, resident: bool) -> None:
               "the reads go through.")
 @click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Concurrent fills.")
+@click.option("--wait", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="--mirrors-only: seconds to wait for pull-through mirrors to store the "
+              "blobs (reads never go to the origin then).")
 @click.option("--plain-http", is_flag=True, help="Talk HTTP to the registry.")
 @click.option("--platform", metavar="OS/ARCH", help="Platform to pick from an index.")
 @click.option("--read-deadline", type=click.FloatRange(min=0.1), default=30.0,
               show_default=True, help="Seconds each range read may take, retries included.")
 @config_options
 def warm_cmd(ref: str, cache_dir: str | None, blob_dir: str | None, everything: bool,
-             mirrors_only: bool, threads: int, plain_http: bool, platform: str | None,
-             read_deadline: float) -> None:
+             mirrors_only: bool, threads: int, wait: float, plain_http: bool,
+             platform: str | None, read_deadline: float) -> None:
     """Fill a cache dir (or the mirrors in front of the registry) with an image's
     prefetch table, or with all of it, before a burst of cold starts.
 
     The chunks are read through the configured mirrors and proxy (backend.mirrors,
     backend.proxy, --mirror, --proxy), verified and written into the cache files a
     later `mount --cache-dir` of the image uses.  With --mirrors-only nothing is kept
-    locally: the reads only fill the pull-through mirror or caching proxy.  The cache
-    dir must not be served by a daemon meanwhile.
+    locally and nothing is read from the origin: the reads only fill the pull-through
+    mirror or caching proxy, retried until it serves them (--wait).  The cache dir
+    must not be served by a daemon meanwhile.
     """
     import fcntl
     import shutil
@@ -441,7 +445,10 @@ def warm_cmd(ref: str, cache_dir: str | None, blob_dir: str | None, everything: 
         spec = _mount_backend(ref, blob_dir, cache_dir, plain_http, platform, read_deadline)
         boot = str(spec.pop("bootstrap"))
         spec = apply_backend_config(spec, current_config())
-        res = warm_image(boot, spec, cache_dir, everything=everything, threads=threads)
+        if mirrors_only and spec.get("type") == "registry":
+            spec["origin"] = False  # the mirror stores the blob; reads wait for it
+        res = warm_image(boot, spec, cache_dir, everything=everything, threads=threads,
+                         retry_for=wait if mirrors_only else 0.0)
     finally:
         os.close(lock_fd)
         if mirrors_only:

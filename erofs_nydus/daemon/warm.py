@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,9 +62,12 @@ def warm_image(
     *,
     everything: bool = False,
     threads: int = 4,
+    retry_for: float = 0.0,
 ) -> WarmResult:
     """Fill `cache_dir` with the prefetch table's chunks (all chunks with `everything`,
-    or when the image has no prefetch table).  Chunk errors are collected, not raised."""
+    or when the image has no prefetch table).  Chunk errors are collected, not raised.
+    `retry_for`: seconds to keep retrying what failed, a round a second (a pull-through
+    mirror read with the origin off serves a blob only once it has stored it)."""
     with open(bootstrap, "rb") as f:
         data = f.read()
     image = load_image(data)
@@ -95,8 +99,16 @@ def warm_image(
             return None
 
         try:
+            pending = _units(chunks)
+            end = time.monotonic() + retry_for
             with ThreadPoolExecutor(max(1, threads)) as pool:
-                result.errors += [e for e in pool.map(fill, _units(chunks)) if e is not None]
+                while True:
+                    errors = list(pool.map(fill, pending))
+                    pending = [u for u, e in zip(pending, errors, strict=True) if e is not None]
+                    if not pending or time.monotonic() + 1 > end:
+                        result.errors += [e for e in errors if e is not None]
+                        break
+                    time.sleep(1)
         finally:
             srv.close()
             backend.close()

@@ -61,7 +61,8 @@ class RegistryBackend:
              "docker_config": "/path/to/dir" | null, "verify": true | "/ca.pem",
              "mirrors": [{"host": "http://m:5000", ...}], "proxy": {"url": ...} | null}
 
-        (`mirrors`, `proxy`: nydusd's settings, see `config.normalize_mirrors`.)
+        (`mirrors`, `proxy`: nydusd's settings, see `config.normalize_mirrors`;
+        `"origin": false` reads only through them, to fill them: `warm --mirrors-only`.)
         Credentials come from Docker's config.json at run time, never from the spec.
         """
         if spec.get("type") != "registry" or not isinstance(spec.get("repo"), str):
@@ -88,7 +89,13 @@ class RegistryBackend:
             backend.extra_spec["mirrors"] = mirrors
         if proxy:
             backend.extra_spec["proxy"] = proxy
-        backend.router = Router(mirrors, proxy, options)
+        origin = spec.get("origin", True)
+        if origin is not True:
+            if origin is not False or not (mirrors or proxy):
+                raise UsageError(f"registry backend spec: bad origin {origin!r} (false needs "
+                                 "mirrors or a proxy)")
+            backend.extra_spec["origin"] = False
+        backend.router = Router(mirrors, proxy, options, origin=origin)
         return backend
 
     @property

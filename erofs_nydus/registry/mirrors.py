@@ -22,7 +22,9 @@ into the asked range while it streams and drops the connection after it, never
 holding more than the range.  When the range starts more than `MAX_SKIP` bytes into
 the blob, streaming up to it would cost the origin (and the reader) that much: the
 answer is dropped at once and the read goes on to the next path, counted as a miss,
-not a failure; the mirror serves the range once it has stored the blob.
+not a failure; the mirror serves the range once it has stored the blob.  Only when
+the origin then fails too (a node that reaches nothing but its mirror) is the whole
+blob streamed up to the range.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ ORIGIN = "origin"
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d+)$")
 MIRROR_SHARE = 0.5  # of the time left, at most, for one mirror or proxy attempt
 PING_TIMEOUT = 5.0
-MAX_SKIP = 4 << 20  # bytes of a whole-blob answer worth streaming past to reach a range
+MAX_SKIP = 1 << 20  # bytes of a whole-blob answer worth streaming past to reach a range
+_stream_all = threading.local()  # .on: no MAX_SKIP (the origin is not reachable)
 
 
 class BlobNotCachedError(Exception):
@@ -102,7 +105,8 @@ class RangeStreamTransport(httpx.BaseTransport):
         total = response.headers.get("Content-Length", "*")
         if total.isdigit() and int(total) < end:
             return response  # the client reports the short blob
-        if self._max_skip is not None and start > self._max_skip:
+        if (self._max_skip is not None and start > self._max_skip
+                and not getattr(_stream_all, "on", False)):  # fmt: skip
             response.close()
             raise BlobNotCachedError(
                 f"{request.url.host}:{request.url.port} answered with the whole blob "
@@ -278,8 +282,10 @@ class Router:
     """Sends one backend's reads along proxy -> mirrors -> origin (see the module doc)."""
 
     def __init__(self, mirrors: list[dict[str, Any]], proxy: dict[str, Any] | None,
-                 options: dict[str, Any]) -> None:  # fmt: skip
+                 options: dict[str, Any], *, origin: bool = True) -> None:  # fmt: skip
+        """`origin=False`: never read from the origin (filling mirrors: `warm`)."""
         self.mirror_settings, self.proxy_settings, self._options = mirrors, proxy, options
+        self.use_origin = origin
         self._endpoints: list[Endpoint] | None = None
         self._lock = threading.Lock()
         self._served: OrderedDict[tuple[str, int, int], Endpoint | None] = OrderedDict()
@@ -307,6 +313,7 @@ class Router:
             skip_others = key in self._origin_only
             self._origin_only.discard(key)
         errors: list[str] = []
+        missed: list[Endpoint] = []
         if not skip_others:
             for ep in self.endpoints():
                 if not ep.ok():
@@ -316,6 +323,7 @@ class Router:
                     data = read(ep.client, ep.ref_for(origin), budget)
                 except BlobNotCachedError as exc:
                     note_path(ep.name, miss=True)
+                    missed.append(ep)
                     log.debug("%s: %s", ep.name, exc)
                     if ep.kind == "proxy" and not ep.settings["fallback"]:
                         raise BackendError(f"{ep.name} (no fallback): {exc}") from exc
@@ -332,10 +340,26 @@ class Router:
                 note_path(ep.name, ok=True, nbytes=len(data))
                 self._remember(key, ep)
                 return data
+        if not self.use_origin:
+            raise BackendError(
+                "no mirror or proxy served the range (origin reads are off): "
+                + ("; ".join(errors) or "not cached there yet")
+            )
         try:
             data = read(origin_client(), origin, max(end - time.monotonic(), 0.001))
         except Exception:
             note_path(ORIGIN, ok=False)
+            for ep in missed:  # the origin is out of reach: stream the mirror's whole blob
+                try:
+                    _stream_all.on = True
+                    data = read(ep.client, ep.ref_for(origin), max(end - time.monotonic(), 0.001))
+                except (ErofsNydusError, httpx.HTTPError, OSError):
+                    continue
+                finally:
+                    _stream_all.on = False
+                note_path(ep.name, ok=True, nbytes=len(data))
+                self._remember(key, ep)
+                return data
             raise
         note_path(ORIGIN, ok=True, nbytes=len(data))
         self._remember(key, None)
