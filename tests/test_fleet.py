@@ -662,3 +662,18 @@ def test_warm_mirrors_only_fills_a_pull_through_mirror(
     wait_for(lambda: all(stored(mirror, d) for d in blobs), "the mirror to store the blobs")
     proc = run_cli("warm", nydus_ref, "--mirrors-only", check=False)
     assert proc.returncode != 0 and "needs a mirror" in proc.stderr
+
+
+def test_closed_backend_reads_nothing_through_its_mirrors(
+    blob: tuple[str, bytes], registry: RegistryServer, mirror: RegistryServer
+) -> None:
+    blob_id, _ = blob
+    fault = FaultServer(mirror.url)
+    try:
+        be = backend(registry.host, mirrors=[fault.url])
+        be.close()
+        with pytest.raises(BackendError, match="closed"):
+            be.read_range(blob_id, 0, 10)
+        assert fault.range_gets == 0
+    finally:
+        fault.close()

@@ -287,6 +287,7 @@ class Router:
         self.mirror_settings, self.proxy_settings, self._options = mirrors, proxy, options
         self.use_origin = origin
         self._endpoints: list[Endpoint] | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._served: OrderedDict[tuple[str, int, int], Endpoint | None] = OrderedDict()
         self._origin_only: set[tuple[str, int, int]] = set()
@@ -296,6 +297,8 @@ class Router:
 
     def endpoints(self) -> list[Endpoint]:
         with self._lock:
+            if self._closed:
+                return []
             if self._endpoints is None:
                 eps = []
                 if self.proxy_settings:
@@ -389,6 +392,6 @@ class Router:
 
     def close(self) -> None:
         with self._lock:
-            eps, self._endpoints = self._endpoints or [], None
+            eps, self._endpoints, self._closed = self._endpoints or [], None, True
         for ep in eps:
             release_endpoint(ep)
