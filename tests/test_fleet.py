@@ -336,12 +336,15 @@ def test_pull_through_mirror_whole_blob_answer_is_streamed(
     assert counts(f"mirror {mirror.url}")["reads"] == 3
 
 
-def data_blobs(ref: str) -> list[str]:
-    """Blob ids of a Nydus image's data layers (the last layer is the bootstrap)."""
+def layer_ids(ref: str) -> list[str]:
+    """Blob ids of a Nydus image's layers (the last layer is the bootstrap)."""
     with RegistryClient(plain_http=True, use_docker_config=False) as c:
         manifest = c.get_manifest(ref)
-    layers = [d["digest"].split(":", 1)[1] for d in json.loads(manifest.data)["layers"]]
-    return layers[:-1]
+    return [d["digest"].split(":", 1)[1] for d in json.loads(manifest.data)["layers"]]
+
+
+def data_blobs(ref: str) -> list[str]:
+    return layer_ids(ref)[:-1]
 
 
 def stored(mirror: RegistryServer, blob_id: str) -> bool:
@@ -561,7 +564,9 @@ def test_mount_reads_through_a_pull_through_mirror(
             return node.metric("erofs_nydus_backend_path_reads_total", path=path, result=result)
 
         m = f"mirror {mirror.url}"
-        assert reads(m, "ok") >= 1 and reads(m, "error") == 0
+        assert reads(m, "ok") >= 2 and reads(m, "error") == 0
+        boot_layer = layer_ids(nydus_ref)[-1]
+        assert f"blobs/sha256:{boot_layer}" in mirror.log()  # the bootstrap came this way
         # the origin only read what the mirror did not hold yet (ranges far into a blob)
         assert reads("origin", "ok") == reads(m, "miss")
         status = daemon_status(node.cache)

@@ -217,7 +217,8 @@ def _resolve_args(platform: str | None, plain_http: bool,
     docker_config = cfg.docker_config_dir() or os.environ.get("DOCKER_CONFIG")
     return {"platform": platform, "plain_http": True if plain_http else "loopback",
             "deadline": read_deadline, "retries": cfg.retries,
-            "docker_config": os.path.abspath(docker_config) if docker_config else None}
+            "docker_config": os.path.abspath(docker_config) if docker_config else None,
+            "mirrors": cfg.mirrors or None, "proxy": cfg.proxy}
 
 
 def _local_backend(bootstrap: str, blob_dir: str | None) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from erofs_nydus.errors import NotFoundError, RegistryError, UnsupportedError
+from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.rafs.reader import BootstrapReader
 from erofs_nydus.registry.backend import RegistryBackend
@@ -107,6 +107,23 @@ def _store_bootstrap(cache_dir: str, layer_digest: str, boot: bytes) -> str:
     return path
 
 
+def _layer_via_mirrors(backend: dict[str, Any], digest: str, size: int,
+                       mirrors: list[dict[str, Any]] | None,
+                       proxy: dict[str, Any] | None) -> bytes | None:  # fmt: skip
+    """The layer read through the mirrors / proxy (origin last), verified; None when
+    that failed (the caller then downloads it from the origin as usual)."""
+    if size <= 0 or size > 1 << 30:
+        return None
+    be = RegistryBackend.from_spec({**backend, "mirrors": mirrors or [], "proxy": proxy})
+    try:
+        data = be.read_range(digest.split(":", 1)[1], 0, size)
+    except ErofsNydusError:
+        return None
+    finally:
+        be.close()
+    return data if "sha256:" + hashlib.sha256(data).hexdigest() == digest else None
+
+
 def resolve_remote_image(
     text: str | Reference,
     cache_dir: str,
@@ -118,6 +135,8 @@ def resolve_remote_image(
     retries: int = 3,
     docker_config: str | None = None,
     verify: bool | str = True,
+    mirrors: list[dict[str, Any]] | None = None,
+    proxy: dict[str, Any] | None = None,
 ) -> RemoteImage:
     """Resolve `text`, fetch its bootstrap into `cache_dir`, return what to register.
 
@@ -125,6 +144,8 @@ def resolve_remote_image(
     AuthError (credentials missing or refused), RegistryError, UnsupportedError
     (not a Nydus image), FormatError (a bootstrap that does not parse).
     `deadline`: seconds per on-demand read in the daemon (retries included).
+    `mirrors`, `proxy` (backend settings): the bootstrap layer is read through them
+    first, as the chunks are later; manifests always come from the origin.
     """
     ref = parse_reference(text) if isinstance(text, str) else text
     cache_dir = os.path.abspath(cache_dir)
@@ -162,7 +183,12 @@ def resolve_remote_image(
         fetched = 0
         boot_path = _cached_bootstrap(cache_dir, boot_desc.digest)
         if boot_path is None:
-            layer = store.get_blob(ref, boot_desc.digest)  # digest-verified
+            layer = None
+            if (mirrors or proxy) and isinstance(store, RegistryClient):
+                layer = _layer_via_mirrors(backend, boot_desc.digest, boot_desc.size,
+                                           mirrors, proxy)  # fmt: skip
+            if layer is None:
+                layer = store.get_blob(ref, boot_desc.digest)  # digest-verified
             fetched = len(layer)
             boot_path = _store_bootstrap(cache_dir, boot_desc.digest, extract_bootstrap(layer))
         with open(boot_path, "rb") as f:

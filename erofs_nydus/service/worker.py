@@ -179,6 +179,8 @@ class Worker:
             deadline=float(req.get("deadline", 30.0)),
             retries=int(req.get("retries", 3)),
             docker_config=str(docker_config) if docker_config else None,
+            mirrors=req.get("mirrors"),
+            proxy=req.get("proxy"),
         )
         return {
             "ref": remote.ref,
