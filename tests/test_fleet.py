@@ -159,12 +159,12 @@ http {{
 class Nginx:
     """nginx as a caching HTTP proxy that honours Range (slices of 1 MiB)."""
 
-    def __init__(self, workdir: Path, upstream: str) -> None:
+    def __init__(self, workdir: Path, upstream: str, port: int | None = None) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if not os.access(nginx, os.X_OK):
             pytest.skip("nginx not installed (apt-get install nginx-light)")
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         conf = workdir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(d=workdir, port=self.port, upstream=upstream))
         self.log = workdir / "error.log"
@@ -682,3 +682,27 @@ def test_closed_backend_reads_nothing_through_its_mirrors(
         assert fault.range_gets == 0
     finally:
         fault.close()
+
+
+def test_proxy_with_ping_url_is_skipped_until_it_answers_again(
+    blob: tuple[str, bytes], registry: RegistryServer, tmp_path: Path
+) -> None:
+    blob_id, data = blob
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    name = f"proxy {url}"
+    be = backend(registry.host, proxy={"url": url, "ping_url": f"{url}/v2/",
+                                       "check_interval": 0.2})  # fmt: skip
+    try:
+        for i in range(3):
+            assert be.read_range(blob_id, i, 1000) == data[i : i + 1000]
+        assert counts(name)["errors"] == 1 and counts(name)["healthy"] == 0  # then skipped
+        ng = Nginx(tmp_path / "nginx", registry.host, port)
+        try:
+            wait_for(lambda: counts(name)["healthy"] == 1, "the proxy's health check")
+            assert be.read_range(blob_id, 5, 1000) == data[5:1005]
+            assert counts(name)["reads"] == 1
+        finally:
+            ng.close()
+    finally:
+        be.close()
