@@ -133,31 +133,20 @@ class RangeStreamTransport(httpx.BaseTransport):
 
 
 @dataclass
-class Endpoint:
-    """One mirror or proxy: its client, the reference to read through it, its health."""
+class Health:
+    """Whether a mirror or the proxy is used, shared by every endpoint of one URL in
+    the process for its life (backends with different client options, and backends
+    made later, count its failures together)."""
 
     kind: str  # "mirror" | "proxy"
-    url: str
-    settings: dict[str, Any]
-    client: RegistryClient
+    name: str
     failure_limit: int
     interval: float
     ping_url: str
     failures: int = 0
     healthy: bool = True
-    users: int = 0
     _checker: threading.Thread | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind} {self.url}"
-
-    def ref_for(self, origin: ImageReference) -> ImageReference:
-        if self.kind == "proxy":
-            return origin
-        return ImageReference(self.url.split("://", 1)[1], origin.repository)
 
     def ok(self) -> bool:
         return self.healthy
@@ -177,13 +166,14 @@ class Endpoint:
                         self.name, self.failures)  # fmt: skip
             if self._checker is None or not self._checker.is_alive():
                 self._checker = threading.Thread(
-                    target=self._check_loop, name=f"health {self.url}", daemon=True
+                    target=self._check_loop, name=f"health {self.name}", daemon=True
                 )
                 self._checker.start()
 
     def _check_loop(self) -> None:
         with httpx.Client(timeout=PING_TIMEOUT, follow_redirects=False, trust_env=False) as c:
-            while not self._stop.wait(self.interval):
+            while True:  # until the URL answers again (a daemon thread: exits with us)
+                time.sleep(self.interval)
                 try:
                     status = c.get(self.ping_url).status_code
                 except httpx.HTTPError as exc:
@@ -197,56 +187,91 @@ class Endpoint:
                     log.info("%s recovered (ping answered %d)", self.name, status)
                     return
 
-    def close(self) -> None:
-        self._stop.set()
-        self.client.close()
+
+@dataclass
+class Endpoint:
+    """One mirror or proxy as one backend configuration reads it: a client, the
+    reference to read through it, and the URL's shared `Health`."""
+
+    kind: str  # "mirror" | "proxy"
+    url: str
+    settings: dict[str, Any]
+    client: RegistryClient
+    health: Health
+    users: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.url}"
+
+    def ref_for(self, origin: ImageReference) -> ImageReference:
+        if self.kind == "proxy":
+            return origin
+        return ImageReference(self.url.split("://", 1)[1], origin.repository)
+
+    def ok(self) -> bool:
+        return self.health.ok()
+
+    def succeeded(self) -> None:
+        self.health.succeeded()
+
+    def failed(self) -> None:
+        self.health.failed()
 
 
 _ENDPOINTS: dict[str, Endpoint] = {}
+_HEALTH: dict[str, Health] = {}
 _ENDPOINTS_LOCK = threading.Lock()
 
 
-def _make_endpoint(kind: str, s: dict[str, Any], options: dict[str, Any]) -> Endpoint:
+def _make_client(kind: str, s: dict[str, Any], options: dict[str, Any]) -> RegistryClient:
     if kind == "mirror":
-        url = s["host"]
-        transport: httpx.BaseTransport = httpx.HTTPTransport()
-        client = RegistryClient(
-            plain_http=url.startswith("http://"),
+        return RegistryClient(
+            plain_http=s["host"].startswith("http://"),
             verify=options.get("verify", True),
             use_docker_config=s["auth_through"],
             docker_config=options.get("docker_config"),
             timeout=options.get("timeout", 30.0),
             retries=0,
-            transport=RangeStreamTransport(transport, s["headers"], MAX_SKIP),
+            transport=RangeStreamTransport(httpx.HTTPTransport(), s["headers"], MAX_SKIP),
             trust_env=False,
         )
-        ping = s["ping_url"] or f"{url}/v2"
-        interval = float(s["health_check_interval"])
-        return Endpoint(kind, url, s, client, int(s["failure_limit"]), interval, ping)
-    url = s["url"]
-    plain = True if s["use_http"] else options.get("plain_http", False)
-    client = RegistryClient(
-        plain_http=plain,
+    return RegistryClient(
+        plain_http=True if s["use_http"] else options.get("plain_http", False),
         verify=options.get("verify", True),
         docker_config=options.get("docker_config"),
         timeout=options.get("timeout", 30.0),
         retries=0,
-        transport=RangeStreamTransport(httpx.HTTPTransport(proxy=url), None, MAX_SKIP),
+        transport=RangeStreamTransport(httpx.HTTPTransport(proxy=s["url"]), None, MAX_SKIP),
         trust_env=False,
     )
+
+
+def _make_health(kind: str, name: str, s: dict[str, Any]) -> Health:
+    if kind == "mirror":
+        ping = s["ping_url"] or f"{s['host']}/v2"
+        return Health(kind, name, int(s["failure_limit"]), float(s["health_check_interval"]),
+                      ping)  # fmt: skip
     # Without a ping URL nothing could bring the proxy back: never skip it then.
     limit = 1 if s["ping_url"] else 1 << 30
-    return Endpoint(kind, url, s, client, limit, float(s["check_interval"]), s["ping_url"])
+    return Health(kind, name, limit, float(s["check_interval"]), s["ping_url"])
 
 
 def acquire_endpoint(kind: str, settings: dict[str, Any], options: dict[str, Any]) -> Endpoint:
-    """The process's shared endpoint for these settings (one client, one health state)."""
+    """The process's shared endpoint for these settings and client options (one client);
+    its health is shared by every endpoint of the same URL."""
     key = json.dumps([kind, settings, options], sort_keys=True, default=str)
+    url = settings["host"] if kind == "mirror" else settings["url"]
+    name = f"{kind} {url}"
     with _ENDPOINTS_LOCK:
         ep = _ENDPOINTS.get(key)
         if ep is None:
-            ep = _ENDPOINTS[key] = _make_endpoint(kind, settings, options)
-            note_path(ep.name, healthy=True)
+            health = _HEALTH.get(name)
+            if health is None:
+                health = _HEALTH[name] = _make_health(kind, name, settings)
+                note_path(name, healthy=True)
+            client = _make_client(kind, settings, options)
+            ep = _ENDPOINTS[key] = Endpoint(kind, url, settings, client, health)
         ep.users += 1
         return ep
 
@@ -259,7 +284,7 @@ def release_endpoint(ep: Endpoint) -> None:
         for k, v in list(_ENDPOINTS.items()):
             if v is ep:
                 del _ENDPOINTS[k]
-    ep.close()
+    ep.client.close()  # its Health stays: the URL's record for the next backend
 
 
 # -- routing -----------------------------------------------------------------------------
