@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from daemon_support import daemon_metrics, daemon_status, fanotify_usable, run_cli
+from fault_registry import FaultRegistry, endless, static
 from layers_support import base_step, top_step, umoci_image, umoci_unpack, upper_step
 from registry_fixture import RegistryServer, free_port, skopeo_copy
 
@@ -37,6 +38,7 @@ from erofs_nydus.registry import RegistryClient
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.convert import ConvertOptions, convert_image
 from erofs_nydus.registry.mirrors import RangeStreamTransport
+from erofs_nydus.registry.resolve import extract_bootstrap, resolve_remote_image
 from erofs_nydus.service.client import DaemonClient
 
 pytestmark = [pytest.mark.registry]
@@ -625,6 +627,37 @@ def test_mount_survives_a_failing_mirror_or_proxy(
         if ng is not None:
             ng.close()
 
+
+
+@pytest.mark.parametrize("answer", ["endless", "oversize", "corrupt"])
+def test_bootstrap_layer_from_a_bad_mirror_is_bounded_then_read_from_the_origin(
+    answer: str, nydus_ref: str, tmp_path: Path
+) -> None:
+    """A mirror is as untrusted as the origin: its bootstrap layer has the same bounds
+    (the descriptor's size) and digest check; failing them costs one origin download."""
+    boot = "sha256:" + layer_ids(nydus_ref)[-1]
+    with RegistryClient(plain_http=True, use_docker_config=False) as c:
+        layer = c.get_blob(nydus_ref, boot, max_size=64 << 20)
+    bad = FaultRegistry()
+    path = f"/v2/fleet/nydus/blobs/{boot}"
+    bad.route(path, {"endless": endless(),
+                     "oversize": static(200, layer + bytes(4096)),
+                     "corrupt": static(200, bytes([layer[0] ^ 1]) + layer[1:])}[answer])
+    name = f"mirror http://{bad.host}"
+    errors, origin = counts(name)["errors"], counts("origin")["reads"]
+    cache = tmp_path / "cache"
+    try:
+        remote = resolve_remote_image(nydus_ref, str(cache),
+                                      mirrors=[{"host": f"http://{bad.host}"}])  # fmt: skip
+    finally:
+        bad.close()
+    assert [s.path for s in bad.requests if "/blobs/" in s.path] == [path]
+    assert counts(name)["errors"] == errors + 1 and counts(name)["bytes"] == 0
+    assert counts("origin")["reads"] == origin + 1
+    assert remote.bootstrap_fetched == len(layer)
+    assert Path(remote.bootstrap).read_bytes() == extract_bootstrap(layer)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [Path(remote.bootstrap).name, "bootstrap-layers"])  # no partial download left
 
 
 # -- pre-warming ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Persisted chunk-presence bitmap: `<cache-dir>/<blob_id>.chunkmap`.
+"""Persisted chunk-presence bitmap: `<cache-dir>/<blob_id>.chunk_map`.
 
 Layout: a 16-byte header `{b"ENCM", u32 version=1, u32 nbits, u32 reserved}`
 followed by ceil(nbits/8) bytes, bit i (LSB first) = chunk with CI index i is
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import struct
+
+from erofs_nydus.fsutil import open_private
 
 __all__ = ["ChunkMap"]
 
@@ -30,7 +32,7 @@ class ChunkMap:
     @classmethod
     def open(cls, path: str, nbits: int) -> ChunkMap:
         """Open or create the map; a missing, foreign or mis-sized file starts empty."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)  # 0600, no symlink
         try:
             nbytes = (nbits + 7) // 8
             raw = os.pread(fd, _HEADER.size + nbytes, 0)

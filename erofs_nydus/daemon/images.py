@@ -24,14 +24,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
+from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_dir_lock, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
-from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
-from erofs_nydus.fsutil import atomic_write
+from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError, UsageError
+from erofs_nydus.fsutil import atomic_write, open_private
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
-from erofs_nydus.rafs.image import RafsImage, load_image
+from erofs_nydus.rafs.image import RafsImage
+from erofs_nydus.rafs.reader import load_image
 
-__all__ = ["STATE_FILE", "ImageEntry", "ImageTable", "make_backend"]
+__all__ = ["REQUEST_LIMITS", "STATE_FILE", "ImageEntry", "ImageTable", "make_backend",
+           "request_number"]
 
 STATE_FILE = "daemon-state.json"
 log = logging.getLogger("erofs_nydus.daemon")
@@ -100,11 +102,36 @@ class ImageEntry:
     prefetch: dict[str, Any] = field(default_factory=dict)
 
 
+# Bounds of the numbers a control request may carry (inclusive).  Requests come from
+# local clients: a negative amplification or a million prefetch threads is refused
+# with one line instead of reaching the core.
+REQUEST_LIMITS: dict[str, tuple[float, float]] = {
+    "amplify": (0, 1 << 30),
+    "prefetch_threads": (1, 256),
+    "prefetch_bandwidth": (0, 1 << 48),
+    "deadline": (0.1, 24 * 3600.0),
+    "retries": (0, 100),
+}
+
+
+def request_number(req: dict[str, Any], key: str, default: float, *, integer: bool = True,
+                   ) -> Any:
+    """`req[key]` (or `default`) checked against REQUEST_LIMITS; UsageError otherwise."""
+    raw = req.get(key, default)
+    lo, hi = REQUEST_LIMITS[key]
+    ok_type = isinstance(raw, int) if integer else isinstance(raw, int | float)
+    if isinstance(raw, bool) or not ok_type:
+        raise UsageError(f"{key}={raw!r}: expected {'an integer' if integer else 'a number'}")
+    if not lo <= raw <= hi:  # also refuses NaN
+        raise UsageError(f"{key}={raw!r} is out of range [{lo:g}, {hi:g}]")
+    return int(raw) if integer else float(raw)
+
+
 def prefetch_settings(req: dict[str, Any]) -> dict[str, Any]:
     """The prefetch part of a register request, as stored with the image."""
     return {"enable": bool(req.get("prefetch", True)),
-            "threads": int(req.get("prefetch_threads", 4)),
-            "bandwidth": int(req.get("prefetch_bandwidth", 0))}
+            "threads": request_number(req, "prefetch_threads", 4),
+            "bandwidth": request_number(req, "prefetch_bandwidth", 0)}
 
 
 class ImageTable:
@@ -226,7 +253,7 @@ class ImageTable:
     # -- images ------------------------------------------------------------------------
 
     def _load(self, entry: ImageEntry) -> RafsImage:
-        with open(entry.bootstrap, "rb") as f:
+        with os.fdopen(open_private(entry.bootstrap, os.O_RDONLY), "rb") as f:
             data = f.read()
         return load_image(data)
 
@@ -251,7 +278,7 @@ class ImageTable:
         for b in image.blobs:
             _check_backend(backend, b.blob_id, b.compressed_size)
         mountpoint = os.path.abspath(mountpoint)
-        with self._lock:
+        with cache_dir_lock(self.cache_dir, exclusive=False), self._lock:
             for e in self.images.values():
                 if mountpoint in e.mountpoints:
                     if self._is_our_mount(mountpoint, e):
@@ -262,7 +289,7 @@ class ImageTable:
                     break
             boot = os.path.join(self.cache_dir, f"{fsid}.boot")
             if not os.path.exists(boot):
-                atomic_write(boot, data)
+                atomic_write(boot, data, mode=0o600)
             entry = self.images.get(fsid)
             new = entry is None
             if entry is None:
@@ -344,7 +371,7 @@ class ImageTable:
         with self._lock:
             doc = {"version": 1, "images": [asdict(e) for e in self.images.values()]}
             try:
-                atomic_write(self.state_path, json.dumps(doc, indent=1).encode())
+                atomic_write(self.state_path, json.dumps(doc, indent=1).encode(), mode=0o600)
             except OSError as exc:
                 if strict:
                     raise DaemonError(f"cannot save {self.state_path}: {exc.strerror}") from exc
@@ -353,7 +380,7 @@ class ImageTable:
     def load_state(self) -> None:
         """Rebuild images and blob servers after a daemon (re)start."""
         try:
-            with open(self.state_path, encoding="utf-8") as f:
+            with os.fdopen(open_private(self.state_path, os.O_RDONLY), encoding="utf-8") as f:
                 doc = json.load(f)
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
@@ -365,7 +392,7 @@ class ImageTable:
             with contextlib.suppress(OSError):
                 os.replace(self.state_path, aside)
             return
-        with self._lock:
+        with cache_dir_lock(self.cache_dir, exclusive=False), self._lock:
             for raw in doc.get("images", []):
                 try:
                     entry = ImageEntry(**raw)

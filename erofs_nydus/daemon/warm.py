@@ -24,7 +24,8 @@ from erofs_nydus.daemon.core import BlobServer, Metrics
 from erofs_nydus.daemon.images import make_backend
 from erofs_nydus.daemon.prefetch import prefetch_chunks
 from erofs_nydus.errors import ErofsNydusError
-from erofs_nydus.rafs.image import ChunkInfo, load_image
+from erofs_nydus.rafs.image import ChunkInfo
+from erofs_nydus.rafs.reader import load_image, read_bootstrap_bytes
 
 __all__ = ["WarmResult", "warm_image"]
 
@@ -68,8 +69,7 @@ def warm_image(
     or when the image has no prefetch table).  Chunk errors are collected, not raised.
     `retry_for`: seconds to keep retrying what failed, a round a second (a pull-through
     mirror read with the origin off serves a blob only once it has stored it)."""
-    with open(bootstrap, "rb") as f:
-        data = f.read()
+    data = read_bootstrap_bytes(bootstrap)  # bounded, regular files only
     image = load_image(data)
     wanted: dict[int, list[ChunkInfo]] = defaultdict(list)
     scope = "all chunks"

@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -298,7 +298,11 @@ def parse_routes(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, 
         raise UsageError(f"registry backend spec: {exc}") from exc
 
 
-ReadFn = Callable[[RegistryClient, ImageReference, float], bytes]
+T = TypeVar("T", bytes, int)  # what one read returns: the bytes, or how many it stored
+
+
+def _size(data: bytes | int) -> int:
+    return data if isinstance(data, int) else len(data)
 
 _REMEMBER = 4096  # recent (blob, offset, length) -> path, for `reject`
 
@@ -334,8 +338,10 @@ class Router:
             return self._endpoints
 
     def read(self, key: tuple[str, int, int], origin: ImageReference, deadline: float,
-             read: ReadFn, origin_client: Callable[[], RegistryClient]) -> bytes:  # fmt: skip
-        """`read(client, ref, seconds)` along the paths; the origin gets what time is left."""
+             read: Callable[[RegistryClient, ImageReference, float], T],
+             origin_client: Callable[[], RegistryClient]) -> T:  # fmt: skip
+        """`read(client, ref, seconds)` along the paths; the origin gets what time is left.
+        `read` returns the bytes, or how many bytes it stored itself (a streamed download)."""
         end = time.monotonic() + deadline
         with self._lock:
             skip_others = key in self._origin_only
@@ -365,7 +371,7 @@ class Router:
                         raise BackendError(f"{ep.name} (no fallback): {exc}") from exc
                     continue
                 ep.succeeded()
-                note_path(ep.name, ok=True, nbytes=len(data))
+                note_path(ep.name, ok=True, nbytes=_size(data))
                 self._remember(key, ep)
                 return data
         if not self.use_origin:
@@ -385,11 +391,11 @@ class Router:
                     continue
                 finally:
                     _stream_all.on = False
-                note_path(ep.name, ok=True, nbytes=len(data))
+                note_path(ep.name, ok=True, nbytes=_size(data))
                 self._remember(key, ep)
                 return data
             raise
-        note_path(ORIGIN, ok=True, nbytes=len(data))
+        note_path(ORIGIN, ok=True, nbytes=_size(data))
         self._remember(key, None)
         return data
 
