@@ -493,6 +493,7 @@ def warm_cmd(ref: str, cache_dir: str | None, blob_dir: str | None, everything: 
     import tempfile
 
     from erofs_nydus.daemon.warm import warm_image
+    from erofs_nydus.fsutil import open_private, private_dir
     from erofs_nydus.service.paths import RunPaths
 
     if mirrors_only:
@@ -503,8 +504,10 @@ def warm_cmd(ref: str, cache_dir: str | None, blob_dir: str | None, everything: 
         cache_dir = tempfile.mkdtemp(prefix="erofs-nydus-warm-")
     elif cache_dir is None:
         raise UsageError("give --cache-dir (or daemon.cache_dir in the config file)")
-    os.makedirs(cache_dir, exist_ok=True)
-    lock_fd = os.open(RunPaths.of(cache_dir).lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # The cache dir rules of `mount`: ours, 0700, not writable by others; the lock is
+    # opened without following a planted symlink.
+    cache_dir = private_dir(cache_dir)
+    lock_fd = open_private(RunPaths.of(cache_dir).lock, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,7 +12,6 @@ blob it is asked for, a slicing proxy every range.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from erofs_nydus.daemon.core import BlobServer, Metrics
 from erofs_nydus.daemon.images import make_backend
 from erofs_nydus.daemon.prefetch import prefetch_chunks
 from erofs_nydus.errors import ErofsNydusError
+from erofs_nydus.fsutil import private_dir
 from erofs_nydus.rafs.image import ChunkInfo
 from erofs_nydus.rafs.reader import load_image, read_bootstrap_bytes
 
@@ -81,7 +81,7 @@ def warm_image(
         scope = "all chunks" if everything else "all chunks (no prefetch table)"
         for idx in range(len(image.blobs)):
             wanted[idx] = image.chunks_for_blob(idx)
-    os.makedirs(cache_dir, exist_ok=True)
+    cache_dir = private_dir(cache_dir)
     result = WarmResult(scope)
     metrics = Metrics()
     for idx, chunks in sorted(wanted.items()):
