@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from registry_fixture import RegistryServer, free_port, skopeo_copy
 
 from erofs_nydus.config import load_config
 from erofs_nydus.errors import BackendError
+from erofs_nydus.mount import is_mountpoint, umount
 from erofs_nydus.rafs.backend import path_counters
 from erofs_nydus.registry import RegistryClient
 from erofs_nydus.registry.backend import RegistryBackend
@@ -658,6 +660,47 @@ def test_bootstrap_layer_from_a_bad_mirror_is_bounded_then_read_from_the_origin(
     assert Path(remote.bootstrap).read_bytes() == extract_bootstrap(layer)
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [Path(remote.bootstrap).name, "bootstrap-layers"])  # no partial download left
+
+
+@needs_fanotify
+@pytest.mark.kernel
+def test_nydusd_config_mirrors_serve_a_nydusd_mount(
+    nydus_ref: str, mirror: RegistryServer, expected_tree: Path, tmp_path: Path
+) -> None:
+    """nydus-snapshotter's nydusd config with backend.config.mirrors: our `nydusd`
+    hands them to the cache dir's daemon, whose reads then go through the mirror."""
+    boot = resolve_remote_image(nydus_ref, str(tmp_path / "boot")).bootstrap
+    host, rest = nydus_ref.split("/", 1)
+    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
+    mnt.mkdir()
+    config = tmp_path / "nydusd.json"
+    config.write_text(json.dumps({"device": {
+        "backend": {"type": "registry", "config": {
+            "host": host, "repo": rest.rsplit(":", 1)[0], "scheme": "http", "timeout": 5,
+            "retry_limit": 1, "mirrors": [{"host": mirror.url, "health_check_interval": 0,
+                                           "headers": {"X-Fleet": "n1"}}]}},
+        "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}}}))
+    with open(tmp_path / "nydusd.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "erofs_nydus.service.nydusd", "fuse",
+                                 "--config", str(config), "--bootstrap", boot, "--mountpoint",
+                                 str(mnt), "--apisock", str(sock)], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: is_mountpoint(mnt) or proc.poll() is not None, "nydusd to mount", 60)
+        assert proc.poll() is None, (tmp_path / "nydusd.log").read_text()
+        for rel in FILES:
+            assert (mnt / rel).read_bytes() == (expected_tree / rel).read_bytes(), rel
+        key = f"erofs_nydus_backend_path_reads_total{{path=mirror {mirror.url},result=ok}}"
+        assert daemon_metrics(cache).get(key, 0.0) >= 1
+        (image,) = daemon_status(cache)["images"]
+        assert image["backend"]["mirrors"][0]["headers"] == {"X-Fleet": "n1"}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        if is_mountpoint(mnt):
+            umount(str(mnt), lazy=True)
+        client = DaemonClient(cache)
+        wait_for(lambda: not client.supervisor_running(), "the daemon to stop")
 
 
 # -- pre-warming ---------------------------------------------------------------------------
