@@ -280,6 +280,37 @@ def test_mount_refuses_planted_lock(small_image: BuiltImage, tmp_path: Path,
     assert "symlink" in line and target.read_bytes() == TARGET_TEXT
 
 
+def _warm(img: BuiltImage, cache: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("warm", str(img.bootstrap), "--blob-dir", str(img.blob_dir), "--all",
+                   "--cache-dir", str(cache), check=False)
+
+
+def test_warm_refuses_world_writable_cache_dir(small_image: BuiltImage, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    assert "writable by group or others" in _one_line_error(_warm(small_image, cache))
+    assert os.listdir(cache) == []
+
+
+def test_warm_refuses_planted_lock(small_image: BuiltImage, tmp_path: Path,
+                                   target: Path) -> None:
+    cache = Path(private_dir(tmp_path / "cache"))
+    os.symlink(target, cache / "daemon.lock")
+    assert "symlink" in _one_line_error(_warm(small_image, cache))
+    assert target.read_bytes() == TARGET_TEXT
+
+
+def test_warm_makes_a_private_cache_dir(small_image: BuiltImage, tmp_path: Path,
+                                        umask0: None) -> None:
+    cache = tmp_path / "new" / "cache"
+    r = _warm(small_image, cache)
+    assert r.returncode == 0, r.stderr
+    assert _mode(cache) == 0o700
+    files = [p for p in cache.iterdir() if p.is_file()]
+    assert files and all(_mode(p) == 0o600 for p in files), [(p, _mode(p)) for p in files]
+
+
 # -- control requests are bounded -------------------------------------------------------
 
 BIG_LINE = b'{"op": "ping", "pad": "' + b"x" * (2 << 20) + b'"}\n'

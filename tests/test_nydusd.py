@@ -147,6 +147,70 @@ def test_localfs_and_v2_config_shapes(tmp_path: Path) -> None:
     assert not (tmp_path / "f").exists()
 
 
+def _registry(config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    return parse_nydusd_config({"device": {
+        "backend": {"type": "registry", "config": {"host": "127.0.0.1:5000", "repo": "a/b",
+                                                   **config}},
+        "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}}}}).backend
+
+
+def test_registry_mirrors_and_proxy_become_the_specs_routes(tmp_path: Path) -> None:
+    """backend.config.mirrors / proxy as nydusd documents them: every key mapped, 0 or
+    empty means nydusd's default, unknown keys ignored; the daemon's backend takes them."""
+    spec = _registry({
+        "mirrors": [
+            {"host": "http://127.0.0.1:65001", "headers": {"X-Dragonfly-Registry": "http://r"},
+             "ping_url": "http://127.0.0.1:40901/server/ping", "health_check_interval": 7,
+             "failure_limit": 3, "auth_through": False, "something_new": 1},
+            {"host": "http://127.0.0.1:65002", "health_check_interval": 0, "ping_url": ""},
+        ],
+        "proxy": {"url": "http://127.0.0.1:65003", "ping_url": "http://127.0.0.1:40902/ping",
+                  "fallback": False, "check_interval": 2, "use_http": True},
+    }, tmp_path)
+    assert spec["mirrors"] == [
+        {"host": "http://127.0.0.1:65001", "headers": {"X-Dragonfly-Registry": "http://r"},
+         "health_check_interval": 7, "failure_limit": 3,
+         "ping_url": "http://127.0.0.1:40901/server/ping", "auth_through": False},
+        {"host": "http://127.0.0.1:65002", "headers": {}, "health_check_interval": 5,
+         "failure_limit": 5, "ping_url": "", "auth_through": False},
+    ]
+    assert spec["proxy"] == {"url": "http://127.0.0.1:65003",
+                             "ping_url": "http://127.0.0.1:40902/ping", "fallback": False,
+                             "check_interval": 2, "use_http": True}
+    from erofs_nydus.registry.backend import RegistryBackend
+
+    be = RegistryBackend.from_spec(spec)
+    try:
+        assert be.spec()["mirrors"] == spec["mirrors"] and be.spec()["proxy"] == spec["proxy"]
+        assert len(be.router.mirror_settings) == 2 and be.router.proxy_settings is not None
+    finally:
+        be.close()
+    # nydusd defaults: fallback on, check every 5 s; a proxy without a url is no proxy
+    assert _registry({"proxy": {"url": "http://127.0.0.1:1"}}, tmp_path)["proxy"] == {
+        "url": "http://127.0.0.1:1", "ping_url": "", "fallback": True, "check_interval": 5,
+        "use_http": False}
+    bare = _registry({"proxy": {"url": ""}, "mirrors": []}, tmp_path)
+    assert "proxy" not in bare and "mirrors" not in bare
+
+
+@pytest.mark.parametrize("routes", [
+    {"mirrors": {"host": "http://m"}},
+    {"mirrors": [{"host": "m:5000"}]},
+    {"mirrors": ["ftp://m"]},
+    {"mirrors": [{"host": "http://m", "failure_limit": 1000}]},
+    {"mirrors": [{"host": "http://m", "headers": {"X": 1}}]},
+    {"proxy": {"url": "p:65001"}},
+    {"proxy": {"url": "http://p", "fallback": "yes"}},
+    {"proxy": "http://p"},
+])
+def test_bad_mirrors_or_proxy_is_one_line(routes: dict[str, Any], tmp_path: Path) -> None:
+    from erofs_nydus.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^nydusd config: backend") as info:
+        _registry(routes, tmp_path)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("bad", [
     "{", "[]", '{"device": {"backend": {"type": "oss"}, "cache": {"config": {"work_dir": "/c"}}}}',
     '{"device": {"backend": {"type": "registry", "config": {"host": "h"}},'

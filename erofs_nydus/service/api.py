@@ -47,6 +47,7 @@ from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DaemonError, UnsafePathError, UsageError
 from erofs_nydus.fsutil import private_dir
+from erofs_nydus.rafs.backend import path_counters
 from erofs_nydus.service import logs
 from erofs_nydus.service.paths import check_peer_is_root, note_bound, unlink_own_socket
 
@@ -252,6 +253,7 @@ class _Collector:
                       c["bytes_fetched"])  # fmt: skip
         yield counter("backend_errors", "Failed backend reads", c["backend_errors"])
         yield counter("backend_retries", "Backend read retries", c["retries"])
+        yield from _path_families(p)
         yield counter("digest_failures", "Chunks that failed decompression or sha256",
                       c["digest_failures"])  # fmt: skip
         yield counter("cache_write_errors", "Failed cache file writes", c["write_errors"])
@@ -302,6 +304,27 @@ class _Collector:
                                 value=len(self.api.table.mountpoints()))  # fmt: skip
         yield GaugeMetricFamily(f"{p}_uptime_seconds", "Seconds since the daemon started",
                                 value=time.time() - self.api.started)  # fmt: skip
+
+
+def _path_families(p: str) -> Iterator[Metric]:
+    """Which network path (origin, each mirror, the proxy) served the registry reads."""
+    reads = CounterMetricFamily(f"{p}_backend_path_reads", "Registry range reads by path and "
+                                "result (miss: a mirror that did not hold the blob yet)",
+                                labels=["path", "result"])  # fmt: skip
+    nbytes = CounterMetricFamily(f"{p}_backend_path_bytes", "Bytes served by each registry path",
+                                 labels=["path"])  # fmt: skip
+    healthy = GaugeMetricFamily(f"{p}_backend_path_healthy", "1 while a mirror or the proxy is "
+                                "used, 0 while skipped until its health check passes",
+                                labels=["path"])  # fmt: skip
+    for path, v in sorted(path_counters().items()):
+        reads.add_metric([path, "ok"], v["reads"])
+        reads.add_metric([path, "error"], v["errors"])
+        reads.add_metric([path, "miss"], v["misses"])
+        nbytes.add_metric([path], v["bytes"])
+        healthy.add_metric([path], v["healthy"])
+    yield reads
+    yield nbytes
+    yield healthy
 
 
 class _Handler(BaseHTTPRequestHandler):

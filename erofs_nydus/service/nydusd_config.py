@@ -7,6 +7,12 @@ what changes where the bytes come from and where they are cached, and ignore the
 (``mode``, ``digest_validate``, ``iostats_files``, ``fs_prefetch``: our daemon always verifies
 chunks and prefetches by the image's own list).
 
+A registry backend's ``mirrors`` and ``proxy`` (nydusd's keys: mirror ``host``, ``headers``,
+``health_check_interval``, ``failure_limit``, ``ping_url``, ``auth_through``; proxy ``url``,
+``ping_url``, ``fallback``, ``check_interval``, ``use_http``) become the spec's mirrors/proxy
+(`registry.mirrors` reads through them); as in nydusd, 0 or empty means the default, a proxy
+without a url means none, and keys we do not know are ignored like the rest.
+
 Registry credentials (``auth``: base64 of ``user:password``; ``registry_token``: a bearer
 token sent as ``Authorization: Bearer`` to that registry only, as Docker's ``registrytoken``)
 never enter a backend spec, which the daemon stores in its state file: they go to a private
@@ -27,6 +33,7 @@ import json
 import os
 from typing import Any
 
+from erofs_nydus.config import normalize_mirrors, normalize_proxy
 from erofs_nydus.errors import UsageError
 from erofs_nydus.fsutil import atomic_write
 
@@ -76,6 +83,42 @@ def _num(cfg: dict[str, Any], key: str, default: float) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
         raise UsageError(f"nydusd config: backend {key} must be a non-negative number, not {v!r}")
     return float(v) if v else default
+
+
+_MIRROR_KEYS = ("host", "headers", "health_check_interval", "failure_limit", "ping_url",
+                "auth_through")
+_PROXY_KEYS = ("url", "ping_url", "fallback", "check_interval", "use_http")
+
+
+def _known(item: object, keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """nydusd's settings object with only the keys we map; null, 0 and "" are left out
+    (nydusd's defaults then apply)."""
+    obj = _obj(item, what)
+
+    def unset(v: object) -> bool:
+        return v is None or v == "" or (v == 0 and not isinstance(v, bool))
+
+    return {k: obj[k] for k in keys if not unset(obj.get(k))}
+
+
+def _routes(inner: dict[str, Any]) -> dict[str, Any]:
+    """The registry config's ``mirrors`` / ``proxy`` as spec keys (UsageError if bad)."""
+    out: dict[str, Any] = {}
+    raw = inner.get("mirrors")
+    if raw is not None and not isinstance(raw, list):
+        raise UsageError("nydusd config: backend mirrors must be a JSON list")
+    try:
+        mirrors = normalize_mirrors([_known(m, _MIRROR_KEYS, f"backend mirrors[{i}]")
+                                     for i, m in enumerate(raw or [])])  # fmt: skip
+        proxy = normalize_proxy(_known(inner["proxy"], _PROXY_KEYS, "backend proxy")
+                                if inner.get("proxy") is not None else None)  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(f"nydusd config: backend {exc}") from None
+    if mirrors:
+        out["mirrors"] = mirrors
+    if proxy:
+        out["proxy"] = proxy
+    return out
 
 
 def parse_nydusd_config(text: str | bytes | dict[str, Any], *,
@@ -137,6 +180,7 @@ def parse_nydusd_config(text: str | bytes | dict[str, Any], *,
     }
     if inner.get("skip_verify"):
         spec["verify"] = False
+    spec.update(_routes(inner))
     auth = inner.get("auth") or None
     if auth is not None:
         if not isinstance(auth, str):

@@ -285,6 +285,8 @@ class Worker:
             deadline=request_number(req, "deadline", 30.0, integer=False),
             retries=request_number(req, "retries", 3),
             docker_config=str(docker_config) if docker_config else None,
+            mirrors=req.get("mirrors"),
+            proxy=req.get("proxy"),
             verify=str(req["verify"]) if req.get("verify") else True,
         )
         return {
