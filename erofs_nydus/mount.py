@@ -48,6 +48,7 @@ __all__ = [
     "kernel_supports_erofs",
     "kernel_supports_erofs_file_backed",
     "kernel_supports_erofs_fscache",
+    "mount_at",
     "mount_containing",
     "mount_erofs_file",
     "mount_erofs_fscache",
@@ -496,6 +497,16 @@ def mount_containing(path: StrPath) -> MountEntry | None:
                 best is None or len(mp) >= len(best.mountpoint)):
             best = m
     return best
+
+
+def mount_at(path: StrPath) -> MountEntry | None:
+    """The topmost mount at exactly ``path`` (symlinks resolved), or None."""
+    real = os.path.realpath(os.fspath(path))
+    found: MountEntry | None = None
+    for m in mount_table():
+        if m.mountpoint == real:
+            found = m
+    return found
 
 
 def is_mountpoint(path: StrPath) -> bool:

@@ -129,6 +129,8 @@ def test_mount_synthetic_tree_identical(
     assert not mount.is_mountpoint(mnt)
     with mount.mounted(synthetic_image.image, mnt, [synthetic_image.blob]) as root:
         assert mount.is_mountpoint(mnt) and mount.mount_fstype(mnt) == "erofs"
+        at = mount.mount_at(mnt)
+        assert at is not None and (at.fstype, at.source) == ("erofs", str(synthetic_image.image))
         assert os.statvfs(mnt).f_flag & os.ST_RDONLY
         got = snapshot_tree(root)
         expected = _drop(synthetic_snapshot, synthetic_image.excluded)
@@ -136,7 +138,7 @@ def test_mount_synthetic_tree_identical(
         # a device node in the image is not the host's device (nodev by default)
         with pytest.raises(PermissionError):
             open(root / "dev" / "null", "rb")  # noqa: SIM115 - raises
-    assert not mount.is_mountpoint(mnt)
+    assert not mount.is_mountpoint(mnt) and mount.mount_at(mnt) is None
     with (
         mount.mounted(synthetic_image.image, mnt, [synthetic_image.blob],
                       allow_suid_dev=True) as root,

@@ -57,15 +57,15 @@ def trace_cmd(mountpoint: str, output: str, cache_dir: str | None) -> None:
     offset; feed it to `erofs-nydus optimize BOOTSTRAP --trace FILE`.
     """
     from erofs_nydus.builder.create import write_file_atomic
-    from erofs_nydus.cli.build import check_output
-    from erofs_nydus.cli.runtime import _cache_dir_of, _mount_source
+    from erofs_nydus.cli.common import cache_dir_of, check_output
+    from erofs_nydus.mount import mount_at
     from erofs_nydus.service.api import ApiClient
 
     check_output(output, "--output")
     mp = os.path.realpath(mountpoint)
-    if cache_dir is None and _mount_source(mp) is None:
+    if cache_dir is None and mount_at(mp) is None:
         raise UsageError(f"{mp} is not mounted")
-    cdir = _cache_dir_of(mp, cache_dir)
+    cdir = cache_dir_of(mp, cache_dir)
     doc = ApiClient(cdir).get_json(ApiClient.mount_path(mp) + "/trace")
     write_file_atomic(output, json.dumps(doc, indent=0).encode() + b"\n")
     blobs = len({a["blob"] for a in doc["accesses"]})
