@@ -45,6 +45,7 @@ __all__ = [
     "host_mount_flags",
     "image_extra_devices",
     "is_mountpoint",
+    "kernel_config",
     "kernel_supports_erofs",
     "kernel_supports_erofs_file_backed",
     "kernel_supports_erofs_fscache",
@@ -540,7 +541,9 @@ def kernel_supports_erofs() -> bool:
         return False
 
 
-def _kernel_config() -> dict[str, str] | None:
+def kernel_config() -> dict[str, str] | None:
+    """The running kernel's build options (``CONFIG_X`` -> ``y``/``m``/value), from
+    /proc/config.gz or /boot/config-<release>; None when neither is readable."""
     text: str | None = None
     try:
         with gzip.open("/proc/config.gz", "rt", encoding="utf-8", errors="replace") as g:
@@ -581,7 +584,7 @@ def kernel_supports_erofs_file_backed() -> bool:
     """
     if not kernel_supports_erofs():
         return False
-    conf = _kernel_config()
+    conf = kernel_config()
     if conf is not None and "CONFIG_EROFS_FS" in conf:
         return conf.get("CONFIG_EROFS_FS_BACKED_BY_FILE") == "y"
     return _kernel_version() >= (6, 12)
@@ -592,7 +595,7 @@ def kernel_supports_erofs_fscache() -> bool:
     on-demand options in the kernel config (when readable)."""
     if not kernel_supports_erofs() or not os.path.exists("/dev/cachefiles"):
         return False
-    conf = _kernel_config()
+    conf = kernel_config()
     if conf is not None and "CONFIG_EROFS_FS" in conf:
         return conf.get("CONFIG_EROFS_FS_ONDEMAND") == "y"
     return _kernel_version() >= (5, 19)

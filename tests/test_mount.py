@@ -278,6 +278,23 @@ def test_fscache_mount_reports_missing_support(mnt: Path) -> None:
     assert "CONFIG_EROFS_FS_ONDEMAND" in str(ei.value)
 
 
+def test_kernel_config_lists_erofs() -> None:
+    conf = mount.kernel_config()
+    if conf is None:
+        pytest.skip("no /proc/config.gz or /boot/config-<release> on this host")
+    assert conf.get("CONFIG_EROFS_FS") in {"y", "m"}
+    assert all(k.startswith("CONFIG_") for k in conf)
+
+
+def test_fscache_unavailable_reason_on_this_kernel() -> None:
+    from erofs_nydus.fscache.device import unavailable_reason
+
+    if mount.kernel_supports_erofs_fscache():
+        pytest.skip("this kernel has fscache mode; exercised in the VM tests")
+    reason = unavailable_reason()
+    assert reason is not None and ("cachefiles" in reason or "CONFIG_" in reason)
+
+
 def test_is_mountpoint_basics(tmp_path: Path) -> None:
     assert mount.is_mountpoint("/")
     assert mount.is_mountpoint("/proc")
