@@ -42,6 +42,7 @@ __all__ = [
     "MS_NOSUID",
     "MS_RDONLY",
     "MountEntry",
+    "check_option_value",
     "host_mount_flags",
     "image_extra_devices",
     "is_mountpoint",
@@ -210,7 +211,9 @@ def _kernel_error(
 # --------------------------------------------------------------------------------------
 
 
-def _check_option_value(name: str, value: str) -> None:
+def check_option_value(name: str, value: str) -> None:
+    """Refuse a mount option value the kernel's option parser would split or cut
+    (a comma, NUL or newline) or that is empty: a `UsageError` naming the option."""
     if not value:
         raise UsageError(f"empty {name}= value")
     for c in _BAD_OPTION_CHARS:
@@ -301,7 +304,7 @@ def mount_erofs_file(
     opts: list[str] = []
     for d in devices:
         p = os.path.abspath(os.fspath(d))
-        _check_option_value("device", p)
+        check_option_value("device", p)
         if not os.path.exists(p):
             raise KernelError(
                 errno.ENOENT,
@@ -342,13 +345,13 @@ def mount_erofs_fscache(
     (their count must equal the image's ``extra_devices``).
     """
     mp = Path(os.path.abspath(os.fspath(mountpoint)))
-    _check_option_value("fsid", fsid)
+    check_option_value("fsid", fsid)
     opts = [f"fsid={fsid}"]
     if domain_id is not None:
-        _check_option_value("domain_id", domain_id)
+        check_option_value("domain_id", domain_id)
         opts.append(f"domain_id={domain_id}")
     for d in devices:
-        _check_option_value("device", d)
+        check_option_value("device", d)
         opts.append(f"device={d}")
     for o in extra_options:
         if not o or "," in o or "\0" in o:

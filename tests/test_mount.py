@@ -267,6 +267,10 @@ def test_bad_options_rejected(synthetic_image: MkfsImage, mnt: Path) -> None:
         mount.mount_erofs_fscache(mnt, "a,b")
     with pytest.raises(UsageError):
         mount.mount_erofs_file(synthetic_image.image, mnt, [], extra_options=["x,y"])
+    for bad in ("", "a,b", "a\0b", "a\nb"):
+        with pytest.raises(UsageError, match="domain_id"):
+            mount.check_option_value("domain_id", bad)
+    mount.check_option_value("domain_id", "dom-1")
 
 
 def test_fscache_mount_reports_missing_support(mnt: Path) -> None:

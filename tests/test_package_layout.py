@@ -25,7 +25,6 @@ KNOWN_PRIVATE = {
     "erofs_nydus/registry/backend.py: backend._options",
     "erofs_nydus/registry/client.py: source._mem",
     "erofs_nydus/service/api.py: self.table._lock",
-    "fscache_client.py: imports erofs_nydus.mount._check_option_value",
 }
 KNOWN_CYCLES = [["erofs_nydus.service.nydusd", "erofs_nydus.service.nydusd_api"]]
 
