@@ -22,7 +22,6 @@ PKG = Path(__file__).resolve().parent.parent / "erofs_nydus"
 # Debts recorded when this test was written (issue 15, still open): each must go, and
 # nothing may be added to them.  Entries are "file: expression" without line numbers.
 KNOWN_PRIVATE = {
-    "erofs_nydus/service/api.py: self.table._lock",
 }
 KNOWN_CYCLES = [["erofs_nydus.service.nydusd", "erofs_nydus.service.nydusd_api"]]
 

@@ -42,7 +42,7 @@ from prometheus_client.core import (
 )
 
 from erofs_nydus.daemon.core import LATENCY_BUCKETS
-from erofs_nydus.daemon.images import ImageEntry, ImageTable, prefetch_settings
+from erofs_nydus.daemon.images import ImageEntry, ImageTable, TableSnapshot, prefetch_settings
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DaemonError, UnsafePathError, UsageError
@@ -130,14 +130,12 @@ class DaemonApi:
         }
 
     def mounts(self) -> list[dict[str, Any]]:
-        with self.table._lock:
-            entries = list(self.table.images.values())
+        entries = list(self.table.snapshot().images.values())
         return [self._image(e) for e in entries]
 
     def find(self, key: str) -> ImageEntry:
         """Image by mountpoint (absolute path) or fsid (>= 12 leading hex digits)."""
-        with self.table._lock:
-            entries = list(self.table.images.values())
+        entries = list(self.table.snapshot().images.values())
         if key.startswith("/"):
             mp = os.path.normpath(key)
             for e in entries:
@@ -161,11 +159,10 @@ class DaemonApi:
         return doc
 
     def blobs(self) -> dict[str, dict[str, Any]]:
-        with self.table._lock:
-            servers = list(self.table.blobs.items())
-            marked = set(self.table.marked)
+        snap = self.table.snapshot()
+        marked = snap.marked
         out = {}
-        for bid, s in servers:
+        for bid, s in snap.blobs.items():
             present = s.cache.present_bytes()
             out[bid] = {
                 "size": s.cache.size,
@@ -460,13 +457,13 @@ class ControlPlane:
             self.server.stop()
             self.server = None
 
-    def _trace(self, fsid: str) -> None:
-        e = self.table.images.get(fsid)
+    def _trace(self, fsid: str, snap: TableSnapshot) -> None:
+        e = snap.images.get(fsid)
         if e is None:
             return
         self.traces.add_image(fsid, e.blob_ids)
         for b in e.blob_ids:
-            srv = self.table.blobs.get(b)
+            srv = snap.blobs.get(b)
             if srv is not None:
                 srv.tracer = self.traces.on_access
 
@@ -474,35 +471,34 @@ class ControlPlane:
         """After `ImageTable.load_state`: trace restored images and resume their
         prefetch.  `unsafe`: blobs a restarted fanotify daemon reopened after they were
         marked (writing through their fd would raise events): never prefetched."""
-        with self.table._lock:
-            self.unsafe_blobs |= set(unsafe or ())
-            fsids = list(self.table.images)
-            for fsid in fsids:
-                self._trace(fsid)
+        self.unsafe_blobs |= set(unsafe or ())
+        snap = self.table.snapshot()
+        fsids = list(snap.images)
+        for fsid in fsids:
+            self._trace(fsid, snap)
         for fsid in fsids:
             self._start_prefetch(fsid)
 
     def registered(self, fsid: str) -> None:
         """After a successful `register`: trace the image, start its prefetch with the
         settings the register request stored with it."""
-        with self.table._lock:
-            self._trace(fsid)
+        self._trace(fsid, self.table.snapshot())
         self._start_prefetch(fsid)
 
     def _start_prefetch(self, fsid: str) -> None:
-        with self.table._lock:
-            e = self.table.images.get(fsid)
-            if e is None:
-                return
-            opts = e.prefetch or prefetch_settings({})  # state files from before settings
-            if not opts["enable"]:
-                return
-            servers = {
-                i: self.table.blobs[b]
-                for i, b in enumerate(e.blob_ids)
-                if b in self.table.blobs and b not in self.unsafe_blobs
-            }
-            boot = e.bootstrap
+        snap = self.table.snapshot()
+        e = snap.images.get(fsid)
+        if e is None:
+            return
+        opts = e.prefetch or prefetch_settings({})  # state files from before settings
+        if not opts["enable"]:
+            return
+        servers = {
+            i: snap.blobs[b]
+            for i, b in enumerate(e.blob_ids)
+            if b in snap.blobs and b not in self.unsafe_blobs
+        }
+        boot = e.bootstrap
         try:
             with open(boot, "rb") as f:
                 data = f.read()
@@ -516,16 +512,15 @@ class ControlPlane:
         """Before `detach`: stop the prefetch of an image losing its last mount, so no
         prefetch fill runs while its blobs are closed."""
         mp = os.path.abspath(mountpoint)
-        with self.table._lock:
-            gone = [e.fsid for e in self.table.images.values() if e.mountpoints == [mp]]
+        gone = [e.fsid for e in self.table.snapshot().images.values() if e.mountpoints == [mp]]
         for fsid in gone:
             self.prefetch.cancel(fsid)
 
     def detached(self) -> None:
         """After `detach`: forget traces and prefetch of images no longer served."""
-        with self.table._lock:
-            live = set(self.table.images)
-            self.unsafe_blobs &= set(self.table.blobs)
+        snap = self.table.snapshot()
+        live = set(snap.images)
+        self.unsafe_blobs &= set(snap.blobs)
         for fsid in list(self.traces.traces):
             if fsid not in live:
                 self.traces.remove_image(fsid)
