@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
+from erofs_nydus.service.nydusd_api import ApiError, NydusdApiServer
 from erofs_nydus.service.nydusd_config import NydusdConfig, parse_nydusd_config
 
 __all__ = ["NydusdService", "build_info", "main", "parse_argv"]
@@ -137,15 +138,6 @@ def _cache_lock(cache_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-class ApiError(ErofsNydusError):
-    """An API answer other than success: HTTP status and nydusd's error code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 def _makedirs(path: str, root: str | None) -> list[str]:
@@ -429,8 +421,6 @@ def _setup_logging(opts: Options) -> None:
 
 
 def run(opts: Options) -> int:
-    from erofs_nydus.service.nydusd_api import NydusdApiServer
-
     svc = NydusdService(opts)
     if opts.mode == "singleton" or opts.fscache:
         from erofs_nydus.fscache.device import unavailable_reason

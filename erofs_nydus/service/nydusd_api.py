@@ -36,11 +36,20 @@ from erofs_nydus.errors import ErofsNydusError, UsageError
 if TYPE_CHECKING:
     from erofs_nydus.service.nydusd import NydusdService
 
-__all__ = ["NydusdApiServer"]
+__all__ = ["ApiError", "NydusdApiServer"]
 
 log = logging.getLogger("erofs_nydus.nydusd")
 
 MAX_BODY = 1 << 20
+
+
+class ApiError(ErofsNydusError):
+    """An API answer other than success: HTTP status and nydusd's error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 def _error_status(exc: ErofsNydusError) -> tuple[int, str]:
@@ -153,7 +162,6 @@ class NydusdApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
     def route(self, method: str, path: str, query: dict[str, str],
               body: bytes) -> tuple[int, Any]:
-        from erofs_nydus.service.nydusd import ApiError
         from erofs_nydus.service.nydusd_config import parse_nydusd_config
 
         svc = self.svc
