@@ -18,18 +18,14 @@ The socket lives next to the control socket: `api_socket_path(cache_dir)`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import socket
-import socketserver
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -46,9 +42,9 @@ from erofs_nydus.daemon.images import ImageEntry, ImageTable, TableSnapshot, pre
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
 from erofs_nydus.errors import DaemonError, UnsafePathError, UsageError
-from erofs_nydus.fsutil import private_dir
 from erofs_nydus.service import logs
-from erofs_nydus.service.paths import check_peer_is_root, note_bound, unlink_own_socket
+from erofs_nydus.service.paths import check_peer_is_root
+from erofs_nydus.service.unixhttp import UnixHttpHandler, UnixHttpServer
 
 __all__ = ["ApiClient", "ApiServer", "ControlPlane", "DaemonApi", "api_socket_path"]
 
@@ -299,9 +295,8 @@ class _Collector:
                                 value=time.time() - self.api.started)  # fmt: skip
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(UnixHttpHandler):
     server: ApiServer
-    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         try:
@@ -318,46 +313,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.send_error(405)
 
-    def address_string(self) -> str:
-        return "unix"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("api: " + format, *args)
-
-
-class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class ApiServer(UnixHttpServer):
     """The API's HTTP server on a 0600 unix socket; `start()` serves in a thread."""
-
-    daemon_threads = True
-    allow_reuse_address = False
 
     def __init__(self, path: str, api: DaemonApi) -> None:
         self.api = api
-        self.path = path
-        private_dir(os.path.dirname(path), what="socket dir")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left by a killed daemon; we hold the cache dir's lock
         super().__init__(path, _Handler)
-        self._thread: threading.Thread | None = None
-
-    def server_bind(self) -> None:
-        # Bound but not yet listening: nobody can connect before the mode is set.
-        super().server_bind()
-        os.chmod(self.path, 0o600)
-        note_bound(self.path)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.5}, name="api", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(5)
-        self.server_close()
-        unlink_own_socket(self.path)
 
 
 # -- client ----------------------------------------------------------------------------
