@@ -59,7 +59,7 @@ def trace_cmd(mountpoint: str, output: str, cache_dir: str | None) -> None:
     from erofs_nydus.builder.create import write_file_atomic
     from erofs_nydus.cli.common import cache_dir_of, check_output
     from erofs_nydus.mount import mount_at
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     check_output(output, "--output")
     mp = os.path.realpath(mountpoint)
@@ -85,7 +85,7 @@ def ctl_group() -> None:
 
 
 def _api(cache_dir: str | None) -> Any:
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     return ApiClient(_cache_dir(cache_dir))
 
@@ -111,7 +111,7 @@ def ctl_info(cache_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def ctl_mounts(key: str | None, cache_dir: str | None, as_json: bool) -> None:
     """Mounted images; with KEY (a mountpoint or fsid) just that one."""
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     api = _api(cache_dir)
     if key is not None:
