@@ -19,12 +19,6 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "erofs_nydus"
 
-# Debts recorded when this test was written (issue 15, still open): each must go, and
-# nothing may be added to them.  Entries are "file: expression" without line numbers.
-KNOWN_PRIVATE = {
-}
-KNOWN_CYCLES: list[list[str]] = []
-
 # rank of each folder: a module may import from equal (same folder) or lower ranks
 RANKS = {
     "cli": 9,
@@ -167,8 +161,7 @@ def test_no_import_cycles() -> None:
     for v in graph:
         if v not in index:
             visit(v)
-    new = [c for c in cycles if c not in KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_no_private_names_cross_modules() -> None:
@@ -190,10 +183,7 @@ def test_no_private_names_cross_modules() -> None:
                 and ast.unparse(node) not in {"os._exit", "sys._getframe"}
             ):
                 bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: {ast.unparse(node)}")
-    import re
-
-    new = [b for b in bad if re.sub(r":\d+:", ":", b) not in KNOWN_PRIVATE]
-    assert not new, "private names used across modules:\n" + "\n".join(new)
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
 
 
 def test_few_loose_modules() -> None:
