@@ -213,7 +213,7 @@ def daemon_metrics(cache: Path) -> dict[str, float]:
     """The daemon's Prometheus metrics via its control API: `name{label=value,...}` -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(ApiClient(cache).metrics()):
@@ -226,7 +226,7 @@ def daemon_metrics(cache: Path) -> dict[str, float]:
 
 def wait_prefetch(cache: Path, timeout: float = 120) -> dict[str, Any]:
     """The only mount of `cache`'s daemon once its prefetch is no longer running."""
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     deadline = time.monotonic() + timeout
     while True:

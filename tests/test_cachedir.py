@@ -503,7 +503,8 @@ def _serve_as_nobody(path: str, reply: dict[str, Any]) -> int:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 def test_control_socket_served_by_nobody_is_not_trusted(cache: Path) -> None:
-    from erofs_nydus.service.api import ApiClient, api_socket_path
+    from erofs_nydus.service.api_client import ApiClient
+    from erofs_nydus.service.paths import api_socket_path
 
     client = DaemonClient(cache)
     evil = {"ok": True, "pid": 1, "mounts": [], "fsid": "0" * 64,

@@ -101,3 +101,17 @@ def test_corrupt_state_file_is_moved_aside(image: BuiltImage, tmp_path: Path) ->
     (tmp_path / STATE_FILE).write_text('{"images": [{"bogus": 1}, 7]}')
     t.load_state()
     assert t.images == {}
+
+
+def test_snapshot_is_a_consistent_copy(image: BuiltImage, tmp_path: Path) -> None:
+    t = Hooks().table(tmp_path)
+    info = t.register(str(image.bootstrap), _backend(image), "/mnt/a")
+    snap = t.snapshot()
+    assert list(snap.images) == [info["fsid"]] and snap.images[info["fsid"]].mountpoints == [
+        "/mnt/a"]
+    (bid,) = snap.blobs
+    assert snap.blobs[bid] is t.blobs[bid] and snap.marked == {bid}
+    t.detach("/mnt/a")
+    assert not t.snapshot().images and not t.snapshot().blobs
+    assert list(snap.images) == [info["fsid"]] and bid in snap.blobs  # the copy stays
+    t.close()

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -330,6 +331,35 @@ def test_dedicated_mount_api_and_sigterm(tmp_path: Path, image: tuple[BuiltImage
     while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not DaemonClient(cache).supervisor_running()
+
+
+@kernel
+def test_apisock_dir_is_private(tmp_path: Path, image: tuple[BuiltImage, Path],
+                                cleanup: list[Nydusd]) -> None:
+    img, _src = image
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    mnt.mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
+    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
+            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock"]
+    # a socket dir anyone may write to: someone could swap the socket; refused, one line
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    p = subprocess.run([*NYDUSD, *argv, str(tmp_path / "open" / "api.sock"), "--log-file",
+                        str(tmp_path / "refused.log")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "socket dir" in p.stderr, p.stderr
+    assert not is_mountpoint(mnt)
+    # a missing one is made private (0700), like the control API's
+    sock = tmp_path / "run" / "nydusd" / "api.sock"
+    d = Nydusd(tmp_path, [*argv, str(sock)]).start()
+    cleanup.append(d)
+    wait_state(sock)
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert d.stop(signal.SIGTERM) == 0
+    assert not sock.exists() and not is_mountpoint(mnt)
 
 
 @kernel

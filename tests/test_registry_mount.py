@@ -302,6 +302,18 @@ def test_backend_from_spec_is_lazy_and_shares_its_client(nydus_ref: str,
         a.read_range(blob, 0, 1)
 
 
+def test_backend_with_client_options_is_lazy_and_closable() -> None:
+    be = RegistryBackend(None, "127.0.0.1:9/app", deadline=5.0, client_options={
+        "plain_http": "loopback", "timeout": 2.0, "retries": 1})
+    assert be.spec() == {"type": "registry", "repo": "127.0.0.1:9/app",
+                         "plain_http": "loopback", "deadline": 5.0, "timeout": 2.0,
+                         "retries": 1}
+    assert be._client is None  # spec() makes no client
+    be.close()
+    with pytest.raises(BackendError, match="closed"):
+        be.read_range("0" * 64, 0, 1)
+
+
 def test_resolve_refuses_plain_oci_images(nydus_ref: str, registry: RegistryServer,
                                           tmp_path: Path) -> None:
     from erofs_nydus.errors import UnsupportedError

@@ -57,15 +57,15 @@ def trace_cmd(mountpoint: str, output: str, cache_dir: str | None) -> None:
     offset; feed it to `erofs-nydus optimize BOOTSTRAP --trace FILE`.
     """
     from erofs_nydus.builder.create import write_file_atomic
-    from erofs_nydus.cli.build import check_output
-    from erofs_nydus.cli.runtime import _cache_dir_of, _mount_source
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.cli.common import cache_dir_of, check_output
+    from erofs_nydus.mount import mount_at
+    from erofs_nydus.service.api_client import ApiClient
 
     check_output(output, "--output")
     mp = os.path.realpath(mountpoint)
-    if cache_dir is None and _mount_source(mp) is None:
+    if cache_dir is None and mount_at(mp) is None:
         raise UsageError(f"{mp} is not mounted")
-    cdir = _cache_dir_of(mp, cache_dir)
+    cdir = cache_dir_of(mp, cache_dir)
     doc = ApiClient(cdir).get_json(ApiClient.mount_path(mp) + "/trace")
     write_file_atomic(output, json.dumps(doc, indent=0).encode() + b"\n")
     blobs = len({a["blob"] for a in doc["accesses"]})
@@ -85,7 +85,7 @@ def ctl_group() -> None:
 
 
 def _api(cache_dir: str | None) -> Any:
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     return ApiClient(_cache_dir(cache_dir))
 
@@ -111,7 +111,7 @@ def ctl_info(cache_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def ctl_mounts(key: str | None, cache_dir: str | None, as_json: bool) -> None:
     """Mounted images; with KEY (a mountpoint or fsid) just that one."""
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     api = _api(cache_dir)
     if key is not None:

@@ -8,7 +8,7 @@ import time
 import click
 
 from erofs_nydus.cli import main
-from erofs_nydus.cli.build import _write_json, check_output, parse_size
+from erofs_nydus.cli.common import check_output, parse_size, write_json
 
 
 class _Progress:
@@ -99,7 +99,7 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
     finally:
         progress.close()
     if output_json:
-        _write_json(result.to_json(), output_json)
+        write_json(result.to_json(), output_json)
     if output_json != "-":
         click.echo(f"converted {source} -> {target} ({result.manifest_digest}): "
                    f"{len(result.blobs)} blobs, {result.layers_converted} layers converted, "

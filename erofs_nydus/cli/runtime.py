@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from erofs_nydus.cli import main
+from erofs_nydus.cli.common import cache_dir_of
 from erofs_nydus.config import apply_backend_config, config_options, current_config
 from erofs_nydus.errors import DaemonError, UnsupportedError, UsageError
 
@@ -62,17 +63,6 @@ def pick_mode(mode: str) -> tuple[str, str]:
             f"fanotify mode needs Linux >= 6.14 with pre-content fanotify and root (this is {vs})"
         )
     raise UnsupportedError(f"no on-demand mode works here: {fscache_msg}")
-
-
-def _mount_source(mountpoint: str) -> tuple[str, str] | None:
-    """(fstype, source) of the topmost mount at `mountpoint`, from mountinfo."""
-    from erofs_nydus.mount import mount_table
-
-    found = None
-    for m in mount_table():
-        if m.mountpoint == mountpoint:
-            found = (m.fstype, m.source)
-    return found
 
 
 @main.command("mount")
@@ -329,25 +319,6 @@ def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_h
     return {**remote.backend, "bootstrap": remote.bootstrap}
 
 
-def _cache_dir_of(mp: str, cache_dir: str | None) -> str:
-    if cache_dir is not None:
-        return cache_dir
-    src = _mount_source(mp)
-    if src is None:
-        raise UsageError(f"{mp} is not mounted; pass --cache-dir to clean up its registration")
-    fstype, source = src
-    if fstype == "erofs" and source == "none":  # fscache mode: one daemon per system
-        from erofs_nydus.service.fscache_client import fscache_cache_dir
-
-        found = fscache_cache_dir()
-        if found is None:
-            raise UsageError(f"{mp}: no fscache daemon found; pass --cache-dir")
-        return found
-    if fstype != "erofs" or not source.endswith(".boot"):
-        raise UsageError(f"{mp} is not an erofs-nydus mount ({fstype} from {source})")
-    return os.path.dirname(source)
-
-
 @main.command("umount")
 @click.argument("mountpoint", type=click.Path())
 @click.option(
@@ -361,7 +332,7 @@ def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
     from erofs_nydus.service.client import DaemonClient
 
     mp = os.path.realpath(mountpoint)
-    cdir = _cache_dir_of(mp, cache_dir)
+    cdir = cache_dir_of(mp, cache_dir)
     client = DaemonClient(cdir)
     if is_mountpoint(mp):
         umount(mp)
@@ -399,7 +370,7 @@ def stats_cmd(mountpoint: str | None, cache_dir: str | None, as_json: bool) -> N
     if cache_dir is None:
         if mountpoint is None:
             raise UsageError("give a MOUNTPOINT or --cache-dir")
-        cache_dir = _cache_dir_of(os.path.realpath(mountpoint), None)
+        cache_dir = cache_dir_of(os.path.realpath(mountpoint), None)
     st: dict[str, Any] = DaemonClient(cache_dir).request("status")
     if as_json:
         click.echo(json.dumps(st, indent=1))

@@ -33,8 +33,8 @@ from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.image import RafsImage
 from erofs_nydus.rafs.reader import load_image
 
-__all__ = ["REQUEST_LIMITS", "STATE_FILE", "ImageEntry", "ImageTable", "make_backend",
-           "request_number", "requested_fsid"]
+__all__ = ["REQUEST_LIMITS", "STATE_FILE", "ImageEntry", "ImageTable", "TableSnapshot",
+           "make_backend", "request_number", "requested_fsid"]
 
 STATE_FILE = "daemon-state.json"
 log = logging.getLogger("erofs_nydus.daemon")
@@ -151,6 +151,16 @@ def prefetch_settings(req: dict[str, Any]) -> dict[str, Any]:
             "bandwidth": request_number(req, "prefetch_bandwidth", 0)}
 
 
+@dataclass(frozen=True)
+class TableSnapshot:
+    """The table's maps copied in one go under its lock (`ImageTable.snapshot`): readers
+    iterate them without holding the lock.  Entries and servers are the live objects."""
+
+    images: dict[str, ImageEntry]
+    blobs: dict[str, BlobServer]
+    marked: frozenset[str]
+
+
 class ImageTable:
     """Thread-safe registry of images and blob servers for one cache dir."""
 
@@ -186,6 +196,11 @@ class ImageTable:
     def mountpoints(self) -> list[str]:
         with self._lock:
             return [mp for e in self.images.values() for mp in e.mountpoints]
+
+    def snapshot(self) -> TableSnapshot:
+        """Images, blob servers and marked blob ids, consistent with each other."""
+        with self._lock:
+            return TableSnapshot(dict(self.images), dict(self.blobs), frozenset(self.marked))
 
     # -- blobs -------------------------------------------------------------------------
 

@@ -378,12 +378,15 @@ class BootstrapReader:
             ino.size = 0
         return ino
 
-    def problems(self) -> list[str]:
-        """Everything wrong with the metadata, one line each (walks the whole tree)."""
-        try:
-            self.tree()
-        except FormatError as exc:
-            self._bad(str(exc))
+    def problems(self, walk: bool = True) -> list[str]:
+        """Everything wrong with the metadata, one line each.  `walk=False` lists only what
+        opening the image found (superblocks, blob and chunk tables) without walking the
+        whole tree."""
+        if walk:
+            try:
+                self.tree()
+            except FormatError as exc:
+                self._bad(str(exc))
         return list(self._problems)
 
     def prefetch_nids(self) -> list[int]:
@@ -398,8 +401,9 @@ def read_image_meta(data: bytes, name: str = "bootstrap", strict: bool = True) -
     r = BootstrapReader(data, name)
     if strict and r.refused:
         raise UnsupportedError(f"{name}: unsupported: {r.refused[0]}")
-    if strict and r._problems:
-        raise FormatError(f"{name}: {r._problems[0]}")
+    problems = r.problems(walk=False) if strict else []
+    if problems:
+        raise FormatError(f"{name}: {problems[0]}")
     return r.image
 
 

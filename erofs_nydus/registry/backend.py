@@ -28,10 +28,11 @@ class RegistryBackend:
 
     `repo`: an ImageReference or ``host[:port]/repo`` (a tag or digest is ignored).
     `deadline`: seconds per read_range, retries included.  `owns_client`: close the
-    client in `close()`.  Backends made by `from_spec` share one client per set of
-    client options (one connection pool, TLS context and bearer token for all the
-    blobs of an image) and create it on the first read, so registering an image in
-    the daemon never waits for the HTTP stack.
+    client in `close()`.  `client_options` (with no `client`; what `from_spec` makes):
+    the `RegistryClient` options; backends with the same ones share one client (one
+    connection pool, TLS context and bearer token for all the blobs of an image),
+    created on the first read, so registering an image in the daemon never waits for
+    the HTTP stack.
     """
 
     def __init__(
@@ -41,13 +42,15 @@ class RegistryBackend:
         *,
         deadline: float = 60.0,
         owns_client: bool = False,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self._client = client
         self.repo = as_image_reference(repo)
         self.deadline = deadline
         self.owns_client = owns_client
         self.extra_spec: dict[str, Any] = {}  # docker_config / verify, kept by spec()
-        self._options: dict[str, Any] = {}  # from_spec: how to make the shared client
+        # without a client: the RegistryClient options of the shared client made on first read
+        self._options: dict[str, Any] = dict(client_options or {}) if client is None else {}
         self._shared_key: str | None = None
         self._lock = threading.Lock()
         self.router = Router([], None, {})
@@ -81,8 +84,7 @@ class RegistryBackend:
         }
         if options["timeout"] <= 0 or deadline <= 0 or options["retries"] < 0:
             raise UsageError(f"registry backend spec: bad timeout/deadline/retries in {spec!r}")
-        backend = cls(None, spec["repo"], deadline=deadline)
-        backend._options = options
+        backend = cls(None, spec["repo"], deadline=deadline, client_options=options)
         backend.extra_spec = {k: spec[k] for k in ("docker_config", "verify") if k in spec}
         mirrors, proxy = parse_routes(spec)
         if mirrors:

@@ -228,6 +228,11 @@ class BlobSource:
         else:
             raise UsageError(f"cannot upload a {type(data).__name__}")
 
+    @property
+    def in_memory(self) -> bool:
+        """The bytes are in memory (cheap to digest before any upload)."""
+        return self._mem is not None
+
     def digest(self) -> str:
         h = hashlib.sha256()
         for piece in self.iter(0, self.size):
@@ -1022,7 +1027,7 @@ class RegistryClient:
             digest = source.digest()
         else:
             check_digest(digest)
-            if source._mem is not None and sha256_digest(bytes(source._mem)) != digest:
+            if source.in_memory and source.digest() != digest:
                 raise DigestMismatchError(f"blob for {image.name}: data is not {digest}")
         chunk = chunk_size if chunk_size is not None else self.upload_chunk_size
         if chunk is not None and chunk <= 0:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
+from erofs_nydus.service.nydusd_api import ApiError, NydusdApiServer
 from erofs_nydus.service.nydusd_config import NydusdConfig, parse_nydusd_config
 
 if TYPE_CHECKING:
@@ -154,15 +155,6 @@ def _cache_lock(cache_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-class ApiError(ErofsNydusError):
-    """An API answer other than success: HTTP status and nydusd's error code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 def _makedirs(path: str, root: str | None) -> list[str]:
@@ -498,8 +490,6 @@ def _setup_logging(opts: Options) -> None:
 
 
 def run(opts: Options) -> int:
-    from erofs_nydus.service.nydusd_api import NydusdApiServer
-
     svc = NydusdService(opts)
     if svc.fscache is not None:
         from erofs_nydus.service.nydusd_fscache import fscache_unusable
