@@ -158,3 +158,28 @@ def test_compressed_range_bounded(image: tuple[bytes, Path]) -> None:
     blob = read_image_meta(boot).blobs[0]
     refused(patch_chunk(boot, 0, coff=blob.compressed_size), "outside blob data")
     refused(patch_blob(boot, compressed_size=1 << 63), "too large")
+
+
+# -- item 2: check -D ends in one line per problem, never a traceback ----------------------
+
+
+@pytest.mark.parametrize("patch", [
+    {"blob": {"compressed_size": (1 << 64) - 1}, "chunk": {"coff": 1 << 63}},
+    {"blob": {"ci_offset": 1 << 63}},
+    {"blob": {"ci_offset": (1 << 64) - 4096}},
+    {"blob": {"ci_compressed_size": 1 << 62}},
+    {"chunk": {"csize": 0xFFFFFFFF}},
+])
+def test_check_blobs_never_tracebacks(image: tuple[bytes, Path], tmp_path: Path,
+                                      patch: dict[str, dict[str, int]]) -> None:
+    boot, blobs = image
+    bad = patch_blob(boot, **patch.get("blob", {}))
+    if "chunk" in patch:
+        bad = patch_chunk(bad, 0, **patch["chunk"])
+    p = tmp_path / "bad.boot"
+    p.write_bytes(bad)
+    res = cli("check", str(p), "-D", str(blobs))
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr and res.stderr.strip(), res.stderr
+    for line in res.stderr.strip().splitlines():
+        assert line.startswith(str(p)), line

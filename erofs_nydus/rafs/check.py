@@ -88,6 +88,11 @@ def read_chunk(backend: BlobBackend, blob_id: str, c: ChunkInfo) -> bytes:
 
 def read_ci_table(backend: BlobBackend, blob: BlobInfo) -> list[tuple[int, int, int, int]]:
     """The blob's own chunk-info array: (uoff, usize, coff, csize) per chunk index."""
+    if blob.ci_uncompressed_size != blob.chunk_count * R.CI_ENTRY_V1_SIZE or not (
+            0 < blob.ci_compressed_size <= 2 * blob.ci_uncompressed_size + 4096):
+        # sizes are allocated below: only those the (bounded) chunk count implies
+        raise FormatError(f"chunk-info sizes {blob.ci_compressed_size}/"
+                          f"{blob.ci_uncompressed_size} do not fit {blob.chunk_count} chunks")
     try:
         raw_hdr = backend.read_range(blob.blob_id, blob.ci_offset + blob.ci_compressed_size,
                                      R.BLOB_CI_HEADER_SIZE)
@@ -99,7 +104,10 @@ def read_ci_table(backend: BlobBackend, blob: BlobInfo) -> list[tuple[int, int, 
     if (hdr.ci_offset, hdr.ci_compressed_size, hdr.ci_uncompressed_size, hdr.ci_entries) != (
             blob.ci_offset, blob.ci_compressed_size, blob.ci_uncompressed_size, blob.chunk_count):
         raise FormatError("chunk-info header disagrees with the blob table")
-    raw = backend.read_range(blob.blob_id, blob.ci_offset, blob.ci_compressed_size)
+    try:
+        raw = backend.read_range(blob.blob_id, blob.ci_offset, blob.ci_compressed_size)
+    except BackendError as exc:
+        raise FormatError(f"cannot read chunk-info array: {exc}") from exc
     if blob.ci_compressed_size != blob.ci_uncompressed_size:
         try:
             raw = lz4.block.decompress(raw, uncompressed_size=blob.ci_uncompressed_size)
