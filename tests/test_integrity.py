@@ -14,6 +14,7 @@ Threat model of this file (what it proves):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.errors import FormatError
+from erofs_nydus.errors import DaemonError, FormatError
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.rafs.check import check_bootstrap
@@ -183,3 +184,34 @@ def test_check_blobs_never_tracebacks(image: tuple[bytes, Path], tmp_path: Path,
     assert "Traceback" not in res.stderr and res.stderr.strip(), res.stderr
     for line in res.stderr.strip().splitlines():
         assert line.startswith(str(p)), line
+
+
+# -- item 3: the daemon allocates only from bounded, validated values ---------------------
+
+
+def test_blob_cache_refuses_unbounded_or_aliased_chunks(tmp_path: Path) -> None:
+    from daemon_support import make_blob, make_payloads
+
+    from erofs_nydus.daemon.blobcache import BlobCacheFile
+
+    sb = make_blob(make_payloads([5000, 9000, 4096]), chunk_size=CHUNK)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    huge = dataclasses.replace(sb.blob, chunk_count=R.MAX_CHUNKS_PER_BLOB + 1)
+    with pytest.raises(DaemonError, match="chunk count"):
+        BlobCacheFile(str(cache), huge, sb.chunks, durable=False)
+    wide = dataclasses.replace(sb.blob, uncompressed_size=1 << 40)
+    with pytest.raises(DaemonError, match="uncompressed size"):
+        BlobCacheFile(str(cache), wide, sb.chunks, durable=False)
+    alias = [sb.chunks[0], sb.chunks[1], dataclasses.replace(sb.chunks[2], index=1)]
+    with pytest.raises(DaemonError, match="listed twice"):
+        BlobCacheFile(str(cache), sb.blob, alias, durable=False)
+    beyond = [sb.chunks[0], dataclasses.replace(sb.chunks[1], index=3)]
+    with pytest.raises(DaemonError, match="out of range"):
+        BlobCacheFile(str(cache), sb.blob, beyond, durable=False)
+    assert not list(cache.iterdir())  # refused before any file was made
+    bcf = BlobCacheFile(str(cache), sb.blob, sb.chunks[:2], durable=False)
+    with pytest.raises(DaemonError, match="out of range"):
+        bcf.add_chunks([dataclasses.replace(sb.chunks[2], index=7)])
+    bcf.close()
+    assert (cache / f"{sb.blob.blob_id}.chunkmap").stat().st_size == 16 + 1

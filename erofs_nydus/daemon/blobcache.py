@@ -20,6 +20,7 @@ import threading
 
 from erofs_nydus.daemon.chunkmap import ChunkMap
 from erofs_nydus.errors import DaemonError
+from erofs_nydus.layout.rafs import MAX_CHUNKS_PER_BLOB
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 __all__ = ["BlobCacheFile", "cache_paths"]
@@ -68,8 +69,9 @@ class BlobCacheFile:
         self.durable = durable
         self.lock = threading.Lock()
         self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self._check_blob()
         self._check_chunks()
-        nbits = max([blob.chunk_count, *(c.index + 1 for c in self.chunks)])
+        nbits = blob.chunk_count  # bounded by _check_blob; every index is below it
         own_fd = fd is None
         if fd is None:
             fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -93,9 +95,26 @@ class BlobCacheFile:
                 os.close(fd)
             raise
 
+    def _check_blob(self) -> None:
+        """What sizes this file and its map must be within fixed limits (the reader
+        refuses such bootstraps already; this holds for any caller)."""
+        b = self.blob
+        if not 0 < b.chunk_count <= MAX_CHUNKS_PER_BLOB:
+            raise DaemonError(f"blob {self.blob_id}: chunk count {b.chunk_count} outside "
+                              f"1..{MAX_CHUNKS_PER_BLOB}")
+        if not 0 < self.size <= b.chunk_count * b.chunk_size or self.size % 4096:
+            raise DaemonError(f"blob {self.blob_id}: uncompressed size {self.size} does not "
+                              f"fit {b.chunk_count} chunks of {b.chunk_size} bytes")
+
     def _check_chunks(self) -> None:
         end = 0
+        seen: set[int] = set()
         for c in self.chunks:
+            if not 0 <= c.index < self.blob.chunk_count or c.index in seen:
+                # one presence bit per chunk: an alias would report a hole as present
+                raise DaemonError(f"blob {self.blob_id}: chunk index {c.index} out of range "
+                                  "or listed twice")
+            seen.add(c.index)
             if c.uncompressed_offset % 4096 or c.uncompressed_offset < end:
                 raise DaemonError(
                     f"blob {self.blob_id}: chunk {c.index} at {c.uncompressed_offset} overlaps "
@@ -120,11 +139,6 @@ class BlobCacheFile:
             for c in chunks:
                 old = known.get(c.index)
                 if old is None:
-                    if c.index >= self.map.nbits:
-                        raise DaemonError(
-                            f"blob {self.blob_id}: chunk index {c.index} beyond the blob's "
-                            f"{self.map.nbits} chunks"
-                        )
                     new.append(c)
                     known[c.index] = c
                 elif old != c:
