@@ -215,3 +215,96 @@ def test_blob_cache_refuses_unbounded_or_aliased_chunks(tmp_path: Path) -> None:
         bcf.add_chunks([dataclasses.replace(sb.chunks[2], index=7)])
     bcf.close()
     assert (cache / f"{sb.blob.blob_id}.chunkmap").stat().st_size == 16 + 1
+
+
+# -- item 4: every bootstrap handed to mount(2) passed the full validation ---------------
+
+
+def chunk_index_off(boot: bytes, name: bytes) -> int:
+    """Offset of the first chunk index of the root-level regular file `name`."""
+    from erofs_nydus.layout import erofs as E
+    from erofs_nydus.rafs.reader import BootstrapReader
+
+    r = BootstrapReader(boot)
+    (nid,) = [n for nm, n, _t in r.dirents(r.inode(r.sb.root_nid)) if nm == name]
+    ri = r.inode(nid)
+    start = ri.offset + ri.isize + E.xattr_ibody_size(ri.xattr_icount)
+    return (start + 7) & ~7
+
+
+def tree_broken(boot: bytes) -> bytes:
+    """Valid superblocks and tables, but /f1's first chunk index names no chunk."""
+    out = bytearray(boot)
+    struct.pack_into("<I", out, chunk_index_off(boot, b"f1") + 4, 0x00FFFFF0)
+    return bytes(out)
+
+
+def _table(cache: Path) -> Any:
+    from erofs_nydus.daemon.images import ImageTable
+
+    return ImageTable(str(cache), durable=False)
+
+
+def test_register_runs_full_validation_and_remembers(image: tuple[bytes, Path],
+                                                      tmp_path: Path) -> None:
+    from erofs_nydus.daemon.images import VERDICT_FILE
+
+    boot, blobs = image
+    bad = tmp_path / "bad.boot"
+    bad.write_bytes(tree_broken(boot))
+    read_image_meta(bad.read_bytes())  # the tables alone look fine
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    t = _table(cache)
+    backend = {"type": "local", "dir": str(blobs)}
+    with pytest.raises(FormatError, match="not in the chunk table"):
+        t.register(str(bad), backend, str(tmp_path / "m0"))
+    assert not t.images and not list(cache.glob("*.boot"))
+    good = tmp_path / "good.boot"
+    good.write_bytes(boot)
+    t.register(str(good), backend, str(tmp_path / "m1"))
+    digest = hashlib.sha256(boot).hexdigest()
+    assert digest in t.verdicts
+    vf = cache / VERDICT_FILE
+    assert vf.read_text().split() == [digest] and vf.stat().st_mode & 0o777 == 0o600
+    # a restarted daemon trusts its own verdict file, but not one others could write
+    assert digest in _table(cache).verdicts
+    vf.chmod(0o666)
+    assert digest not in _table(cache).verdicts
+    t.close()
+
+
+def test_planted_stored_bootstrap_is_hash_checked(image: tuple[bytes, Path],
+                                                  tmp_path: Path) -> None:
+    from erofs_nydus.builder import BuildOptions, create_image
+
+    boot, blobs = image
+    src = tmp_path / "other"
+    src.mkdir()
+    (src / "evil").write_bytes(b"not the image\n")
+    create_image(str(src), str(tmp_path / "other.boot"), str(blobs), BuildOptions())
+    other = (tmp_path / "other.boot").read_bytes()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    fsid = hashlib.sha256(boot).hexdigest()
+    planted = cache / f"{fsid}.boot"
+    planted.write_bytes(other)  # a valid image, but not the one the name promises
+    backend = {"type": "local", "dir": str(blobs)}
+    t = _table(cache)
+    # handed the planted copy itself (what a resolved REF mount does): refused, removed
+    with pytest.raises(FormatError, match="does not match its sha256 name"):
+        t.register(str(planted), backend, str(tmp_path / "m0"))
+    assert not planted.exists()
+    # registering the real bootstrap replaces a planted copy instead of mounting it
+    planted.write_bytes(other)
+    src_boot = tmp_path / "img.boot"
+    src_boot.write_bytes(boot)
+    info = t.register(str(src_boot), backend, str(tmp_path / "m1"))
+    assert info["bootstrap"] == str(planted) and planted.read_bytes() == boot
+    t.close()
+    # a restarted daemon does not restore an image whose stored copy changed under it
+    planted.write_bytes(other)
+    t2 = _table(cache)
+    t2.load_state()
+    assert not t2.images
+    t2.close()

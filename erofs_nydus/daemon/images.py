@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,14 +28,18 @@ from typing import Any
 
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
-from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError
+from erofs_nydus.errors import BackendError, DaemonError, FormatError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
-from erofs_nydus.rafs.image import RafsImage, load_image
+from erofs_nydus.rafs.image import RafsImage
+from erofs_nydus.rafs.reader import BootstrapReader
 
-__all__ = ["STATE_FILE", "ImageEntry", "ImageTable", "make_backend"]
+__all__ = ["STATE_FILE", "VERDICT_FILE", "ImageEntry", "ImageTable", "Verdicts", "make_backend",
+           "validate_bootstrap"]
 
 STATE_FILE = "daemon-state.json"
+VERDICT_FILE = "verified-bootstraps"
+_STORED_BOOT = re.compile(r"[0-9a-f]{64}\.boot")
 log = logging.getLogger("erofs_nydus.daemon")
 
 Hook = Callable[[BlobServer], None]
@@ -87,6 +93,77 @@ def _check_backend(spec: dict[str, Any], blob_id: str, compressed_size: int) -> 
         )
 
 
+class Verdicts:
+    """sha256 digests of bootstraps that passed the full reader validation.
+
+    Kept in memory and in `<cache-dir>/verified-bootstraps` (one digest a line), so a
+    remount - also by a restarted daemon - skips the tree walk.  The file is trusted
+    only as far as the cache dir is: it must be a regular file owned by this user and
+    writable by nobody else, else it is ignored (and rewritten).  Whoever could write
+    it could as well replace the state file or the bootstrap copies.
+    """
+
+    def __init__(self, cache_dir: str) -> None:
+        self.path = os.path.join(cache_dir, VERDICT_FILE)
+        self._ok: set[str] = set()
+        self._lock = threading.Lock()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                    or st.st_mode & 0o022 or st.st_size > 1 << 20):
+                log.warning("ignoring %s: not a private file of ours", self.path)
+                return
+            raw = os.read(fd, st.st_size).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+        self._ok = {w for w in raw.split() if re.fullmatch(r"[0-9a-f]{64}", w)}
+
+    def __contains__(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._ok
+
+    def add(self, digest: str) -> None:
+        with self._lock:
+            if digest in self._ok:
+                return
+            self._ok.add(digest)
+            doc = "".join(f"{d}\n" for d in sorted(self._ok)).encode()
+        try:
+            atomic_write(self.path, doc, mode=0o600)
+        except OSError as exc:  # the verdict stays in memory
+            log.warning("cannot save %s: %s", self.path, exc)
+
+
+def validate_bootstrap(data: bytes, verdicts: Verdicts | None = None,
+                       name: str = "bootstrap") -> RafsImage:
+    """Parse `data` with the full reader validation (superblocks, tables and the whole
+    tree: what the kernel will walk once it is mounted); raise FormatError naming the
+    first problem.  A digest in `verdicts` skips the tree walk; a pass is added."""
+    digest = hashlib.sha256(data).hexdigest()
+    reader = BootstrapReader(data, name)
+    if verdicts is not None and digest in verdicts:
+        problems = reader.problems(walk_tree=False)
+    else:
+        problems = reader.problems()
+    if problems:
+        raise FormatError(f"{name}: {problems[0]}")
+    if verdicts is not None:
+        verdicts.add(digest)
+    return reader.image
+
+
+def _holds(path: str, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
+
+
 @dataclass
 class ImageEntry:
     fsid: str
@@ -130,6 +207,7 @@ class ImageTable:
         self.images: dict[str, ImageEntry] = {}
         self.blobs: dict[str, BlobServer] = {}
         self.marked: set[str] = set()
+        self.verdicts = Verdicts(self.cache_dir)
         self._by_dev_ino: dict[tuple[int, int], BlobServer] = {}
         self._lock = threading.RLock()
         _preload_registry()
@@ -226,9 +304,25 @@ class ImageTable:
     # -- images ------------------------------------------------------------------------
 
     def _load(self, entry: ImageEntry) -> RafsImage:
+        """A stored bootstrap of the state file, checked against its name and validated."""
         with open(entry.bootstrap, "rb") as f:
             data = f.read()
-        return load_image(data)
+        if hashlib.sha256(data).hexdigest() != entry.fsid:
+            raise FormatError(f"{entry.bootstrap}: content does not match image {entry.fsid}")
+        return validate_bootstrap(data, self.verdicts, os.path.basename(entry.bootstrap))
+
+    def _check_stored(self, path: str, data: bytes) -> None:
+        """A `<sha256>.boot` in our cache dir must hold what its name says (a planted or
+        damaged copy would be mounted as the image the name promises)."""
+        name = os.path.basename(path)
+        if os.path.dirname(os.path.abspath(path)) != self.cache_dir or not _STORED_BOOT.fullmatch(
+                name):
+            return
+        if hashlib.sha256(data).hexdigest() != name[:-len(".boot")]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise FormatError(f"{path}: stored bootstrap does not match its sha256 name "
+                              "(removed; mount again to fetch it)")
 
     def register(
         self,
@@ -246,8 +340,9 @@ class ImageTable:
         """
         with open(bootstrap, "rb") as f:
             data = f.read()
-        image = load_image(data)
-        fsid = image.fsid or hashlib.sha256(data).hexdigest()
+        self._check_stored(bootstrap, data)
+        image = validate_bootstrap(data, self.verdicts, os.path.basename(bootstrap))
+        fsid = hashlib.sha256(data).hexdigest()
         for b in image.blobs:
             _check_backend(backend, b.blob_id, b.compressed_size)
         mountpoint = os.path.abspath(mountpoint)
@@ -261,7 +356,7 @@ class ImageTable:
                     self.detach(mountpoint)  # left over from a failed mount
                     break
             boot = os.path.join(self.cache_dir, f"{fsid}.boot")
-            if not os.path.exists(boot):
+            if not _holds(boot, data):  # missing, or planted / damaged: ours replaces it
                 atomic_write(boot, data)
             entry = self.images.get(fsid)
             new = entry is None

@@ -428,12 +428,14 @@ class BootstrapReader:
             ino.size = 0
         return ino
 
-    def problems(self) -> list[str]:
-        """Everything wrong with the metadata, one line each (walks the whole tree)."""
-        try:
-            self.tree()
-        except FormatError as exc:
-            self._bad(str(exc))
+    def problems(self, *, walk_tree: bool = True) -> list[str]:
+        """Everything wrong with the metadata, one line each (walks the whole tree
+        unless `walk_tree` is False: then superblocks, blob and chunk tables only)."""
+        if walk_tree:
+            try:
+                self.tree()
+            except FormatError as exc:
+                self._bad(str(exc))
         return list(self._problems)
 
     def prefetch_nids(self) -> list[int]:

@@ -99,7 +99,12 @@ def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
 def _store_bootstrap(cache_dir: str, layer_digest: str, boot: bytes) -> str:
     sha = hashlib.sha256(boot).hexdigest()
     path = os.path.join(cache_dir, f"{sha}.boot")
-    if not os.path.exists(path):
+    try:
+        with open(path, "rb") as f:
+            same = f.read(len(boot) + 1) == boot
+    except OSError:
+        same = False
+    if not same:  # missing, or planted / damaged under our name: replace it
         atomic_write(path, boot)
     os.makedirs(os.path.join(cache_dir, LAYER_INDEX), exist_ok=True)
     atomic_write(os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1]),
