@@ -214,7 +214,7 @@ def test_blob_cache_refuses_unbounded_or_aliased_chunks(tmp_path: Path) -> None:
     with pytest.raises(DaemonError, match="out of range"):
         bcf.add_chunks([dataclasses.replace(sb.chunks[2], index=7)])
     bcf.close()
-    assert (cache / f"{sb.blob.blob_id}.chunkmap").stat().st_size == 16 + 1
+    assert (cache / f"{sb.blob.blob_id}.chunkmap").stat().st_size == 40 + 1
 
 
 # -- item 4: every bootstrap handed to mount(2) passed the full validation ---------------
@@ -308,3 +308,102 @@ def test_planted_stored_bootstrap_is_hash_checked(image: tuple[bytes, Path],
     t2.load_state()
     assert not t2.images
     t2.close()
+
+
+# -- item 5: cached bytes are trusted only as far as this daemon verified them -----------
+
+
+def _registered(image: tuple[bytes, Path], tmp_path: Path) -> tuple[Path, Any, Path]:
+    """A cache dir with the image registered and its blob filled completely, closed."""
+    boot, blobs = image
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    src = tmp_path / "img.boot"
+    src.write_bytes(boot)
+    t = _table(cache)
+    t.register(str(src), {"type": "local", "dir": str(blobs)}, str(tmp_path / "mnt"))
+    (srv,) = t.blobs.values()
+    srv.fill_all()
+    expected = Path(srv.cache.data_path).read_bytes()
+    t.close()
+    return cache, expected, Path(srv.cache.data_path)
+
+
+def _flip(path: Path, pos: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x55]))
+
+
+def _restored(cache: Path) -> Any:
+    t = _table(cache)
+    t.load_state()
+    assert len(t.images) == 1
+    (srv,) = t.blobs.values()
+    return t, srv
+
+
+def test_restart_trusts_only_a_matching_seal(image: tuple[bytes, Path], tmp_path: Path) -> None:
+    from erofs_nydus.daemon.blobcache import punch_hole
+
+    cache, expected, data = _registered(image, tmp_path)
+    t, srv = _restored(cache)  # untouched since the daemon sealed it: nothing re-read
+    assert srv.cache.complete() and srv.cache.rechecked == 0
+    t.close()
+    first, second = sorted(srv.cache.chunks, key=lambda c: c.uncompressed_offset)[:2]
+    _flip(data, first.uncompressed_offset + 100)  # a changed byte in a present chunk
+    fd = os.open(data, os.O_RDWR)
+    try:  # and a hole in another one
+        assert punch_hole(fd, second.uncompressed_offset, 4096)
+    finally:
+        os.close(fd)
+    t, srv = _restored(cache)
+    assert srv.cache.rechecked > 0
+    assert not srv.cache.present(first) and not srv.cache.present(second)
+    assert not srv.cache.complete()
+    srv.fill_all()
+    assert data.read_bytes() == expected
+    t.close()
+
+
+def test_cache_verify_offline_drops_and_refetches(image: tuple[bytes, Path],
+                                                  tmp_path: Path) -> None:
+    cache, expected, data = _registered(image, tmp_path)
+    res = cli("cache", "verify", "--cache-dir", str(cache))
+    assert res.returncode == 0 and "0 dropped" in res.stdout, res
+    chunks = read_image_meta(image[0]).chunks[0]
+    victim = chunks[len(chunks) // 2]
+    _flip(data, victim.uncompressed_offset + victim.uncompressed_size - 1)
+    res = cli("cache", "verify", "--cache-dir", str(cache))
+    assert res.returncode == 1, res
+    assert "1 chunk(s) failed their digest" in res.stdout and "1 dropped" in res.stdout, res
+    assert "Traceback" not in res.stderr
+    t, srv = _restored(cache)
+    assert not srv.cache.present(victim)
+    srv.fill(victim.uncompressed_offset, 1)
+    assert data.read_bytes() == expected
+    t.close()
+    res = cli("cache", "verify", "--cache-dir", str(tmp_path / "nonexistent"))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+
+
+def test_verify_in_a_live_table_remarks_the_blob(image: tuple[bytes, Path],
+                                                 tmp_path: Path) -> None:
+    from erofs_nydus.daemon.images import ImageTable
+
+    cache, expected, data = _registered(image, tmp_path)
+    marked: list[str] = []
+    t = ImageTable(str(cache), mark=lambda s: marked.append(s.blob_id), durable=False)
+    t.load_state()
+    (srv,) = t.blobs.values()
+    assert srv.cache.complete() and not marked  # complete: served without events
+    victim = srv.cache.chunks[1]
+    _flip(data, victim.uncompressed_offset)
+    out = t.verify_cached()
+    assert out["dropped"] == {srv.blob_id: [victim.index]}
+    assert marked == [srv.blob_id]  # reads of the dropped range raise events again
+    srv.fill(victim.uncompressed_offset, 1)
+    assert data.read_bytes() == expected
+    t.close()

@@ -14,18 +14,23 @@ carries; `write_chunk` takes the latter when a request source has one.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import logging
 import os
 import threading
 
-from erofs_nydus.daemon.chunkmap import ChunkMap
+from erofs_nydus.daemon.chunkmap import ChunkMap, Seal
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.layout.rafs import MAX_CHUNKS_PER_BLOB
+from erofs_nydus.rafs.codec import chunk_digest
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
-__all__ = ["BlobCacheFile", "cache_paths"]
+__all__ = ["BlobCacheFile", "cache_paths", "punch_hole"]
 
 _ZEROS = bytes(4096)
+log = logging.getLogger("erofs_nydus.daemon")
 
 
 def cache_paths(cache_dir: str, blob_id: str) -> tuple[str, str]:
@@ -34,6 +39,26 @@ def cache_paths(cache_dir: str, blob_id: str) -> tuple[str, str]:
         os.path.join(cache_dir, f"{blob_id}.blob.data"),
         os.path.join(cache_dir, f"{blob_id}.chunkmap"),
     )
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length) (reads as zeros, drops its page cache).
+    False where the filesystem cannot; the caller has cleared the chunk's bit anyway."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = _libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    rc = fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc != 0:
+        log.warning("cannot punch a hole at %d+%d: %s", offset, length,
+                    os.strerror(ctypes.get_errno()))
+    return bool(rc == 0)
 
 
 def _has_hole(fd: int, start: int, end: int) -> bool:
@@ -90,6 +115,18 @@ class BlobCacheFile:
             self.map = ChunkMap.open(self.map_path, nbits)
             self._missing = sum(1 for c in self.chunks if c.index not in self.map)
             self.verify()
+            # Present chunks are trusted only as far as this daemon verified them: a
+            # seal that no longer matches the file (a crash, or a write by anyone else
+            # since) means every present chunk is re-digested before it is served.
+            self.rechecked = 0
+            self.dropped: list[ChunkInfo] = []  # by that re-check
+            if self.map.count() and self.map.seal != self._seal():
+                self.rechecked = len(self.chunks) - self._missing
+                self.dropped = self.recheck()
+                if self.dropped:
+                    log.warning("blob %s: %d cached chunks failed their digest; dropped for "
+                                "re-fetch", self.blob_id[:12], len(self.dropped))
+            self.map.set_seal(self._seal())
         except BaseException:
             if own_fd:
                 os.close(fd)
@@ -168,6 +205,37 @@ class BlobCacheFile:
                     cleared += 1
         return cleared
 
+    def _seal(self) -> Seal:
+        st = os.fstat(self.fd)
+        return (st.st_ino, st.st_ctime_ns, st.st_size)
+
+    def recheck(self) -> list[ChunkInfo]:
+        """Re-digest every present chunk from the cache file; drop bad ones (clear the
+        bit, punch the range) so they are fetched again.  Return the dropped chunks."""
+        dropped = []
+        for c in list(self.chunks):
+            with self.lock:
+                if c.index not in self.map:
+                    continue
+                try:
+                    data = os.pread(self.fd, c.aligned_size, c.uncompressed_offset)
+                except OSError as exc:
+                    log.warning("blob %s: cannot read chunk %d back: %s", self.blob_id[:12],
+                                c.index, exc)
+                    data = b""
+                n = c.uncompressed_size
+                if (len(data) == c.aligned_size and chunk_digest(data[:n]) == c.digest
+                        and not any(data[n:])):
+                    continue
+                self.map.clear(c.index)
+                self._missing += 1
+                punch_hole(self.fd, c.uncompressed_offset, c.aligned_size)
+                dropped.append(c)
+        if dropped:
+            with self.lock:
+                self.map.set_seal(self._seal())
+        return dropped
+
     def present(self, chunk: ChunkInfo) -> bool:
         return chunk.index in self.map
 
@@ -205,8 +273,13 @@ class BlobCacheFile:
             fresh = [c.index for c in chunks if c.index not in self.map]
             self.map.set_many(fresh)
             self._missing -= len(set(fresh))
+            # every byte written so far was verified first: the file is ours as it is
+            self.map.set_seal(self._seal())
 
     def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                self.map.set_seal(self._seal())
         self.map.close()
         if self.fd >= 0:
             os.close(self.fd)

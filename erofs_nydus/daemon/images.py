@@ -479,6 +479,29 @@ class ImageTable:
                     entry.mountpoints,
                 )
 
+    def verify_cached(self) -> dict[str, Any]:
+        """Re-digest every present chunk of every blob served; drop bad ones for re-fetch
+        (and mark their blob again so the next read of them is filled)."""
+        out: dict[str, Any] = {"blobs": 0, "chunks": 0, "dropped": {}}
+        with self._lock:
+            servers = list(self.blobs.values())
+        for srv in servers:
+            with srv.cache.lock:
+                present = sum(1 for c in srv.cache.chunks if c.index in srv.cache.map)
+            dropped = srv.cache.recheck()
+            out["blobs"] += 1
+            out["chunks"] += present
+            if not dropped:
+                continue
+            out["dropped"][srv.blob_id] = [c.index for c in dropped]
+            log.warning("blob %s: %d cached chunks failed their digest; dropped for re-fetch",
+                        srv.blob_id[:12], len(dropped))
+            with self._lock:
+                if srv.blob_id not in self.marked and self.mark is not None:
+                    self.mark(srv)
+                    self.marked.add(srv.blob_id)
+        return out
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {

@@ -386,6 +386,8 @@ class FscacheWorker:
             return st
         if op == "drop_fds":
             return {"dropped": self.objects.remove_all()}
+        if op == "verify":  # `cache verify`: re-digest cached chunks (issue 11 (f))
+            return self.table.verify_cached()
         if op == "shutdown":
             mounts = self.table.mountpoints()
             if mounts and not req.get("force"):

@@ -154,6 +154,8 @@ class Worker:
             st["uptime"] = time.time() - self.started
             st["fanotify"] = self.handler.stats.snapshot()
             return st
+        if op == "verify":  # `cache verify`: re-digest cached chunks (issue 11 (f))
+            return self.table.verify_cached()
         if op == "shutdown":
             mounts = self.table.mountpoints()
             if mounts and not req.get("force"):
