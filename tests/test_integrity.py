@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -407,3 +408,45 @@ def test_verify_in_a_live_table_remarks_the_blob(image: tuple[bytes, Path],
     srv.fill(victim.uncompressed_offset, 1)
     assert data.read_bytes() == expected
     t.close()
+
+
+# -- item 6: fuzzing a small bootstrap through the daemon path ----------------------------
+
+FUZZ_SEED = 11
+FUZZ_COUNT = 300
+FUZZ_MEMORY = 2 << 30  # address space of the fuzzing process
+FUZZ_CPU_SECONDS = 240  # the whole run (a mutant that spins would exhaust it)
+
+
+def _limits() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (FUZZ_MEMORY, FUZZ_MEMORY))
+    resource.setrlimit(resource.RLIMIT_CPU, (FUZZ_CPU_SECONDS, FUZZ_CPU_SECONDS))
+
+
+@pytest.fixture(scope="module")
+def fuzzed(image: tuple[bytes, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[
+        dict[str, Any], Path]:
+    boot, blobs = image
+    work = tmp_path_factory.mktemp("fuzz")
+    src = work / "img.boot"
+    src.write_bytes(boot)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(
+        [sys.executable, "-c", "import fuzz_support; fuzz_support.main()", str(src),
+         str(blobs), str(work), str(FUZZ_SEED), str(FUZZ_COUNT)],
+        capture_output=True, text=True, timeout=600, check=False, env=env,
+        preexec_fn=_limits)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), work
+
+
+def test_fuzz_mutants_refused_or_served_right(fuzzed: tuple[dict[str, Any], Path]) -> None:
+    summary, _work = fuzzed
+    assert summary["violations"] == []
+    assert summary["mutants"] >= FUZZ_COUNT * 0.9
+    # the campaign reaches both outcomes and reads real data from accepted mutants
+    assert summary["refused"] > 0 and summary["accepted"] > 0 and summary["chunks_ok"] > 0
+    assert summary["cli_checked"] > 0
