@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def test_blob_cache_refuses_unbounded_or_aliased_chunks(tmp_path: Path) -> None:
     with pytest.raises(DaemonError, match="out of range"):
         bcf.add_chunks([dataclasses.replace(sb.chunks[2], index=7)])
     bcf.close()
-    assert (cache / f"{sb.blob.blob_id}.chunkmap").stat().st_size == 40 + 1
+    assert (cache / f"{sb.blob.blob_id}.chunkmap").stat().st_size == 72 + 1
 
 
 # -- item 4: every bootstrap handed to mount(2) passed the full validation ---------------
@@ -450,3 +451,108 @@ def test_fuzz_mutants_refused_or_served_right(fuzzed: tuple[dict[str, Any], Path
     # the campaign reaches both outcomes and reads real data from accepted mutants
     assert summary["refused"] > 0 and summary["accepted"] > 0 and summary["chunks_ok"] > 0
     assert summary["cli_checked"] > 0
+
+
+def _kernel_ok() -> bool:
+    from daemon_support import fanotify_usable
+
+    return fanotify_usable()
+
+
+def _expected_files(boot: bytes, known: dict[bytes, bytes]) -> dict[bytes, bytes | None]:
+    """Path -> content a mount must return (None: only an error is right)."""
+    from erofs_nydus.rafs.reader import BootstrapReader
+
+    out: dict[bytes, bytes | None] = {}
+    stack = [(b"", BootstrapReader(boot).tree())]
+    while stack:
+        path, node = stack.pop()
+        if node.children is not None:
+            stack.extend((path + b"/" + n, c) for n, c in node.children.items())
+        elif node.inode.chunks is not None and stat.S_ISREG(node.inode.mode):
+            parts = [known.get(c.digest) for c in node.inode.chunks]
+            out[path] = None if None in parts else b"".join(p or b"" for p in parts)
+    return out
+
+
+@pytest.mark.kernel
+def test_fuzz_real_mounts(image: tuple[bytes, Path], fuzzed: tuple[dict[str, Any], Path],
+                          tmp_path: Path) -> None:
+    """A handful of accepted mutants mounted for real: each file reads as the image's
+    bytes or fails; a refused one is never mounted."""
+    if not _kernel_ok():
+        pytest.skip("needs root and pre-content fanotify (Linux >= 6.14)")
+    from fuzz_support import known_chunks
+
+    from erofs_nydus.mount import is_mountpoint
+
+    boot, blobs = image
+    _summary, work = fuzzed
+    known = known_chunks(boot, str(blobs))
+    cache = tmp_path / "cache"
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    accepted = sorted(work.glob("accepted-*.boot"))[:4]
+    assert accepted
+    bad = tmp_path / "refused.boot"
+    bad.write_bytes(tree_broken(boot))
+    for mutant in [*accepted, bad]:
+        res = cli("mount", str(mutant), str(mp), "--blob-dir", str(blobs), "--cache-dir",
+                  str(cache), "--mode", "fanotify")
+        if mutant == bad:
+            assert res.returncode != 0 and not is_mountpoint(mp), res
+            assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+            continue
+        assert res.returncode == 0, res
+        try:
+            for rel, want in _expected_files(mutant.read_bytes(), known).items():
+                p = os.fsencode(mp) + rel
+                try:
+                    with open(p, "rb") as f:
+                        got = f.read()
+                except OSError:
+                    continue  # an error is always allowed
+                assert got == want, f"{mutant.name}: {rel!r} read other bytes"
+        finally:
+            res = cli("umount", str(mp), "--cache-dir", str(cache))
+            assert res.returncode == 0, res
+    _daemon_gone(cache)
+
+
+def _daemon_gone(cache: Path) -> None:
+    """The last umount stops the daemon: wait for it (and fail if it stays)."""
+    import time
+
+    from erofs_nydus.service.client import DaemonClient
+
+    client = DaemonClient(cache)
+    deadline = time.monotonic() + 30
+    while client.supervisor_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not client.supervisor_running()
+
+
+def test_cached_chunks_rechecked_for_an_image_that_describes_them_differently(
+        image: tuple[bytes, Path], tmp_path: Path) -> None:
+    """Found by the real-mount fuzzing: bits set under one bootstrap were trusted for
+    another claiming other digests for the same chunk indexes (shared cache dir)."""
+    from erofs_nydus.errors import DigestMismatchError
+
+    boot, blobs = image
+    cache, _expected, _data = _registered(image, tmp_path)
+    # entry 2 claims entry 3's digest (order kept): its cached bytes are not that
+    out = bytearray(boot)
+    off2, off3 = _chunk_entry_off(boot, 2), _chunk_entry_off(boot, 3)
+    out[off2:off2 + 32] = boot[off3:off3 + 32]
+    liar = tmp_path / "liar.boot"
+    liar.write_bytes(bytes(out))
+    victim = read_image_meta(bytes(out)).chunks[0]
+    (c,) = [c for c in victim if c.digest == boot[off3:off3 + 32] and
+            c.index == chunk_fields(boot, 2)[C_INDEX]]
+    t = _table(cache)
+    t.register(str(liar), {"type": "local", "dir": str(blobs)}, str(tmp_path / "m2"))
+    (srv,) = t.blobs.values()
+    assert not srv.cache.present(c)
+    with pytest.raises(DigestMismatchError):
+        srv.fill(c.uncompressed_offset, 1)
+    t.close()

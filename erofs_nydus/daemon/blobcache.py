@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import os
+import struct
 import threading
 
 from erofs_nydus.daemon.chunkmap import ChunkMap, Seal
@@ -30,6 +32,7 @@ from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 __all__ = ["BlobCacheFile", "cache_paths", "punch_hole"]
 
 _ZEROS = bytes(4096)
+_LISTED = struct.Struct("<IQIQI?32s")
 log = logging.getLogger("erofs_nydus.daemon")
 
 
@@ -120,13 +123,15 @@ class BlobCacheFile:
             # since) means every present chunk is re-digested before it is served.
             self.rechecked = 0
             self.dropped: list[ChunkInfo] = []  # by that re-check
-            if self.map.count() and self.map.seal != self._seal():
+            listed = self._listed()
+            if self.map.count() and (self.map.seal != self._seal() or self.map.listed != listed):
                 self.rechecked = len(self.chunks) - self._missing
                 self.dropped = self.recheck()
                 if self.dropped:
                     log.warning("blob %s: %d cached chunks failed their digest; dropped for "
                                 "re-fetch", self.blob_id[:12], len(self.dropped))
             self.map.set_seal(self._seal())
+            self.map.set_listed(listed)
         except BaseException:
             if own_fd:
                 os.close(fd)
@@ -190,7 +195,15 @@ class BlobCacheFile:
                 self.chunks = saved
                 raise
             self._missing += sum(1 for c in new if c.index not in self.map)
-            return new
+            present = [c for c in new if c.index in self.map]
+        # present already, but verified against another image's list: re-digest them
+        dropped = self.recheck(present) if present else []
+        if dropped:
+            log.warning("blob %s: %d cached chunks do not match the new image's digests; "
+                        "dropped for re-fetch", self.blob_id[:12], len(dropped))
+        with self.lock:
+            self.map.set_listed(self._listed())
+        return new
 
     def verify(self) -> int:
         """Clear map bits whose chunk has a hole in the file; return how many were cleared."""
@@ -205,15 +218,25 @@ class BlobCacheFile:
                     cleared += 1
         return cleared
 
+    def _listed(self) -> bytes:
+        """Fingerprint of the chunk list: what present bits were verified against."""
+        h = hashlib.sha256()
+        for c in sorted(self.chunks, key=lambda c: c.index):
+            h.update(_LISTED.pack(c.index, c.uncompressed_offset, c.uncompressed_size,
+                                  c.compressed_offset, c.compressed_size, c.compressed,
+                                  c.digest))
+        return h.digest()
+
     def _seal(self) -> Seal:
         st = os.fstat(self.fd)
         return (st.st_ino, st.st_ctime_ns, st.st_size)
 
-    def recheck(self) -> list[ChunkInfo]:
-        """Re-digest every present chunk from the cache file; drop bad ones (clear the
-        bit, punch the range) so they are fetched again.  Return the dropped chunks."""
+    def recheck(self, chunks: list[ChunkInfo] | None = None) -> list[ChunkInfo]:
+        """Re-digest every present chunk (of `chunks`, default all) from the cache file;
+        drop bad ones (clear the bit, punch the range) so they are fetched again.
+        Return the dropped chunks."""
         dropped = []
-        for c in list(self.chunks):
+        for c in list(self.chunks if chunks is None else chunks):
             with self.lock:
                 if c.index not in self.map:
                     continue
