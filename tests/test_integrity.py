@@ -556,3 +556,26 @@ def test_cached_chunks_rechecked_for_an_image_that_describes_them_differently(
     with pytest.raises(DigestMismatchError):
         srv.fill(c.uncompressed_offset, 1)
     t.close()
+
+
+def test_fscache_open_serves_only_the_validated_bootstrap(tmp_path: Path) -> None:
+    """fscache mode reads the stored copy when the kernel opens the image: a copy
+    changed after registration is refused, not handed to the kernel."""
+    import errno
+
+    from test_fscache_daemon import Harness, _open_msg
+
+    h = Harness(tmp_path)
+    try:
+        fsid = h.info["fsid"]
+        stored = Path(h.info["bootstrap"])
+        fd, _ = h.anon()
+        h.handle(_open_msg(1, 10, fsid, fsid, fd))
+        assert h.replies() == [f"1,{stored.stat().st_size}".encode()]
+        h.worker.objects.remove(10)
+        stored.write_bytes(stored.read_bytes()[:-1] + b"\x01")  # planted after register
+        fd, _ = h.anon()
+        h.handle(_open_msg(2, 11, fsid, fsid, fd))
+        assert h.replies() == [f"2,-{errno.ENOENT}".encode()]
+    finally:
+        h.close()

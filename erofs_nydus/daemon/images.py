@@ -479,6 +479,24 @@ class ImageTable:
                     entry.mountpoints,
                 )
 
+    def stored_bootstrap(self, fsid: str) -> str | None:
+        """Path of a registered image's bootstrap copy if it still holds the bytes that
+        were validated (its sha256 is the fsid); None otherwise (logged)."""
+        entry = self.images.get(fsid)
+        if entry is None:
+            return None
+        try:
+            with open(entry.bootstrap, "rb") as f:
+                ok = hashlib.file_digest(f, "sha256").hexdigest() == fsid
+        except OSError as exc:
+            log.error("stored bootstrap %s: %s", entry.bootstrap, exc)
+            return None
+        if not ok:
+            log.error("stored bootstrap %s changed since it was validated: not served",
+                      entry.bootstrap)
+            return None
+        return entry.bootstrap
+
     def verify_cached(self) -> dict[str, Any]:
         """Re-digest every present chunk of every blob served; drop bad ones for re-fetch
         (and mark their blob again so the next read of them is filled)."""
