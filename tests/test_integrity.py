@@ -579,3 +579,53 @@ def test_fscache_open_serves_only_the_validated_bootstrap(tmp_path: Path) -> Non
         assert h.replies() == [f"2,-{errno.ENOENT}".encode()]
     finally:
         h.close()
+
+
+def _read_uncached(path: Path) -> bytes:
+    """Read a file of a mount after dropping its page cache (what a later reader sees)."""
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return f.read()
+
+
+@pytest.mark.kernel
+def test_cache_verify_live_mount(image: tuple[bytes, Path], tmp_path: Path) -> None:
+    """A flipped byte in a complete cache file under a live fanotify mount: served as
+    is (the blob is complete, reads no longer reach the daemon) until `cache verify`
+    drops the chunk; then the next read is filled and correct."""
+    if not _kernel_ok():
+        pytest.skip("needs root and pre-content fanotify (Linux >= 6.14)")
+    from daemon_support import daemon_status
+
+    boot, blobs = image
+    src = tmp_path / "img.boot"
+    src.write_bytes(boot)
+    cache, mp = tmp_path / "cache", tmp_path / "mnt"
+    mp.mkdir()
+    res = cli("mount", str(src), str(mp), "--blob-dir", str(blobs), "--cache-dir", str(cache),
+              "--mode", "fanotify", "--no-prefetch")
+    assert res.returncode == 0, res
+    try:
+        want = {n: (mp / n).read_bytes() for n in ("f0", "f1", "f2", "f3")}
+        (blob,) = daemon_status(cache)["blobs"].values()
+        assert blob["complete"] and not blob["marked"]
+        meta = read_image_meta(boot)
+        from erofs_nydus.rafs.reader import BootstrapReader
+
+        f2 = BootstrapReader(boot).tree().children[b"f2"].inode.chunks
+        assert f2 is not None
+        victim = f2[1]
+        _flip(Path(blob["path"]), victim.uncompressed_offset + 7)
+        pos = meta.chunk_size + 7  # f2's chunk 1, byte 7
+        assert _read_uncached(mp / "f2")[pos] != want["f2"][pos]  # the problem
+        res = cli("cache", "verify", "--cache-dir", str(cache))
+        assert res.returncode == 1 and "1 dropped" in res.stdout, res
+        assert daemon_status(cache)["blobs"][meta.blobs[0].blob_id]["marked"]
+        for n, data in want.items():
+            assert _read_uncached(mp / n) == data, n
+        res = cli("cache", "verify", "--cache-dir", str(cache))
+        assert res.returncode == 0 and "0 dropped" in res.stdout, res
+    finally:
+        res = cli("umount", str(mp), "--cache-dir", str(cache))
+        assert res.returncode == 0, res
+    _daemon_gone(cache)
