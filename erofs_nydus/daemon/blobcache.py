@@ -4,7 +4,9 @@
 chunk i lives at its `uncompressed_offset`, zero-padded to 4 KiB.  Which chunks are
 present is recorded in `<blob_id>.chunkmap` (see `chunkmap.py`) and re-verified on
 open: a set bit whose extent has a hole in the file (SEEK_DATA/SEEK_HOLE) is cleared,
-so a chunk is never trusted without data behind it.
+so a chunk is never trusted without data behind it; and unless the map's seal proves
+the file unchanged since this daemon verified it, under the same chunk list, every
+present chunk is re-digested (`recheck`), bad ones dropped for re-fetch.
 
 Writes must never generate pre-content events (the daemon would wait on itself).
 The kernel decides at open time whether an open file reports them, so a descriptor

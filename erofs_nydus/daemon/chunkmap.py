@@ -1,20 +1,24 @@
 """Persisted chunk-presence bitmap: `<cache-dir>/<blob_id>.chunkmap`.
 
 Layout: a 72-byte header `{b"ENCM", u32 version=2, u32 nbits, u32 reserved,
-u64 seal_ino, i64 seal_ctime_ns, u64 seal_size, u8[32] listed}` followed by ceil(nbits/8) bytes,
-bit i (LSB first) = chunk with CI index i is present in the cache file.  A bit is
-set only after the chunk's bytes were verified, written and synced to the cache
-file; on open the caller re-checks every set bit against the file's allocated
-extents, so a bit is never trusted alone.
+u64 seal_ino, i64 seal_ctime_ns, u64 seal_size, u8[32] listed}` followed by
+ceil(nbits/8) bytes, bit i (LSB first) = chunk with CI index i is present in the
+cache file.  A bit is set only after the chunk's bytes were verified, written and
+synced to the cache file; on open the caller re-checks every set bit against the
+file's allocated extents, so a bit is never trusted alone.
 
 The *seal* is the cache file's (inode, ctime, size) as the daemon last saw it when
 every byte in it was one the daemon had verified.  Any write to the file since
 (by anyone) changes its ctime, which nobody but root can set back: a matching seal
 proves the present chunks are still the verified bytes, a stale one makes the next
-daemon re-digest them (`BlobCacheFile.recheck`).  `listed` fingerprints the chunk
-list (indexes, offsets, sizes, digests) the present chunks were verified against: a
-bootstrap that describes the blob differently has them re-digested too.  A map of
-another version is foreign and starts empty.
+daemon re-digest them (`BlobCacheFile.recheck`).  The seal is renewed on every
+commit and on close, so it cannot tell a foreign write made *while* a daemon serves
+the file from the daemon's own: the cache dir admits no one else (issue 11 (d)),
+and `erofs-nydus cache verify` re-digests every present chunk regardless.
+
+`listed` fingerprints the chunk list (indexes, offsets, sizes, digests) the present
+chunks were verified against: a bootstrap that describes the blob differently has
+them re-digested too.  A map of another version is foreign and starts empty.
 
 Not thread-safe: the owner serializes access with its own lock.
 """
