@@ -629,3 +629,22 @@ def test_cache_verify_live_mount(image: tuple[bytes, Path], tmp_path: Path) -> N
         res = cli("umount", str(mp), "--cache-dir", str(cache))
         assert res.returncode == 0, res
     _daemon_gone(cache)
+
+
+def test_cache_file_beyond_the_filesystem_limit_is_one_line(tmp_path: Path) -> None:
+    """The largest size the limits allow (2^24 chunks of 16 MiB: 256 TiB) exceeds
+    ext4's file size limit: a DaemonError (one line to the CLI), not an OSError."""
+    from daemon_support import make_blob, make_payloads
+
+    from erofs_nydus.daemon.blobcache import BlobCacheFile
+
+    sb = make_blob(make_payloads([5000]), chunk_size=R.MAX_CHUNK_SIZE)
+    big = dataclasses.replace(sb.blob, chunk_count=R.MAX_CHUNKS_PER_BLOB,
+                              uncompressed_size=R.MAX_CHUNKS_PER_BLOB * R.MAX_CHUNK_SIZE)
+    try:
+        bcf = BlobCacheFile(str(tmp_path), big, sb.chunks, durable=False)
+    except DaemonError as exc:
+        assert "cache file" in str(exc) and "\n" not in str(exc)
+    else:  # a filesystem that takes it: sparse, nothing allocated
+        assert os.stat(bcf.data_path).st_blocks == 0
+        bcf.close()

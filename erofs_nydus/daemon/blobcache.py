@@ -113,7 +113,11 @@ class BlobCacheFile:
             if fresh:
                 # Unknown content: start from an all-hole file of the right size.
                 os.ftruncate(fd, 0)
-                os.ftruncate(fd, self.size)
+                try:
+                    os.ftruncate(fd, self.size)
+                except OSError as exc:  # EFBIG: the filesystem's file size limit
+                    raise DaemonError(f"blob {self.blob_id}: cannot make a {self.size}-byte "
+                                      f"cache file {self.data_path}: {exc.strerror}") from exc
                 for p in (self.map_path,):
                     if os.path.exists(p):
                         os.unlink(p)
