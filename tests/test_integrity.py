@@ -648,3 +648,23 @@ def test_cache_file_beyond_the_filesystem_limit_is_one_line(tmp_path: Path) -> N
     else:  # a filesystem that takes it: sparse, nothing allocated
         assert os.stat(bcf.data_path).st_blocks == 0
         bcf.close()
+
+
+def test_register_reads_bounded_regular_bootstraps_only(tmp_path: Path) -> None:
+    """The daemon holds a bootstrap in memory: /dev/zero or a runaway file is refused
+    before it is read, not read until the host runs out of memory."""
+    from erofs_nydus.daemon.images import MAX_BOOTSTRAP_SIZE
+    from erofs_nydus.errors import SourceError
+
+    t = _table(tmp_path)
+    backend = {"type": "local", "dir": str(tmp_path)}
+    with pytest.raises(SourceError, match="regular file"):
+        t.register("/dev/zero", backend, str(tmp_path / "m"))
+    huge = tmp_path / "huge.boot"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_BOOTSTRAP_SIZE + 1)
+    with pytest.raises(FormatError, match="larger than"):
+        t.register(str(huge), backend, str(tmp_path / "m"))
+    with pytest.raises(SourceError, match="cannot read"):
+        t.register(str(tmp_path / "missing.boot"), backend, str(tmp_path / "m"))
+    t.close()

@@ -28,7 +28,13 @@ from typing import Any
 
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
-from erofs_nydus.errors import BackendError, DaemonError, FormatError, UnsupportedError
+from erofs_nydus.errors import (
+    BackendError,
+    DaemonError,
+    FormatError,
+    SourceError,
+    UnsupportedError,
+)
 from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.image import RafsImage
@@ -39,6 +45,7 @@ __all__ = ["STATE_FILE", "VERDICT_FILE", "ImageEntry", "ImageTable", "Verdicts",
 
 STATE_FILE = "daemon-state.json"
 VERDICT_FILE = "verified-bootstraps"
+MAX_BOOTSTRAP_SIZE = 1 << 30  # metadata of tens of millions of files
 _STORED_BOOT = re.compile(r"[0-9a-f]{64}\.boot")
 log = logging.getLogger("erofs_nydus.daemon")
 
@@ -154,6 +161,22 @@ def validate_bootstrap(data: bytes, verdicts: Verdicts | None = None,
     if verdicts is not None:
         verdicts.add(digest)
     return reader.image
+
+
+def read_bootstrap_bounded(path: str) -> bytes:
+    """A bootstrap's bytes: a regular file of at most MAX_BOOTSTRAP_SIZE (the daemon
+    holds it in memory; /dev/zero or a runaway file must not take it down)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"{path}: a bootstrap must be a regular file")
+            data = b"" if st.st_size > MAX_BOOTSTRAP_SIZE else f.read(MAX_BOOTSTRAP_SIZE + 1)
+            if st.st_size > MAX_BOOTSTRAP_SIZE or len(data) > MAX_BOOTSTRAP_SIZE:
+                raise FormatError(f"{path}: bootstrap larger than {MAX_BOOTSTRAP_SIZE} bytes")
+    except OSError as exc:  # unreadable is not corrupt (as reader.read_bootstrap_bytes)
+        raise SourceError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
+    return data
 
 
 def _holds(path: str, data: bytes) -> bool:
@@ -305,8 +328,7 @@ class ImageTable:
 
     def _load(self, entry: ImageEntry) -> RafsImage:
         """A stored bootstrap of the state file, checked against its name and validated."""
-        with open(entry.bootstrap, "rb") as f:
-            data = f.read()
+        data = read_bootstrap_bounded(entry.bootstrap)
         if hashlib.sha256(data).hexdigest() != entry.fsid:
             raise FormatError(f"{entry.bootstrap}: content does not match image {entry.fsid}")
         return validate_bootstrap(data, self.verdicts, os.path.basename(entry.bootstrap))
@@ -338,8 +360,7 @@ class ImageTable:
         Raises FormatError for a bootstrap that fails validation, BackendError when a
         local blob is missing or truncated; nothing is registered then.
         """
-        with open(bootstrap, "rb") as f:
-            data = f.read()
+        data = read_bootstrap_bounded(bootstrap)
         self._check_stored(bootstrap, data)
         image = validate_bootstrap(data, self.verdicts, os.path.basename(bootstrap))
         fsid = hashlib.sha256(data).hexdigest()
