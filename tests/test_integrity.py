@@ -1,15 +1,30 @@
 """Issue 11 item 2, invariants (b) and (f): no wrong byte from a crafted bootstrap or a
 tampered cache.
 
-Threat model of this file (what it proves):
-- an image author controls every byte of a bootstrap: whatever they write, the reader
-  refuses it (one line, FormatError) or every file read through the daemon returns the
-  image's bytes or an error - never zeros over a hole, never another chunk's data -
-  and no field makes the daemon allocate memory or disk beyond fixed limits;
-- whoever can plant files in the cache dir (a crash, a bad disk, a local user with
-  write access) cannot make the daemon serve bytes it did not verify: stored bootstraps
-  are checked against their sha256 name, cache files against their chunk maps (holes
-  re-fetched), and `cache verify` re-digests every cached chunk.
+Threat model (what these tests hold, and where it stops):
+
+An image author controls every byte of a bootstrap.  They can make the reader refuse
+it (one line: FormatError, `check` exit 1) or describe whatever files they like from
+their own blobs.  They cannot make a read return bytes that are not a verified chunk
+of the image (zeros over a hole, another chunk's data, bytes cached under another
+bootstrap's digests), nor make the daemon allocate memory or disk beyond fixed limits
+(2^24 chunks per blob, chunk_count * chunk_size of sparse cache, 1 GiB of bootstrap),
+nor reach mount(2) with metadata the full reader has not walked.  Tests: the chunk
+record tests, the fuzz campaign (in-process through ImageTable and a handful of real
+fanotify mounts), `check -D` without tracebacks.
+
+Whoever can leave files in the cache dir between daemon runs (a crash, a restored
+backup, another tool, a bad disk) cannot make the daemon serve them unverified:
+stored bootstraps must hash to their name (register, restore, fscache OPEN), chunk
+maps count only with a seal proving the cache file unchanged since this daemon
+verified it under the same chunk list, holes are found with SEEK_HOLE, and
+`cache verify` re-digests everything and drops what fails, also under a live mount.
+
+Not covered here: writes into a cache file *while* a daemon serves it are sealed
+with the daemon's own on its next commit (only `cache verify` finds them); the path
+of `<fsid>.boot` could be swapped between register and mount(2) in fanotify mode.
+Both need write access to the cache dir, which invariant (d) (cachedir tests)
+reserves to its owner.  root can do anything.
 """
 
 from __future__ import annotations
