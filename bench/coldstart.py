@@ -88,7 +88,9 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
     src, layer = push_rootfs(server, tree, work / "img", "bench/rootfs:v1")
     print(f"image: {tree.name}, one layer of {fmt_bytes(layer.stat().st_size)} tar.gz "
           f"in a docker-registry")
-    nydus = convert_bench(server, src, work, args.convert_runs or args.runs)
+    nydus = convert_bench(server, src, work, args.convert_runs or args.runs,
+                          ("--compressor", args.compressor, "--digester", args.digester))
+    print(f"chunks: {args.compressor} + {args.digester}")
     oci_bytes, _ = manifest_sizes(server, "bench/rootfs:v1")
     nydus_bytes, boot_layer = manifest_sizes(server, nydus)
     print(f"OCI image {fmt_bytes(oci_bytes)}; Nydus image {fmt_bytes(nydus_bytes)} "
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--convert-runs", type=int, default=None,
                     help="runs for (a) (default: --runs)")
     ap.add_argument("--rate", default="100mbit", help="tc rate on the veth pair")
+    ap.add_argument("--compressor", default="lz4", choices=["zstd", "lz4", "none"])
+    ap.add_argument("--digester", default="sha256", choices=["blake3", "sha256"])
     ap.add_argument("--rtt-ms", type=float, default=0.0,
                     help="also add this round-trip delay (netem) on the veth pair")
     ap.add_argument("--no-netns", action="store_true", help="loopback registry only")

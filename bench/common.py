@@ -57,3 +57,58 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def supervisor_pid(cache_dir: Path) -> int:
+    """The pid the cache dir's supervisor wrote into its flock'ed `daemon.lock`."""
+    text = (Path(cache_dir) / "daemon.lock").read_text().split()
+    if not text or not text[0].isdigit():
+        sys.exit(f"no daemon pid in {cache_dir}/daemon.lock")
+    return int(text[0])
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (by parent pid, from /proc/<pid>/stat)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def memory_of(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """pid -> (RSS bytes, PSS bytes).  PSS splits pages shared after fork between the
+    processes, so the PSS column sums to what the processes cost together."""
+    out = {}
+    for pid in pids:
+        rss = pss = 0
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+        except OSError:
+            continue
+        out[pid] = (rss, pss)
+    return out
+
+
+def daemon_memory(cache_dir: Path) -> tuple[int, dict[int, tuple[int, int]]]:
+    """(PSS total, per-process (RSS, PSS)) of the daemon serving `cache_dir`, found by
+    the pid in its lock file and its process tree, never by a name pattern."""
+    per = memory_of(process_tree(supervisor_pid(cache_dir)))
+    if not per:
+        sys.exit(f"daemon of {cache_dir} not found")
+    return sum(p for _, p in per.values()), per

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import drop_caches, fmt_bytes, median, rootfs
+from common import daemon_memory, drop_caches, fmt_bytes, median, rootfs
 
 from erofs_nydus.mount import mounted
 from erofs_nydus.rafs.backend import LocalDirBackend
@@ -43,20 +43,6 @@ def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 def status(mnt: Path) -> dict[str, object]:
     return dict(json.loads(run([*CLI, "mount-stats", str(mnt), "--json"]).stdout))
-
-
-def daemon_rss(cache: Path) -> int:
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"daemon" in cmd and str(cache).encode() in cmd:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total = max(total, int(line.split()[1]) * 1024)
-        except OSError:
-            continue
-    return total
 
 
 def read_all(root: Path) -> float:
@@ -156,8 +142,11 @@ def main() -> None:
              "--cache-dir", str(work / "cache100k")])
         for j in range(0, 100_000, 997):
             (mnt / f"d{j // 1000}" / f"f{j}").read_bytes()
-        print(f"(c) daemon RSS with a 100k-file image mounted: "
-              f"{fmt_bytes(daemon_rss(work / 'cache100k'))} (target < 100 MiB)")
+        total, per = daemon_memory(work / "cache100k")
+        detail = ", ".join(f"pid {pid} RSS {fmt_bytes(r)} PSS {fmt_bytes(p)}"
+                           for pid, (r, p) in per.items())
+        print(f"(c) daemon memory with a 100k-file image mounted: {fmt_bytes(total)} PSS, "
+              f"all processes (target < 100 MiB): {detail}")
         run([*CLI, "umount", str(mnt)])
     finally:
         for m in work.glob("*"):

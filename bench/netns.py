@@ -170,7 +170,8 @@ def push_rootfs(server: RegistryServer, tree: Path, work: Path, repo_tag: str) -
     return ref, layer_paths(layout)[0]
 
 
-def convert_bench(server: RegistryServer, src: str, work: Path, runs: int) -> str:
+def convert_bench(server: RegistryServer, src: str, work: Path, runs: int,
+                  extra: tuple[str, ...] = ()) -> str:
     """`erofs-nydus convert` of `src` (layer cache emptied each run) vs `skopeo copy` of it
     to an OCI layout, medians printed; returns the converted image's repo:tag."""
     conv, copy = [], []
@@ -179,7 +180,7 @@ def convert_bench(server: RegistryServer, src: str, work: Path, runs: int) -> st
         cache = work / f"conv-cache{i}"
         t0 = time.perf_counter()
         sh([*CLI, "convert", "--source", src, "--target", target, "--plain-http", "-q",
-            "--cache-dir", str(cache)])
+            "--cache-dir", str(cache), *extra])
         conv.append(time.perf_counter() - t0)
         shutil.rmtree(cache)
         t0 = time.perf_counter()

@@ -70,3 +70,8 @@ class AuthError(RegistryError):
 
 class NotFoundError(RegistryError, FileNotFoundError):
     """Image, tag, manifest or blob does not exist."""
+
+
+class UnsafePathError(ErofsNydusError, PermissionError):
+    """A cache dir or a file in it that someone else could control: a symlink, a dir
+    owned by another user or writable by group/others, a non-regular file."""

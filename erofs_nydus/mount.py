@@ -42,6 +42,7 @@ __all__ = [
     "MS_NOSUID",
     "MS_RDONLY",
     "MountEntry",
+    "host_mount_flags",
     "image_extra_devices",
     "is_mountpoint",
     "kernel_supports_erofs",
@@ -252,6 +253,18 @@ def image_extra_devices(bootstrap: StrPath) -> int | None:
     return int.from_bytes(sb[86:88], "little")
 
 
+def host_mount_flags(*, readonly: bool = True, allow_suid_dev: bool = False) -> int:
+    """mount(2) flags for an image on the host: ``nosuid,nodev`` by default.
+
+    An image is someone else's content: without them a setuid-root binary inside it
+    runs as root for any local user, and a device node inside it opens the host's
+    device (e.g. a world-writable node for a disk).  ``allow_suid_dev`` is the explicit
+    opt-out, for a container runtime that applies its own policy.
+    """
+    flags = MS_RDONLY if readonly else 0
+    return flags if allow_suid_dev else flags | MS_NOSUID | MS_NODEV
+
+
 def mount_erofs_file(
     bootstrap: StrPath,
     mountpoint: StrPath,
@@ -260,6 +273,7 @@ def mount_erofs_file(
     readonly: bool = True,
     extra_options: Sequence[str] = (),
     check_devices: bool = True,
+    allow_suid_dev: bool = False,
 ) -> None:
     """Mount ``bootstrap`` (a regular file) at ``mountpoint`` in file-backed mode.
 
@@ -267,6 +281,7 @@ def mount_erofs_file(
     each is passed as ``device=<absolute path>``.  ``extra_options`` are appended
     verbatim (e.g. ``"nouser_xattr"``, ``"cache_strategy=disabled"``).
     EROFS is read-only, so ``readonly=False`` is only useful to see the kernel refuse.
+    Mounts are ``nosuid,nodev`` (see :func:`host_mount_flags`) unless ``allow_suid_dev``.
 
     With ``check_devices`` the superblock's ``extra_devices`` must equal
     ``len(devices)`` (:class:`UsageError` otherwise): the 6.18 kernel accepts a
@@ -303,7 +318,7 @@ def mount_erofs_file(
             raise UsageError(f"bad extra mount option {o!r}")
         opts.append(o)
     data = ",".join(opts)
-    flags = MS_RDONLY if readonly else 0
+    flags = host_mount_flags(readonly=readonly, allow_suid_dev=allow_suid_dev)
     what = f"mount -t erofs {bs} {mp}" + (f" -o {data}" if data else "")
     _do_mount(_fsencode(bs), _fsencode(mp), flags, data, what)
 
@@ -316,6 +331,7 @@ def mount_erofs_fscache(
     *,
     readonly: bool = True,
     extra_options: Sequence[str] = (),
+    allow_suid_dev: bool = False,
 ) -> None:
     """Mount an image served by a cachefiles on-demand daemon (fscache mode).
 
@@ -337,7 +353,7 @@ def mount_erofs_fscache(
             raise UsageError(f"bad extra mount option {o!r}")
         opts.append(o)
     data = ",".join(opts)
-    flags = MS_RDONLY if readonly else 0
+    flags = host_mount_flags(readonly=readonly, allow_suid_dev=allow_suid_dev)
     _do_mount(b"none", _fsencode(mp), flags, data, f"mount -t erofs none {mp} -o {data}")
 
 
@@ -372,7 +388,8 @@ def umount(
         if err == errno.EINVAL:
             hint = "not a mountpoint"
         elif err == errno.EBUSY:
-            hint = "still busy (open files or a process's cwd inside); try lazy=True"
+            hint = ("still busy (open files or a process's cwd inside): close them "
+                    "(see fuser -vm) and try again")
         raise _kernel_error(err, f"umount {os.fsdecode(target)}", extra_hint=hint)
 
 
@@ -384,9 +401,11 @@ def mounted(
     *,
     extra_options: Sequence[str] = (),
     lazy_umount: bool = False,
+    allow_suid_dev: bool = False,
 ) -> Iterator[Path]:
     """``with mounted(img, mnt, [blob]) as root:`` - file-backed mount, always unmounted."""
-    mount_erofs_file(bootstrap, mountpoint, devices, extra_options=extra_options)
+    mount_erofs_file(bootstrap, mountpoint, devices, extra_options=extra_options,
+                     allow_suid_dev=allow_suid_dev)
     try:
         yield Path(mountpoint)
     finally:

@@ -9,6 +9,7 @@ go through the real CLI.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -366,6 +367,7 @@ def group_control(images: dict[str, Any]) -> dict[str, Any]:
     cli("umount", mp)
 
     opt = f"{scratch}/ctl-opt"
+    os.makedirs(opt, exist_ok=True)  # optimize refuses a missing output folder
     r = cli("optimize", a["bootstrap"], "--blob-dir", a["blob_dir"], "--trace", trace,
             "-B", f"{opt}/image.boot", "--output-blob-dir", f"{opt}/blobs")
     out["optimize"] = [r.returncode, r.stdout.strip() or r.stderr.strip()[-600:]]
@@ -405,6 +407,7 @@ def group_failover(images: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     os.environ["EROFS_NYDUS_FSCACHE_READ_DELAY"] = "1.5"  # READs stay pending a while
     os.environ["EROFS_NYDUS_FSCACHE_CHUNK_WRITES"] = "0"
+    os.environ["EROFS_NYDUS_READ_DEADLINE"] = "4"  # a stuck daemon is replaced soon
     t0 = time.monotonic()
     mount(a, mp, cache)
     _timed(out, "mount", t0)
@@ -437,8 +440,42 @@ def group_failover(images: dict[str, Any]) -> dict[str, Any]:
     _timed(out, "kill9_readers", t0)
     os.environ["EROFS_NYDUS_FSCACHE_READ_DELAY"] = "0"
 
-    # the device closed under a live mount ("wrong order"): no hang, no zeros
+    # SIGTERM to the supervisor with a mount live: refused, still serving
     c = _client(cache)
+    sup = c.supervisor_pid()
+    term: dict[str, Any] = {}
+    if sup:
+        os.kill(sup, signal.SIGTERM)
+        time.sleep(2.0)
+        log = open(c.paths.log, encoding="utf-8", errors="replace").read()  # noqa: SIM115
+        term["refused_logged"] = "1 mounts live; umount first" in log
+        term["supervisor_alive"] = c.supervisor_running() and c.supervisor_pid() == sup
+        term["reads"] = digest(os.path.join(mp, "dir/sub/f06")) == digest(
+            os.path.join(src, "dir/sub/f06"))
+    out["sigterm"] = term
+
+    # a SIGSTOPped (stuck) daemon: replaced after the deadline, its pending READ served
+    stopped = status(cache)["pid"]
+    os.kill(stopped, signal.SIGSTOP)
+    stuck_got: dict[str, Any] = {}
+
+    def stuck_reader() -> None:
+        try:
+            stuck_got["f08"] = digest(os.path.join(mp, "dir/sub/f08")) == digest(
+                os.path.join(src, "dir/sub/f08"))
+        except OSError as exc:
+            stuck_got["f08"] = errno.errorcode.get(exc.errno or 0, "?")
+
+    t = threading.Thread(target=stuck_reader)
+    t.start()
+    t.join(90)
+    st2 = status(cache)
+    out["stuck"] = {"result": stuck_got.get("f08"), "blocked": t.is_alive(),
+                    "replaced": st2["pid"] != stopped}
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(stopped, signal.SIGKILL)
+
+    # the device closed under a live mount ("wrong order"): no hang, no zeros
     sup = c.supervisor_pid()
     pid1 = st2["pid"]
     cached_ok = digest(os.path.join(mp, "dir/sub/f00")) == digest(os.path.join(src, "dir/sub/f00"))

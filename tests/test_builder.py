@@ -282,6 +282,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
     os.chown(src / "secret", 65534, 65534)
     os.chmod(src / "secret", 0)
     out = tmp_path / "out"
+    out.mkdir()  # create refuses to make -B's folder
     argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
             "erofs_nydus.cli", "create", str(src), "-B", str(out / "b"), "-D", str(out / "blobs")]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -19,9 +19,9 @@ def _blob(cache: Path, bid: str, nbytes: int, age: float) -> None:
     with open(data, "wb") as f:
         f.truncate(1 << 20)
         f.write(os.urandom(nbytes))
-    (cache / f"{bid}.chunkmap").write_bytes(b"\1" * 8)
+    (cache / f"{bid}.chunk_map").write_bytes(b"\1" * 8)
     t = time.time() - age
-    for p in (data, cache / f"{bid}.chunkmap"):
+    for p in (data, cache / f"{bid}.chunk_map"):
         os.utime(p, (t, t))
 
 
@@ -67,7 +67,7 @@ def test_gc_budget_removes_oldest_unused_first(cache: Path) -> None:
     proc = run_cli("cache", "gc", "--cache-dir", str(cache), "--budget", str(before - 1))
     assert "removed blob aaaaaaaaaaaaaaaa" in proc.stdout and "removed 1 entries" in proc.stdout
     assert not (cache / ("a" * 64 + ".blob.data")).exists()
-    assert not (cache / ("a" * 64 + ".chunkmap")).exists()
+    assert not (cache / ("a" * 64 + ".chunk_map")).exists()
     assert scan_cache(str(cache)).disk == before - a_disk
     # dry run says, does nothing
     out = run_cli("cache", "gc", "--cache-dir", str(cache), "--dry-run").stdout
@@ -128,3 +128,52 @@ def test_gc_next_to_a_live_mount(tmp_path: Path) -> None:
     finally:
         run_cli("umount", str(mp1), "--cache-dir", str(cache), check=False)
         run_cli("umount", str(mp2), "--cache-dir", str(cache), check=False)
+
+
+def test_gc_never_removes_what_a_starting_mount_just_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon registering an image between gc's scan and its removals (issue 11 item 7):
+    the registration waits for gc, so the files it uses exist afterwards."""
+    import threading
+
+    from erofs_nydus.daemon.images import ImageTable
+    from erofs_nydus.service import cache as cachemod
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 200_000)
+    img = build_image(src, tmp_path / "out")
+    cdir = tmp_path / "cache"
+    cdir.mkdir()
+    backend = {"type": "local", "dir": str(img.blob_dir)}
+    first = ImageTable(str(cdir), durable=False)
+    first.register(str(img.bootstrap), backend, str(tmp_path / "m1"))
+    first.detach(str(tmp_path / "m1"))
+    first.close()
+    (cdir / "daemon-state.json").unlink()  # no daemon, no image: everything is unused
+    table = ImageTable(str(cdir), durable=False)
+    registered = threading.Event()
+    real_scan = cachemod.scan_cache
+
+    def scan_then_race(cache_dir: str) -> cachemod.CacheReport:
+        report = real_scan(cache_dir)
+
+        def mount() -> None:
+            table.register(str(img.bootstrap), backend, str(tmp_path / "m2"))
+            registered.set()
+
+        threading.Thread(target=mount, daemon=True).start()
+        registered.wait(1.0)  # without the lock, the registration completes here
+        return report
+
+    monkeypatch.setattr(cachemod, "scan_cache", scan_then_race)
+    _, removed = cachemod.gc_cache(str(cdir))
+    assert removed  # gc did remove the unused files it saw
+    assert registered.wait(30)
+    (srv,) = table.blobs.values()
+    st = os.stat(srv.cache.data_path)
+    assert (st.st_dev, st.st_ino) == srv.cache.dev_ino
+    (fsid,) = table.images
+    assert (cdir / f"{fsid}.boot").exists()
+    table.close()

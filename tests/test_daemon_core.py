@@ -302,3 +302,65 @@ def test_add_chunks_serves_the_union(tmp_path: Path, sb: SyntheticBlob) -> None:
     bad = dataclasses.replace(sb.chunks[1], digest=b"\0" * 32)
     with pytest.raises(DaemonError, match="disagree"):
         srv.add_chunks([bad])
+
+
+def test_span_survives_add_chunks_between_lookups(
+    tmp_path: Path, sb: SyntheticBlob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second image adding chunks while a lookup runs never pairs old positions with
+    the new chunk list (which would map a range onto another chunk's data)."""
+    from erofs_nydus.daemon import core
+
+    blobs, cache = tmp_path / "blobs", tmp_path / "cache"
+    blobs.mkdir()
+    cache.mkdir()
+    write_blob(blobs, sb)
+    first, later = sb.chunks[::2], sb.chunks[1::2]
+    srv = BlobServer(BlobCacheFile(str(cache), sb.blob, first, durable=False),
+                     CountingBackend(blobs))
+    real = core.bisect.bisect_left
+    swapped = []
+
+    def racing_bisect_left(a: list[int], x: int) -> int:
+        if not swapped:
+            swapped.append(srv.add_chunks(later))  # another thread registers an image
+        return real(a, x)
+
+    monkeypatch.setattr(core.bisect, "bisect_left", racing_bisect_left)
+    target = sb.chunks[4]
+    got = srv.chunks_in_range(target.uncompressed_offset, 1)
+    assert swapped == [len(later)]
+    assert got == [target]
+    monkeypatch.undo()
+    assert srv.chunks_in_range(sb.chunks[3].uncompressed_offset, 1) == [sb.chunks[3]]
+
+
+def test_close_under_a_running_fill_never_writes_elsewhere(
+    tmp_path: Path, sb: SyntheticBlob
+) -> None:
+    """close() while a fill waits on the backend (a prefetch outliving its cancel): the
+    descriptor stays open until the fill ends, so its number cannot be reused by another
+    file that the fill's pwrite would then overwrite."""
+    srv, backend = _server(tmp_path, sb)
+    backend.gate = threading.Event()
+    c = sb.chunks[3]
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(srv.fill, c.uncompressed_offset, 1)
+        while not backend.calls:
+            threading.Event().wait(0.01)
+        srv.close()
+        other = tmp_path / "other"
+        fd = os.open(other, os.O_RDWR | os.O_CREAT, 0o600)  # lowest free fd number
+        try:
+            backend.gate.set()
+            fut.result(timeout=30)
+        finally:
+            os.close(fd)
+    assert other.stat().st_size == 0
+    assert srv.cache.fd == -1
+    data = _cache_bytes(srv)
+    assert data[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size] == (
+        sb.payloads[3]
+    )
+    with pytest.raises(DaemonError, match="closed"):
+        srv.fill(sb.chunks[5].uncompressed_offset, 1)

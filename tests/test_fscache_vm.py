@@ -102,6 +102,10 @@ def test_fscache_failover(images: Path) -> None:
     assert k["alive_threads"] == 0
     assert set(k["results"].values()) == {True}, k  # every pending read completed, right bytes
     assert k["new_pid"] is True and k["restores"] == 1
+    # SIGTERM with a mount live is refused (issue 11 item 1), reads go on
+    assert r["sigterm"] == {"refused_logged": True, "supervisor_alive": True, "reads": True}
+    # a SIGSTOPped daemon is replaced; its READ is re-delivered and served (item 1, (g))
+    assert r["stuck"] == {"result": True, "blocked": False, "replaced": True}, r["stuck"]
     d = r["device_closed"]
     assert d["cached_before"] is True
     # device gone under a live mount: uncached reads fail, never zeros, never hang

@@ -231,7 +231,7 @@ def test_blob_cache_refuses_unbounded_or_aliased_chunks(tmp_path: Path) -> None:
     with pytest.raises(DaemonError, match="out of range"):
         bcf.add_chunks([dataclasses.replace(sb.chunks[2], index=7)])
     bcf.close()
-    assert (cache / f"{sb.blob.blob_id}.chunkmap").stat().st_size == 72 + 1
+    assert (cache / f"{sb.blob.blob_id}.chunk_map").stat().st_size == 72 + 1
 
 
 # -- item 4: every bootstrap handed to mount(2) passed the full validation ---------------

@@ -133,10 +133,16 @@ def test_mount_synthetic_tree_identical(
         got = snapshot_tree(root)
         expected = _drop(synthetic_snapshot, synthetic_image.excluded)
         assert compare_trees(expected, got, limit=40) == []
-        # devices in the image stay usable (no MS_NODEV): /dev/null-like node reads empty
-        with open(root / "dev" / "null", "rb") as f:
-            assert f.read(10) == b""
+        # a device node in the image is not the host's device (nodev by default)
+        with pytest.raises(PermissionError):
+            open(root / "dev" / "null", "rb")  # noqa: SIM115 - raises
     assert not mount.is_mountpoint(mnt)
+    with (
+        mount.mounted(synthetic_image.image, mnt, [synthetic_image.blob],
+                      allow_suid_dev=True) as root,
+        open(root / "dev" / "null", "rb") as f,  # the explicit opt-out
+    ):
+        assert f.read(10) == b""
 
 
 def test_mount_reads_chunked_data(

@@ -225,8 +225,6 @@ def test_digest_mismatch_refused() -> None:
             c.get_blob(ref(), DIGEST)
         with pytest.raises(DigestMismatchError):
             list(c.open_blob_stream(ref(), DIGEST))
-        with pytest.raises(DigestMismatchError):  # 200 with the whole (bad) blob
-            c.read_blob_range(ref(), DIGEST, 0, 10)
         wrong = "sha256:" + "5" * 64
         with pytest.raises(DigestMismatchError):
             c.get_manifest(f"{ref()}@{wrong}")
@@ -247,6 +245,56 @@ def test_range_answered_with_whole_blob_is_sliced() -> None:
     with make_client(script) as c:
         assert c.read_blob_range(ref(), DIGEST, 1000, 3000) == DATA[1000:4000]
     assert script.requests[0].headers["Range"] == "bytes=1000-3999"
+
+
+class Endless:
+    """A body of DATA repeated forever; counts the bytes the client pulled."""
+
+    def __init__(self) -> None:
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            for i in range(0, len(DATA), 16384):
+                piece = DATA[i : i + 16384]
+                self.pulled += len(piece)
+                yield piece
+
+
+def test_range_answered_with_200_streams_only_the_window() -> None:
+    """A server ignoring Range (200 + the whole blob, here endless) costs one window."""
+    bodies: list[Endless] = []
+
+    def whole(request: httpx.Request) -> httpx.Response:
+        bodies.append(Endless())
+        return httpx.Response(200, content=iter(bodies[-1]))
+
+    with make_client(whole) as c:
+        got = c.read_blob_range(ref(), DIGEST, 300_000, 5000, deadline=30)
+    assert got == (DATA * 2)[300_000 - len(DATA) : 305_000 - len(DATA)]
+    assert bodies[0].pulled <= 305_000 + 16384
+
+
+def test_range_206_body_read_up_to_the_length() -> None:
+    bodies: list[Endless] = []
+
+    def too_long(request: httpx.Request) -> httpx.Response:
+        bodies.append(Endless())
+        return httpx.Response(
+            206, headers={"Content-Range": f"bytes 0-9/{len(DATA)}"}, content=iter(bodies[-1])
+        )
+
+    with make_client(too_long) as c:
+        assert c.read_blob_range(ref(), DIGEST, 0, 10, deadline=30) == DATA[:10]
+    assert bodies[0].pulled <= 16384
+
+
+def test_range_with_compressed_answer_is_refused() -> None:
+    def gz(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=iter([b"x"]))
+
+    with make_client(gz) as c, pytest.raises(RegistryError, match="Content-Encoding"):
+        c.read_blob_range(ref(), DIGEST, 0, 10)
 
 
 def test_range_206_with_wrong_range_is_refused() -> None:
@@ -365,14 +413,14 @@ def test_bearer_token_flow_and_refusal() -> None:
     accept = {"good-token"}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "auth.test":
+        if request.url.path == "/token":
             token_requests.append(request)
             return httpx.Response(200, json={"access_token": "good-token", "expires_in": 300})
         auth = request.headers.get("Authorization", "")
         if auth.removeprefix("Bearer ") in accept:
             return manifest_ok(request)
         challenge = (
-            'Bearer realm="http://auth.test/token",service="reg.test",scope="repository:app:pull"'
+            'Bearer realm="http://reg.test/token",service="reg.test",scope="repository:app:pull"'
         )
         return httpx.Response(401, headers={"WWW-Authenticate": challenge})
 

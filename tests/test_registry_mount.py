@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 import treeutil
-from daemon_support import daemon_status, fanotify_usable, run_cli
+from daemon_support import CLI, daemon_status, fanotify_usable, run_cli
 from layers_support import base_step, top_step, umoci_image, umoci_unpack, upper_step
 from registry_fixture import HTPASSWD_USER, RegistryServer, skopeo_copy
 
@@ -413,6 +414,73 @@ def test_mount_from_basic_auth_registry(source_layout: Path, expected_tree: Path
     assert diffs == [], "\n".join(diffs)
 
 
+@needs_fanotify
+def test_each_mount_uses_its_own_callers_credentials(source_layout: Path,
+                                                     registry_htpasswd: RegistryServer,
+                                                     tmp_path: Path) -> None:
+    """The daemon keeps none of the environment of the caller that started it: each
+    mount's registry auth file is its own caller's (issue 11 item 3)."""
+    reg = registry_htpasswd
+    src, target = reg.ref("envs/src:v1"), reg.ref("envs/nydus:v1")
+    skopeo_copy(f"oci:{source_layout}:latest", f"docker://{src}", creds=HTPASSWD_USER)
+    good = _docker_config(tmp_path / "good", reg.host, *HTPASSWD_USER)
+    convert_image(src, target, ConvertOptions(
+        cache_dir=str(tmp_path / "conv"),
+        client_options={"plain_http": True, "docker_config": str(good)}))
+    cache = tmp_path / "cache"
+    home = tmp_path / "home"  # credentials in ~/.docker, no $DOCKER_CONFIG
+    _docker_config(home / ".docker", reg.host, *HTPASSWD_USER)
+    nohome = tmp_path / "nohome"
+    nohome.mkdir()
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE")}
+    mps = []
+
+    def mount(name: str, env: dict[str, str]) -> Any:
+        mp = tmp_path / name
+        mp.mkdir()
+        proc = subprocess.run([*CLI, "mount", target, str(mp), "--cache-dir", str(cache)],
+                              capture_output=True, text=True, timeout=300,
+                              env={**base_env, **env}, check=False)
+        if proc.returncode == 0:
+            mps.append(mp)
+        return proc
+
+    try:
+        # the daemon is started by a caller with credentials in $DOCKER_CONFIG...
+        first = mount("first", {"DOCKER_CONFIG": str(good), "HOME": str(nohome)})
+        assert first.returncode == 0, first.stderr
+        # ...a caller without any must not get them
+        second = mount("second", {"HOME": str(nohome)})
+        assert second.returncode != 0 and "credentials" in second.stderr, second.stderr
+        # and a caller whose credentials are in its ~/.docker gets its own
+        third = mount("third", {"HOME": str(home)})
+        assert third.returncode == 0, third.stderr
+        assert (mps[-1] / "etc/keep").exists()
+    finally:
+        for mp in mps:
+            run_cli("umount", str(mp), "--cache-dir", str(cache), check=False)
+        client = DaemonClient(cache)
+        end = time.monotonic() + 20
+        while client.supervisor_running() and time.monotonic() < end:
+            time.sleep(0.1)
+
+
+@needs_fanotify
+def test_callers_tls_roots_travel_with_the_mount(nydus_ref: str, tmp_path: Path,
+                                                ref_mounts: RefMounts) -> None:
+    """$SSL_CERT_FILE does not reach the daemon's environment; the mount's backend gets
+    it explicitly (its registry reads use the caller's CA bundle)."""
+    import certifi
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes())
+    mp = ref_mounts.mount(nydus_ref, "mnt", env={"SSL_CERT_FILE": str(bundle)})
+    state = json.loads((ref_mounts.cache(mp) / "daemon-state.json").read_text())
+    assert str(bundle) in json.dumps(state), state
+    assert (mp / "etc/keep").exists()
+
+
 # -- faults --------------------------------------------------------------------------------
 
 
@@ -563,3 +631,17 @@ def test_resident_daemon_outlives_its_mounts_and_stops_on_sigterm(
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+@needs_fanotify
+def test_slow_registry_read_is_not_a_stuck_daemon(nydus_ref: str, proxy: FaultProxy,
+                                                  expected_tree: Path,
+                                                  ref_mounts: RefMounts) -> None:
+    """A range read slower than the stuck-daemon deadline but within the mount's
+    --read-deadline is served: the supervisor waits as long as the registry may take."""
+    proxy.mode, proxy.delay = "delay", 4.0
+    mp = ref_mounts.mount(_via(proxy, nydus_ref), "mnt", "--read-deadline", "20",
+                          env={"EROFS_NYDUS_READ_DEADLINE": "1"})
+    pid = daemon_status(ref_mounts.cache(mp))["pid"]
+    assert (mp / "etc/keep").read_bytes() == (expected_tree / "etc/keep").read_bytes()
+    assert daemon_status(ref_mounts.cache(mp))["pid"] == pid

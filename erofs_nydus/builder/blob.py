@@ -1,8 +1,8 @@
 """Chunk store for one data blob: digest, dedup, compress, append.
 
 Blob file layout (what `nydus-image create -D` writes, no ToC):
-    chunk data (compressed back to back from offset 0)
-    | CI array (V1, 16 B per chunk; lz4-compressed when that is smaller)
+    chunk data (each chunk zstd/lz4-compressed, or raw when that is not smaller)
+    | CI array (V1, 16 B per chunk; compressed like the chunks when that is smaller)
     | 4 KiB BlobCIHeader (magic 0xB10BB10B at 0 and 4092)
 The blob id is the sha256 of the whole file.  Chunk i occupies
 [uncompressed_offset, +round_up_4k(size)) of the uncompressed address space, which
@@ -34,7 +34,7 @@ from erofs_nydus.layout.rafs import (
     BlobCIHeader,
     encode_ci_v1,
 )
-from erofs_nydus.rafs.codec import compress_chunk
+from erofs_nydus.rafs.codec import compress_chunk, digest_of
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 _ZEROS = bytes(16 << 20)
@@ -78,11 +78,13 @@ class BlobWriter:
     """Appends unique chunks of one build to a new blob (and its cache file)."""
 
     def __init__(self, blob_dir: str, *, chunk_size: int, compressor: str, blob_index: int = 0,
-                 cache_dir: str | None = None, chunk_dict: ChunkLookup | None = None) -> None:
+                 cache_dir: str | None = None, chunk_dict: ChunkLookup | None = None,
+                 digester: str = "sha256") -> None:
         self.blob_dir = blob_dir
         self.cache_dir = cache_dir
         self.chunk_size = chunk_size
         self.compressor = compressor
+        self.digester = digester  # chunk digests: "sha256" | "blake3"
         self.blob_index = blob_index
         self.chunk_dict = chunk_dict
         self.stats = BlobStats()
@@ -124,14 +126,14 @@ class BlobWriter:
     def zero_digest(self, size: int) -> bytes:
         d = self._zero_digests.get(size)
         if d is None:
-            d = self._zero_digests[size] = hashlib.sha256(_ZEROS[:size]).digest()
+            d = self._zero_digests[size] = digest_of(_ZEROS[:size], self.digester)
         return d
 
     def add_chunk(self, data: bytes, file_offset: int, digest: bytes | None = None) -> ChunkInfo:
         """Store (or deduplicate) one chunk and return where it lives."""
         size = len(data)
         if digest is None:
-            digest = hashlib.sha256(data).digest()
+            digest = digest_of(data, self.digester)
         self.stats.chunks_referenced += 1
         self.stats.bytes_referenced += size
         key = (digest, size)
@@ -165,7 +167,7 @@ class BlobWriter:
             digest=digest, blob_index=self.blob_index, index=len(self._chunks),
             compressed_offset=self._coff, compressed_size=len(stored),
             uncompressed_offset=self._uoff, uncompressed_size=size,
-            compressed=packed is not None,
+            compressed=packed is not None, compressor=self.compressor, digester=self.digester,
         )
         self._write_blob(stored)
         if self._cache_f is not None:
@@ -280,10 +282,10 @@ class BlobWriter:
         self._tmp_paths.clear()
         return BlobInfo(
             blob_id=blob_id, blob_index=self.blob_index, chunk_size=self.chunk_size,
-            chunk_count=len(self._chunks), compressor=self.compressor, digester="sha256",
+            chunk_count=len(self._chunks), compressor=self.compressor, digester=self.digester,
             compressed_size=self._coff, uncompressed_size=self._uoff, ci_offset=ci_offset,
             ci_compressed_size=len(ci_bytes), ci_uncompressed_size=len(ci_raw),
-            features=BLOB_FEATURE_ALIGNED,
+            features=BLOB_FEATURE_ALIGNED, ci_compressor=ci_compressor,
         )
 
     def _install(self, tmp: str, final: str) -> None:

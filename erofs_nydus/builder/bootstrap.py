@@ -239,7 +239,7 @@ def _plan_flat(rec: _Rec, base: int) -> None:
 
 
 def write_bootstrap(root: Node, blobs: list[BlobInfo], chunk_table: list[ChunkInfo], *,
-                    chunk_size: int, compressor: str,
+                    chunk_size: int, compressor: str, digester: str = "sha256",
                     prefetch: list[Node] | None = None) -> BootstrapPlan:
     """Lay out and encode a bootstrap for `root` whose chunks live in `blobs`."""
     if root.children is None:
@@ -286,8 +286,12 @@ def write_bootstrap(root: Node, blobs: list[BlobInfo], chunk_table: list[ChunkIn
         raise FormatError("internal: root inode not at nid 128")
 
     out = bytearray(total)
-    flags = (R.FLAG_HASH_SHA256 | R.FLAG_EXPLICIT_UID_GID | R.FLAG_ENCRYPTION_NONE
-             | (R.FLAG_COMPRESSION_LZ4 if compressor == "lz4" else R.FLAG_COMPRESSION_NONE))
+    comp_flag = {v: k for k, v in R.COMPRESSION_FLAGS.items()}.get(compressor)
+    hash_flag = {v: k for k, v in R.HASH_FLAGS.items()}.get(digester)
+    if comp_flag is None or hash_flag is None:
+        raise UsageError(f"cannot write a bootstrap for compressor {compressor!r}, "
+                         f"digester {digester!r}")
+    flags = hash_flag | R.FLAG_EXPLICIT_UID_GID | R.FLAG_ENCRYPTION_NONE | comp_flag
     if any(r.inode.xattrs for r in recs):
         flags |= R.FLAG_HAS_XATTR
 
@@ -338,7 +342,8 @@ def write_bootstrap(root: Node, blobs: list[BlobInfo], chunk_table: list[ChunkIn
     sb = build(E.SuperBlock, {
         "magic": E.EROFS_SUPER_MAGIC, "checksum": 0, "feature_compat": E.COMPAT_RAFS_V6,
         "blkszbits": BLOCK_BITS, "sb_extslots": 0, "root_nid": ROOT_NID, "inos": len(recs),
-        "build_time": 0, "build_time_nsec": 0, "blocks": total // BLOCK_SIZE,
+        # nydusd refuses blocks other than 0 (or 4096, an old bug) without extra devices
+        "build_time": 0, "build_time_nsec": 0, "blocks": total // BLOCK_SIZE if nblobs else 0,
         "meta_blkaddr": meta_blkaddr, "xattr_blkaddr": 0, "uuid": bytes(16),
         "volume_name": bytes(16),
         "feature_incompat": E.INCOMPAT_CHUNKED_FILE | E.INCOMPAT_DEVICE_TABLE, "u1": 0,
@@ -351,7 +356,9 @@ def write_bootstrap(root: Node, blobs: list[BlobInfo], chunk_table: list[ChunkIn
 
 
 def _ci_compressor(b: BlobInfo) -> str:
-    return b.compressor if b.ci_compressed_size != b.ci_uncompressed_size else "none"
+    if b.ci_compressed_size == b.ci_uncompressed_size:
+        return "none"
+    return b.ci_compressor if b.ci_compressor != "none" else b.compressor
 
 
 def _emit_record(out: bytearray, rec: _Rec, meta_base: int, nid_of: object,

@@ -19,16 +19,20 @@ from erofs_nydus.builder.source import tree_from_dir, tree_from_tar
 from erofs_nydus.errors import SourceError, UsageError
 from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.layout.rafs import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from erofs_nydus.rafs.codec import COMPRESSORS as CODEC_COMPRESSORS
+from erofs_nydus.rafs.codec import DIGESTERS as CODEC_DIGESTERS
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 from erofs_nydus.rafs.tree import Node
 
-COMPRESSORS = ("lz4", "none")
+COMPRESSORS = CODEC_COMPRESSORS
+DIGESTERS = CODEC_DIGESTERS
 
 
 @dataclass(slots=True)
 class BuildOptions:
     chunk_size: int = 0x100000
     compressor: str = "lz4"
+    digester: str = "sha256"
     blob_cache_dir: str | None = None
     chunk_dicts: list[str] = field(default_factory=list)
     whiteout_spec: str = "none"
@@ -39,7 +43,10 @@ class BuildOptions:
             raise UsageError(f"--chunk-size {cs:#x}: must be a power of two between "
                              f"{MIN_CHUNK_SIZE:#x} and {MAX_CHUNK_SIZE:#x}")
         if self.compressor not in COMPRESSORS:
-            raise UsageError(f"--compressor {self.compressor}: choose one of {COMPRESSORS}")
+            raise UsageError(f"--compressor {self.compressor}: choose one of "
+                             f"{', '.join(COMPRESSORS)}")
+        if self.digester not in DIGESTERS:
+            raise UsageError(f"--digester {self.digester}: choose one of {', '.join(DIGESTERS)}")
 
 
 @dataclass(slots=True)
@@ -52,6 +59,7 @@ class BuildResult:
     stats: BlobStats
     chunk_size: int
     compressor: str
+    digester: str = "sha256"
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
@@ -61,10 +69,12 @@ class BuildResult:
             "inodes": self.inodes,
             "chunk_size": self.chunk_size,
             "compressor": self.compressor,
+            "digester": self.digester,
             "blobs": [
                 {"blob_id": b.blob_id, "blob_index": b.blob_index,
                  "compressed_size": b.compressed_size,
-                 "blob_file_size": b.ci_offset + b.ci_compressed_size + 4096,
+                 "blob_file_size": b.file_size, "compressor": b.compressor,
+                 "digester": b.digester,
                  "uncompressed_size": b.uncompressed_size, "chunk_count": b.chunk_count,
                  "new": self.new_blob is not None and b.blob_id == self.new_blob.blob_id}
                 for b in self.blobs
@@ -112,6 +122,9 @@ def _load_chunk_dicts(paths: list[str], opts: BuildOptions) -> ChunkLookup | Non
             if b.compressor != opts.compressor:
                 raise UsageError(f"--chunk-dict {path}: blob {b.blob_id[:12]} uses compressor "
                                  f"{b.compressor}, this build uses {opts.compressor}")
+            if b.digester != opts.digester:
+                raise UsageError(f"--chunk-dict {path}: blob {b.blob_id[:12]} uses digester "
+                                 f"{b.digester}, this build uses {opts.digester}")
             lookup.add_blob(b, img.chunks[b.blob_index])
     return lookup
 
@@ -177,7 +190,8 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
         kind, stream, owned = "tar", source, False
         label = label or "tar stream"
     writer = BlobWriter(blob_dir, chunk_size=opts.chunk_size, compressor=opts.compressor,
-                        cache_dir=opts.blob_cache_dir, chunk_dict=lookup)
+                        cache_dir=opts.blob_cache_dir, chunk_dict=lookup,
+                        digester=opts.digester)
     new_blob: BlobInfo | None = None
     try:
         try:
@@ -202,7 +216,7 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
     if new_blob is not None:
         new_blob = blobs[-1]
     plan = write_bootstrap(root, blobs, table, chunk_size=opts.chunk_size,
-                           compressor=opts.compressor)
+                           compressor=opts.compressor, digester=opts.digester)
     try:
         write_file_atomic(bootstrap, plan.data)
     except BaseException:
@@ -210,4 +224,5 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
         raise
     return BuildResult(bootstrap=bootstrap, bootstrap_size=len(plan.data), inodes=plan.inode_count,
                        blobs=blobs, new_blob=new_blob, stats=writer.stats,
-                       chunk_size=opts.chunk_size, compressor=opts.compressor)
+                       chunk_size=opts.chunk_size, compressor=opts.compressor,
+                       digester=opts.digester)

@@ -49,12 +49,15 @@ def merge_bootstraps(paths: list[str], out: str,
         readers.append(reader)
     chunk_size = readers[0].image.chunk_size
     compressors = {b.compressor for r in readers for b in r.image.blobs}
+    digesters = {b.digester for r in readers for b in r.image.blobs}
     for i, r in enumerate(readers):
         if r.image.chunk_size != chunk_size:
             raise UsageError(f"layer {i} ({paths[i]}): chunk size {r.image.chunk_size:#x} "
                              f"differs from layer 0's {chunk_size:#x}")
     if len(compressors) > 1:
         raise UsageError(f"layers use different compressors: {sorted(compressors)}")
+    if len(digesters) > 1:
+        raise UsageError(f"layers use different digesters: {sorted(digesters)}")
     layers = [(r.tree(), r.image.blobs) for r in readers]
     root, blobs, table = merge_trees(layers, warn)
     if len(blobs) > MAX_BLOBS:
@@ -62,7 +65,9 @@ def merge_bootstraps(paths: list[str], out: str,
                          "fit in one bootstrap")
     table = add_blob_chunks(table, [(r.image.blobs, r.image.chunks) for r in readers], blobs)
     compressor = compressors.pop() if compressors else "lz4"
-    plan = write_bootstrap(root, blobs, table, chunk_size=chunk_size, compressor=compressor)
+    digester = digesters.pop() if digesters else "sha256"
+    plan = write_bootstrap(root, blobs, table, chunk_size=chunk_size, compressor=compressor,
+                           digester=digester)
     write_file_atomic(out, plan.data)
     return MergeResult(bootstrap=out, bootstrap_size=len(plan.data), inodes=plan.inode_count,
                        blobs=blobs)

@@ -14,7 +14,6 @@ Trace file (JSON, written by the daemon):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -142,15 +141,17 @@ def optimize_image(bootstrap: str, blob_dir: str, out_bootstrap: str, out_blob_d
     src = backend or LocalDirBackend(blob_dir)
     blobs = reader.image.blobs
     writer = BlobWriter(out_blob_dir, chunk_size=reader.image.chunk_size,
-                        compressor=blobs[0].compressor if blobs else "lz4")
+                        compressor=blobs[0].compressor if blobs else "lz4",
+                        digester=blobs[0].digester if blobs else "sha256")
     new_of: dict[tuple[int, int], ChunkInfo] = {}
     try:
         for k in order:
             c = reader.by_addr[k]
-            data = read_chunk(src, blobs[c.blob_index].blob_id, c)
-            if hashlib.sha256(data).digest() != c.digest:
-                raise DigestMismatchError(f"blob {blobs[c.blob_index].blob_id[:12]} chunk "
-                                          f"{c.index}: digest mismatch")
+            try:
+                data = read_chunk(src, blobs[c.blob_index].blob_id, c, verify=True)
+            except DigestMismatchError as exc:
+                raise DigestMismatchError(f"blob {blobs[c.blob_index].blob_id[:12]} "
+                                          f"{exc}") from exc
             new_of[k] = writer.add_chunk(data, 0, c.digest)
         new_blob = writer.finish()
     except BaseException:
@@ -166,6 +167,7 @@ def optimize_image(bootstrap: str, blob_dir: str, out_bootstrap: str, out_blob_d
     plan = write_bootstrap(root, [new_blob] if new_blob else [], writer.chunks,
                            chunk_size=reader.image.chunk_size,
                            compressor=blobs[0].compressor if blobs else "lz4",
+                           digester=blobs[0].digester if blobs else "sha256",
                            prefetch=prefetch)
     try:
         write_file_atomic(out_bootstrap, plan.data)

@@ -28,6 +28,39 @@ def parse_size(value: str) -> int:
         raise UsageError(f"not a size: {value!r}") from exc
 
 
+def check_output(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output file whose directory is missing or not
+    writable (nothing is created on the way), or that is a directory."""
+    if path is None or path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: no such directory {parent}")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: directory {parent} is not writable")
+
+
+def check_output_dir(path: str | None, option: str) -> None:
+    """An output directory may be made, but not its parent: refuse a missing parent
+    (a typo would otherwise grow a tree of folders), or a path that is a file."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: no such directory {parent}")
+
+
+def _is_path(arg: str) -> bool:
+    """A command-line argument that names a file: it exists, or looks like a path
+    (./x, ../x, /x), so a missing one is reported as a missing file, not parsed as
+    an image reference."""
+    return arg in (".", "..") or arg.startswith(("./", "../", "/")) or os.path.lexists(arg)
+
+
 def _write_json(obj: Any, dest: str | None) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False)
     if dest in (None, "-"):
@@ -49,8 +82,10 @@ def _write_json(obj: Any, dest: str | None) -> None:
                    "address space, ready to mount without a daemon.")
 @click.option("--chunk-size", default="0x100000", show_default=True,
               help="Chunk size, a power of two from 0x1000 to 0x1000000.")
-@click.option("--compressor", type=click.Choice(["lz4", "none"]), default="lz4",
-              show_default=True, help="Per-chunk compression (lz4 block format).")
+@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="lz4",
+              show_default=True, help="Per-chunk compression (zstd frame or lz4 block).")
+@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="sha256",
+              show_default=True, help="Chunk digest (blake3 is nydus-image's default).")
 @click.option("--chunk-dict", "chunk_dicts", multiple=True, metavar="BOOTSTRAP",
               help="Reuse chunks already stored in this image's blobs (repeatable).")
 @click.option("--whiteout-spec", type=click.Choice(["oci", "overlayfs", "none"]),
@@ -60,9 +95,9 @@ def _write_json(obj: Any, dest: str | None) -> None:
 @click.option("--output-json", "-J", metavar="FILE",
               help="Write blob ids, sizes, chunk counts and dedup figures as JSON ('-' = stdout).")
 def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | None,
-           chunk_size: str, compressor: str, chunk_dicts: tuple[str, ...], whiteout_spec: str,
-           output_json: str | None) -> None:
-    """Build SOURCE into a RAFS v6 bootstrap plus one lz4-chunked data blob.
+           chunk_size: str, compressor: str, digester: str, chunk_dicts: tuple[str, ...],
+           whiteout_spec: str, output_json: str | None) -> None:
+    """Build SOURCE into a RAFS v6 bootstrap plus one chunked data blob.
 
     SOURCE is a directory, a .tar or .tar.gz file, or '-' for a tar/tar.gz stream on
     stdin (gzip is detected by its magic).  Tar input is streamed, never unpacked.
@@ -71,9 +106,13 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
     """
     from erofs_nydus.builder import BuildOptions, create_image
 
+    check_output(bootstrap, "--bootstrap")
+    check_output(output_json, "--output-json")
+    check_output_dir(blob_dir, "--blob-dir")
+    check_output_dir(blob_cache_dir, "--blob-cache-dir")
     opts = BuildOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
-                        blob_cache_dir=blob_cache_dir, chunk_dicts=list(chunk_dicts),
-                        whiteout_spec=whiteout_spec)
+                        digester=digester, blob_cache_dir=blob_cache_dir,
+                        chunk_dicts=list(chunk_dicts), whiteout_spec=whiteout_spec)
     result = create_image(source, bootstrap, blob_dir, opts)
     if output_json:
         _write_json(result.to_json(), output_json)
@@ -114,7 +153,7 @@ def check(bootstrap: str, blob_dir: str | None, source: str | None, plain_http: 
     from erofs_nydus.rafs.check import check_bootstrap
     from erofs_nydus.rafs.reader import read_bootstrap_bytes
 
-    if not os.path.exists(bootstrap) and (":" in bootstrap or "/" in bootstrap):
+    if not _is_path(bootstrap) and (":" in bootstrap or "/" in bootstrap):
         _check_ref(bootstrap, source, plain_http, platform, as_json)
         return
     if source is not None:
@@ -178,7 +217,8 @@ def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
                                f"({c['blob_id'][:12]}) ci#{c['ci_index']} "
                                f"c={c['compressed_offset']:#x}+{c['compressed_size']} "
                                f"u={c['uncompressed_offset']:#x}+{c['uncompressed_size']} "
-                               f"sha256={c['digest'][:16]}")
+                               f"{c['digester']}={c['digest'][:16]}"
+                               + ("" if c["compressed"] else " raw"))
             else:
                 click.echo(f"{key}: {value}")
         return
@@ -221,6 +261,8 @@ def merge(layers: tuple[str, ...], bootstrap: str, allow_missing_whiteouts: bool
     """
     from erofs_nydus.builder.merge import merge_bootstraps
 
+    check_output(bootstrap, "--bootstrap")
+    check_output(output_json, "--output-json")
     def warn(msg: str) -> None:
         click.echo(f"erofs-nydus: warning: {msg}", err=True)
 
@@ -251,7 +293,9 @@ def stat_cmd(bootstraps: tuple[str, ...], as_json: bool) -> None:
                    f"(dedup {img['dedup_ratio']:.1%})")
         for b in img["blobs"]:
             click.echo(f"  blob {b['blob_id'][:16]}: {b['chunks']} chunks, "
-                       f"{b['compressed_size']} bytes, {b['chunks_referenced']} refs")
+                       f"{b['chunk_data_size']} bytes of {b['compressor']} chunk data "
+                       f"({b['blob_file_size']} bytes file, {b['digester']} digests), "
+                       f"{b['chunks_referenced']} refs")
     t = info["total"]
     if len(info["images"]) > 1:
         click.echo(f"total: {t['unique_blobs']} blobs, {t['unique_chunks']} unique chunks, "
@@ -280,6 +324,9 @@ def optimize(bootstrap: str, blob_dir: str, trace: str | None, prefetch_list: st
     """
     from erofs_nydus.builder.optimize import optimize_image
 
+    check_output(out_boot, "--output-bootstrap")
+    check_output(output_json, "--output-json")
+    check_output_dir(out_blobs, "--output-blob-dir")
     res = optimize_image(bootstrap, blob_dir, out_boot, out_blobs or blob_dir, trace=trace,
                          prefetch_list=prefetch_list)
     if output_json:

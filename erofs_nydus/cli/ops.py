@@ -23,14 +23,16 @@ def _human(n: float) -> str:
 
 
 def _cache_dir(cache_dir: str | None) -> str:
-    if cache_dir is not None:
-        return cache_dir
-    from erofs_nydus.config import load_config
+    """The cache dir to work on, which must exist (a typo is not an empty cache)."""
+    if cache_dir is None:
+        from erofs_nydus.config import load_config
 
-    cfg = load_config(None)
-    if cfg.cache_dir is None:
-        raise UsageError("give --cache-dir (or set daemon.cache_dir in the config file)")
-    return cfg.cache_dir
+        cache_dir = load_config(None).cache_dir
+        if cache_dir is None:
+            raise UsageError("give --cache-dir (or set daemon.cache_dir in the config file)")
+    if not os.path.isdir(cache_dir):
+        raise UsageError(f"{os.path.abspath(cache_dir)}: no such cache dir")
+    return cache_dir
 
 
 _cache_dir_opt = click.option(
@@ -56,9 +58,11 @@ def trace_cmd(mountpoint: str, output: str, cache_dir: str | None) -> None:
     offset; feed it to `erofs-nydus optimize BOOTSTRAP --trace FILE`.
     """
     from erofs_nydus.builder.create import write_file_atomic
+    from erofs_nydus.cli.build import check_output
     from erofs_nydus.cli.runtime import _cache_dir_of, _mount_source
     from erofs_nydus.service.api import ApiClient
 
+    check_output(output, "--output")
     mp = os.path.realpath(mountpoint)
     if cache_dir is None and _mount_source(mp) is None:
         raise UsageError(f"{mp} is not mounted")

@@ -8,7 +8,7 @@ import time
 import click
 
 from erofs_nydus.cli import main
-from erofs_nydus.cli.build import _write_json, parse_size
+from erofs_nydus.cli.build import _write_json, check_output, parse_size
 
 
 class _Progress:
@@ -54,7 +54,9 @@ def _client_options(plain_http: bool) -> dict[str, object]:
               "(default linux/amd64).")
 @click.option("--chunk-dict", "chunk_dicts", multiple=True, metavar="BOOTSTRAP",
               help="Reuse chunks stored in this image's blobs (repeatable).")
-@click.option("--compressor", type=click.Choice(["lz4", "none"]), default="lz4",
+@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="lz4",
+              show_default=True)
+@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="sha256",
               show_default=True)
 @click.option("--chunk-size", default="0x100000", show_default=True)
 @click.option("--cache-dir", default="/var/cache/erofs_nydus/convert", show_default=True,
@@ -67,7 +69,8 @@ def _client_options(plain_http: bool) -> dict[str, object]:
 @click.option("--output-json", "-J", metavar="FILE", help="Write the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def convert(source: str, target: str, plain_http: bool, platform: str | None,
-            chunk_dicts: tuple[str, ...], compressor: str, chunk_size: str, cache_dir: str,
+            chunk_dicts: tuple[str, ...], compressor: str, digester: str, chunk_size: str,
+            cache_dir: str,
             prefetch_trace: str | None, output_json: str | None, quiet: bool) -> None:
     """Convert an OCI image into a Nydus (RAFS v6) image and push it.
 
@@ -78,6 +81,7 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
     """
     from erofs_nydus.registry.convert import ConvertOptions, convert_image
 
+    check_output(output_json, "--output-json")
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
 
     def warn(msg: str) -> None:
@@ -85,7 +89,7 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
         click.echo(f"erofs-nydus: warning: {msg}", err=True)
 
     opts = ConvertOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
-                          chunk_dicts=list(chunk_dicts), platform=platform,
+                          digester=digester, chunk_dicts=list(chunk_dicts), platform=platform,
                           cache_dir=cache_dir, client_options=_client_options(plain_http),
                           prefetch_trace=prefetch_trace)
     try:

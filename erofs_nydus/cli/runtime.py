@@ -117,11 +117,15 @@ def _mount_source(mountpoint: str) -> tuple[str, str] | None:
               "cache (readahead) instead of O_DIRECT: marks the cache dir chattr +j; "
               "in effect on ext4 mounted nodelalloc (or data=journal), whose cache writes "
               "are then journaled [env: EROFS_NYDUS_FSCACHE_BUFFERED=1].")
+@click.option("--allow-suid-dev", is_flag=True,
+              help="Honour setuid/setgid bits and device nodes in the image (default: the "
+              "mount is nosuid,nodev, as an image is someone else's content).")
 @config_options
 def mount_cmd(
     bootstrap: str, mountpoint: str, blob_dir: str | None, cache_dir: str, mode: str,
     amplify: int, plain_http: bool, platform: str | None, read_deadline: float,
     domain_id: str | None = None, buffered_cache: bool | None = None,
+    allow_suid_dev: bool = False,
 ) -> None:
     """Mount BOOTSTRAP (a file, with --blob-dir) or REF at MOUNTPOINT; data is fetched
     on first read.
@@ -129,14 +133,15 @@ def mount_cmd(
     REF is a Nydus image in a registry (host[:port]/repo[:tag|@digest]) or an OCI
     layout (oci:DIR[:tag]): only its bootstrap layer is fetched now, chunks are read
     with HTTP Range requests when first accessed.  Credentials come from Docker's
-    config.json ($DOCKER_CONFIG).
+    config.json ($DOCKER_CONFIG, else ~/.docker; the path goes to the daemon with each
+    mount).  The daemon ignores the caller's proxy variables: set [backend] in the
+    config file.
 
     Starts (or reuses) the daemon for --cache-dir in the background, registers the
     image, and mounts it with file-backed EROFS, one cache file per blob.  Returns
     once the mount is usable.  A second mount of the same image shares the cache.
     """
-    from erofs_nydus.mount import is_mountpoint, mount_erofs_file
-    from erofs_nydus.service.client import DaemonClient
+    from erofs_nydus.mount import is_mountpoint
 
     if cache_dir is None:
         raise UsageError("give --cache-dir (or daemon.cache_dir in the config file)")
@@ -146,10 +151,42 @@ def mount_cmd(
     mp = os.path.realpath(mountpoint)
     if is_mountpoint(mp):
         raise UsageError(f"{mp} is already a mountpoint")
-    if chosen == "fscache":
-        _mount_fscache(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
-                       read_deadline, domain_id, buffered_cache)
+    existed = os.path.isdir(cache_dir)
+    had = set(os.listdir(cache_dir)) if existed else set()
+    try:
+        if chosen == "fscache":
+            _mount_fscache(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
+                           read_deadline, domain_id, buffered_cache, allow_suid_dev)
+        else:
+            _mount_fanotify(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
+                            read_deadline, domain_id, buffered_cache, allow_suid_dev)
+    except BaseException as exc:
+        _forget_failed_start(cache_dir, existed, had, keep_log=isinstance(exc, DaemonError))
+        raise
+
+
+def _forget_failed_start(cache_dir: str, existed: bool, had: set[str], keep_log: bool) -> None:
+    """A mount failed: remove the daemon's lock and log files it left in the cache dir
+    (and the dir, if this mount made it and it is empty), unless they were there
+    before, a daemon still runs, or the error names the log (``keep_log``)."""
+    from erofs_nydus.service.client import DaemonClient
+
+    client = DaemonClient(cache_dir)
+    if os.path.basename(client.paths.lock) in had:
         return
+    client.remove_stale_files(log=not keep_log and os.path.basename(client.paths.log) not in had)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.rmdir(cache_dir)  # only when empty
+
+
+def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
+                    plain_http: bool, platform: str | None, read_deadline: float,
+                    domain_id: str | None, buffered_cache: bool | None,
+                    allow_suid_dev: bool = False) -> None:
+    from erofs_nydus.mount import mount_erofs_file
+    from erofs_nydus.service.client import DaemonClient
+
     if domain_id is not None:
         raise UsageError("--domain-id is for --mode fscache")
     if buffered_cache:
@@ -181,21 +218,22 @@ def mount_cmd(
                 client.shutdown()
         raise
     try:
-        mount_erofs_file(info["bootstrap"], mp, info["devices"])
+        mount_erofs_file(info["bootstrap"], mp, info["devices"], allow_suid_dev=allow_suid_dev)
     except BaseException:
         remaining = client.request("detach", mountpoint=mp)["remaining"]
         if remaining == 0:
             client.shutdown()
         raise
     click.echo(
-        f"mounted {bootstrap} at {mp} ({chosen}, image {info['fsid'][:12]}, "
+        f"mounted {bootstrap} at {mp} (fanotify, image {info['fsid'][:12]}, "
         f"{len(info['devices'])} blob(s), cache {client.paths.cache_dir})"
     )
 
 
 def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
                    plain_http: bool, platform: str | None, read_deadline: float,
-                   domain_id: str | None, buffered_cache: bool | None) -> None:
+                   domain_id: str | None, buffered_cache: bool | None,
+                   allow_suid_dev: bool = False) -> None:
     from erofs_nydus.service.fscache_client import mount_fscache
 
     backend = _mount_backend(bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline)
@@ -203,7 +241,7 @@ def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str
     backend = apply_backend_config(backend, current_config())
     info = mount_fscache(boot_path, mp, cache_dir, backend, amplify=amplify, domain_id=domain_id,
                          extra=current_config().register_args(),
-                         buffered_cache=buffered_cache)
+                         buffered_cache=buffered_cache, allow_suid_dev=allow_suid_dev)
     dom = f", domain {domain_id}" if domain_id else ""
     dom += ", buffered cache" if info["buffered_cache"] else ""
     click.echo(f"mounted {bootstrap} at {mp} (fscache, fsid {info['mount_fsid'][:16]}{dom}, "
@@ -214,10 +252,35 @@ def _resolve_args(platform: str | None, plain_http: bool,
                   read_deadline: float) -> dict[str, Any]:
     """`resolve_remote_image` keyword arguments (also the daemon's `resolve` request)."""
     cfg = current_config()
-    docker_config = cfg.docker_config_dir() or os.environ.get("DOCKER_CONFIG")
-    return {"platform": platform, "plain_http": True if plain_http else "loopback",
-            "deadline": read_deadline, "retries": cfg.retries,
-            "docker_config": os.path.abspath(docker_config) if docker_config else None}
+    docker_config = cfg.docker_config_dir() or _caller_docker_config()
+    args: dict[str, Any] = {
+        "platform": platform, "plain_http": True if plain_http else "loopback",
+        "deadline": read_deadline, "retries": cfg.retries,
+        "docker_config": os.path.abspath(docker_config)}
+    # The caller's TLS roots (what httpx reads from these variables in this process)
+    # go with the request: the daemon's environment has none of them.
+    ca = os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")
+    if ca:
+        args["verify"] = os.path.abspath(ca)
+    return args
+
+
+def _caller_docker_config() -> str:
+    """This caller's registry auth file, named explicitly in each request: the daemon
+    runs with an allow-listed environment and must never fall back to the settings of
+    whoever started it.  `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`;
+    `$REGISTRY_AUTH_FILE` when that one does not exist (the order of
+    `registry.auth.docker_config_paths`, which this light process does not import)."""
+    env = os.environ
+    if env.get("DOCKER_CONFIG"):
+        first = os.path.join(env["DOCKER_CONFIG"], "config.json")
+    else:
+        home = env.get("HOME") or os.path.expanduser("~")
+        first = os.path.join(home, ".docker", "config.json")
+    auth_file = env.get("REGISTRY_AUTH_FILE")
+    if auth_file and not os.path.exists(first):
+        return auth_file
+    return first
 
 
 def _local_backend(bootstrap: str, blob_dir: str | None) -> dict[str, Any] | None:
@@ -308,7 +371,10 @@ def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
         return
     detached = client.request("detach", mountpoint=mp)
     remaining = detached["remaining"]
-    if remaining == 0 and detached.get("resident"):
+    if detached.get("lingering"):
+        click.echo(f"unmounted {mp}; its image is still in use (lazily unmounted, files "
+                   "open): the daemon serves it until the last file is closed")
+    elif remaining == 0 and detached.get("resident"):
         click.echo(f"unmounted {mp}; resident daemon keeps running")
     elif remaining == 0:
         try:
@@ -376,7 +442,9 @@ def daemon_cmd(cache_dir: str, resident: bool) -> None:
     """Run the daemon for --cache-dir in the foreground (fanotify mode).
 
     `mount` starts one on demand, which stops with its last mount; run this to keep
-    one up.  SIGTERM or SIGINT stops it.  Logs go to stderr.
+    one up.  SIGTERM or SIGINT stops it when no image is mounted; with mounts live
+    it refuses (logs "N mounts live; umount first") and keeps serving.  Logs go to
+    stderr.
     """
     from erofs_nydus.service.supervisor import run_supervisor, setup_logging
 

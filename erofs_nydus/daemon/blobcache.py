@@ -2,7 +2,7 @@
 
 `<cache-dir>/<blob_id>.blob.data` is a sparse file of `uncompressed_size` bytes;
 chunk i lives at its `uncompressed_offset`, zero-padded to 4 KiB.  Which chunks are
-present is recorded in `<blob_id>.chunkmap` (see `chunkmap.py`) and re-verified on
+present is recorded in `<blob_id>.chunk_map` (see `chunkmap.py`) and re-verified on
 open: a set bit whose extent has a hole in the file (SEEK_DATA/SEEK_HOLE) is cleared,
 so a chunk is never trusted without data behind it; and unless the map's seal proves
 the file unchanged since this daemon verified it, under the same chunk list, every
@@ -19,19 +19,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import struct
 import threading
+from collections.abc import Iterator
 
 from erofs_nydus.daemon.chunkmap import ChunkMap, Seal
 from erofs_nydus.errors import DaemonError
+from erofs_nydus.fsutil import open_private
 from erofs_nydus.layout.rafs import MAX_CHUNKS_PER_BLOB
 from erofs_nydus.rafs.codec import chunk_digest
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
-__all__ = ["BlobCacheFile", "cache_paths", "punch_hole"]
+__all__ = ["BlobCacheFile", "cache_dir_lock", "cache_paths", "punch_hole"]
 
 _ZEROS = bytes(4096)
 _LISTED = struct.Struct("<IQIQI?32s")
@@ -42,8 +45,22 @@ def cache_paths(cache_dir: str, blob_id: str) -> tuple[str, str]:
     """(data file, chunk map) paths of a blob in `cache_dir`."""
     return (
         os.path.join(cache_dir, f"{blob_id}.blob.data"),
-        os.path.join(cache_dir, f"{blob_id}.chunkmap"),
+        os.path.join(cache_dir, f"{blob_id}.chunk_map"),  # nydusd's name: the snapshotter
+        # removes `<blob>.blob.data` and `<blob>.chunk_map` with an image
     )
+
+
+@contextlib.contextmanager
+def cache_dir_lock(cache_dir: str, *, exclusive: bool) -> Iterator[None]:
+    """flock the cache dir itself: shared while a daemon opens or creates files in it
+    for an image (until the state file lists them), exclusive while `cache gc` decides
+    what is unused and removes it.  No file of its own: nothing to plant or leave."""
+    fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -98,13 +115,15 @@ class BlobCacheFile:
         self.data_path, self.map_path = cache_paths(cache_dir, blob.blob_id)
         self.durable = durable
         self.lock = threading.Lock()
+        self._users = 0  # fills writing through self.fd right now (see acquire)
+        self._closing = False
         self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
         self._check_blob()
         self._check_chunks()
         nbits = blob.chunk_count  # bounded by _check_blob; every index is below it
         own_fd = fd is None
         if fd is None:
-            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_private(self.data_path, os.O_RDWR | os.O_CREAT)  # 0600, no symlink
         self.fd = fd
         try:
             st = os.fstat(fd)
@@ -305,11 +324,39 @@ class BlobCacheFile:
             # every byte written so far was verified first: the file is ours as it is
             self.map.set_seal(self._seal())
 
+    def acquire(self) -> None:
+        """Hold the file open for one fill; DaemonError once close() was called.
+
+        close() under a running fill (a prefetch unit outliving its cancel timeout, an
+        image unregistered mid-read) only takes effect when the last fill releases, so a
+        fill never writes through a descriptor number that was closed and reused for
+        another file.
+        """
+        with self.lock:
+            if self._closing or self.fd < 0:
+                raise DaemonError(f"blob {self.blob_id}: cache file closed")
+            self._users += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self._users -= 1
+            last = self._closing and self._users == 0
+        if last:
+            self._close_now()
+
     def close(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                self.map.set_seal(self._seal())
+        with self.lock:
+            self._closing = True
+            if self._users:
+                return  # the last release() closes
+        self._close_now()
+
+    def _close_now(self) -> None:
+        with self.lock:
+            if self.fd >= 0:  # renew the seal: every byte in the file was verified
+                with contextlib.suppress(OSError):
+                    self.map.set_seal(self._seal())
+            fd, self.fd = self.fd, -1
         self.map.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if fd >= 0:
+            os.close(fd)

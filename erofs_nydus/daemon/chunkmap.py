@@ -1,4 +1,4 @@
-"""Persisted chunk-presence bitmap: `<cache-dir>/<blob_id>.chunkmap`.
+"""Persisted chunk-presence bitmap: `<cache-dir>/<blob_id>.chunk_map`.
 
 Layout: a 72-byte header `{b"ENCM", u32 version=2, u32 nbits, u32 reserved,
 u64 seal_ino, i64 seal_ctime_ns, u64 seal_size, u8[32] listed}` followed by
@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 import struct
 
+from erofs_nydus.fsutil import open_private
+
 __all__ = ["ChunkMap"]
 
 _MAGIC = b"ENCM"
@@ -55,7 +57,7 @@ class ChunkMap:
         """Open or create the map; a missing, foreign or mis-sized file starts empty."""
         if not 0 <= nbits <= MAX_BITS:
             raise ValueError(f"chunk map of {nbits} bits exceeds {MAX_BITS}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)  # 0600, no symlink
         try:
             nbytes = (nbits + 7) // 8
             raw = os.pread(fd, _HEADER.size + nbytes, 0)

@@ -101,6 +101,10 @@ class Metrics:
         return out
 
 
+def _view_of(chunks: list[ChunkInfo]) -> tuple[list[ChunkInfo], list[int]]:
+    return chunks, [c.uncompressed_offset for c in chunks]
+
+
 class BlobServer:
     """Serves one blob: its cache file, its backend, its in-flight fetches."""
 
@@ -119,8 +123,9 @@ class BlobServer:
         self.merge_gap = merge_gap
         self.metrics = metrics if metrics is not None else Metrics()
         self.blob_id = cache.blob_id
-        self._chunks = cache.chunks
-        self._starts = [c.uncompressed_offset for c in self._chunks]
+        # (sorted chunks, their start offsets): replaced as one tuple by add_chunks, so a
+        # lock-free reader never pairs one list's positions with the other's chunks
+        self._view: tuple[list[ChunkInfo], list[int]] = _view_of(cache.chunks)
         self._inflight: dict[int, Future[None]] = {}
         self.tracer: AccessHook | None = None  # set by the daemon (trace.py)
 
@@ -129,34 +134,35 @@ class BlobServer:
         new = self.cache.add_chunks(chunks)
         if new:
             with self.cache.lock:
-                self._chunks = self.cache.chunks
-                self._starts = [c.uncompressed_offset for c in self._chunks]
+                self._view = _view_of(self.cache.chunks)
         return len(new)
 
     # -- mapping ------------------------------------------------------------------
 
-    def _span(self, offset: int, length: int) -> tuple[int, int]:
-        """Positions [lo, hi) in the sorted chunk list overlapping [offset, offset+length)."""
+    def _span(self, offset: int, length: int) -> tuple[list[ChunkInfo], int, int]:
+        """One snapshot of the sorted chunk list and the positions [lo, hi) in it that
+        overlap [offset, offset+length)."""
+        chunks, starts = self._view
         end = offset + length
-        lo = max(bisect.bisect_right(self._starts, offset) - 1, 0)
-        if lo < len(self._chunks):
-            c = self._chunks[lo]
+        lo = max(bisect.bisect_right(starts, offset) - 1, 0)
+        if lo < len(chunks):
+            c = chunks[lo]
             if c.uncompressed_offset + c.aligned_size <= offset:
                 lo += 1
-        hi = bisect.bisect_left(self._starts, end)
-        return lo, max(hi, lo)
+        hi = bisect.bisect_left(starts, end)
+        return chunks, lo, max(hi, lo)
 
     def chunks_in_range(self, offset: int, length: int) -> list[ChunkInfo]:
-        lo, hi = self._span(offset, length)
-        return self._chunks[lo:hi]
+        chunks, lo, hi = self._span(offset, length)
+        return chunks[lo:hi]
 
     def is_present(self, offset: int, length: int) -> bool:
         """True if every chunk overlapping the range is present (cheap: no I/O)."""
-        lo, hi = self._span(offset, max(length, 0))
+        chunks, lo, hi = self._span(offset, max(length, 0))
         if self.tracer is not None:
-            self.tracer(self.blob_id, self._chunks[lo:hi])
+            self.tracer(self.blob_id, chunks[lo:hi])
         with self.cache.lock:
-            return all(c.index in self.cache.map for c in self._chunks[lo:hi])
+            return all(c.index in self.cache.map for c in chunks[lo:hi])
 
     # -- filling ------------------------------------------------------------------
 
@@ -177,18 +183,18 @@ class BlobServer:
         `amplify` overrides the server's amplification size.
         """
         t0 = time.monotonic()
-        lo, hi = self._span(offset, max(length, 0))
+        chunks, lo, hi = self._span(offset, max(length, 0))
         if record:
             self.metrics.add(reads=1)
             if self.tracer is not None:
-                self.tracer(self.blob_id, self._chunks[lo:hi])
+                self.tracer(self.blob_id, chunks[lo:hi])
         amplify = self.amplify if amplify is None else amplify
         mine: list[ChunkInfo] = []
         extras: list[ChunkInfo] = []
         theirs: list[Future[None]] = []
         with self.cache.lock:
             missing_bytes = 0
-            for c in self._chunks[lo:hi]:
+            for c in chunks[lo:hi]:
                 if c.index in self.cache.map:
                     continue
                 fut = self._inflight.get(c.index)
@@ -205,8 +211,8 @@ class BlobServer:
             if mine and amplify > 0:
                 budget = amplify - missing_bytes
                 j = hi
-                while j < len(self._chunks) and budget >= self._chunks[j].aligned_size:
-                    c = self._chunks[j]
+                while j < len(chunks) and budget >= chunks[j].aligned_size:
+                    c = chunks[j]
                     if c.index in self.cache.map or c.index in self._inflight:
                         break
                     self._inflight[c.index] = Future()
@@ -215,7 +221,11 @@ class BlobServer:
                     j += 1
         failures: dict[int, ErofsNydusError] = {}
         try:
-            failures = self._fetch(mine + extras, fd)
+            self.cache.acquire()  # the cache file stays open until this fill is done
+            try:
+                failures = self._fetch(mine + extras, fd)
+            finally:
+                self.cache.release()
         finally:
             with self.cache.lock:
                 for c in mine + extras:
@@ -239,7 +249,7 @@ class BlobServer:
         """Fill the whole blob (prefetch / tests)."""
         self.fill(0, self.cache.size)
         while not self.cache.complete():
-            for c in self._chunks:
+            for c in self._view[0]:
                 if c.index not in self.cache.map:
                     self.fill(c.uncompressed_offset, c.aligned_size)
 

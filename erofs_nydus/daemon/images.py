@@ -26,22 +26,24 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_paths
+from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_dir_lock, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import (
     BackendError,
     DaemonError,
     FormatError,
     SourceError,
+    UnsafePathError,
     UnsupportedError,
+    UsageError,
 )
-from erofs_nydus.fsutil import atomic_write
+from erofs_nydus.fsutil import atomic_write, open_private
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.image import RafsImage
 from erofs_nydus.rafs.reader import BootstrapReader
 
-__all__ = ["STATE_FILE", "VERDICT_FILE", "ImageEntry", "ImageTable", "Verdicts", "make_backend",
-           "validate_bootstrap"]
+__all__ = ["REQUEST_LIMITS", "STATE_FILE", "VERDICT_FILE", "ImageEntry", "ImageTable", "Verdicts",
+           "make_backend", "read_bootstrap_bounded", "request_number", "validate_bootstrap"]
 
 STATE_FILE = "daemon-state.json"
 VERDICT_FILE = "verified-bootstraps"
@@ -163,25 +165,33 @@ def validate_bootstrap(data: bytes, verdicts: Verdicts | None = None,
     return reader.image
 
 
-def read_bootstrap_bounded(path: str) -> bytes:
+def read_bootstrap_bounded(path: str, *, private: bool = False) -> bytes:
     """A bootstrap's bytes: a regular file of at most MAX_BOOTSTRAP_SIZE (the daemon
-    holds it in memory; /dev/zero or a runaway file must not take it down)."""
+    holds it in memory; /dev/zero or a runaway file must not take it down).  `private`:
+    a file in our cache dir, opened relative to its directory without following a
+    symlink (`fsutil.open_private`)."""
     try:
-        with open(path, "rb") as f:
+        fd = (open_private(path, os.O_RDONLY) if private
+              else os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))  # FIFO: no hang
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise SourceError(f"{path}: a bootstrap must be a regular file")
             data = b"" if st.st_size > MAX_BOOTSTRAP_SIZE else f.read(MAX_BOOTSTRAP_SIZE + 1)
             if st.st_size > MAX_BOOTSTRAP_SIZE or len(data) > MAX_BOOTSTRAP_SIZE:
                 raise FormatError(f"{path}: bootstrap larger than {MAX_BOOTSTRAP_SIZE} bytes")
+    except UnsafePathError:
+        raise
     except OSError as exc:  # unreadable is not corrupt (as reader.read_bootstrap_bytes)
         raise SourceError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
     return data
 
 
 def _holds(path: str, data: bytes) -> bool:
+    """`path` in our cache dir is a regular file of ours holding exactly `data` (a
+    symlink or a foreign file does not: atomic_write replaces it)."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_private(path, os.O_RDONLY), "rb") as f:
             return f.read(len(data) + 1) == data
     except OSError:
         return False
@@ -200,11 +210,36 @@ class ImageEntry:
     prefetch: dict[str, Any] = field(default_factory=dict)
 
 
+# Bounds of the numbers a control request may carry (inclusive).  Requests come from
+# local clients: a negative amplification or a million prefetch threads is refused
+# with one line instead of reaching the core.
+REQUEST_LIMITS: dict[str, tuple[float, float]] = {
+    "amplify": (0, 1 << 30),
+    "prefetch_threads": (1, 256),
+    "prefetch_bandwidth": (0, 1 << 48),
+    "deadline": (0.1, 24 * 3600.0),
+    "retries": (0, 100),
+}
+
+
+def request_number(req: dict[str, Any], key: str, default: float, *, integer: bool = True,
+                   ) -> Any:
+    """`req[key]` (or `default`) checked against REQUEST_LIMITS; UsageError otherwise."""
+    raw = req.get(key, default)
+    lo, hi = REQUEST_LIMITS[key]
+    ok_type = isinstance(raw, int) if integer else isinstance(raw, int | float)
+    if isinstance(raw, bool) or not ok_type:
+        raise UsageError(f"{key}={raw!r}: expected {'an integer' if integer else 'a number'}")
+    if not lo <= raw <= hi:  # also refuses NaN
+        raise UsageError(f"{key}={raw!r} is out of range [{lo:g}, {hi:g}]")
+    return int(raw) if integer else float(raw)
+
+
 def prefetch_settings(req: dict[str, Any]) -> dict[str, Any]:
     """The prefetch part of a register request, as stored with the image."""
     return {"enable": bool(req.get("prefetch", True)),
-            "threads": int(req.get("prefetch_threads", 4)),
-            "bandwidth": int(req.get("prefetch_bandwidth", 0))}
+            "threads": request_number(req, "prefetch_threads", 4),
+            "bandwidth": request_number(req, "prefetch_bandwidth", 0)}
 
 
 class ImageTable:
@@ -327,8 +362,9 @@ class ImageTable:
     # -- images ------------------------------------------------------------------------
 
     def _load(self, entry: ImageEntry) -> RafsImage:
-        """A stored bootstrap of the state file, checked against its name and validated."""
-        data = read_bootstrap_bounded(entry.bootstrap)
+        """A stored bootstrap of the state file (opened without following a symlink),
+        checked against its name and validated."""
+        data = read_bootstrap_bounded(entry.bootstrap, private=True)
         if hashlib.sha256(data).hexdigest() != entry.fsid:
             raise FormatError(f"{entry.bootstrap}: content does not match image {entry.fsid}")
         return validate_bootstrap(data, self.verdicts, os.path.basename(entry.bootstrap))
@@ -367,7 +403,7 @@ class ImageTable:
         for b in image.blobs:
             _check_backend(backend, b.blob_id, b.compressed_size)
         mountpoint = os.path.abspath(mountpoint)
-        with self._lock:
+        with cache_dir_lock(self.cache_dir, exclusive=False), self._lock:
             for e in self.images.values():
                 if mountpoint in e.mountpoints:
                     if self._is_our_mount(mountpoint, e):
@@ -378,7 +414,7 @@ class ImageTable:
                     break
             boot = os.path.join(self.cache_dir, f"{fsid}.boot")
             if not _holds(boot, data):  # missing, or planted / damaged: ours replaces it
-                atomic_write(boot, data)
+                atomic_write(boot, data, mode=0o600)
             entry = self.images.get(fsid)
             new = entry is None
             if entry is None:
@@ -460,7 +496,7 @@ class ImageTable:
         with self._lock:
             doc = {"version": 1, "images": [asdict(e) for e in self.images.values()]}
             try:
-                atomic_write(self.state_path, json.dumps(doc, indent=1).encode())
+                atomic_write(self.state_path, json.dumps(doc, indent=1).encode(), mode=0o600)
             except OSError as exc:
                 if strict:
                     raise DaemonError(f"cannot save {self.state_path}: {exc.strerror}") from exc
@@ -469,7 +505,7 @@ class ImageTable:
     def load_state(self) -> None:
         """Rebuild images and blob servers after a daemon (re)start."""
         try:
-            with open(self.state_path, encoding="utf-8") as f:
+            with os.fdopen(open_private(self.state_path, os.O_RDONLY), encoding="utf-8") as f:
                 doc = json.load(f)
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
@@ -481,7 +517,7 @@ class ImageTable:
             with contextlib.suppress(OSError):
                 os.replace(self.state_path, aside)
             return
-        with self._lock:
+        with cache_dir_lock(self.cache_dir, exclusive=False), self._lock:
             for raw in doc.get("images", []):
                 try:
                     entry = ImageEntry(**raw)
@@ -507,7 +543,7 @@ class ImageTable:
         if entry is None:
             return None
         try:
-            with open(entry.bootstrap, "rb") as f:
+            with os.fdopen(open_private(entry.bootstrap, os.O_RDONLY), "rb") as f:
                 ok = hashlib.file_digest(f, "sha256").hexdigest() == fsid
         except OSError as exc:
             log.error("stored bootstrap %s: %s", entry.bootstrap, exc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -38,24 +39,39 @@ DEFAULT_THREADS = 4
 
 
 def prefetch_chunks(bootstrap: bytes) -> list[ChunkInfo]:
-    """Chunks of the files in the bootstrap's prefetch table, in table order, unique."""
+    """Chunks of the files in the bootstrap's prefetch table, in table order, unique.
+
+    A directory entry stands for every file below it, as in nydusd (nydus-snapshotter's
+    `--prefetch-policy fs` puts the root nid there): expanded depth-first in dirent order,
+    each inode once."""
     reader = BootstrapReader(bootstrap)
     out: list[ChunkInfo] = []
     seen: set[tuple[int, int]] = set()
+    visited: set[int] = set()
     for nid in reader.prefetch_nids():
-        try:
-            ri = reader.inode(nid)
-            chunks = (
-                reader.chunk_refs(ri) if ri.datalayout == E.DATALAYOUT_CHUNK_BASED else []
-            )
-        except ErofsNydusError as exc:
-            log.warning("prefetch table: nid %d skipped: %s", nid, exc)
-            continue
-        for c in chunks:
-            key = (c.blob_index, c.uncompressed_offset)
-            if key not in seen:
-                seen.add(key)
-                out.append(c)
+        stack = [nid]
+        while stack:
+            n = stack.pop()
+            if n in visited:
+                continue
+            visited.add(n)
+            try:
+                ri = reader.inode(n)
+                if stat.S_ISDIR(ri.mode):
+                    stack.extend(child for name, child, _ in reversed(reader.dirents(ri))
+                                 if name not in (b".", b".."))
+                    continue
+                chunks = (
+                    reader.chunk_refs(ri) if ri.datalayout == E.DATALAYOUT_CHUNK_BASED else []
+                )
+            except ErofsNydusError as exc:
+                log.warning("prefetch table: nid %d skipped: %s", n, exc)
+                continue
+            for c in chunks:
+                key = (c.blob_index, c.uncompressed_offset)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(c)
     return out
 
 

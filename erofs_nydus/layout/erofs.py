@@ -7,6 +7,7 @@ Source: linux `fs/erofs/erofs_fs.h` (6.12), checked against mkfs.erofs 1.5 image
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import construct as cs
 
@@ -198,3 +199,42 @@ INODE_COMPACT_PACK = struct.Struct("<HHHHIIIIHHI")
 DIRENT_PACK = struct.Struct("<QHBB")
 CHUNK_INDEX_PACK = struct.Struct("<HHI")
 XATTR_ENTRY_PACK = struct.Struct("<BBH")
+
+
+def validate_superblock(sb: object, meta_size: int, devt_slotoff: int) -> list[str]:
+    """`RafsV6SuperBlock::validate` of nydusd, plus the fields the kernel and our reader use:
+    4 KiB blocks, no checksum, no shared xattrs, CHUNKED_FILE|DEVICE_TABLE, the RAFS v6 compat
+    bit, the device table where Nydus puts it.  A bootstrap without devices must say
+    `blocks` 0 (or 4096, an old nydus-image bug) — nydusd's "invalid extra device count"."""
+    s: Any = sb
+    bad = []
+    if meta_size % 4096:
+        bad.append(f"superblock: bootstrap size {meta_size} is not a 4 KiB multiple")
+    if s.blkszbits != 12:
+        bad.append(f"superblock: blkszbits {s.blkszbits}, RAFS v6 needs 12")
+    if s.checksum:
+        bad.append(f"superblock: checksum {s.checksum:#x}, nydusd requires 0")
+    if s.sb_extslots:
+        bad.append(f"superblock: sb_extslots {s.sb_extslots}, expected 0")
+    if s.inos == 0:
+        bad.append("superblock: inos is 0")
+    if s.u1:
+        bad.append(f"superblock: u1 {s.u1}, expected 0")
+    if s.xattr_blkaddr:
+        bad.append(f"superblock: xattr_blkaddr {s.xattr_blkaddr}, shared xattrs are not allowed")
+    if s.meta_blkaddr * 4096 > meta_size:
+        bad.append(f"superblock: meta_blkaddr {s.meta_blkaddr} beyond the bootstrap")
+    if s.extra_devices == 0 and s.blocks not in (0, 4096):
+        bad.append(f"superblock: blocks {s.blocks} with 0 extra devices (nydusd: invalid extra "
+                   "device count)")
+    if s.devt_slotoff != devt_slotoff:
+        bad.append(f"superblock: devt_slotoff {s.devt_slotoff}, expected {devt_slotoff}")
+    if s.feature_incompat != INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE:
+        bad.append(f"superblock: feature_incompat {s.feature_incompat:#x}, expected 0xc")
+    if not s.feature_compat & COMPAT_RAFS_V6:
+        bad.append(f"superblock: feature_compat {s.feature_compat:#x} lacks RAFS_V6 (0x40000000)")
+    if s.dirblkbits:
+        bad.append(f"superblock: dirblkbits {s.dirblkbits}, expected 0")
+    if b"\0" not in s.volume_name:
+        bad.append("superblock: volume_name has no NUL")
+    return bad

@@ -1,18 +1,16 @@
-"""`check`: validate a bootstrap and, given its blobs, every chunk against its digest."""
+"""`check`: validate a bootstrap and, given its blobs, each blob file's layout (see
+`rafs.blobfile`) and every chunk against its digest."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 
-import lz4.block
-
-from erofs_nydus.errors import BackendError, DigestMismatchError, ErofsNydusError, FormatError
-from erofs_nydus.layout import parse
+from erofs_nydus.errors import DigestMismatchError, ErofsNydusError, FormatError
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
-from erofs_nydus.rafs.codec import decompress_chunk
+from erofs_nydus.rafs.blobfile import blob_id_matches, blob_layout, read_ci_table, section_bytes
+from erofs_nydus.rafs.codec import decode_chunk, decompress_chunk
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 from erofs_nydus.rafs.reader import BootstrapReader
 
@@ -48,73 +46,63 @@ def check_bootstrap(data: bytes, name: str, blob_dir: str | None = None) -> Chec
 
 def verify_blob(backend: LocalDirBackend, blob: BlobInfo, chunks: list[ChunkInfo],
                 report: CheckReport, blob_dir: str) -> None:
-    """Blob id == sha256(file); CI trailer agrees with the chunk table; every chunk's digest."""
+    """The blob file against its blob table entry: size, id rule, ToC and section digests,
+    chunk-info table, inlined chunk digests, and every chunk against its digest."""
     where = f"blob {blob.blob_id[:12]}"
     path = backend.path(blob.blob_id)
     try:
         size = os.path.getsize(path)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while buf := f.read(1 << 20):
-                h.update(buf)
     except OSError as exc:
         report.problems.append(f"{where}: cannot read {path}: {exc.strerror}")
         return
-    if h.hexdigest() != blob.blob_id:
-        report.problems.append(f"{where}: file sha256 {h.hexdigest()[:12]} does not match its id")
-    expect = blob.ci_offset + blob.ci_compressed_size + R.BLOB_CI_HEADER_SIZE
-    if size != expect:
-        report.problems.append(f"{where}: file is {size} bytes, blob table says {expect}")
+    if blob.features & R.BLOB_FEATURE_INLINED_FS_META:
+        ok_size = size >= blob.chunk_data_size
+    else:
+        ok_size = size == blob.file_size
+    if not ok_size:
+        report.problems.append(f"{where}: file is {size} bytes, blob table says {blob.file_size}")
+    lay = blob_layout(backend, blob, size)
+    report.problems.extend(f"{where}: {p}" for p in lay.problems)
     try:
-        _verify_ci(backend, blob, chunks)
+        matched, file_hex = blob_id_matches(backend, blob, lay)
+        if not matched:
+            report.problems.append(f"{where}: file sha256 {file_hex[:12]} does not match its id")
+        for s in lay.sections.values():
+            if s.digest and s.name != R.TOC_ENTRY_BLOB_RAW:
+                section_bytes(backend, blob.blob_id, s)
     except ErofsNydusError as exc:
         report.problems.append(f"{where}: {exc}")
+    if not blob.separate_meta:
+        try:
+            _verify_ci(backend, blob, chunks)
+        except ErofsNydusError as exc:
+            report.problems.append(f"{where}: {exc}")
+    digests = lay.sections.get(R.TOC_ENTRY_BLOB_DIGEST)
+    if digests is not None:
+        try:
+            _verify_inlined_digests(section_bytes(backend, blob.blob_id, digests), chunks)
+        except ErofsNydusError as exc:
+            report.problems.append(f"{where}: {exc}")
     for c in chunks:
         try:
-            data = read_chunk(backend, blob.blob_id, c)
+            read_chunk(backend, blob.blob_id, c, verify=True)
         except ErofsNydusError as exc:
-            report.problems.append(f"{where}: chunk {c.index}: {exc}")
-            continue
-        if hashlib.sha256(data).digest() != c.digest:
-            report.problems.append(f"{where}: chunk {c.index} at {c.compressed_offset:#x}: "
-                                   "digest mismatch")
+            report.problems.append(f"{where}: chunk {c.index} at {c.compressed_offset:#x}: {exc}")
             continue
         report.chunks_verified += 1
 
 
-def read_chunk(backend: BlobBackend, blob_id: str, c: ChunkInfo) -> bytes:
-    return decompress_chunk(backend.read_range(blob_id, c.compressed_offset, c.compressed_size), c)
+def read_chunk(backend: BlobBackend, blob_id: str, c: ChunkInfo, verify: bool = False) -> bytes:
+    """One chunk's plain bytes; with `verify`, also checked against its digest."""
+    raw = backend.read_range(blob_id, c.compressed_offset, c.compressed_size)
+    return decode_chunk(raw, c) if verify else decompress_chunk(raw, c)
 
 
-def read_ci_table(backend: BlobBackend, blob: BlobInfo) -> list[tuple[int, int, int, int]]:
-    """The blob's own chunk-info array: (uoff, usize, coff, csize) per chunk index."""
-    if blob.ci_uncompressed_size != blob.chunk_count * R.CI_ENTRY_V1_SIZE or not (
-            0 < blob.ci_compressed_size <= 2 * blob.ci_uncompressed_size + 4096):
-        # sizes are allocated below: only those the (bounded) chunk count implies
-        raise FormatError(f"chunk-info sizes {blob.ci_compressed_size}/"
-                          f"{blob.ci_uncompressed_size} do not fit {blob.chunk_count} chunks")
-    try:
-        raw_hdr = backend.read_range(blob.blob_id, blob.ci_offset + blob.ci_compressed_size,
-                                     R.BLOB_CI_HEADER_SIZE)
-    except BackendError as exc:
-        raise FormatError(f"cannot read chunk-info header: {exc}") from exc
-    hdr = parse(R.BlobCIHeader, raw_hdr, 0, "blob chunk-info header")
-    if hdr.magic != R.BLOB_CI_MAGIC or hdr.magic2 != R.BLOB_CI_MAGIC:
-        raise FormatError("chunk-info header magic is not 0xB10BB10B")
-    if (hdr.ci_offset, hdr.ci_compressed_size, hdr.ci_uncompressed_size, hdr.ci_entries) != (
-            blob.ci_offset, blob.ci_compressed_size, blob.ci_uncompressed_size, blob.chunk_count):
-        raise FormatError("chunk-info header disagrees with the blob table")
-    try:
-        raw = backend.read_range(blob.blob_id, blob.ci_offset, blob.ci_compressed_size)
-    except BackendError as exc:
-        raise FormatError(f"cannot read chunk-info array: {exc}") from exc
-    if blob.ci_compressed_size != blob.ci_uncompressed_size:
-        try:
-            raw = lz4.block.decompress(raw, uncompressed_size=blob.ci_uncompressed_size)
-        except lz4.block.LZ4BlockError as exc:
-            raise FormatError(f"chunk-info array does not decompress: {exc}") from exc
-    return [R.decode_ci_v1(*R.CI_ENTRY_V1_PACK.unpack_from(raw, i * R.CI_ENTRY_V1_SIZE))
-            for i in range(len(raw) // R.CI_ENTRY_V1_SIZE)]
+def _verify_inlined_digests(raw: bytes, chunks: list[ChunkInfo]) -> None:
+    """blob.digest holds each chunk's digest at 32 * CI index."""
+    for c in chunks:
+        if raw[32 * c.index:32 * c.index + 32] != c.digest:
+            raise FormatError(f"chunk {c.index}: blob.digest disagrees with the chunk table")
 
 
 def _verify_ci(backend: BlobBackend, blob: BlobInfo, chunks: list[ChunkInfo]) -> None:
@@ -122,8 +110,10 @@ def _verify_ci(backend: BlobBackend, blob: BlobInfo, chunks: list[ChunkInfo]) ->
     for c in chunks:
         if c.index >= len(ci):
             raise FormatError(f"chunk index {c.index} beyond the chunk-info array")
-        if ci[c.index] != (c.uncompressed_offset, c.uncompressed_size, c.compressed_offset,
-                           c.compressed_size):
+        uoff, usize, coff, csize, flags = ci[c.index]
+        if (uoff, usize, coff, csize) != (c.uncompressed_offset, c.uncompressed_size,
+                                          c.compressed_offset, c.compressed_size) or (
+                flags >= 0 and bool(flags & R.CI_V2_FLAG_COMPRESSED) != c.compressed):
             raise FormatError(f"chunk {c.index}: chunk-info array disagrees with chunk table")
 
 
@@ -133,9 +123,9 @@ def materialize_blob(backend: BlobBackend, blob: BlobInfo, chunks: list[ChunkInf
     every chunk verified against its digest."""
     with open(out_path, "wb") as f:
         for c in chunks:
-            data = read_chunk(backend, blob.blob_id, c)
-            if hashlib.sha256(data).digest() != c.digest:
-                raise DigestMismatchError(f"blob {blob.blob_id[:12]} chunk {c.index}: "
-                                          "digest mismatch")
+            try:
+                data = read_chunk(backend, blob.blob_id, c, verify=True)
+            except DigestMismatchError as exc:
+                raise DigestMismatchError(f"blob {blob.blob_id[:12]} {exc}") from exc
             os.pwrite(f.fileno(), data, c.uncompressed_offset)
         f.truncate(blob.uncompressed_size)

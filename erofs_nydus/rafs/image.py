@@ -1,10 +1,12 @@
 """Read-side model of a RAFS v6 image: what the daemon, checker, merger and
 inspector need to know about a bootstrap, without touching the kernel.
 
-`load_image()` parses and validates a bootstrap (see `layout/`) and returns a
-`RafsImage`.  The chunk lists per blob come from the bootstrap's chunk table
-(RafsV5ChunkInfo, 80 B each), which carries every chunk's sha256 digest and its
-offsets in both the compressed blob and the uncompressed (cache) address space.
+`rafs.reader.load_image()` parses and validates a bootstrap (see `layout/`) and
+returns a `RafsImage`; this module only defines the values (no parsing: the reader
+imports it, never the other way round).  The chunk lists per blob come from the
+bootstrap's chunk table (RafsV5ChunkInfo, 80 B each), which carries every chunk's
+digest and its offsets in both the compressed blob and the uncompressed (cache)
+address space.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 class ChunkInfo:
     """One unique chunk of one blob."""
 
-    digest: bytes  # sha256 of the uncompressed chunk, 32 bytes
+    digest: bytes  # `digester` hash of the uncompressed chunk, 32 bytes
     blob_index: int
     index: int  # position in the blob's chunk-info (CI) array
     compressed_offset: int  # in the blob file
@@ -25,6 +27,8 @@ class ChunkInfo:
     uncompressed_offset: int  # in the blob's 4 KiB-aligned address space (cache file)
     uncompressed_size: int
     compressed: bool  # False: stored raw (compressed_size == uncompressed_size)
+    compressor: str = "lz4"  # the blob's compressor, applied when `compressed`
+    digester: str = "sha256"  # "sha256" | "blake3": how `digest` was computed
 
     @property
     def aligned_size(self) -> int:
@@ -36,18 +40,49 @@ class ChunkInfo:
 class BlobInfo:
     """One data blob as the blob table describes it."""
 
-    blob_id: str  # 64 hex chars: sha256 of the blob file
+    blob_id: str  # 64 hex chars; which bytes it hashes: rafs.check.blob_id_rule
     blob_index: int  # device_id - 1
     chunk_size: int
     chunk_count: int
-    compressor: str  # "none" | "lz4"
-    digester: str  # "sha256"
-    compressed_size: int  # bytes of chunk data in the blob file (before the CI table)
+    compressor: str  # "none" | "lz4" | "zstd"
+    digester: str  # "sha256" | "blake3"
+    compressed_size: int  # chunk data bytes (before the CI table); CAP_TAR_TOC: file size
     uncompressed_size: int  # size of the cache file / fscache object, a 4 KiB multiple
     ci_offset: int  # offset of the chunk-info array in the blob file
     ci_compressed_size: int
     ci_uncompressed_size: int
     features: int
+    ci_compressor: str = "none"
+    blob_toc_size: int = 0  # HAS_TOC: bytes of ToC (+ tar header) at the end of the file
+    blob_toc_digest: bytes = b""  # sha256 of those bytes
+    mapped_blkaddr: int = 0  # device slot's start in a unified address space (informational)
+
+    # BlobFeatures bits (layout.rafs) this model needs; kept literal to keep rafs/image pure.
+    @property
+    def tar_toc(self) -> bool:
+        """nydus-image >= 2.2 layout (CAP_TAR_TOC): sections followed by tar headers, maybe a
+        ToC at the end, and `compressed_size` is the size of the whole file."""
+        return bool(self.features & 0x4000_0000)
+
+    @property
+    def separate_meta(self) -> bool:
+        """SEPARATE: the chunk-info table lives in another blob."""
+        return bool(self.features & 0x10)
+
+    @property
+    def file_size(self) -> int:
+        """Size of the blob file this layout implies."""
+        if self.tar_toc:
+            return self.compressed_size
+        return self.ci_offset + self.ci_compressed_size + 4096
+
+    @property
+    def chunk_data_size(self) -> int:
+        """Bytes of chunk data at the start of the file (what `stat` calls stored)."""
+        if self.tar_toc and not self.separate_meta:
+            tar = 512 if self.features & 0x1000_0000 else 0
+            return max(self.ci_offset - tar, 0)
+        return self.compressed_size
 
 
 @dataclass(slots=True)
@@ -78,9 +113,3 @@ class RafsImage:
             i += 1
         return out
 
-
-def load_image(data: bytes) -> RafsImage:
-    """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
-    from erofs_nydus.rafs.reader import read_image_meta
-
-    return read_image_meta(data)

@@ -7,6 +7,7 @@ import stat
 from typing import Any
 
 from erofs_nydus.errors import UsageError
+from erofs_nydus.layout.rafs import feature_names
 from erofs_nydus.rafs.reader import BootstrapReader
 from erofs_nydus.rafs.tree import Node, lookup
 
@@ -29,6 +30,10 @@ def image_summary(reader: BootstrapReader) -> dict[str, Any]:
             {"blob_id": b.blob_id, "blob_index": b.blob_index, "device_id": b.blob_index + 1,
              "compressor": b.compressor, "digester": b.digester, "chunk_count": b.chunk_count,
              "compressed_size": b.compressed_size, "uncompressed_size": b.uncompressed_size,
+             "blob_file_size": b.file_size, "chunk_data_size": b.chunk_data_size,
+             "features": feature_names(b.features), "ci_compressor": b.ci_compressor,
+             "ci_offset": b.ci_offset, "ci_compressed_size": b.ci_compressed_size,
+             "blob_toc_size": b.blob_toc_size, "mapped_blkaddr": b.mapped_blkaddr,
              "chunks_in_table": len(img.chunks[b.blob_index])}
             for b in img.blobs
         ],
@@ -51,7 +56,9 @@ def node_info(path: bytes, node: Node, blob_ids: list[str]) -> dict[str, Any]:
         info["rdev"] = [ino.rdev_major, ino.rdev_minor]
     if ino.chunks:
         info["chunks"] = [
-            {"file_offset": n, "digest": c.digest.hex(), "blob_id": blob_ids[c.blob_index],
+            {"file_offset": n, "digest": c.digest.hex(), "digester": c.digester,
+             "compressed": c.compressed, "compressor": c.compressor if c.compressed else "none",
+             "blob_id": blob_ids[c.blob_index],
              "blob_index": c.blob_index, "ci_index": c.index,
              "compressed_offset": c.compressed_offset, "compressed_size": c.compressed_size,
              "uncompressed_offset": c.uncompressed_offset,

@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from erofs_nydus.errors import FormatError
+from erofs_nydus.errors import FormatError, SourceError, UnsupportedError
 from erofs_nydus.layout import erofs as E
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
@@ -20,9 +20,6 @@ from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
 from erofs_nydus.rafs.tree import Inode, Node
 
-_COMPRESSOR_NAMES = {v: k for k, v in R.COMPRESSOR_IDS.items()}
-_DIGESTER_NAMES = {v: k for k, v in R.DIGESTER_IDS.items()}
-_HEX = set("0123456789abcdef")
 _BLOB_DATA_BITS = 40  # CI v1 comp_info stores 40-bit offsets: blob data below 1 TiB
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                 stat.S_IFIFO, stat.S_IFSOCK}
@@ -60,6 +57,9 @@ class BootstrapReader:
     def __init__(self, data: bytes, name: str = "bootstrap") -> None:
         self.data = data
         self.name = name
+        if int.from_bytes(data[:4], "little") == R.RAFS_V5_MAGIC:
+            raise UnsupportedError(f"{name}: RAFS v5 bootstrap: FUSE-only (nydusd fuse), the "
+                                   "kernel can mount only RAFS v6")
         if len(data) < 2 * BLOCK_SIZE:
             raise FormatError(f"{name}: {len(data)} bytes is too small for a RAFS v6 bootstrap")
         self.sb = parse(E.SuperBlock, data, E.EROFS_SUPER_OFFSET, "EROFS superblock")
@@ -68,44 +68,35 @@ class BootstrapReader:
         self.ext = parse(R.SuperBlockExt, data, R.EXT_SUPERBLOCK_OFFSET, "RAFS ext superblock")
         self.meta_base = self.sb.meta_blkaddr * BLOCK_SIZE
         self._problems: list[str] = []
+        self.refused: list[str] = []
         self.image = self._read_meta()
 
     # -- superblocks, blob table, chunk table -------------------------------------------------
     def _bad(self, msg: str) -> None:
         self._problems.append(msg)
 
+    def _refuse(self, msg: str) -> None:
+        """A valid image using a feature we do not implement: listed first, raised as
+        UnsupportedError by `read_image_meta`."""
+        if msg not in self.refused:
+            self.refused.append(msg)
+            self._problems.insert(len(self.refused) - 1, f"unsupported: {msg}")
+
     def _read_meta(self) -> RafsImage:
         sb, ext, bad = self.sb, self.ext, self._bad
-        if sb.blkszbits != BLOCK_BITS:
-            bad(f"superblock: blkszbits {sb.blkszbits}, RAFS v6 needs {BLOCK_BITS}")
-        if sb.sb_extslots:
-            bad(f"superblock: sb_extslots {sb.sb_extslots}, expected 0")
-        if sb.u1:
-            bad(f"superblock: u1 {sb.u1}, expected 0")
-        if sb.xattr_blkaddr:
-            bad(f"superblock: xattr_blkaddr {sb.xattr_blkaddr}, shared xattrs are not allowed")
-        if sb.devt_slotoff != R.DEVT_SLOTOFF:
-            bad(f"superblock: devt_slotoff {sb.devt_slotoff}, expected {R.DEVT_SLOTOFF}")
-        if sb.feature_incompat != E.INCOMPAT_CHUNKED_FILE | E.INCOMPAT_DEVICE_TABLE:
-            bad(f"superblock: feature_incompat {sb.feature_incompat:#x}, expected 0xc")
-        if not sb.feature_compat & E.COMPAT_RAFS_V6:
-            bad(f"superblock: feature_compat {sb.feature_compat:#x} lacks RAFS_V6 (0x40000000)")
-        if sb.dirblkbits:
-            bad(f"superblock: dirblkbits {sb.dirblkbits}, expected 0")
-        if b"\0" not in sb.volume_name:
-            bad("superblock: volume_name has no NUL")
+        nblobs = sb.extra_devices
+        devslot_end = R.DEVICE_TABLE_OFFSET + E.DEVICE_SLOT_SIZE * nblobs
+        for msg in E.validate_superblock(sb, len(self.data), R.DEVT_SLOTOFF):
+            bad(msg)
+        for msg in R.validate_ext_superblock(ext, len(self.data), devslot_end):
+            bad(msg)
         flags = ext.s_flags
-        comp = [v for k, v in R.COMPRESSION_FLAGS.items() if flags & k]
-        hashes = [v for k, v in R.HASH_FLAGS.items() if flags & k]
-        if len(comp) != 1:
-            bad(f"ext superblock: flags {flags:#x} must carry exactly one compression bit")
-        if len(hashes) != 1:
-            bad(f"ext superblock: flags {flags:#x} must carry exactly one hash bit")
+        refused = R.refused_super_flags(flags)
+        if refused:
+            self._refuse(f"image uses {refused}")
         cs = ext.s_chunk_size
         if not (R.MIN_CHUNK_SIZE <= cs <= R.MAX_CHUNK_SIZE) or cs & (cs - 1):
             raise FormatError(f"{self.name}: ext superblock: chunk size {cs:#x} invalid")
-        nblobs = sb.extra_devices
-        devslot_end = R.DEVICE_TABLE_OFFSET + E.DEVICE_SLOT_SIZE * nblobs
         if nblobs > R.MAX_BLOBS:
             raise FormatError(f"{self.name}: {nblobs} blobs, at most {R.MAX_BLOBS} allowed")
         if ext.s_blob_table_size != R.BLOB_ENTRY_SIZE * nblobs:
@@ -122,46 +113,26 @@ class BootstrapReader:
                          f"device slot {i}")
             blob_id = R.blob_id_str(e.blob_id)
             where = f"blob {i} ({blob_id[:12]})"
-            if len(blob_id) != 64 or not set(blob_id) <= _HEX:
-                bad(f"{where}: blob id is not 64 lowercase hex chars")
-            if e.blob_index != i:
-                bad(f"{where}: blob_index {e.blob_index} at position {i}")
-            if e.chunk_size != cs:
-                bad(f"{where}: chunk size {e.chunk_size:#x} differs from the image's {cs:#x}")
-            if not e.features & R.BLOB_FEATURE_ALIGNED:
-                bad(f"{where}: ALIGNED feature missing")
-            if e.features & 0xFFFF & ~R.BLOB_FEATURE_KNOWN_INCOMPAT:
-                bad(f"{where}: unknown incompatible features {e.features:#x}")
-            if e.features & R.BLOB_FEATURE_CHUNK_INFO_V2:
-                bad(f"{where}: chunk info V2 blobs are not supported")
-            if e.ci_uncompressed_size != e.chunk_count * R.CI_ENTRY_V1_SIZE:
-                bad(f"{where}: ci_uncompressed_size {e.ci_uncompressed_size} != "
-                    f"{e.chunk_count} * 16")
-            if e.uncompressed_size % BLOCK_SIZE or e.uncompressed_size == 0:
-                bad(f"{where}: uncompressed size {e.uncompressed_size} not a non-zero 4 KiB "
-                    "multiple")
-            if R.blob_id_str(slot.tag) != blob_id:
-                bad(f"{where}: device slot tag {R.blob_id_str(slot.tag)!r} != blob id")
-            if slot.blocks != e.uncompressed_size >> BLOCK_BITS:
-                bad(f"{where}: device slot blocks {slot.blocks} != uncompressed size / 4096")
-            if slot.mapped_blkaddr:
-                bad(f"{where}: mapped_blkaddr {slot.mapped_blkaddr} must be 0")
-            compressor = _COMPRESSOR_NAMES.get(e.compression_algo)
-            if compressor not in ("none", "lz4"):
-                bad(f"{where}: unsupported compressor id {e.compression_algo}")
-                compressor = "none"
-            digester = _DIGESTER_NAMES.get(e.digest_algo, "unknown")
-            if digester != "sha256":
-                bad(f"{where}: unsupported digester {digester}")
-            ci_comp = _COMPRESSOR_NAMES.get(e.ci_compressor, "unknown")
-            if ci_comp not in ("none", "lz4"):
-                bad(f"{where}: unsupported chunk-info compressor id {e.ci_compressor}")
+            refused = R.refused_blob_features(e.features, e.cipher_algo, e.compression_algo)
+            if refused:
+                self._refuse(f"{where} uses {refused}")
+            for msg in R.validate_blob_entry(e, i, cs):
+                bad(f"{where}: {msg}")
+            for msg in R.validate_device_slot(slot, blob_id, e.uncompressed_size):
+                bad(f"{where}: {msg}")
+            compressor = R.COMPRESSOR_NAMES.get(e.compression_algo, "unknown")
+            digester = R.DIGESTER_NAMES.get(e.digest_algo, "unknown")
+            if digester != R.HASH_FLAGS.get(flags & (R.FLAG_HASH_BLAKE3 | R.FLAG_HASH_SHA256)):
+                bad(f"{where}: digester {digester} differs from the image's hash flag")
             blobs.append(BlobInfo(
                 blob_id=blob_id, blob_index=i, chunk_size=e.chunk_size,
                 chunk_count=e.chunk_count, compressor=compressor, digester=digester,
                 compressed_size=e.compressed_size, uncompressed_size=e.uncompressed_size,
                 ci_offset=e.ci_offset, ci_compressed_size=e.ci_compressed_size,
-                ci_uncompressed_size=e.ci_uncompressed_size, features=e.features))
+                ci_uncompressed_size=e.ci_uncompressed_size, features=e.features,
+                ci_compressor=R.COMPRESSOR_NAMES.get(e.ci_compressor, "unknown"),
+                blob_toc_size=e.blob_toc_size, blob_toc_digest=e.blob_toc_digest,
+                mapped_blkaddr=slot.mapped_blkaddr))
         self._check_blob_limits(blobs, cs)
         chunks: list[list[ChunkInfo]] = [[] for _ in blobs]
         indexes: list[set[int]] = [set() for _ in blobs]
@@ -188,7 +159,14 @@ class BootstrapReader:
             if not 0 < usize <= cs or not 0 < csize <= R.MAX_CHUNK_SIZE:
                 bad(f"{where}: chunk sizes {csize}/{usize} invalid")
                 continue
+            for flag, what in R.REFUSED_CHUNK_FLAGS.items():
+                if cflags & flag:
+                    self._refuse(f"blob {blob_index} has {what}")
+            if cflags & ~R.CHUNK_FLAGS_KNOWN:
+                bad(f"{where}: unknown chunk flags {cflags:#x}")
             compressed = bool(cflags & R.CHUNK_FLAG_COMPRESSED)
+            if compressed and b.compressor not in R.SUPPORTED_COMPRESSORS[1:]:
+                bad(f"{where}: compressed chunk in a blob with compressor {b.compressor}")
             if not compressed and csize != usize:
                 bad(f"{where}: uncompressed chunk with compressed size {csize} != {usize}")
             if coff + csize > b.compressed_size or coff >> _BLOB_DATA_BITS:
@@ -205,7 +183,7 @@ class BootstrapReader:
             c = ChunkInfo(digest=digest, blob_index=blob_index, index=index,
                           compressed_offset=coff, compressed_size=csize,
                           uncompressed_offset=uoff, uncompressed_size=usize,
-                          compressed=compressed)
+                          compressed=compressed, compressor=b.compressor, digester=b.digester)
             if (blob_index, uoff) in self.by_addr:
                 bad(f"{where}: two chunks at blob {blob_index} offset {uoff:#x}")
                 continue
@@ -448,17 +426,28 @@ class BootstrapReader:
 
 def read_image_meta(data: bytes, name: str = "bootstrap", strict: bool = True) -> RafsImage:
     r = BootstrapReader(data, name)
+    if strict and r.refused:
+        raise UnsupportedError(f"{name}: unsupported: {r.refused[0]}")
     if strict and r._problems:
         raise FormatError(f"{name}: {r._problems[0]}")
     return r.image
 
 
+MAX_BOOTSTRAP_SIZE = 512 * 1024 * 1024  # a bootstrap we read whole (regular files only)
+
+
 def read_bootstrap_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # FIFOs: no hang
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{path}: not a regular file")
+            if st.st_size > MAX_BOOTSTRAP_SIZE:
+                raise FormatError(f"{path}: larger than {MAX_BOOTSTRAP_SIZE >> 20} MiB "
+                                  "(MAX_BOOTSTRAP_SIZE)")
             return f.read()
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
+    except OSError as exc:  # unreadable is not corrupt: its own message and exit code
+        raise SourceError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
 
 
 def read_bootstrap_file(path: str) -> RafsImage:
@@ -467,3 +456,8 @@ def read_bootstrap_file(path: str) -> RafsImage:
 
 def open_bootstrap(path: str) -> BootstrapReader:
     return BootstrapReader(read_bootstrap_bytes(path), os.path.basename(path))
+
+
+def load_image(data: bytes) -> RafsImage:
+    """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
+    return read_image_meta(data)

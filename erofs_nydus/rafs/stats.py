@@ -36,11 +36,11 @@ def image_stats(paths: list[str]) -> dict[str, Any]:
                 digests.add(c.digest)
                 per_blob[c.blob_index]["chunks_referenced"] += 1
                 per_blob[c.blob_index]["bytes_referenced"] += c.uncompressed_size
-        stored = sum(b.compressed_size for b in r.image.blobs)
+        stored = sum(b.chunk_data_size for b in r.image.blobs)
         stored_u = sum(c.uncompressed_size for lst in r.image.chunks for c in lst)
         all_digests |= digests
         for b in r.image.blobs:
-            all_blobs[b.blob_id] = b.compressed_size
+            all_blobs[b.blob_id] = b.chunk_data_size
         total_ref += ref_bytes
         images.append({
             "bootstrap": path, "files": files, "inodes": r.sb.inos,
@@ -49,7 +49,9 @@ def image_stats(paths: list[str]) -> dict[str, Any]:
             "bytes_stored": stored,
             "dedup_ratio": round(1 - stored_u / ref_bytes, 4) if ref_bytes else 0.0,
             "blobs": [{"blob_id": b.blob_id, "chunks": b.chunk_count,
+                       "compressor": b.compressor, "digester": b.digester,
                        "compressed_size": b.compressed_size,
+                       "chunk_data_size": b.chunk_data_size, "blob_file_size": b.file_size,
                        "uncompressed_size": b.uncompressed_size,
                        **per_blob[b.blob_index]} for b in r.image.blobs],
         })

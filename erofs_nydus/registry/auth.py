@@ -8,6 +8,10 @@
 * `fetch_bearer_token` performs the distribution token flow: GET the realm with
   ``service`` and ``scope`` parameters (basic credentials if any), or POST the
   OAuth2 refresh-token grant when the config holds an identity token.
+* `credentials_withheld` is the rule for which realms may see those credentials: the
+  registry's own host name (any port) over https, or over http only when the registry
+  itself is plain http (a loopback test registry); anything else gets an anonymous
+  token request.
 """
 
 from __future__ import annotations
@@ -266,6 +270,42 @@ class BearerToken:
 
     def valid(self, margin: float = 5.0) -> bool:
         return time.monotonic() + margin < self.expires_at
+
+
+# Token realms that may see a registry's credentials although their host name differs:
+# Docker Hub serves its API from registry-1.docker.io and its tokens from auth.docker.io.
+REALM_HOST_ALIASES: Mapping[str, frozenset[str]] = {
+    "registry-1.docker.io": frozenset({"auth.docker.io"}),
+}
+
+
+def credentials_withheld(realm: str, registry_url: str) -> str | None:
+    """Why credentials must not go to the token `realm` a registry named, or None.
+
+    The registry's 401 names the realm, so a registry (or whoever answers in its name)
+    could otherwise collect our password for any host.  The rule:
+
+    * the realm's host name must be the registry's own (any port; Docker Hub's
+      auth.docker.io counts as its registry's, `REALM_HOST_ALIASES`);
+    * the realm must be https, unless the registry itself is spoken to over plain
+      http (`plain_http`, or "loopback" for a test registry on 127.0.0.1): then the
+      same host's http realm learns nothing the registry connection did not already
+      carry in clear.  An https registry never sends credentials to an http realm.
+
+    `registry_url`: ``scheme://host[:port]`` the client uses for the registry.
+    """
+    try:
+        r, reg = httpx.URL(realm), httpx.URL(registry_url)
+    except (httpx.InvalidURL, TypeError):
+        return f"token realm {realm!r} is not a URL"
+    realm_host, reg_host = r.host.lower(), reg.host.lower()
+    if realm_host != reg_host and realm_host not in REALM_HOST_ALIASES.get(reg_host, ()):
+        return f"token realm {realm} is on another host than the registry {reg_host}"
+    if r.scheme != "https" and reg.scheme == "https":
+        return f"token realm {realm} is plain http while the registry is https"
+    if r.scheme not in ("http", "https"):
+        return f"token realm {realm} is neither http nor https"
+    return None
 
 
 def token_request(

@@ -16,6 +16,7 @@ for anything else, naming HTTP status and URL.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import io
@@ -46,6 +47,7 @@ from erofs_nydus.registry.auth import (
     BearerToken,
     Challenge,
     Credentials,
+    credentials_withheld,
     fetch_bearer_token,
     load_docker_credentials,
     merge_scopes,
@@ -58,6 +60,7 @@ from erofs_nydus.registry.manifest import (
     ManifestResult,
     Platform,
     detect_media_type,
+    is_sha256_digest,
     select_platform,
     sha256_digest,
 )
@@ -73,11 +76,40 @@ from erofs_nydus.registry.reference import (
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# Bounds of what a registry may make us hold or write (issue 11 invariant (e)).  Module
+# constants so a deployment can raise them; callers pass tighter ones where they know
+# the descriptor's size.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # manifests and indexes (distribution itself caps at 4 MiB)
+MAX_CONFIG_SIZE = 8 * 1024 * 1024  # image configs; get_blob's default bound
+MAX_BOOTSTRAP_LAYER_SIZE = 512 * 1024 * 1024  # a bootstrap layer (tar.gz), streamed to a file
 DEFAULT_CHUNK = 1024 * 1024
 USER_AGENT = "erofs-nydus/0.1"
 
 BlobData = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO
+
+
+class SizeLimitError(RegistryError):
+    """A registry answer exceeded a size bound (a limit constant or a descriptor's size)."""
+
+
+LIMIT_HITS: collections.Counter[str] = collections.Counter()
+_LIMIT_LOCK = threading.Lock()
+
+
+def note_limit(kind: str, message: str) -> SizeLimitError:
+    """Log and count one bound hit (`kind`: e.g. "manifest", "blob", "bootstrap");
+    returns the error to raise.  `LIMIT_HITS` is what metrics report."""
+    with _LIMIT_LOCK:
+        LIMIT_HITS[kind] += 1
+    log.info("size bound hit: %s", message)  # the daemon's log; the CLI prints the error
+    return SizeLimitError(message)
+
+
+def size_limit_text(max_size: int, name: str | None) -> str:
+    """``8 MiB (MAX_CONFIG_SIZE)``: a bound as a user reads it."""
+    n = f"{max_size >> 20} MiB" if max_size >= 1 << 20 and not max_size & 0xFFFFF else (
+        f"{max_size} bytes")
+    return f"{n} ({name})" if name else n
 
 
 class DeadlineExceededError(RegistryError, TimeoutError):
@@ -153,6 +185,24 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def blob_bound(
+    what: str, max_size: int | None, size: int | None, limit_name: str | None
+) -> tuple[int, str] | None:
+    """(bytes, how to name the bound) for a blob read, or None when unbounded.
+
+    A descriptor `size` beyond `max_size` fails now, before any download."""
+    if max_size is not None and size is not None and size > max_size:
+        raise note_limit(
+            "blob", f"{what}: its descriptor says {size} bytes, more than the limit of "
+            f"{size_limit_text(max_size, limit_name)}"
+        )
+    if size is not None:
+        return size, f"the descriptor's size of {size} bytes"
+    if max_size is not None:
+        return max_size, f"the limit of {size_limit_text(max_size, limit_name)}"
+    return None
 
 
 class BlobSource:
@@ -265,6 +315,7 @@ class RegistryClient:
         self._host_auth: dict[str, _HostAuth] = {}
         self._tokens: dict[tuple[str, tuple[str, ...]], BearerToken] = {}
         self._creds_cache: dict[str, Credentials | None] = {}
+        self._withheld: dict[str, str] = {}  # host -> why its realm got no credentials
         self._http = httpx.Client(
             verify=verify,
             transport=transport,
@@ -288,10 +339,13 @@ class RegistryClient:
 
     # -- plumbing ---------------------------------------------------------------
 
+    def _host_url(self, host: str) -> str:
+        if self.plain_http == "loopback" and is_loopback_host(host):
+            return f"http://{host}"
+        return f"{self.scheme}://{host}"
+
     def _base_url(self, ref: ImageReference) -> str:
-        if self.plain_http == "loopback" and is_loopback_host(ref.api_host):
-            return f"http://{ref.api_host}"
-        return f"{self.scheme}://{ref.api_host}"
+        return self._host_url(ref.api_host)
 
     def _api_url(self, ref: ImageReference, tail: str) -> str:
         return f"{self._base_url(ref)}/v2/{ref.repository}/{tail}"
@@ -345,6 +399,8 @@ class RegistryClient:
             what = f"{request.method} {request.url}"
             try:
                 response = self._http.send(request, stream=stream)
+            except httpx.TooManyRedirects as exc:
+                raise RegistryError(f"{what}: redirect loop ({exc})") from exc
             except httpx.TransportError as exc:
                 if _is_tls_verify_failure(exc):
                     raise RegistryError(
@@ -367,6 +423,8 @@ class RegistryClient:
                 self._sleep_before_retry(attempt, dl, what)
                 attempt += 1
                 continue
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # e.g. a bad Location header
+                raise RegistryError(f"{what}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUSES:
                 if not retry or attempt >= self.retries:
                     if stream:
@@ -403,6 +461,12 @@ class RegistryClient:
     ) -> BearerToken:
         wanted = merge_scopes(challenge.scope, scopes)
         creds = self.credentials_for(host)
+        withheld = credentials_withheld(challenge.realm or "", self._host_url(host))
+        if creds is not None and withheld is not None:
+            log.info("%s: asking for an anonymous token: %s", host, withheld)
+            with self._lock:
+                self._withheld[host] = withheld
+            creds = None
 
         def send(req: httpx.Request) -> httpx.Response:
             def make(timeout: float) -> httpx.Request:
@@ -411,7 +475,12 @@ class RegistryClient:
 
             return self._send(make, dl)
 
-        token = fetch_bearer_token(send, challenge, wanted, creds)
+        try:
+            token = fetch_bearer_token(send, challenge, wanted, creds)
+        except AuthError as exc:
+            if withheld is None or self.credentials_for(host) is None:
+                raise
+            raise AuthError(f"{exc}; credentials withheld: {withheld}") from exc
         with self._lock:
             self._tokens[(host, scopes)] = token
         return token
@@ -495,6 +564,10 @@ class RegistryClient:
             if round_ == 1 or (auth is not None and not self._may_reauth(host, auth)):
                 creds = self.credentials_for(host)
                 who = f"as {creds.username!r}" if creds else "anonymously"
+                with self._lock:
+                    withheld = self._withheld.get(host)
+                if withheld and creds:
+                    who = f"anonymously (credentials withheld: {withheld})"
                 raise AuthError(
                     f"{method} {target}: authentication {who} refused (HTTP 401"
                     f"{_error_detail(response)})"
@@ -529,13 +602,19 @@ class RegistryClient:
         for piece in response.iter_bytes():
             buf += piece
             if limit is not None and len(buf) > limit:
-                raise RegistryError(f"{what}: answer larger than {limit} bytes")
+                name = "MAX_MANIFEST_SIZE" if limit == MAX_MANIFEST_SIZE else "its index entry"
+                raise note_limit(
+                    "manifest", f"{what}: answer larger than {size_limit_text(limit, name)}"
+                )
             dl.check(what)
         return bytes(buf)
 
     # -- manifests --------------------------------------------------------------
 
-    def _fetch_manifest(self, ref: ImageReference, reference: str, dl: _Deadline) -> ManifestResult:
+    def _fetch_manifest(
+        self, ref: ImageReference, reference: str, dl: _Deadline, size: int | None = None
+    ) -> ManifestResult:
+        """`size`: the index entry's, when it names one (a tighter bound than the limit)."""
         what = f"manifest {ref.name}{'@' if reference.startswith('sha256:') else ':'}{reference}"
         response = self._request(
             "GET",
@@ -550,7 +629,8 @@ class RegistryClient:
             if response.status_code != 200:
                 response.read()
                 raise self._fail(response, what)
-            data = self._read_body(response, dl, what, MAX_MANIFEST_SIZE)
+            limit = MAX_MANIFEST_SIZE if size is None else min(size, MAX_MANIFEST_SIZE)
+            data = self._read_body(response, dl, what, limit)
         finally:
             response.close()
         digest = sha256_digest(data)
@@ -586,7 +666,7 @@ class RegistryClient:
         result = self._fetch_manifest(image, image.reference, dl)
         if resolve and result.media_type in INDEX_TYPES:
             entry = select_platform(result.data, platform, name=str(image))
-            result = self._fetch_manifest(image, entry.digest, dl)
+            result = self._fetch_manifest(image, entry.digest, dl, entry.size)
         return result
 
     def manifest_digest(self, ref: Reference | str, *, deadline: float | None = None) -> str:
@@ -603,8 +683,8 @@ class RegistryClient:
         )
         if response.status_code == 200:
             header = str(response.headers.get("Docker-Content-Digest", ""))
-            if header.startswith("sha256:"):
-                return header
+            if is_sha256_digest(header):
+                return header  # else: GET and digest the content ourselves
         elif response.status_code == 404:
             raise NotFoundError(f"manifest {image}: not found")
         return self._fetch_manifest(image, image.reference, dl).digest
@@ -695,21 +775,33 @@ class RegistryClient:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         deadline: float | None = None,
+        max_size: int | None = None,
+        size: int | None = None,
+        limit_name: str | None = None,
     ) -> Iterator[bytes]:
         """Iterate the blob in chunks of `chunk_size` (the last may be shorter).
 
         The sha256 is checked as bytes pass; a mismatch raises DigestMismatchError
         when the stream ends, so consumers must not commit data before exhausting it.
         A dropped connection resumes with ``Range: bytes=N-``.
+        `max_size` (named `limit_name` in errors) and the descriptor's `size` bound the
+        body: more bytes than either raise SizeLimitError as soon as they arrive.
         """
         image = as_image_reference(repo)
         check_digest(digest)
         if chunk_size <= 0:
             raise UsageError("chunk_size must be positive")
-        return self._blob_stream(image, digest, chunk_size, self._deadline(deadline))
+        what = f"blob {digest} in {image.name}"
+        bound = blob_bound(what, max_size, size, limit_name)
+        return self._blob_stream(image, digest, chunk_size, self._deadline(deadline), bound)
 
     def _blob_stream(
-        self, image: ImageReference, digest: str, chunk_size: int, dl: _Deadline
+        self,
+        image: ImageReference,
+        digest: str,
+        chunk_size: int,
+        dl: _Deadline,
+        bound: tuple[int, str] | None = None,
     ) -> Iterator[bytes]:
         what = f"blob {digest} in {image.name}"
         hasher = hashlib.sha256()
@@ -733,6 +825,11 @@ class RegistryClient:
                 if response.status_code not in (200, 206):
                     response.read()
                     raise self._fail(response, what)
+                length = response.headers.get("Content-Length", "")
+                if bound is not None and length.isdigit() and int(length) > bound[0] - (
+                    received if response.status_code == 206 else 0
+                ):
+                    raise note_limit("blob", f"{what}: {length} bytes exceed {bound[1]}")
                 skip = 0
                 if received and response.status_code == 200:
                     skip = received  # the server ignored Range: drop what we have
@@ -752,12 +849,16 @@ class RegistryClient:
                             continue
                     hasher.update(piece)
                     received += len(piece)
+                    if bound is not None and received > bound[0]:
+                        raise note_limit("blob", f"{what}: more bytes than {bound[1]}")
                     pending += piece
                     while len(pending) >= chunk_size:
                         out = bytes(pending[:chunk_size])
                         del pending[:chunk_size]
                         yield out
                 break
+            except httpx.DecodingError as exc:  # a Content-Encoding we did not ask for
+                raise RegistryError(f"{what}: undecodable body: {exc}") from exc
             except httpx.TransportError as exc:
                 failures += 1
                 if failures > self.retries:
@@ -775,11 +876,27 @@ class RegistryClient:
             yield bytes(pending)
 
     def get_blob(
-        self, repo: Reference | str, digest: str, *, deadline: float | None = None
+        self,
+        repo: Reference | str,
+        digest: str,
+        *,
+        deadline: float | None = None,
+        max_size: int = MAX_CONFIG_SIZE,
+        size: int | None = None,
+        limit_name: str | None = None,
     ) -> bytes:
-        """The whole blob, verified against `digest`."""
+        """The whole blob in memory, verified against `digest`.
+
+        Bounded by `max_size` (default `MAX_CONFIG_SIZE`: configs are what is read
+        whole; stream anything bigger with open_blob_stream) and by the descriptor's
+        `size` when known.
+        """
+        if limit_name is None and max_size == MAX_CONFIG_SIZE:
+            limit_name = "MAX_CONFIG_SIZE"
         buf = bytearray()
-        for piece in self.open_blob_stream(repo, digest, deadline=deadline):
+        for piece in self.open_blob_stream(
+            repo, digest, deadline=deadline, max_size=max_size, size=size, limit_name=limit_name
+        ):
             buf += piece
         return bytes(buf)
 
@@ -794,9 +911,13 @@ class RegistryClient:
     ) -> bytes:
         """Bytes [offset, offset+length) of a blob, via ``Range: bytes=a-b``.
 
-        A 206 answer must carry exactly that range.  A 200 answer (server ignores
-        Range) brings the whole blob, which is then verified and sliced.  Fewer
-        bytes than asked (range past the end) raise RegistryError.
+        A 206 answer must carry exactly that range and is read up to `length` bytes.
+        A 200 answer (a server ignoring Range, or a pull-through cache's first read)
+        is streamed: its first `offset` bytes are skipped, the next `length` kept and
+        the connection dropped, so a miss never buffers or hashes the whole blob.  The
+        slice cannot be checked against the blob digest then: callers verify what they
+        use (the daemon checks every chunk's digest).  Fewer bytes than asked (range
+        past the end) raise RegistryError.
         """
         image = as_image_reference(repo)
         check_digest(digest)
@@ -828,7 +949,12 @@ class RegistryClient:
                 if status not in (200, 206):
                     response.read()
                     raise self._fail(response, what)
-                body = self._read_body(response, dl, what)
+                if status == 206:
+                    content_range = response.headers.get("Content-Range", "")
+                    if content_range and not content_range.startswith(f"bytes {offset}-"):
+                        raise RegistryError(f"{what}: server sent range {content_range!r}")
+                data = self._read_window(response, dl, what, offset if status == 200 else 0,
+                                         length)
                 break
             except httpx.TransportError as exc:
                 failures += 1
@@ -836,20 +962,33 @@ class RegistryClient:
                     raise RegistryError(f"{what}: {type(exc).__name__}: {exc}") from exc
                 self._sleep_before_retry(failures - 1, dl, what)
             finally:
-                response.close()
-        if status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            if content_range and not content_range.startswith(f"bytes {offset}-"):
-                raise RegistryError(f"{what}: server sent range {content_range!r}")
-            data = body[:length]
-        else:
-            actual = sha256_digest(body)
-            if actual != digest:
-                raise DigestMismatchError(f"{what}: whole blob has digest {actual}")
-            data = body[offset : offset + length]
+                response.close()  # unread rest: httpx drops the connection
         if len(data) != length:
             raise RegistryError(f"{what}: short read ({len(data)} bytes)")
         return data
+
+    @staticmethod
+    def _read_window(
+        response: httpx.Response, dl: _Deadline, what: str, skip: int, length: int
+    ) -> bytes:
+        """Bytes [skip, skip+length) of a streaming body; stops reading right after them.
+
+        We ask for ``Accept-Encoding: identity``: a compressed answer would make each
+        network read inflate without bound, so it is refused.
+        """
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise RegistryError(f"{what}: unexpected Content-Encoding {encoding!r}")
+        buf = bytearray()
+        for piece in response.iter_bytes():  # identity: as received
+            dl.check(what)
+            if skip:
+                cut = min(skip, len(piece))
+                piece, skip = piece[cut:], skip - cut
+            buf += piece[: length - len(buf)]
+            if len(buf) >= length:
+                break
+        return bytes(buf)
 
     # -- blobs: writing ---------------------------------------------------------
 

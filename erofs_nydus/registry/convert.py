@@ -19,11 +19,13 @@ bootstrap it was recorded on; a trace of any other image is refused.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from typing import Any
 from erofs_nydus.builder import BuildOptions, create_image
 from erofs_nydus.builder.merge import merge_bootstraps
 from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
-from erofs_nydus.errors import RegistryError, UnsupportedError, UsageError
+from erofs_nydus.errors import UnsupportedError, UsageError
 from erofs_nydus.rafs.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
@@ -51,6 +53,8 @@ from erofs_nydus.registry.manifest import (
     parse_json_document,
     sha256_digest,
 )
+from erofs_nydus.registry.reference import parse_layout_reference
+from erofs_nydus.registry.resolve import extract_bootstrap as extract_bootstrap  # bounded
 from erofs_nydus.registry.store import ImageStore, open_image_store
 
 BOOTSTRAP_NAME = "image/image.boot"
@@ -87,6 +91,7 @@ class IterStream(io.RawIOBase):
 class ConvertOptions:
     chunk_size: int = 0x100000
     compressor: str = "lz4"
+    digester: str = "sha256"
     chunk_dicts: list[str] = field(default_factory=list)
     platform: str | None = None
     cache_dir: str = "/var/cache/erofs_nydus/convert"
@@ -133,22 +138,9 @@ def bootstrap_layer_bytes(bootstrap: bytes) -> tuple[bytes, str]:
     return gzip.compress(tar, compresslevel=6, mtime=0), sha256_digest(tar)
 
 
-def extract_bootstrap(layer_tgz: bytes) -> bytes:
-    """The bootstrap out of a Nydus bootstrap layer."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(layer_tgz), mode="r:*") as tf:
-            for m in tf:
-                if m.name.lstrip("./") == BOOTSTRAP_NAME and m.isreg():
-                    f = tf.extractfile(m)
-                    assert f is not None
-                    return f.read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise RegistryError(f"bootstrap layer is not a readable tar.gz: {exc}") from exc
-    raise RegistryError(f"bootstrap layer has no {BOOTSTRAP_NAME}")
-
-
 def _layer_key(digest: str, opts: ConvertOptions) -> str:
-    h = hashlib.sha256(f"{digest}|{opts.chunk_size}|{opts.compressor}|v1".encode())
+    dig = "" if opts.digester == "sha256" else f"|{opts.digester}"  # old keys stay valid
+    h = hashlib.sha256(f"{digest}|{opts.chunk_size}|{opts.compressor}|v1{dig}".encode())
     for p in opts.chunk_dicts:
         with open(p, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
@@ -174,7 +166,7 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
 
     def counted() -> Iterator[bytes]:
         nonlocal done
-        for piece in store.open_blob_stream(ref, layer.digest):
+        for piece in store.open_blob_stream(ref, layer.digest, size=layer.size):
             done += len(piece)
             if progress:
                 progress(label, done, layer.size)
@@ -182,7 +174,7 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
 
     stream = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
     bopts = BuildOptions(chunk_size=opts.chunk_size, compressor=opts.compressor,
-                         chunk_dicts=opts.chunk_dicts)
+                         digester=opts.digester, chunk_dicts=opts.chunk_dicts)
     create_image(stream, boot, blob_dir, bopts, label=label)
     return boot, False
 
@@ -249,18 +241,56 @@ def _optimize_merged(merged: str, opts: ConvertOptions,
     return out, res
 
 
+class _LayoutUndo:
+    """What `convert` creates for an ``oci:DIR`` target, removed again when it fails:
+    the directories that did not exist (the topmost one, recursively), or in an existing
+    directory the layout skeleton files it did not hold.  Registry targets: nothing."""
+
+    SKELETON = ("oci-layout", "index.json", "blobs")
+
+    def __init__(self, target: str) -> None:
+        self.top: str | None = None
+        self.new_files: list[str] = []
+        if not target.startswith("oci:"):
+            return
+        path = os.path.abspath(parse_layout_reference(target).path)
+        probe = path
+        while not os.path.lexists(probe):
+            self.top, probe = probe, os.path.dirname(probe)
+        if self.top is None and os.path.isdir(path):
+            self.new_files = [os.path.join(path, n) for n in self.SKELETON
+                              if not os.path.lexists(os.path.join(path, n))]
+
+    def run(self) -> None:
+        if self.top is not None:
+            shutil.rmtree(self.top, ignore_errors=True)
+        for p in self.new_files:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+
+
 def convert_image(source: str, target: str, opts: ConvertOptions,
                   progress: Progress | None = None,
                   warn: Callable[[str], None] | None = None) -> ConvertResult:
     # a bad trace file fails now, not after converting every layer
     trace = load_trace(opts.prefetch_trace) if opts.prefetch_trace else None
+    undo = _LayoutUndo(target)
     src_store, src_ref = open_image_store(source, **opts.client_options)
-    dst_store, dst_ref = open_image_store(target, create=True, **opts.client_options)
+    try:
+        dst_store, dst_ref = open_image_store(target, create=True, **opts.client_options)
+    except BaseException:
+        src_store.close()
+        undo.run()
+        raise
     try:
         man = src_store.get_manifest(src_ref, opts.platform)
         descs = manifest_blobs(man.data)
         config_desc, layers = descs[0], descs[1:]
-        config = parse_json_document(src_store.get_blob(src_ref, config_desc.digest))
+        config = parse_json_document(
+            src_store.get_blob(src_ref, config_desc.digest, size=config_desc.size))
         boots: list[str] = []
         cached = 0
         for i, layer in enumerate(layers):
@@ -283,6 +313,10 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
                              blobs=blob_sizes, layers_converted=len(layers) - cached,
                              layers_cached=cached, bootstrap_layer_digest=boot_digest,
                              prefetch=optimized)
+    except BaseException:
+        dst_store.close()
+        undo.run()
+        raise
     finally:
         src_store.close()
         dst_store.close()

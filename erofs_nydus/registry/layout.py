@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,7 +28,15 @@ from erofs_nydus.errors import (
     UsageError,
 )
 from erofs_nydus.fsutil import atomic_write
-from erofs_nydus.registry.client import DEFAULT_CHUNK, BlobData, BlobSource
+from erofs_nydus.registry.client import (
+    DEFAULT_CHUNK,
+    MAX_CONFIG_SIZE,
+    MAX_MANIFEST_SIZE,
+    BlobData,
+    BlobSource,
+    blob_bound,
+    note_limit,
+)
 from erofs_nydus.registry.manifest import (
     ANNOTATION_REF_NAME,
     INDEX_TYPES,
@@ -106,7 +115,12 @@ class OCILayout:
     def _read_index(self) -> dict[str, Any]:
         path = self.path / "index.json"
         try:
-            obj = json.loads(path.read_bytes())
+            with open(path, "rb") as f:
+                data = f.read(MAX_MANIFEST_SIZE + 1)
+            if len(data) > MAX_MANIFEST_SIZE:
+                raise SourceError(f"{path}: larger than {MAX_MANIFEST_SIZE >> 20} MiB "
+                                  "(MAX_MANIFEST_SIZE)")
+            obj = json.loads(data)
         except FileNotFoundError:
             raise NotFoundError(f"{self.path}: OCI layout without index.json") from None
         except (ValueError, OSError) as exc:
@@ -154,7 +168,9 @@ class OCILayout:
             path = self.blob_path(digest)
             if not path.exists():
                 raise NotFoundError(f"oci:{self.path}@{digest}: manifest not found")
-            data = path.read_bytes()
+            data = self.get_blob(
+                None, digest, max_size=MAX_MANIFEST_SIZE, limit_name="MAX_MANIFEST_SIZE"
+            )
             return Descriptor(detect_media_type(data), digest, len(data))
         if tag is None:
             if len(entries) == 1:
@@ -175,7 +191,9 @@ class OCILayout:
     # -- manifests --------------------------------------------------------------
 
     def _manifest_blob(self, desc: Descriptor) -> ManifestResult:
-        data = self.get_blob(None, desc.digest)
+        data = self.get_blob(
+            None, desc.digest, max_size=MAX_MANIFEST_SIZE, limit_name="MAX_MANIFEST_SIZE"
+        )
         media_type = desc.media_type or detect_media_type(data)
         return ManifestResult(media_type, data, desc.digest)
 
@@ -254,15 +272,32 @@ class OCILayout:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         deadline: float | None = None,
+        max_size: int | None = None,
+        size: int | None = None,
+        limit_name: str | None = None,
     ) -> Iterator[bytes]:
-        """Iterate the blob; sha256 is checked, a mismatch raises at the end."""
+        """Iterate the blob; sha256 is checked, a mismatch raises at the end.
+
+        Bounds as `RegistryClient.open_blob_stream`: a blob file larger than
+        `max_size` or the descriptor's `size` is refused before it is read."""
         path = self.blob_path(digest)
         if chunk_size <= 0:
             raise UsageError("chunk_size must be positive")
+        what = f"oci:{self.path}: blob {digest}"
+        bound = blob_bound(what, max_size, size, limit_name)
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed by the generator
         except FileNotFoundError:
-            raise NotFoundError(f"oci:{self.path}: blob {digest} not found") from None
+            raise NotFoundError(f"{what} not found") from None
+        try:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"{what} is not a regular file")
+            if bound is not None and st.st_size > bound[0]:
+                raise note_limit("blob", f"{what}: {st.st_size} bytes exceed {bound[1]}")
+        except BaseException:
+            f.close()
+            raise
         return self._stream(f, digest, chunk_size)
 
     def _stream(self, f: Any, digest: str, chunk_size: int) -> Iterator[bytes]:
@@ -276,9 +311,22 @@ class OCILayout:
             raise DigestMismatchError(f"oci:{self.path}: blob {digest} has digest {actual}")
 
     def get_blob(
-        self, repo: Reference | str | None, digest: str, *, deadline: float | None = None
+        self,
+        repo: Reference | str | None,
+        digest: str,
+        *,
+        deadline: float | None = None,
+        max_size: int = MAX_CONFIG_SIZE,
+        size: int | None = None,
+        limit_name: str | None = None,
     ) -> bytes:
-        return b"".join(self.open_blob_stream(repo, digest))
+        if limit_name is None and max_size == MAX_CONFIG_SIZE:
+            limit_name = "MAX_CONFIG_SIZE"
+        return b"".join(
+            self.open_blob_stream(
+                repo, digest, max_size=max_size, size=size, limit_name=limit_name
+            )
+        )
 
     def read_blob_range(
         self,

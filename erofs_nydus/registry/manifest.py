@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -37,6 +38,14 @@ IMAGE_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 MANIFEST_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
 ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
+
+
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def is_sha256_digest(value: object) -> bool:
+    """``sha256:`` + 64 lower-case hex digits, nothing else (no other algorithm)."""
+    return isinstance(value, str) and _SHA256_DIGEST.fullmatch(value) is not None
 
 
 def sha256_digest(data: bytes) -> str:
@@ -148,6 +157,10 @@ class Descriptor:
             raise RegistryError(f"descriptor lacks {exc.args[0]!r}: {obj!r:.200}") from None
         if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
             raise RegistryError(f"malformed descriptor: {obj!r:.200}")
+        if not is_sha256_digest(digest):  # before it can become a file or URL path
+            raise RegistryError(
+                f"malformed descriptor digest {digest!r:.100}: expected sha256:<64 lower-case hex>"
+            )
         platform = obj.get("platform")
         annotations = obj.get("annotations") or {}
         return cls(

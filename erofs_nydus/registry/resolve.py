@@ -18,21 +18,34 @@ lets a second mount of the same image skip the download.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
 import os
 import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
-from erofs_nydus.errors import NotFoundError, RegistryError, UnsupportedError
-from erofs_nydus.fsutil import atomic_write
-from erofs_nydus.rafs.reader import BootstrapReader
+from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, UnsupportedError
+from erofs_nydus.fsutil import atomic_write, private_dir
+from erofs_nydus.rafs.reader import MAX_BOOTSTRAP_SIZE, BootstrapReader, read_bootstrap_bytes
+from erofs_nydus.registry import client
 from erofs_nydus.registry.backend import RegistryBackend
-from erofs_nydus.registry.client import RegistryClient
+from erofs_nydus.registry.client import (
+    DeadlineExceededError,
+    RegistryClient,
+    note_limit,
+    size_limit_text,
+)
 from erofs_nydus.registry.layout import OCILayout
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BOOTSTRAP,
+    Descriptor,
     manifest_blobs,
 )
 from erofs_nydus.registry.reference import (
@@ -52,6 +65,11 @@ __all__ = [
 BOOTSTRAP_NAME = "image/image.boot"  # convert.BOOTSTRAP_NAME
 NOT_NYDUS = "not a Nydus image; convert it first with erofs-nydus convert"
 LAYER_INDEX = "bootstrap-layers"
+# All registry traffic of one resolve (manifest, bootstrap layer, blob checks): below the
+# daemon's 60 s idle exit (EROFS_NYDUS_IDLE_EXIT), which counts only registered images.
+RESOLVE_DEADLINE = 45.0
+# The whole uncompressed tar of a bootstrap layer: the bootstrap plus headers and padding.
+MAX_BOOTSTRAP_INFLATED = MAX_BOOTSTRAP_SIZE + 16 * 1024 * 1024
 
 
 @dataclass
@@ -64,19 +82,74 @@ class RemoteImage:
     bootstrap_fetched: int = 0  # bytes downloaded for the bootstrap layer (0: cached)
 
 
-def extract_bootstrap(layer_tgz: bytes) -> bytes:
-    """`image/image.boot` out of a bootstrap layer (as `convert.extract_bootstrap`, without
-    importing the builder: this runs on every cold mount)."""
+class InflateBound(io.RawIOBase):
+    """A reader that fails once more than `limit` bytes came through (a gzip bomb)."""
+
+    def __init__(self, src: IO[bytes] | gzip.GzipFile, limit: int, what: str) -> None:
+        self._src, self._left, self._limit, self._what = src, limit, limit, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._src.read(min(len(b), self._left + 1))
+        if len(data) > self._left:
+            raise note_limit("bootstrap", f"{self._what}: inflates to more than "
+                             f"{size_limit_text(self._limit, 'MAX_BOOTSTRAP_INFLATED')}")
+        self._left -= len(data)
+        b[: len(data)] = data
+        return len(data)
+
+
+def open_layer_tar(src: IO[bytes], what: str, limit: int | None = None) -> IO[bytes]:
+    """The uncompressed tar of a (gzip or plain) layer, failing past `limit` bytes
+    (default MAX_BOOTSTRAP_INFLATED)."""
+    limit = MAX_BOOTSTRAP_INFLATED if limit is None else limit
+    head = src.read(2)
+    src.seek(-len(head), io.SEEK_CUR)
+    raw: IO[bytes] | gzip.GzipFile = src
+    if head == b"\x1f\x8b":
+        raw = gzip.GzipFile(fileobj=src, mode="rb")
+    return io.BufferedReader(InflateBound(raw, limit, what), 1 << 16)
+
+
+def extract_bootstrap_to(src: IO[bytes], dst: IO[bytes], *, what: str = "bootstrap layer",
+                         max_size: int | None = None, max_inflated: int | None = None) -> int:
+    """Copy `image/image.boot` out of a bootstrap layer (seekable `src`, gzip or plain
+    tar) into `dst`, streaming; returns its size.  The entry may be at most `max_size`
+    bytes and the whole tar at most `max_inflated` (a gzip bomb ends there); defaults:
+    this module's MAX_BOOTSTRAP_SIZE and MAX_BOOTSTRAP_INFLATED."""
+    max_size = MAX_BOOTSTRAP_SIZE if max_size is None else max_size
     try:
-        with tarfile.open(fileobj=io.BytesIO(layer_tgz), mode="r:*") as tf:
+        with tarfile.open(fileobj=open_layer_tar(src, what, max_inflated), mode="r|") as tf:
             for m in tf:
-                if m.name.lstrip("./") == BOOTSTRAP_NAME and m.isreg():
-                    f = tf.extractfile(m)
-                    if f is not None:
-                        return f.read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise RegistryError(f"bootstrap layer is not a readable tar.gz: {exc}") from exc
-    raise RegistryError(f"bootstrap layer has no {BOOTSTRAP_NAME}")
+                if m.name.lstrip("./") != BOOTSTRAP_NAME or not m.isreg():
+                    continue
+                if m.size > max_size:
+                    raise note_limit("bootstrap", f"{what}: {BOOTSTRAP_NAME} is {m.size} "
+                                     f"bytes, more than "
+                                     f"{size_limit_text(max_size, 'MAX_BOOTSTRAP_SIZE')}")
+                f = tf.extractfile(m)
+                assert f is not None
+                done = 0
+                while piece := f.read(1 << 20):
+                    dst.write(piece)
+                    done += len(piece)
+                return done
+    except ErofsNydusError:
+        raise  # a bound hit (RegistryError is an OSError too)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise RegistryError(f"{what} is not a readable tar.gz: {exc}") from exc
+    raise RegistryError(f"{what} has no {BOOTSTRAP_NAME}")
+
+
+def extract_bootstrap(layer_tgz: bytes | IO[bytes], **bounds: Any) -> bytes:
+    """`image/image.boot` out of a bootstrap layer, in memory (bounded as
+    `extract_bootstrap_to`)."""
+    src = io.BytesIO(layer_tgz) if isinstance(layer_tgz, bytes | bytearray) else layer_tgz
+    out = io.BytesIO()
+    extract_bootstrap_to(src, out, **bounds)
+    return out.getvalue()
 
 
 def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
@@ -96,20 +169,47 @@ def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
     return None
 
 
-def _store_bootstrap(cache_dir: str, layer_digest: str, boot: bytes) -> str:
-    sha = hashlib.sha256(boot).hexdigest()
-    path = os.path.join(cache_dir, f"{sha}.boot")
-    try:
-        with open(path, "rb") as f:
-            same = f.read(len(boot) + 1) == boot
-    except OSError:
-        same = False
-    if not same:  # missing, or planted / damaged under our name: replace it
-        atomic_write(path, boot)
-    os.makedirs(os.path.join(cache_dir, LAYER_INDEX), exist_ok=True)
+def _fetch_bootstrap(store: OCILayout | RegistryClient, ref: Reference, desc: Descriptor,
+                     cache_dir: str, left: Callable[[], float]) -> tuple[str, int]:
+    """Download the bootstrap layer `desc` to a temporary file (bounded by its descriptor
+    size and MAX_BOOTSTRAP_LAYER_SIZE, digest-verified), extract the bootstrap (bounded)
+    into ``<cache-dir>/<sha256>.boot``; returns (path, bytes downloaded)."""
+    what = f"bootstrap layer {desc.digest}"
+    fetched = 0
+    with tempfile.TemporaryFile(dir=cache_dir) as layer, \
+            tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".boot-", delete=False) as out:
+        try:
+            for piece in store.open_blob_stream(ref, desc.digest,
+                                                max_size=client.MAX_BOOTSTRAP_LAYER_SIZE,
+                                                size=desc.size,
+                                                limit_name="MAX_BOOTSTRAP_LAYER_SIZE",
+                                                deadline=left()):
+                layer.write(piece)
+                fetched += len(piece)
+            layer.seek(0)
+            extract_bootstrap_to(layer, out, what=what)
+            out.flush()
+            out.seek(0)
+            hasher = hashlib.sha256()
+            while piece := out.read(1 << 20):
+                hasher.update(piece)
+            os.fsync(out.fileno())
+            sha = hasher.hexdigest()
+            path = os.path.join(cache_dir, f"{sha}.boot")
+            os.chmod(out.name, 0o600)
+            os.replace(out.name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(out.name)
+            raise
+    _index_bootstrap(cache_dir, desc.digest, sha)
+    return path, fetched
+
+
+def _index_bootstrap(cache_dir: str, layer_digest: str, sha: str) -> None:
+    private_dir(os.path.join(cache_dir, LAYER_INDEX))
     atomic_write(os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1]),
-                  sha.encode())
-    return path
+                  sha.encode(), mode=0o600)
 
 
 def resolve_remote_image(
@@ -123,6 +223,7 @@ def resolve_remote_image(
     retries: int = 3,
     docker_config: str | None = None,
     verify: bool | str = True,
+    resolve_deadline: float | None = None,
 ) -> RemoteImage:
     """Resolve `text`, fetch its bootstrap into `cache_dir`, return what to register.
 
@@ -130,10 +231,22 @@ def resolve_remote_image(
     AuthError (credentials missing or refused), RegistryError, UnsupportedError
     (not a Nydus image), FormatError (a bootstrap that does not parse).
     `deadline`: seconds per on-demand read in the daemon (retries included).
+    `resolve_deadline` (default RESOLVE_DEADLINE): seconds for all of this call's
+    registry traffic together, so a slow registry ends in one DeadlineExceededError
+    line before the daemon that runs this gives up on being idle.
     """
+    total = RESOLVE_DEADLINE if resolve_deadline is None else resolve_deadline
+    end = time.monotonic() + total
+
+    def left() -> float:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(f"{text}: resolving took longer than {total:g} s "
+                                        "(RESOLVE_DEADLINE)")
+        return remaining
+
     ref = parse_reference(text) if isinstance(text, str) else text
-    cache_dir = os.path.abspath(cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
+    cache_dir = private_dir(cache_dir)
     if docker_config is None:
         docker_config = os.environ.get("DOCKER_CONFIG") or None
     if isinstance(ref, LayoutReference):
@@ -158,7 +271,7 @@ def resolve_remote_image(
         if verify is not True:
             backend["verify"] = verify
     try:
-        man = store.get_manifest(ref, platform)
+        man = store.get_manifest(ref, platform, deadline=left())
         descs = manifest_blobs(man.data)
         layers = descs[1:]
         if not layers or layers[-1].annotations.get(ANNOTATION_NYDUS_BOOTSTRAP) != "true":
@@ -167,15 +280,12 @@ def resolve_remote_image(
         fetched = 0
         boot_path = _cached_bootstrap(cache_dir, boot_desc.digest)
         if boot_path is None:
-            layer = store.get_blob(ref, boot_desc.digest)  # digest-verified
-            fetched = len(layer)
-            boot_path = _store_bootstrap(cache_dir, boot_desc.digest, extract_bootstrap(layer))
-        with open(boot_path, "rb") as f:
-            image = BootstrapReader(f.read()).image
+            boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left)
+        image = BootstrapReader(read_bootstrap_bytes(boot_path)).image
         listed = {d.digest for d in layers}
         for b in image.blobs:
             digest = f"sha256:{b.blob_id}"
-            if digest not in listed and not store.blob_exists(ref, digest):
+            if digest not in listed and not store.blob_exists(ref, digest, deadline=left()):
                 raise NotFoundError(f"{ref}: blob {digest} named by the bootstrap is missing")
         return RemoteImage(
             ref=str(ref),

@@ -31,10 +31,25 @@ class ImageStore(Protocol):
         resolve: bool = True,
     ) -> ManifestResult: ...
 
-    def get_blob(self, repo: Reference | str, digest: str) -> bytes: ...
+    def get_blob(
+        self,
+        repo: Reference | str,
+        digest: str,
+        *,
+        max_size: int = ...,
+        size: int | None = None,
+        limit_name: str | None = None,
+    ) -> bytes: ...
 
     def open_blob_stream(
-        self, repo: Reference | str, digest: str, *, chunk_size: int = ...
+        self,
+        repo: Reference | str,
+        digest: str,
+        *,
+        chunk_size: int = ...,
+        max_size: int | None = None,
+        size: int | None = None,
+        limit_name: str | None = None,
     ) -> Iterator[bytes]: ...
 
     def read_blob_range(

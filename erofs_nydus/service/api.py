@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import socketserver
 import threading
 import time
@@ -44,8 +45,10 @@ from erofs_nydus.daemon.core import LATENCY_BUCKETS
 from erofs_nydus.daemon.images import ImageEntry, ImageTable, prefetch_settings
 from erofs_nydus.daemon.prefetch import PrefetchManager
 from erofs_nydus.daemon.trace import TraceBook
-from erofs_nydus.errors import DaemonError, UsageError
-from erofs_nydus.service.paths import note_bound, unlink_own_socket
+from erofs_nydus.errors import DaemonError, UnsafePathError, UsageError
+from erofs_nydus.fsutil import private_dir
+from erofs_nydus.service import logs
+from erofs_nydus.service.paths import check_peer_is_root, note_bound, unlink_own_socket
 
 __all__ = ["ApiClient", "ApiServer", "ControlPlane", "DaemonApi", "api_socket_path"]
 
@@ -235,6 +238,12 @@ class _Collector:
         yield counter(
             "cache_hits", "Kernel requests answered without fetching", req.get("hits", 0)
         )
+        yield counter("channel_full", "Times the daemon's channel to its supervisor was full "
+                      "(messages waited, none dropped)", req.get("channel_full", 0))
+        yield counter("inflight_throttled", "Times the supervisor paused reading kernel "
+                      "events at its in-flight bound", req.get("inflight_throttled", 0))
+        yield counter("event_read_emfile", "Kernel event reads that failed for lack of fds",
+                      req.get("group_read_emfile", 0))
         yield counter("fills", "Fill requests to the daemon core (reads served)", c["reads"])
         yield counter("fill_hits", "Fill requests whose chunks were all present", c["hits"])
         yield counter("backend_requests", "Range reads sent to blob backends",
@@ -280,6 +289,13 @@ class _Collector:
             blob.add_metric([bid, "size"], b["size"])
             blob.add_metric([bid, "present"], b["present"])
         yield blob
+        yield counter("log_suppressed", "daemon.log lines dropped by the rate limit",
+                      logs.suppressed_total())
+        hits = CounterMetricFamily(f"{p}_limit_hits", "Times a bound was hit (and refused)",
+                                   labels=["limit"])
+        for name, n in sorted(logs.limit_hits().items()):
+            hits.add_metric([name], n)
+        yield hits
         yield GaugeMetricFamily(f"{p}_mounts", "Mounts served",
                                 value=len(self.api.table.mountpoints()))  # fmt: skip
         yield GaugeMetricFamily(f"{p}_uptime_seconds", "Seconds since the daemon started",
@@ -321,7 +337,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, api: DaemonApi) -> None:
         self.api = api
         self.path = path
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        private_dir(os.path.dirname(path), what="socket dir")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by a killed daemon; we hold the cache dir's lock
         super().__init__(path, _Handler)
@@ -365,6 +381,15 @@ class ApiClient:
             raise DaemonError(
                 f"no daemon serves {self.cache_dir} (no control API socket at {self.path})"
             )
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                s.connect(self.path)
+                check_peer_is_root(s, self.path)  # the dir is ours: no swap after this
+        except OSError as exc:
+            if isinstance(exc, UnsafePathError):
+                raise
+            raise DaemonError(f"control API at {self.path} not reachable: {exc}") from exc
         try:
             transport = httpx.HTTPTransport(uds=self.path)
             with httpx.Client(

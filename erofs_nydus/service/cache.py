@@ -1,7 +1,7 @@
 """Cache dir management: what a cache dir holds, who uses it, and garbage collection.
 
 A cache dir holds, per blob, `<blob id>.blob.data` (sparse, the uncompressed address
-space) and `<blob id>.chunkmap`; per image, `<fsid>.boot` (the stored bootstrap); and
+space) and `<blob id>.chunk_map`; per image, `<fsid>.boot` (the stored bootstrap); and
 the daemon's `daemon-state.json` naming the images it serves, their blobs and their
 mountpoints.
 
@@ -122,13 +122,13 @@ def scan_cache(cache_dir: str) -> CacheReport:
     names = sorted(os.listdir(cdir))
     blob_ids = sorted(
         {n[: -len(".blob.data")] for n in names if n.endswith(".blob.data")}
-        | {n[: -len(".chunkmap")] for n in names if n.endswith(".chunkmap")}
+        | {n[: -len(".chunk_map")] for n in names if n.endswith(".chunk_map")}
     )
     for bid in blob_ids:
-        files = [os.path.join(cdir, f"{bid}{s}") for s in (".blob.data", ".chunkmap")]
+        files = [os.path.join(cdir, f"{bid}{s}") for s in (".blob.data", ".chunk_map")]
         files = [f for f in files if os.path.exists(f)]
         size, data_disk, mtime = _disk(os.path.join(cdir, f"{bid}.blob.data"))
-        _s, map_disk, mt2 = _disk(os.path.join(cdir, f"{bid}.chunkmap"))
+        _s, map_disk, mt2 = _disk(os.path.join(cdir, f"{bid}.chunk_map"))
         fsids, mounts, in_use = usage(blob_users.get(bid, []))
         entries.append(
             CacheEntry(
@@ -155,7 +155,23 @@ def gc_cache(cache_dir: str, budget: int | None = None, *, dry_run: bool = False
     CacheReport, list[CacheEntry]
 ]:
     """Remove unused cache files (all, or oldest first until under `budget` bytes on
-    disk).  Return the report before and the entries removed."""
+    disk).  Return the report before and the entries removed.
+
+    Holds the cache dir's lock exclusively from the scan to the last removal, so a
+    daemon registering an image (which holds it shared until its state file lists the
+    image's files) never has a file removed that it has just decided to use.
+    """
+    from erofs_nydus.daemon.blobcache import cache_dir_lock
+
+    if not os.path.isdir(cache_dir):
+        raise UsageError(f"{os.path.abspath(cache_dir)}: no such cache dir")
+    with cache_dir_lock(cache_dir, exclusive=True):
+        return _gc_locked(cache_dir, budget, dry_run)
+
+
+def _gc_locked(
+    cache_dir: str, budget: int | None, dry_run: bool
+) -> tuple[CacheReport, list[CacheEntry]]:
     report = scan_cache(cache_dir)
     unused = sorted((e for e in report.entries if not e.in_use), key=lambda e: e.mtime)
     if budget is not None:

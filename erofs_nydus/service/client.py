@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -13,20 +14,75 @@ import time
 from typing import Any
 
 from erofs_nydus import errors
-from erofs_nydus.errors import DaemonError, ErofsNydusError
-from erofs_nydus.service.paths import RunPaths
+from erofs_nydus.errors import DaemonError, ErofsNydusError, UnsafePathError
+from erofs_nydus.fsutil import open_private, private_dir
+from erofs_nydus.service.paths import RunPaths, check_peer_is_root
 
-__all__ = ["DaemonClient", "DaemonUnreachable", "error_from_response"]
+__all__ = [
+    "DAEMON_ENV",
+    "DaemonClient",
+    "DaemonUnreachable",
+    "daemon_command",
+    "daemon_environ",
+    "error_from_response",
+    "spawn_daemon",
+]
 
 
 class DaemonUnreachable(DaemonError):
     """No daemon answers on the cache dir's control socket."""
 
 
-_SUPERVISOR_CMD = "from erofs_nydus.service.supervisor import main; main()"
+#: The project's own variables a daemon reads, fixed for its lifetime (daemon-wide
+#: settings: they come from the caller that starts it, later callers cannot change
+#: them): log level, idle exit, the stuck-daemon deadline, the fscache pointer file and
+#: the fscache test switches.
+DAEMON_ENV = (
+    "EROFS_NYDUS_LOG",
+    "EROFS_NYDUS_IDLE_EXIT",
+    "EROFS_NYDUS_READ_DEADLINE",
+    "EROFS_NYDUS_FSCACHE_POINTER",
+    "EROFS_NYDUS_FSCACHE_READ_DELAY",
+    "EROFS_NYDUS_FSCACHE_CHUNK_WRITES",
+)
+_LOCALE_ENV = ("PATH", "LANG", "LANGUAGE", "TZ")
+
+# Imports erofs_nydus from exactly the directory the caller's own package lives in
+# (and nothing else from next to it), then runs a module's main().  Run with -I, so
+# neither the cwd, $PYTHON*, nor the user site reach the root daemon's sys.path.
+_BOOT = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location(
+    "erofs_nydus", {init!r}, submodule_search_locations=[{pkg!r}])
+mod = importlib.util.module_from_spec(spec)
+sys.modules["erofs_nydus"] = mod
+spec.loader.exec_module(mod)
+from {module} import main
+main(sys.argv[1:])
+"""
 # Supervisors we started outlive this process; keeping their Popen objects avoids a
-# "still running" ResourceWarning when one would be garbage-collected.
+# "still running" ResourceWarning when one would be garbage-collected.  Those that
+# stopped on their own (idle exit, lost a start race) are reaped by _reap.
 _SPAWNED: dict[str, list[subprocess.Popen[bytes]]] = {}
+
+
+def _reap(cache_dir: str | None = None, wait_free: bool = False) -> None:
+    """Collect the exit status of spawned daemons that have stopped (of one cache dir,
+    or all), so none stays a zombie or is collected unreaped.  ``wait_free``: first
+    wait briefly for those whose cache dir's lock is free (they are exiting)."""
+    for key in [cache_dir] if cache_dir is not None else list(_SPAWNED):
+        if wait_free and not DaemonClient(key).supervisor_running():
+            for p in _SPAWNED.get(key, []):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
+        left = [p for p in _SPAWNED.get(key, []) if p.poll() is None]
+        if left:
+            _SPAWNED[key] = left
+        else:
+            _SPAWNED.pop(key, None)
+
+
+atexit.register(_reap, wait_free=True)
 
 
 def error_from_response(resp: dict[str, Any]) -> ErofsNydusError:
@@ -37,6 +93,50 @@ def error_from_response(resp: dict[str, Any]) -> ErofsNydusError:
     if isinstance(cls, type) and issubclass(cls, ErofsNydusError):
         return cls(msg)
     return DaemonError(msg)
+
+
+def daemon_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a daemon gets: an allow-list of the caller's (PATH, locale, TZ
+    and :data:`DAEMON_ENV`).  Whatever a mount needs beyond that (the registry auth
+    file, backend settings) travels in its request, so a daemon never serves a later
+    caller with the first caller's settings."""
+    env = os.environ if environ is None else environ
+    out = {k: v for k, v in env.items()
+           if k in _LOCALE_ENV or k.startswith("LC_") or k in DAEMON_ENV}
+    out.setdefault("PATH", os.defpath)
+    return out
+
+
+def daemon_command(module: str, *args: str) -> list[str]:
+    """argv running ``module.main(args)`` in an isolated interpreter (``-I``) that
+    imports erofs_nydus from where this process's erofs_nydus came from."""
+    import erofs_nydus
+
+    init = os.path.abspath(erofs_nydus.__file__ or "")
+    code = _BOOT.format(init=init, pkg=os.path.dirname(init), module=module)
+    return [sys.executable, "-I", "-c", code, *args]
+
+
+def spawn_daemon(cache_dir: str, log_path: str, module: str,
+                 *args: str) -> subprocess.Popen[bytes]:
+    """Start a daemon process (own session, stdio to ``log_path``, cwd ``/``,
+    :func:`daemon_environ`) and remember it for reaping."""
+    private_dir(cache_dir)
+    logfd = open_private(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # 0600, no symlink
+    with os.fdopen(logfd, "ab") as logf:
+        proc = subprocess.Popen(
+            daemon_command(module, *args),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            cwd="/",
+            env=daemon_environ(),
+            start_new_session=True,
+            close_fds=True,
+        )
+    _reap()
+    _SPAWNED.setdefault(cache_dir, []).append(proc)
+    return proc
 
 
 class DaemonClient:
@@ -51,6 +151,7 @@ class DaemonClient:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(self.paths.socket)
+                check_peer_is_root(s, self.paths.socket)
                 s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
                 buf = b""
                 while not buf.endswith(b"\n"):
@@ -58,13 +159,23 @@ class DaemonClient:
                     if not part:
                         break
                     buf += part
+        except UnsafePathError:
+            raise
         except OSError as exc:
             raise DaemonUnreachable(
                 f"daemon for {self.paths.cache_dir} not reachable at {self.paths.socket}: {exc}"
             ) from exc
         if not buf:
             raise DaemonUnreachable(f"daemon for {self.paths.cache_dir} closed the connection")
-        resp: dict[str, Any] = json.loads(buf)
+        try:
+            resp = json.loads(buf)
+        except ValueError:
+            resp = None
+        if not isinstance(resp, dict) or not buf.endswith(b"\n"):
+            raise DaemonError(
+                f"daemon for {self.paths.cache_dir} sent a partial or garbled reply to "
+                f"{op!r} ({len(buf)} bytes); see {self.paths.log}"
+            )
         if not resp.get("ok"):
             raise error_from_response(resp)
         return resp
@@ -81,8 +192,9 @@ class DaemonClient:
     def supervisor_running(self) -> bool:
         """True while some supervisor holds the cache dir's lock."""
         try:
-            fd = os.open(self.paths.lock, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_private(self.paths.lock, os.O_RDONLY)  # a planted symlink: refused
         except FileNotFoundError:
+            _reap(self.paths.cache_dir)
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -90,7 +202,30 @@ class DaemonClient:
             return True
         finally:
             os.close(fd)
+        _reap(self.paths.cache_dir)
         return False
+
+    def remove_stale_files(self, *, log: bool) -> None:
+        """Remove the lock file (and with ``log`` the log) a stopped daemon left.
+
+        The lock file is unlinked while holding its lock, so no supervisor is using
+        it; one that opened it just before re-checks the path after locking
+        (`take_supervisor_lock`)."""
+        try:
+            fd = os.open(self.paths.lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(self.paths.lock)):
+                os.unlink(self.paths.lock)
+        except OSError:
+            return  # held: a supervisor runs, and its log is in use
+        finally:
+            os.close(fd)
+        if log:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.log)
 
     def supervisor_pid(self) -> int | None:
         try:
@@ -104,8 +239,9 @@ class DaemonClient:
         """Start the supervisor + daemon unless one serves this cache dir.
 
         Returns True if it was started now.  Daemonized: own session, stdio to
-        `<cache-dir>/daemon.log`.
+        `<cache-dir>/daemon.log`.  Refuses a cache dir others could write.
         """
+        private_dir(self.paths.cache_dir)
         if self.alive():
             return False
         spawned = 0
@@ -129,24 +265,14 @@ class DaemonClient:
             f"see {self.paths.log}"
         )
 
+    def open_log(self) -> int:
+        """The daemon's log (append, 0600) in its checked cache dir: its stdio."""
+        private_dir(self.paths.cache_dir)
+        return open_private(self.paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
     def _spawn(self) -> subprocess.Popen[bytes]:
-        os.makedirs(self.paths.cache_dir, exist_ok=True)
-        with open(self.paths.log, "ab") as logf:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _SUPERVISOR_CMD,
-                    self.paths.cache_dir,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-                close_fds=True,
-            )
-        _SPAWNED.setdefault(self.paths.cache_dir, []).append(proc)
-        return proc
+        return spawn_daemon(self.paths.cache_dir, self.paths.log,
+                            "erofs_nydus.service.supervisor", self.paths.cache_dir)
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop daemon and supervisor (refused by the daemon while mounts remain)."""

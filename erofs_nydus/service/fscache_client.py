@@ -8,12 +8,12 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, UnsupportedError
-from erofs_nydus.service.client import DaemonClient
+from erofs_nydus.fsutil import private_dir
+from erofs_nydus.service.client import DaemonClient, spawn_daemon
 
 __all__ = [
     "BUFFERED_ENV",
@@ -54,6 +54,7 @@ class FscacheClient(DaemonClient):
         A supervisor that cannot open or bind /dev/cachefiles exits at once with a
         ``FATAL:`` line in the log: that message is raised here.
         """
+        private_dir(self.paths.cache_dir)
         if self.alive():
             self._check_mode()
             return False
@@ -97,18 +98,10 @@ class FscacheClient(DaemonClient):
         return f"fscache daemon exited with status {code}; see {self.paths.log}"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        os.makedirs(self.paths.cache_dir, exist_ok=True)
-        with open(self.paths.log, "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "erofs_nydus.service.fscache_daemon",
-                 "--cache-dir", self.paths.cache_dir],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-        from erofs_nydus.service import client as _client
-
-        _client._SPAWNED.setdefault(self.paths.cache_dir, []).append(proc)
-        return proc
+        private_dir(self.paths.cache_dir)
+        return spawn_daemon(self.paths.cache_dir, self.paths.log,
+                            "erofs_nydus.service.fscache_daemon",
+                            "--cache-dir", self.paths.cache_dir)
 
 
 def fscache_cache_dir() -> str | None:
@@ -251,6 +244,7 @@ def mount_fscache(
     extra: dict[str, Any] | None = None,
     buffered_cache: bool | None = None,
     read_ahead_kb: int | None = None,
+    allow_suid_dev: bool = False,
 ) -> dict[str, Any]:
     """Register ``bootstrap`` with the fscache daemon of ``cache_dir`` (started if needed)
     and ``mount -t erofs -o fsid=<id>[,domain_id=<d>] none MOUNTPOINT``.  Returns the
@@ -262,7 +256,8 @@ def mount_fscache(
     effect.  ``read_ahead_kb``: readahead of the new mount's bdi, set after mounting
     (best effort, a warning when it cannot be); ``None`` takes
     ``$EROFS_NYDUS_FSCACHE_READ_AHEAD_KB``, else :data:`BUFFERED_READ_AHEAD_KB` when the
-    buffered cache is in effect; ``0`` keeps the kernel's default (128 KiB)."""
+    buffered cache is in effect; ``0`` keeps the kernel's default (128 KiB).
+    ``allow_suid_dev``: mount without ``nosuid,nodev``."""
     from erofs_nydus.fscache.device import unavailable_reason
     from erofs_nydus.mount import _check_option_value, mount_erofs_fscache
 
@@ -282,6 +277,7 @@ def mount_fscache(
         )
     if buffered_cache is None:
         buffered_cache = buffered_cache_requested()
+    private_dir(cache_dir)  # before anything is made in it: 0700, ours
     buffered = prepare_buffered_cache(cache_dir) if buffered_cache else False
     client = FscacheClient(cache_dir)
     started = client.ensure_running()
@@ -298,7 +294,8 @@ def mount_fscache(
         read_ahead_kb = _read_ahead_setting(buffered)
     bdis_before = erofs_bdis() if read_ahead_kb > 0 else set()
     try:
-        mount_erofs_fscache(mountpoint, str(info["mount_fsid"]), domain_id)
+        mount_erofs_fscache(mountpoint, str(info["mount_fsid"]), domain_id,
+                            allow_suid_dev=allow_suid_dev)
     except BaseException:
         remaining = client.request("detach", mountpoint=mountpoint)["remaining"]
         if remaining == 0:

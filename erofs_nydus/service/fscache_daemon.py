@@ -9,6 +9,11 @@ Process model (like fanotify mode, simpler because the kernel queues requests it
   requests stay queued, and the next worker sends ``restore`` - the kernel re-delivers
   them, reopening the objects with fresh OPENs first (Linux 6.8+).  A worker exiting
   with status 0 means "no mounts left": the supervisor then closes the device and exits.
+  As in fanotify mode, SIGTERM/SIGINT stop it only with no mounts live (else it logs
+  "N mounts live; umount first" and keeps serving), a daemon that does not answer a
+  ping within the read deadline (`EROFS_NYDUS_READ_DEADLINE`) is killed and replaced
+  (its READs are re-delivered to the next one), the supervisor asks for
+  oom_score_adj -1000 and both raise the open-file limit (`service/procs.py`).
 * the **worker** restores the image table (:class:`~erofs_nydus.daemon.images.ImageTable`:
   bootstrap copies, blob cache files, chunk maps) from the cache dir, reads requests in
   its main thread and answers them:
@@ -55,17 +60,25 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
+from erofs_nydus.fsutil import atomic_write, open_private, private_dir
+from erofs_nydus.service import logs
 from erofs_nydus.service.api import ControlPlane
 from erofs_nydus.service.paths import (
     RunPaths,
     listen_unix,
     take_supervisor_lock,
     unlink_own_socket,
+)
+from erofs_nydus.service.procs import (
+    exit_forked_child,
+    raise_nofile,
+    read_deadline,
+    set_oom_score_adj,
 )
 
 __all__ = ["FscacheWorker", "kernel_cache_dir", "pointer_path", "run_supervisor"]
@@ -279,7 +292,7 @@ class FscacheWorker:
 
     def _serve(self, obj: FsObject, m: p.ReadRequest) -> None:
         if obj.kind == "bootstrap":
-            with open(obj.path, "rb", buffering=0) as f:
+            with os.fdopen(open_private(obj.path, os.O_RDONLY), "rb", buffering=0) as f:
                 src = f.fileno()
                 if obj.size <= WHOLE_BOOTSTRAP_MAX:
                     with obj.lock:
@@ -359,7 +372,8 @@ class FscacheWorker:
             domain = req.get("domain_id")
             info = self.table.register(
                 str(req["bootstrap"]), dict(req["backend"]), mp,
-                amplify=int(req.get("amplify", 1 << 20)), prefetch=prefetch_settings(req),
+                amplify=request_number(req, "amplify", 1 << 20),
+                prefetch=prefetch_settings(req),
             )  # fmt: skip
             key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
             self.plane.registered(str(info["fsid"]))
@@ -400,8 +414,18 @@ class FscacheWorker:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
-            for line in f:
-                if len(line) > MAX_REQUEST:
+            while True:
+                line = f.readline(MAX_REQUEST + 1)
+                if not line:
+                    return
+                if len(line) > MAX_REQUEST:  # refused unread: the connection is dropped
+                    logs.limit_hit("control_request_bytes", log,
+                                   "control request over %d bytes refused", MAX_REQUEST)
+                    with contextlib.suppress(OSError):
+                        f.write(json.dumps({"ok": False, "type": "ProtocolError", "error":
+                                            f"request line longer than {MAX_REQUEST} bytes"},
+                                           ).encode() + b"\n")
+                        f.flush()
                     return
                 req: dict[str, Any] = {}
                 try:
@@ -489,17 +513,13 @@ class FscacheWorker:
                 self.on_read(msg)  # completes it (the object may be gone: EIO)
 
 
-def _setup_logging(role: str) -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def _setup_logging(role: str, cache_dir: str) -> None:
+    logs.install(f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
+                 RunPaths.of(cache_dir).log)
 
 
 def _run_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
-    _setup_logging("daemon")
+    _setup_logging("daemon", cache_dir)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -525,27 +545,91 @@ def _fork_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: b
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        # No PR_SET_PDEATHSIG here: this process holds the device fd too, so when the
+        # supervisor dies it keeps serving (nothing else could answer its requests).
+        set_oom_score_adj(0)  # the daemon holds the memory; it may be killed
         code = _run_worker(devfd, listener, cache_dir, restart)
     except BaseException:
         traceback.print_exc()
     finally:
-        sys.stderr.flush()
-        os._exit(code)
+        exit_forked_child(code)
+
+
+class _Watch:
+    """The supervisor's view of its daemon, shared in spirit with fanotify mode: SIGTERM
+    and SIGINT stop it only with no mounts live ("N mounts live; umount first"), and a
+    daemon that does not answer a ping within the read deadline is killed (its READs
+    stay queued in the kernel and are re-delivered to the next daemon by `restore`)."""
+
+    def __init__(self, cache_dir: str) -> None:
+        from erofs_nydus.service.client import DaemonClient
+
+        self.client = DaemonClient(cache_dir)
+        self.deadline = read_deadline()
+        self.stop_requested = False
+
+    def wait(self, pid: int) -> int:
+        """Until the daemon `pid` exits; its exit status."""
+        last_ping = time.monotonic()
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if self.stop_requested:
+                self.stop_requested = False
+                self._stop()
+            now = time.monotonic()
+            if now - last_ping > self.deadline / 4:
+                last_ping = now
+                if self._stuck():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    _, status = os.waitpid(pid, 0)
+                    return os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
+
+    def _stop(self) -> None:
+        from erofs_nydus.service.client import DaemonUnreachable
+
+        try:
+            mounts = self.client.request("ping", timeout=self.deadline).get("mounts", [])
+            if mounts:
+                log.warning("not stopping: %d mounts live; umount first", len(mounts))
+                return
+            log.info("stop requested by signal; stopping the daemon")
+            self.client.request("shutdown", timeout=self.deadline)
+        except DaemonUnreachable as exc:
+            log.warning("not stopping: the daemon does not answer (%s)", exc)
+        except ErofsNydusError as exc:  # a mount registered meanwhile
+            log.warning("not stopping: %s", exc)
+
+    def _stuck(self) -> bool:
+        from erofs_nydus.service.client import DaemonUnreachable
+
+        t0 = time.monotonic()
+        try:
+            self.client.request("ping", timeout=self.deadline)
+        except DaemonUnreachable as exc:
+            if time.monotonic() - t0 >= self.deadline * 0.9:
+                log.error("daemon stuck: no answer to a ping in %.0f s (%s); replacing it",
+                          self.deadline, exc)
+                return True
+        except ErofsNydusError:
+            pass
+        return False
 
 
 def _write_pointer(cache_dir: str) -> None:
     path = pointer_path()
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"cache_dir": cache_dir, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # in a dir of ours only: the CLI trusts it
+        private_dir(os.path.dirname(path), what="pointer dir")
+        atomic_write(path, json.dumps({"cache_dir": cache_dir, "pid": os.getpid()}).encode(),
+                     mode=0o600)
 
 
 def run_supervisor(cache_dir: str) -> int:
     """Hold /dev/cachefiles for ``cache_dir`` and keep a worker serving it."""
-    _setup_logging("supervisor")
+    _setup_logging("supervisor", cache_dir)
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)
     if lock_fd is None:
@@ -566,14 +650,22 @@ def run_supervisor(cache_dir: str) -> int:
     listener = listen_unix(paths.socket)
     _write_pointer(paths.cache_dir)
     log.info("bound /dev/cachefiles on %s (on-demand)", kernel_cache_dir(paths.cache_dir))
+    raise_nofile()
+    set_oom_score_adj(-1000)  # the OOM killer must not take the device fd's holder
+    watch = _Watch(paths.cache_dir)
+
+    def _on_signal(signum: int, frame: object) -> None:
+        watch.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     recent: list[float] = []
     generation = 0
     try:
         while True:
             pid = _fork_worker(devfd, listener, paths.cache_dir, generation > 0)
             generation += 1
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
+            code = watch.wait(pid)
             if code == 0:
                 log.info("daemon stopped; closing /dev/cachefiles")
                 return 0

@@ -8,9 +8,13 @@ import hashlib
 import os
 import signal
 import socket
+import struct
 from dataclasses import dataclass
 
-__all__ = ["RunPaths"]
+from erofs_nydus.errors import UnsafePathError
+from erofs_nydus.fsutil import open_private, private_dir
+
+__all__ = ["RunPaths", "check_peer_is_root"]
 
 _SUN_PATH_MAX = 107
 
@@ -48,13 +52,20 @@ def take_supervisor_lock(paths: RunPaths) -> int | None:
 
     Returns the locked fd (keep it open), or None when another supervisor holds it.
     """
-    os.makedirs(paths.cache_dir, exist_ok=True)
-    lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    private_dir(paths.cache_dir)  # ours, not writable by others (UnsafePathError)
+    while True:
+        lock_fd = open_private(paths.lock, os.O_RDWR | os.O_CREAT)  # planted symlink: refused
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            return None
+        try:  # still the file at the path? (a failed mount's cleanup may unlink it)
+            if os.path.samestat(os.fstat(lock_fd), os.stat(paths.lock)):
+                break
+        except FileNotFoundError:
+            pass
         os.close(lock_fd)
-        return None
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -63,8 +74,11 @@ def take_supervisor_lock(paths: RunPaths) -> int | None:
 
 
 def listen_unix(path: str) -> socket.socket:
-    """A listening unix stream socket at `path` (mode 0600), replacing a stale one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """A listening unix stream socket at `path` (mode 0600), replacing a stale one.
+
+    Bound in a private dir (ours, 0700 when we make it): nobody else can connect in
+    the moment between bind and chmod, nor swap the socket for their own."""
+    private_dir(os.path.dirname(path), what="socket dir")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -94,3 +108,21 @@ def unlink_own_socket(path: str) -> None:
         st = os.stat(path)
         if _BOUND.get(path) == (st.st_dev, st.st_ino):
             os.unlink(path)
+
+
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+def check_peer_is_root(sock: socket.socket, path: str) -> None:
+    """Refuse a control socket not served by root (SO_PEERCRED: who called listen()).
+
+    The CLI acts on the daemon's replies (bootstrap and cache-file paths it mounts as
+    root); a socket someone else managed to put at `path` must not be believed.
+    """
+    pid, uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if uid != 0:
+        raise UnsafePathError(
+            f"{path} is served by uid {uid} (pid {pid}), not by root; refusing to trust "
+            "its replies"
+        )

@@ -14,8 +14,23 @@ in the daemon, and so does the read side of the event queue:
   old daemon had already answered gets a second answer, which the kernel rejects
   harmlessly (ENOENT) - a reader never gets two, and never none.
 
-The supervisor exits when the daemon asks it to (no mounts left); SIGTERM/SIGINT/
-SIGHUP are ignored so that it cannot be stopped under live mounts by accident.
+A *keeper*, a tiny process forked from the supervisor at start-up, holds a second
+reference to the group fd (and the control listener and the cache dir's lock) so
+that the group outlives a `kill -9` of the supervisor or the OOM killer (both run
+with oom_score_adj -1000).  When the supervisor dies, the keeper kills its orphaned
+daemon, then forks a new supervisor that inherits those fds.  The kernel matches a
+response to a permission event by the integer fd number the event was read as (the
+`access_list` walk in fanotify_user.c `process_access_response`), and those numbers
+went with the dead supervisor: so before it reads any event the new supervisor
+answers FAN_DENY(EIO) under every fd number the dead one could have had (below its
+RLIMIT_NOFILE); a number with nothing pending answers ENOENT.  Readers caught in the
+gap get EIO, never zeros, and no reply can reach a newer event that reuses a number.
+The supervisor likewise starts a new keeper when the keeper dies.
+
+The supervisor exits when the daemon asks it to (no mounts left).  SIGTERM and
+SIGINT stop it only while no image is mounted; with mounts live it refuses, logs
+"N mounts live; umount first" and keeps serving (stopping would close the group and
+let the mounts' holes read as zeros).  SIGHUP is ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +39,8 @@ import contextlib
 import errno
 import logging
 import os
+import resource
+import select
 import selectors
 import signal
 import socket
@@ -34,17 +51,35 @@ from typing import Any
 
 from erofs_nydus.fanotify import protocol as fp
 from erofs_nydus.fanotify.handler import init_group
-from erofs_nydus.service import channel
+from erofs_nydus.service import channel, logs
 from erofs_nydus.service.paths import (
     RunPaths,
     listen_unix,
     take_supervisor_lock,
     unlink_own_socket,
 )
+from erofs_nydus.service.procs import (
+    close_fds_except,
+    die_with_parent,
+    exit_forked_child,
+    raise_nofile,
+    read_deadline,
+    set_oom_score_adj,
+)
 
 __all__ = ["run_supervisor"]
 
+
 log = logging.getLogger("erofs_nydus.supervisor")
+
+
+def inflight_bound() -> int:
+    """Events read ahead of the daemon's answers: each holds an fd here and one in the
+    daemon, so stay well under the open-file limit (`channel.MAX_INFLIGHT` at most)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return channel.MAX_INFLIGHT
+    return max(8, min(channel.MAX_INFLIGHT, (soft - 64) // 2))
 
 
 class _Child:
@@ -61,23 +96,21 @@ class _Child:
         from erofs_nydus.registry import resolve as remote_mount  # noqa: F401
         from erofs_nydus.service import worker
 
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child: keep stdio and the channel only
             code = 1
             try:
-                lo = 3
-                for keep in sorted({channel_fd}):
-                    os.closerange(lo, keep)
-                    lo = keep + 1
-                os.closerange(lo, 1 << 20)
+                close_fds_except({channel_fd})
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
+                die_with_parent(parent)
+                set_oom_score_adj(0)  # the daemon holds the memory; it may be killed
                 code = worker.run_worker(channel_fd)
             except BaseException:
                 traceback.print_exc()
             finally:
-                sys.stderr.flush()
-                os._exit(code)
+                exit_forked_child(code)
         return cls(pid)
 
     def poll(self) -> int | None:
@@ -103,8 +136,11 @@ class _Child:
 
 class _Supervisor:
     def __init__(self, paths: RunPaths, group_fd: int, listener: socket.socket,
-                 resident: bool = False) -> None:
+                 resident: bool = False, lock_fd: int = -1) -> None:
         self.paths = paths
+        self.lock_fd = lock_fd
+        self.keeper: _KeeperLink | None = None
+        self.worker_pid: int | None = None
         self.resident = resident
         self.stop_requested = False  # SIGTERM/SIGINT
         # blob id -> copy of the daemon's cache-file fd, opened before the file was
@@ -113,6 +149,17 @@ class _Supervisor:
         self.group_fd = group_fd
         self.listener = listener
         self.inflight: dict[int, dict[str, Any]] = {}  # our event fd -> event
+        self.since: dict[int, float] = {}  # our event fd -> when it was read (monotonic)
+        self.backlog: list[dict[str, Any]] = []  # read, not yet taken by the daemon
+        self.max_inflight = inflight_bound()
+        self.throttled = False
+        self.throttle_count = 0
+        self.throttle_logged = -1e9
+        self.emfile_count = 0
+        self.paused_until = 0.0
+        self.deadline = read_deadline()
+        self.ping_sent: float | None = None  # when an unanswered liveness ping went out
+        self.last_ping = 0.0
         self.stopping = False
         self.generation = 0
 
@@ -139,6 +186,10 @@ class _Supervisor:
                              [fd for _, fd in batch])
         except OSError as exc:  # it died at once; pump() sees EOF and we try again
             log.error("daemon did not take the hello: %s", exc)
+        self.worker_pid = proc.pid
+        self.tell_keeper_worker()
+        ours.setblocking(False)
+        self.backlog = []
         self.forward(ours, list(self.inflight.values()))
         self.generation += 1
         log.info(
@@ -147,25 +198,67 @@ class _Supervisor:
         return proc, ours
 
     def forward(self, sock: socket.socket, events: list[dict[str, Any]]) -> bool:
+        """Queue `events` for the daemon and send what the channel takes now (never
+        waiting: a slow daemon is not a dead one).  False when the daemon is gone."""
+        self.backlog.extend(events)
+        return self.flush(sock)
+
+    def flush(self, sock: socket.socket) -> bool:
         try:
-            for i in range(0, len(events), channel.MAX_FDS):
-                batch = events[i : i + channel.MAX_FDS]
-                channel.send(sock, {"op": "events", "events": batch}, [e["fd"] for e in batch])
+            while self.backlog:
+                batch = self.backlog[: channel.MAX_FDS]
+                batch = [e for e in batch if e["fd"] in self.inflight]  # answered meanwhile
+                if batch:
+                    channel.send(sock, {"op": "events", "events": batch},
+                                 [e["fd"] for e in batch])
+                del self.backlog[: channel.MAX_FDS]
+        except BlockingIOError:
+            return True
         except OSError as exc:
             log.warning("daemon unreachable (%s); events kept for its successor", exc)
+            self.backlog.clear()  # the successor gets every in-flight event anyway
             return False
         return True
 
+    def may_read(self) -> bool:
+        """Read more events only while fewer than `max_inflight` are unanswered and the
+        daemon has taken what we read: the kernel keeps the rest queued."""
+        if len(self.inflight) >= self.max_inflight or self.backlog:
+            if not self.throttled:
+                self.throttled = True
+                self.throttle_count += 1
+                now = time.monotonic()
+                if now - self.throttle_logged < 10:
+                    return False
+                self.throttle_logged = now
+                log.info("%d events in flight (bound %d), %d not yet taken by the daemon: "
+                         "pausing reads (%d times)", len(self.inflight), self.max_inflight,
+                         len(self.backlog), self.throttle_count)
+            return False
+        self.throttled = False
+        return time.monotonic() >= self.paused_until
+
     def read_events(self, sock: socket.socket) -> bool:
         alive = True
-        while True:
+        while self.may_read():
             try:
-                buf = os.read(self.group_fd, 64 * 1024)
+                # no more events than the bound allows (an event is >= 24 bytes)
+                room = self.max_inflight - len(self.inflight)
+                buf = os.read(self.group_fd, min(64 * 1024, max(128, room * 24)))
             except BlockingIOError:
                 return alive
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # The kernel could not open an event's fd (and denies that event).
+                    # Not the daemon's fault: wait for answers to free fds.
+                    self.emfile_count += 1
+                    log.error("fanotify read: %s (%d times; %d events in flight); "
+                              "pausing reads", exc.strerror, self.emfile_count,
+                              len(self.inflight))
+                    self.paused_until = time.monotonic() + 0.2
+                    return alive
                 raise
             events, err = fp.split_events(buf)
             if err is not None:
@@ -178,9 +271,11 @@ class _Supervisor:
                     continue
                 d = channel.event_to_dict(ev)
                 self.inflight[ev.fd] = d
+                self.since[ev.fd] = time.monotonic()
                 fresh.append(d)
             if fresh and alive:
                 alive = self.forward(sock, fresh)
+        return alive
 
     def handle_message(self, sock: socket.socket) -> bool:
         """Process daemon messages; False at EOF."""
@@ -208,9 +303,16 @@ class _Supervisor:
             elif op == "done":
                 for n in msg.get("fds", []):
                     if self.inflight.pop(n, None) is not None:
+                        self.since.pop(n, None)
                         os.close(n)
+            elif op == "pong":
+                self.ping_sent = None
+            elif op == "deadline":  # fills may take this long (slow registry reads)
+                self.deadline = max(read_deadline(), float(msg.get("seconds", 0)))
             elif op == "shutdown":
                 self.stopping = True
+            elif op == "stop_refused":
+                log.warning("not stopping: %s mounts live; umount first", msg.get("mounts"))
             else:
                 log.error("unknown daemon message %r", op)
 
@@ -222,32 +324,175 @@ class _Supervisor:
     def pump(self, proc: _Child, sock: socket.socket) -> None:
         sock.setblocking(False)
         sel = selectors.DefaultSelector()
-        sel.register(self.group_fd, selectors.EVENT_READ, "group")
         sel.register(sock, selectors.EVENT_READ, "daemon")
+        reading = False
+        reported = (-1, -1)  # a new daemon gets the counts too
+        if self.keeper is not None:
+            sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
         alive = True
+        self.ping_sent = None
+        self.last_ping = time.monotonic()
+        tick = min(1.0, self.deadline / 4)
         try:
             while alive:
                 if self.stop_requested and not self.stopping:
-                    log.info("stop requested by signal; stopping the daemon")
-                    self.stopping = True
+                    # The daemon decides: it stops only with no mounts live ("shutdown"
+                    # comes back), else it answers "stop_refused" and keeps serving.
+                    log.info("stop requested by signal; asking the daemon")
+                    self.stop_requested = False
                     with contextlib.suppress(OSError):
                         channel.send(sock, {"op": "stop"})
-                for key, _ in sel.select(timeout=1.0):
+                if self.backlog and not self.flush(sock):
+                    alive = False
+                    break
+                want = self.may_read()
+                if want != reading:
+                    if want:
+                        sel.register(self.group_fd, selectors.EVENT_READ, "group")
+                    else:
+                        sel.unregister(self.group_fd)
+                    reading = want
+                counters = (self.throttle_count, self.emfile_count)
+                if counters != reported:  # into the daemon's metrics
+                    with contextlib.suppress(BlockingIOError):
+                        channel.send(sock, {"op": "counters",
+                                            "inflight_throttled": self.throttle_count,
+                                            "group_read_emfile": self.emfile_count})
+                        reported = counters
+                wait = 0.02 if self.backlog or self.paused_until > time.monotonic() else tick
+                for key, _ in sel.select(timeout=wait):
+                    if key.data == "keeper":
+                        if not self.keeper_message():
+                            sel.unregister(key.fileobj)
+                            self.restart_keeper()
+                            if self.keeper is not None:
+                                sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
+                        continue
                     if key.data == "group":
-                        sock.setblocking(True)
-                        sock.settimeout(5.0)
-                        try:
-                            alive = self.read_events(sock) and alive
-                        finally:
-                            sock.setblocking(False)
+                        alive = self.read_events(sock) and alive
                     else:
                         alive = self.handle_message(sock) and alive
                 if proc.poll() is not None:
                     # drain what it said before dying
                     self.handle_message(sock)
                     alive = False
+                elif alive and self.stuck(sock):
+                    proc.kill()
+                    proc.wait()
+                    self.handle_message(sock)  # answers it sent before it stopped
+                    self.deny_overdue()
+                    alive = False
         finally:
             sel.close()
+
+    # -- keeper ------------------------------------------------------------------------
+
+    def start_keeper(self) -> None:
+        self.keeper = _KeeperLink.fork(self)
+        self.tell_keeper_worker()
+
+    def restart_keeper(self) -> None:
+        if self.keeper is not None:
+            self.keeper.close()
+        log.error("keeper died; starting a new one")
+        try:
+            self.start_keeper()
+        except Exception:
+            log.exception("cannot start a keeper")
+            self.keeper = None
+
+    def keeper_message(self) -> bool:
+        """Read what the keeper says (nothing yet); False when it is gone."""
+        assert self.keeper is not None
+        try:
+            msg, fds = channel.recv(self.keeper.sock)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        for fd in fds:
+            os.close(fd)
+        return msg is not None
+
+    def tell_keeper_worker(self) -> None:
+        """Hand the keeper a pidfd of the current daemon: if we die, it kills the
+        daemon before a successor answers our events (no late answer may reach a
+        newer event under a reused fd number)."""
+        if self.keeper is None or self.worker_pid is None:
+            return
+        try:
+            pidfd = os.pidfd_open(self.worker_pid)
+        except OSError:
+            return
+        try:
+            channel.send(self.keeper.sock, {"op": "worker"}, [pidfd])
+        except OSError as exc:
+            log.warning("cannot reach the keeper: %s", exc)
+        finally:
+            os.close(pidfd)
+
+    def stop_keeper(self) -> None:
+        if self.keeper is None:
+            return
+        with contextlib.suppress(OSError):
+            self.keeper.sock.setblocking(True)
+            channel.send(self.keeper.sock, {"op": "stop"})
+            self.keeper.sock.settimeout(10.0)
+            while channel.recv(self.keeper.sock)[0] is not None:
+                pass  # until it has closed everything (EOF)
+        self.keeper.close()
+        self.keeper = None
+
+    def sweep(self, limit: int) -> None:
+        """Answer EIO under every fd number below `limit`: the events a dead
+        supervisor had read and not answered (see the module docstring)."""
+        answered = 0
+        for n in range(limit):
+            try:
+                os.write(self.group_fd, fp.deny(n, errno.EIO))
+                answered += 1
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("sweep: answer for fd %d: %s", n, exc)
+        log.warning("answered %d reads the dead supervisor left pending with EIO", answered)
+
+    def stuck(self, sock: socket.socket) -> bool:
+        """True when the daemon left an event unanswered past the read deadline, or
+        did not answer a liveness ping within it (its event loop is blocked)."""
+        now = time.monotonic()
+        oldest = min(self.since.values(), default=now)
+        if now - oldest > self.deadline:
+            log.error("daemon stuck: an event has waited %.1f s (deadline %.0f s); "
+                      "answering overdue reads with EIO and replacing the daemon",
+                      now - oldest, self.deadline)
+            return True
+        if self.ping_sent is not None:
+            if now - self.ping_sent > self.deadline:
+                log.error("daemon stuck: no answer to a ping for %.1f s; replacing it",
+                          now - self.ping_sent)
+                return True
+        elif now - self.last_ping > self.deadline / 4:
+            self.last_ping = now
+            try:
+                channel.send(sock, {"op": "ping"})
+                self.ping_sent = now
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False  # gone: pump sees it exit
+        return False
+
+    def deny_overdue(self) -> None:
+        """Answer EIO to every event past the read deadline (the daemon that had them
+        is dead, so nothing else answers under the same number), and forget them."""
+        now = time.monotonic()
+        for n, t in list(self.since.items()):
+            if now - t > self.deadline:
+                with contextlib.suppress(OSError):
+                    os.write(self.group_fd, fp.deny(n, errno.EIO))
+                self.inflight.pop(n, None)
+                del self.since[n]
+                os.close(n)
 
     def run(self) -> None:
         recent: list[float] = []
@@ -289,21 +534,31 @@ class _Supervisor:
                 os.write(self.group_fd, fp.deny(n, errno.EIO))
             os.close(n)
         self.inflight.clear()
+        self.since.clear()
 
 
 def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
     """Run the supervisor for `cache_dir` in the foreground until the daemon stops it,
-    or SIGTERM/SIGINT arrives.  A `resident` daemon keeps running with no mounts (no
-    idle exit, `umount` of the last mount leaves it up), as a node service would."""
+    or SIGTERM/SIGINT arrives while no image is mounted (with mounts live they are
+    refused: "N mounts live; umount first").  A `resident` daemon keeps running with
+    no mounts (no idle exit, `umount` of the last mount leaves it up), as a node
+    service would."""
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)
     if lock_fd is None:
         log.info("a supervisor already serves %s", paths.cache_dir)
         return 0
+    logs.set_log_file(paths.log)  # capped, if it is our stderr
     group = init_group()
     listener = listen_unix(paths.socket)
-    sup = _Supervisor(paths, group, listener, resident)
+    raise_nofile()
+    set_oom_score_adj(-1000)  # the OOM killer must not take the group fd's holder
+    sup = _Supervisor(paths, group, listener, resident, lock_fd)
+    sup.start_keeper()
+    return _serve(sup)
 
+
+def _serve(sup: _Supervisor) -> int:
     def _on_signal(signum: int, frame: object) -> None:
         sup.stop_requested = True
 
@@ -313,12 +568,162 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
         sup.run()
     finally:
         sup.close()
-        unlink_own_socket(paths.socket)
-        listener.close()
-        os.close(group)
-        os.ftruncate(lock_fd, 0)
-        os.close(lock_fd)
+        unlink_own_socket(sup.paths.socket)
+        sup.stop_keeper()
+        sup.listener.close()
+        os.close(sup.group_fd)
+        os.ftruncate(sup.lock_fd, 0)
+        os.close(sup.lock_fd)
     return 0
+
+
+class _KeeperLink:
+    """The supervisor's end of the keeper: a SOCK_SEQPACKET pair (hang-up = death)."""
+
+    def __init__(self, sock: socket.socket, pid: int, child: bool) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.child = child  # ours to reap
+
+    @classmethod
+    def fork(cls, sup: _Supervisor) -> _KeeperLink:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sup_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                close_fds_except(
+                    {sup.group_fd, sup.listener.fileno(), sup.lock_fd, theirs.fileno()})
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_IGN)
+                code = _Keeper(sup, theirs, sup_pid).run()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                exit_forked_child(code)
+        theirs.close()
+        log.info("keeper started (pid %d)", pid)
+        return cls(ours, pid, child=True)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.child:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+class _Keeper:
+    """Second holder of the fanotify group: restarts a dead supervisor."""
+
+    def __init__(self, sup: _Supervisor, sock: socket.socket, sup_pid: int) -> None:
+        self.paths = sup.paths
+        self.group_fd = sup.group_fd
+        self.listener = sup.listener
+        self.lock_fd = sup.lock_fd
+        self.resident = sup.resident
+        self.sock = sock
+        self.sup_pidfd = os.pidfd_open(sup_pid)
+        self.worker_pidfd: int | None = None
+        if os.getppid() != sup_pid:  # it died while we were forked
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> int:
+        recent: list[float] = []
+        while True:
+            try:
+                readable, _, _ = select.select([self.sock.fileno(), self.sup_pidfd], [], [])
+                if self.sock.fileno() in readable:
+                    try:
+                        msg, fds = channel.recv(self.sock)
+                    except OSError:
+                        msg, fds = None, []
+                    if msg is not None:
+                        if msg.get("op") == "stop":
+                            for fd in fds:
+                                os.close(fd)
+                            return self.stop()
+                        if msg.get("op") == "worker" and len(fds) == 1:
+                            if self.worker_pidfd is not None:
+                                os.close(self.worker_pidfd)
+                            self.worker_pidfd = fds[0]
+                        else:
+                            for fd in fds:
+                                os.close(fd)
+                        continue
+                elif self.sup_pidfd not in readable:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in recent if now - t < 10] + [now]
+                if len(recent) > 5:
+                    time.sleep(1.0)
+                self.replace_supervisor()
+            except Exception:
+                traceback.print_exc()
+                time.sleep(0.5)
+
+    def stop(self) -> int:
+        """The supervisor stops cleanly: let go of the lock and the group first."""
+        os.close(self.lock_fd)
+        os.close(self.group_fd)
+        self.listener.close()
+        self.sock.close()
+        return 0
+
+    def replace_supervisor(self) -> None:
+        _kill_and_wait(self.sup_pidfd)
+        if self.worker_pidfd is not None:
+            _kill_and_wait(self.worker_pidfd)  # its answers would hit reused fd numbers
+            os.close(self.worker_pidfd)
+            self.worker_pidfd = None
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        print(f"keeper[{os.getpid()}]: supervisor died; starting a new one",
+              file=sys.stderr, flush=True)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keeper_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                self.sock.close()
+                os.close(self.sup_pidfd)
+                code = _adopt(self, theirs, keeper_pid, limit)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                exit_forked_child(code)
+        theirs.close()
+        self.sock.close()
+        os.close(self.sup_pidfd)
+        self.sock = ours
+        self.sup_pidfd = os.pidfd_open(pid)
+
+
+def _adopt(keeper: _Keeper, sock: socket.socket, keeper_pid: int, limit: int) -> int:
+    """A new supervisor, forked by the keeper after the old one died."""
+    for handler in logging.getLogger().handlers:  # our pid, not the dead one's
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s"))
+    os.ftruncate(keeper.lock_fd, 0)
+    os.pwrite(keeper.lock_fd, f"{os.getpid()}\n".encode(), 0)
+    sup = _Supervisor(keeper.paths, keeper.group_fd, keeper.listener, keeper.resident,
+                      keeper.lock_fd)
+    sup.generation = 1  # the daemon restores state and keeps all mounts
+    sup.keeper = _KeeperLink(sock, keeper_pid, child=False)
+    log.error("supervisor restarted by the keeper after the previous one died")
+    sup.sweep(limit)  # before reading any event: see the module docstring
+    return _serve(sup)
+
+
+def _kill_and_wait(pidfd: int, timeout: float = 30.0) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    select.select([pidfd], [], [], timeout)  # readable once it has exited
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,8 +743,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.install(f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s")

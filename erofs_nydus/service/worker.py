@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -26,11 +27,12 @@ import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from erofs_nydus.daemon.core import BlobServer
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings
+from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, remove_mark
-from erofs_nydus.service import channel
+from erofs_nydus.service import channel, logs
 from erofs_nydus.service.api import ControlPlane
+from erofs_nydus.service.paths import RunPaths
 
 __all__ = ["Worker", "main"]
 
@@ -39,12 +41,35 @@ log = logging.getLogger("erofs_nydus.daemon")
 MAX_REQUEST = 1 << 20
 
 
+def in_use(path: str) -> bool:
+    """True while any open file description other than ours refers to `path`.
+
+    An EROFS superblock keeps its bootstrap and device files open until it is really
+    gone - after `umount -l`, as long as a file in it is open.  The kernel refuses a
+    write lease (EAGAIN) on a file that others have open (verified on 6.18, also
+    for the kernel's own read-only opens)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
 class Worker:
     def __init__(
         self, chan: socket.socket, group_fd: int, listener: socket.socket, cache_dir: str,
         *, resident: bool = False,
     ) -> None:
         self.chan = chan
+        self.sender = channel.Sender(chan)
         self.resident = resident
         self.group_fd = group_fd
         self.listener = listener
@@ -56,9 +81,17 @@ class Worker:
             on_complete=self.table.blob_complete,
         )
         self.started = time.time()
+        # mountpoint -> bootstrap: unmounted (lazily) but the superblock still in use
+        self.lingering: dict[str, str] = {}
+        self._reported_deadline = 0.0
+        self.supervisor_counters: dict[str, float] = {}
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
-        self.plane = ControlPlane(self.table, request_stats=self.handler.stats.snapshot)
+        self.plane = ControlPlane(self.table, request_stats=self.request_stats)
+
+    def request_stats(self) -> dict[str, float]:
+        return {**self.handler.stats.snapshot(), "channel_full": float(self.sender.full),
+                **self.supervisor_counters}
 
     # -- fanotify marks ----------------------------------------------------------------
 
@@ -82,16 +115,12 @@ class Worker:
         self._tell_supervisor({"op": "done", "fds": [response_fd]})
 
     def _tell_supervisor(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-        """Send from any thread (the channel may be non-blocking: retry briefly)."""
-        for _ in range(1000):
-            try:
-                channel.send(self.chan, msg, fds or [])
-                return
-            except BlockingIOError:
-                time.sleep(0.001)
-            except OSError as exc:
-                log.error("cannot send %s to the supervisor: %s", msg.get("op"), exc)
-                return
+        """Send from any thread, never blocking on the socket (see channel.Sender)."""
+        self.sender.put(msg, fds)
+
+    def close_channel(self) -> None:
+        """Flush what is queued for the supervisor and stop the sender thread."""
+        self.sender.close()
 
     async def _channel_loop(self, tg: anyio.abc.TaskGroup) -> None:
         self.chan.setblocking(False)
@@ -110,13 +139,33 @@ class Worker:
                 if op == "events":
                     events = msg.get("events", [])
                     if len(events) != len(fds):
-                        log.error("events/fds mismatch (%d/%d)", len(events), len(fds))
+                        log.error("events/fds mismatch (%d/%d): out of fds? answering "
+                                  "the events without one EIO", len(events), len(fds))
                     for d, fd in zip(events, fds, strict=False):
                         ev = channel.event_from_dict(d)
                         self.handler.submit(tg, ev, fd, ev.fd)
+                    for d in events[len(fds) :]:  # cannot be served, but must be answered
+                        ev = channel.event_from_dict(d)
+                        self.handler.stats.denied += 1
+                        self.handler.respond(ev.fd, False)
+                        self._answered(ev.fd)
                     for fd in fds[len(events) :]:
                         os.close(fd)
+                elif op == "counters":  # the supervisor's bounds hit, for the metrics
+                    for k in ("inflight_throttled", "group_read_emfile"):
+                        self.supervisor_counters[k] = float(msg.get(k, 0))
+                elif op == "ping":  # liveness: the supervisor replaces a stuck daemon
+                    self._tell_supervisor({"op": "pong"})
                 elif op == "stop":
+                    # SIGTERM/SIGINT to the supervisor.  Stopping under a mount would
+                    # close the fanotify group and let its holes read as zeros.
+                    mounts = self.table.mountpoints()
+                    if mounts:
+                        log.warning("stop refused: %d mounts live; umount first (%s)",
+                                    len(mounts), ", ".join(mounts))
+                        self._tell_supervisor({"op": "stop_refused", "mounts": len(mounts)})
+                        continue
+                    self._tell_supervisor({"op": "shutdown"})
                     tg.cancel_scope.cancel()
                     return
                 else:
@@ -132,27 +181,42 @@ class Worker:
             return {"pid": os.getpid(), "mounts": self.table.mountpoints(),
                     "resident": self.resident}
         if op == "register":
+            mp = os.path.abspath(str(req["mountpoint"]))
+            if mp in self.lingering:
+                raise DaemonError(f"{mp}: the image lazily unmounted there is still in use "
+                                  "(files open); close them or mount elsewhere")
             info = self.table.register(
                 str(req["bootstrap"]),
                 dict(req["backend"]),
                 str(req["mountpoint"]),
-                amplify=int(req.get("amplify", 1 << 20)),
+                amplify=request_number(req, "amplify", 1 << 20),
                 prefetch=prefetch_settings(req),
             )
             self.plane.registered(str(info["fsid"]))
+            self.report_deadline()
             return info
         if op == "resolve":
             return self._resolve(req)
         if op == "detach":
-            self.plane.detaching(str(req["mountpoint"]))
-            remaining = self.table.detach(str(req["mountpoint"]))
+            mp = os.path.abspath(str(req["mountpoint"]))
+            boot = self._last_user_of(mp)
+            if boot is not None and in_use(boot):
+                # `umount -l` with files still open: the superblock lives on and reads
+                # through it; unmarking now would let its holes read as zeros.
+                self.lingering[mp] = boot
+                log.info("%s detached but its superblock is still in use; serving it "
+                         "until it is gone", mp)
+                return {"remaining": len(self.table.mountpoints()), "lingering": True,
+                        "resident": self.resident}
+            self.plane.detaching(mp)
+            remaining = self.table.detach(mp)
             self.plane.detached()
             return {"remaining": remaining, "resident": self.resident}
         if op == "status":
             st = self.table.status()
             st["pid"] = os.getpid()
             st["uptime"] = time.time() - self.started
-            st["fanotify"] = self.handler.stats.snapshot()
+            st["fanotify"] = self.request_stats()
             return st
         if op == "verify":  # `cache verify`: re-digest cached chunks (issue 11 (f))
             return self.table.verify_cached()
@@ -166,6 +230,48 @@ class Worker:
             return {}
         raise DaemonError(f"unknown request {op!r}")
 
+    def report_deadline(self) -> None:
+        """Tell the supervisor how long a fill may legitimately take: twice the
+        longest registry read deadline of the images served (plus slack), so that a
+        slow registry is not taken for a stuck daemon."""
+        worst = max((float(e.backend.get("deadline", 60.0))
+                     for e in list(self.table.images.values())
+                     if e.backend.get("type") == "registry"), default=0.0)
+        if worst > self._reported_deadline:
+            self._reported_deadline = worst
+            self._tell_supervisor({"op": "deadline", "seconds": 2 * worst + 10})
+
+    def _last_user_of(self, mountpoint: str) -> str | None:
+        """The bootstrap of the image mounted at `mountpoint` if no other registered
+        mount uses that image (else detaching it changes nothing for the kernel)."""
+        for e in list(self.table.images.values()):
+            if mountpoint in e.mountpoints:
+                others = [m for m in e.mountpoints if m != mountpoint]
+                return None if others else e.bootstrap
+        return None
+
+    async def _linger_loop(self) -> None:
+        """Finish deferred detaches once the kernel has really let go of the image."""
+        while True:
+            await anyio.sleep(1.0)
+            for mp, boot in list(self.lingering.items()):
+                if in_use(boot):
+                    continue
+                del self.lingering[mp]
+                log.info("%s: superblock gone; detaching", mp)
+                self.plane.detaching(mp)
+                try:
+                    await anyio.to_thread.run_sync(self.table.detach, mp)
+                except DaemonError as exc:
+                    log.warning("deferred detach of %s: %s", mp, exc)
+                self.plane.detached()
+                if not self.table.images and not self.resident:
+                    log.info("no mounts left; stopping")
+                    self._tell_supervisor({"op": "shutdown"})
+                    assert self._stop is not None
+                    self._stop.set()
+                    return
+
     def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
         """Resolve an image reference and fetch its bootstrap into the cache dir, so that
         `mount REF` needs no HTTP stack of its own (the daemon has one loaded)."""
@@ -178,9 +284,10 @@ class Worker:
             self.table.cache_dir,
             platform=req.get("platform"),
             plain_http="loopback" if plain == "loopback" else bool(plain),
-            deadline=float(req.get("deadline", 30.0)),
-            retries=int(req.get("retries", 3)),
+            deadline=request_number(req, "deadline", 30.0, integer=False),
+            retries=request_number(req, "retries", 3),
             docker_config=str(docker_config) if docker_config else None,
+            verify=str(req["verify"]) if req.get("verify") else True,
         )
         return {
             "ref": remote.ref,
@@ -197,6 +304,15 @@ class Worker:
             while True:
                 try:
                     line = await reader.receive_until(b"\n", MAX_REQUEST)
+                except anyio.DelimiterNotFound:
+                    # Refuse, say why, and drop the connection (the rest of the line
+                    # is never read): one client cannot take the daemon down.
+                    logs.limit_hit("control_request_bytes", log,
+                                   "control request over %d bytes refused", MAX_REQUEST)
+                    with contextlib.suppress(anyio.BrokenResourceError,
+                                             anyio.ClosedResourceError):
+                        await stream.send(json.dumps(_too_long()).encode() + b"\n")
+                    return
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     return
                 try:
@@ -215,8 +331,7 @@ class Worker:
                     return
                 if resp["ok"] and req.get("op") == "shutdown":
                     log.info("shutdown requested")
-                    with contextlib.suppress(OSError):
-                        channel.send(self.chan, {"op": "shutdown"})
+                    self._tell_supervisor({"op": "shutdown"})
                     assert self._stop is not None
                     self._stop.set()
                     return
@@ -231,8 +346,7 @@ class Worker:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= idle_timeout:
                 log.info("no images for %.0f s; exiting", idle_timeout)
-                with contextlib.suppress(OSError):
-                    channel.send(self.chan, {"op": "shutdown"})
+                self._tell_supervisor({"op": "shutdown"})
                 assert self._stop is not None
                 self._stop.set()
                 return
@@ -244,19 +358,20 @@ class Worker:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._channel_loop, tg)
             tg.start_soon(listener.serve, self._serve_conn, tg)
+            tg.start_soon(self._linger_loop)
             if idle > 0 and not self.resident:
                 tg.start_soon(self._idle_exit, idle)
             await self._stop.wait()
             tg.cancel_scope.cancel()
 
 
+def _too_long() -> dict[str, Any]:
+    return {"ok": False, "error": f"request line longer than {MAX_REQUEST} bytes",
+            "type": "ProtocolError"}
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("EROFS_NYDUS_LOG", "INFO"),
-        format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    logs.install(f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s")
 
 
 def run_worker(channel_fd: int) -> int:
@@ -269,6 +384,7 @@ def run_worker(channel_fd: int) -> int:
         log.error("bad hello from supervisor: %r", msg)
         return 2
     group_fd, listen_fd = fds[:2]
+    logs.set_log_file(RunPaths.of(str(msg["cache_dir"])).log)
     kept = _receive_kept_fds(chan, msg, fds[2:])
     listener = socket.socket(fileno=listen_fd)
     worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]),
@@ -287,12 +403,14 @@ def run_worker(channel_fd: int) -> int:
     # fd without raising events: no prefetch for it (fds kept by the supervisor are fine).
     unsafe = set(worker.table.blobs) - worker.table.adopted if msg.get("restart") else set()
     worker.plane.restored(unsafe)
+    worker.report_deadline()
     worker.plane.start()
     try:
         anyio.run(worker.run)
     finally:
         worker.plane.stop()
         worker.table.close()
+        worker.close_channel()
     return 0
 
 
