@@ -385,6 +385,30 @@ def test_restart_trusts_only_a_matching_seal(image: tuple[bytes, Path], tmp_path
     t.close()
 
 
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_recheck_uses_the_blobs_digester(tmp_path: Path, compressor: str) -> None:
+    """blake3 images (nydus-image's default): a re-check digests each cached chunk the
+    way its blob does.  With sha256 for every blob, an unchanged cache file of a
+    blake3 image lost every chunk after a crash, and `cache verify` reported them all
+    as failed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_bytes(hashlib.sha256(bytes([i])).digest() * (3000 * (i + 1)))
+    create_image(str(src), str(tmp_path / "b3.boot"), str(tmp_path / "blobs"),
+                 BuildOptions(chunk_size=CHUNK, compressor=compressor, digester="blake3"))
+    boot = (tmp_path / "b3.boot").read_bytes()
+    assert read_image_meta(boot).blobs[0].digester == "blake3"
+    cache, expected, data = _registered((boot, tmp_path / "blobs"), tmp_path)
+    os.chmod(data, 0o600)  # ctime moves, bytes do not: the seal no longer vouches
+    t, srv = _restored(cache)
+    assert srv.cache.rechecked > 0 and srv.cache.dropped == [] and srv.cache.complete()
+    t.close()
+    res = cli("cache", "verify", "--cache-dir", str(cache))
+    assert res.returncode == 0 and "0 dropped" in res.stdout, res
+    assert data.read_bytes() == expected
+
+
 def test_cache_verify_offline_drops_and_refetches(image: tuple[bytes, Path],
                                                   tmp_path: Path) -> None:
     cache, expected, data = _registered(image, tmp_path)

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator
 
 from erofs_nydus.daemon.chunkmap import ChunkMap, Seal
-from erofs_nydus.errors import DaemonError
+from erofs_nydus.errors import DaemonError, FormatError
 from erofs_nydus.fsutil import open_private
 from erofs_nydus.layout.rafs import MAX_CHUNKS_PER_BLOB
 from erofs_nydus.rafs.codec import chunk_digest
@@ -81,6 +81,13 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
         log.warning("cannot punch a hole at %d+%d: %s", offset, length,
                     os.strerror(ctypes.get_errno()))
     return bool(rc == 0)
+
+
+def _digest_or_none(data: bytes, digester: str) -> bytes | None:
+    try:
+        return chunk_digest(data, digester)
+    except FormatError:  # a digester we cannot compute proves nothing
+        return None
 
 
 def _has_hole(fd: int, start: int, end: int) -> bool:
@@ -272,8 +279,8 @@ class BlobCacheFile:
                                 c.index, exc)
                     data = b""
                 n = c.uncompressed_size
-                if (len(data) == c.aligned_size and chunk_digest(data[:n]) == c.digest
-                        and not any(data[n:])):
+                if len(data) == c.aligned_size and not any(data[n:]) and (
+                        _digest_or_none(data[:n], c.digester) == c.digest):
                     continue
                 self.map.clear(c.index)
                 self._missing += 1
