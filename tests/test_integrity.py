@@ -291,6 +291,27 @@ def test_register_runs_full_validation_and_remembers(image: tuple[bytes, Path],
     t.close()
 
 
+def test_register_refuses_unsupported_features_as_unsupported(image: tuple[bytes, Path],
+                                                               tmp_path: Path) -> None:
+    """A feature that changes what a byte means (here: encrypted chunks) is refused by
+    the daemon's validation as UnsupportedError, like the reader's strict load: its own
+    exit code, not "corrupt"."""
+    from erofs_nydus.errors import UnsupportedError
+
+    boot, blobs = image
+    out = bytearray(boot)
+    at = int(_ext(boot).s_blob_table_offset) + 84  # blob entry features
+    struct.pack_into("<I", out, at, struct.unpack_from("<I", out, at)[0]
+                     | R.BLOB_FEATURE_ENCRYPTED)
+    bad = tmp_path / "enc.boot"
+    bad.write_bytes(bytes(out))
+    t = _table(tmp_path / "cache")
+    with pytest.raises(UnsupportedError, match="uses encrypted chunks"):
+        t.register(str(bad), {"type": "local", "dir": str(blobs)}, str(tmp_path / "m"))
+    assert not t.images
+    t.close()
+
+
 def test_planted_stored_bootstrap_is_hash_checked(image: tuple[bytes, Path],
                                                   tmp_path: Path) -> None:
     from erofs_nydus.builder import BuildOptions, create_image

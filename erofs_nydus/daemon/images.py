@@ -150,10 +150,13 @@ class Verdicts:
 def validate_bootstrap(data: bytes, verdicts: Verdicts | None = None,
                        name: str = "bootstrap") -> RafsImage:
     """Parse `data` with the full reader validation (superblocks, tables and the whole
-    tree: what the kernel will walk once it is mounted); raise FormatError naming the
-    first problem.  A digest in `verdicts` skips the tree walk; a pass is added."""
+    tree: what the kernel will walk once it is mounted); raise UnsupportedError for a
+    refused feature, FormatError naming the first problem.  A digest in `verdicts` skips
+    the tree walk; a pass is added."""
     digest = hashlib.sha256(data).hexdigest()
     reader = BootstrapReader(data, name)
+    if reader.refused:  # a feature that changes what a byte means: not ours to serve
+        raise UnsupportedError(f"{name}: unsupported: {reader.refused[0]}")
     if verdicts is not None and digest in verdicts:
         problems = reader.problems(walk_tree=False)
     else:
