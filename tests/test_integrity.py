@@ -691,6 +691,63 @@ def test_cache_verify_live_mount(image: tuple[bytes, Path], tmp_path: Path) -> N
     _daemon_gone(cache)
 
 
+@pytest.mark.kernel
+def test_restarted_daemon_does_not_read_a_marked_cache_file_back(
+        image: tuple[bytes, Path], tmp_path: Path) -> None:
+    """kill -9 of the supervisor: the keeper's new supervisor has none of the cache fds
+    the old one kept, so the new daemon reopens a blob the surviving group still marks.
+    Re-digesting it then (stale seal) would raise pre-content events the daemon itself
+    must answer, before it serves any: readers and the daemon hung for good.  It drops
+    the unvouched chunks instead; every file then reads back right."""
+    if not _kernel_ok():
+        pytest.skip("needs root and pre-content fanotify (Linux >= 6.14)")
+    import signal
+    import threading
+    import time
+
+    from erofs_nydus.service.client import DaemonClient
+
+    boot, blobs = image
+    src = tmp_path / "img.boot"
+    src.write_bytes(boot)
+    cache, mp = tmp_path / "cache", tmp_path / "mnt"
+    mp.mkdir()
+    res = cli("mount", str(src), str(mp), "--blob-dir", str(blobs), "--cache-dir", str(cache),
+              "--mode", "fanotify", "--no-prefetch", "--amplify", "0")
+    assert res.returncode == 0, res
+    client = DaemonClient(cache)
+    try:
+        want = {n: hashlib.sha256(bytes([i])).digest() * (2500 * (i + 1))
+                for i, n in enumerate(("f0", "f1", "f2", "f3"))}
+        assert (mp / "f0").read_bytes() == want["f0"]  # some chunks present, blob marked
+        data = next(cache.glob("*.blob.data"))
+        os.chmod(data, 0o600)  # ctime moves: the seal no longer vouches for the chunks
+        sup = client.supervisor_pid()
+        assert sup is not None
+        os.kill(sup, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while client.supervisor_pid() in (None, sup):
+            assert time.monotonic() < deadline, "no new supervisor"
+            time.sleep(0.05)
+        got: dict[str, bytes] = {}
+
+        def read_all() -> None:
+            for n in want:
+                got[n] = _read_uncached(mp / n)
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        reader.join(120)  # a liveness bound, not a timing assertion
+        assert not reader.is_alive(), "readers hang behind the restarted daemon"
+        assert got == want
+        log = (cache / "daemon.log").read_text(errors="replace")
+        assert "not re-digested" in log
+    finally:
+        res = cli("umount", str(mp), "--cache-dir", str(cache))
+        assert res.returncode == 0, res
+    _daemon_gone(cache)
+
+
 def test_cache_file_beyond_the_filesystem_limit_is_one_line(tmp_path: Path) -> None:
     """The largest size the limits allow (2^24 chunks of 16 MiB: 256 TiB) exceeds
     ext4's file size limit: a DaemonError (one line to the CLI), not an OSError."""

@@ -115,7 +115,14 @@ class BlobCacheFile:
         *,
         fd: int | None = None,
         durable: bool = True,
+        readable: bool = True,
     ) -> None:
+        """`readable`: reading the file's fd raises no fanotify pre-content event (it
+        was opened before the file was marked, or nothing marks it).  A restarted daemon
+        that reopened a file the surviving group may still mark passes False: its own
+        read would wait for an answer that only it could give once it serves, so
+        present chunks the seal does not vouch for are dropped for a verified re-fetch
+        instead of being re-digested (nothing unverified is served either way)."""
         self.blob = blob
         self.blob_id = blob.blob_id
         self.size = blob.uncompressed_size
@@ -157,11 +164,17 @@ class BlobCacheFile:
             self.dropped: list[ChunkInfo] = []  # by that re-check
             listed = self._listed()
             if self.map.count() and (self.map.seal != self._seal() or self.map.listed != listed):
-                self.rechecked = len(self.chunks) - self._missing
-                self.dropped = self.recheck()
-                if self.dropped:
-                    log.warning("blob %s: %d cached chunks failed their digest; dropped for "
-                                "re-fetch", self.blob_id[:12], len(self.dropped))
+                if readable:
+                    self.rechecked = len(self.chunks) - self._missing
+                    self.dropped = self.recheck()
+                    if self.dropped:
+                        log.warning("blob %s: %d cached chunks failed their digest; dropped "
+                                    "for re-fetch", self.blob_id[:12], len(self.dropped))
+                else:
+                    self.dropped = self._drop_present()
+                    log.warning("blob %s: %d cached chunks not re-digested (the file may be "
+                                "marked); dropped for re-fetch", self.blob_id[:12],
+                                len(self.dropped))
             self.map.set_seal(self._seal())
             self.map.set_listed(listed)
         except BaseException:
@@ -289,6 +302,16 @@ class BlobCacheFile:
         if dropped:
             with self.lock:
                 self.map.set_seal(self._seal())
+        return dropped
+
+    def _drop_present(self) -> list[ChunkInfo]:
+        """Clear every present chunk's bit without reading the file (they are fetched,
+        verified and written again on their next read); return them."""
+        with self.lock:
+            dropped = [c for c in self.chunks if c.index in self.map]
+            for c in dropped:
+                self.map.clear(c.index)
+            self._missing += len(dropped)
         return dropped
 
     def present(self, chunk: ChunkInfo) -> bool:

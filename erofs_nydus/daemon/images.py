@@ -261,6 +261,9 @@ class ImageTable:
         # opened before their file was marked, so writes through them raise no events.
         self.kept_fds: dict[str, int] = {}
         self.adopted: set[str] = set()  # blobs opened from kept_fds
+        # set by a restarted daemon: the fanotify group survived, so a cache file it
+        # reopens itself (not adopted) may be marked and cannot be read back at start-up
+        self.restarted = False
         self.mark = mark
         self.unmark = unmark
         self.durable = durable
@@ -301,7 +304,8 @@ class ImageTable:
         fd = self._adopt_fd(info.blob_id)
         try:
             cache = BlobCacheFile(
-                self.cache_dir, info, image.chunks_for_blob(idx), fd=fd, durable=self.durable
+                self.cache_dir, info, image.chunks_for_blob(idx), fd=fd, durable=self.durable,
+                readable=fd is not None or not self.restarted,
             )
         except BaseException:
             if fd is not None:

@@ -391,6 +391,7 @@ def run_worker(channel_fd: int) -> int:
                     resident=bool(msg.get("resident")))
     # Restore before reading events: handed-over events may be for restored blobs.
     worker.table.kept_fds = kept
+    worker.table.restarted = bool(msg.get("restart"))
     worker.table.load_state()
     worker.table.close_kept_fds()
     if not msg.get("restart"):
