@@ -451,6 +451,21 @@ def test_cache_verify_offline_drops_and_refetches(image: tuple[bytes, Path],
     assert res.returncode != 0 and "Traceback" not in res.stderr
 
 
+def test_cache_verify_offline_trusts_the_cache_dir_only_as_a_cache_dir(
+        image: tuple[bytes, Path], tmp_path: Path) -> None:
+    """Offline `cache verify` writes chunk maps and punches holes: a cache dir others
+    can write is refused (one line), and a stored bootstrap is read only as a regular
+    file of ours, bounded (a planted FIFO hung it, /dev/zero would exhaust memory)."""
+    cache, _expected, _data = _registered(image, tmp_path)
+    os.mkfifo(cache / f"{'0' * 64}.boot")
+    res = cli("cache", "verify", "--cache-dir", str(cache))
+    assert res.returncode == 0 and "0 dropped" in res.stdout, res
+    os.chmod(cache, 0o777)
+    res = cli("cache", "verify", "--cache-dir", str(cache))
+    assert res.returncode != 0 and "writable by group or others" in res.stderr, res
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_verify_in_a_live_table_remarks_the_blob(image: tuple[bytes, Path],
                                                  tmp_path: Path) -> None:
     from erofs_nydus.daemon.images import ImageTable

@@ -206,19 +206,26 @@ def verify_cache(cache_dir: str) -> dict[str, Any]:
     cdir = os.path.abspath(cache_dir)
     if not os.path.isdir(cdir):
         raise UsageError(f"{cdir}: no such cache dir")
+    from erofs_nydus.daemon.blobcache import cache_dir_lock
+    from erofs_nydus.fsutil import private_dir
+
     client = DaemonClient(cdir)
-    if client.supervisor_running():
-        out = client.request("verify", timeout=3600.0)
-        out.setdefault("unverifiable", [])
-        return out
-    return _verify_offline(cdir)
+    if not client.supervisor_running():
+        private_dir(cdir)  # we are about to write its chunk maps and cache files
+        # exclusive, as `cache gc`: a daemon starting now waits before it opens a file
+        with cache_dir_lock(cdir, exclusive=True):
+            if not client.supervisor_running():
+                return _verify_offline(cdir)
+    out = client.request("verify", timeout=3600.0)
+    out.setdefault("unverifiable", [])
+    return out
 
 
 def _verify_offline(cdir: str) -> dict[str, Any]:
     import hashlib
 
     from erofs_nydus.daemon.blobcache import BlobCacheFile
-    from erofs_nydus.daemon.images import validate_bootstrap
+    from erofs_nydus.daemon.images import read_bootstrap_bounded, validate_bootstrap
     from erofs_nydus.errors import ErofsNydusError
     from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
@@ -229,8 +236,7 @@ def _verify_offline(cdir: str) -> dict[str, Any]:
         if not n.endswith(".boot") or len(fsid) != 64:
             continue
         try:
-            with open(os.path.join(cdir, n), "rb") as f:
-                data = f.read()
+            data = read_bootstrap_bounded(os.path.join(cdir, n), private=True)
             if hashlib.sha256(data).hexdigest() != fsid:
                 continue  # not what its name says: never a source of digests
             image = validate_bootstrap(data, name=n)
