@@ -20,6 +20,7 @@ from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
 from erofs_nydus.rafs.tree import Inode, Node
 
+_BLOB_DATA_BITS = 40  # CI v1 comp_info stores 40-bit offsets: blob data below 1 TiB
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                 stat.S_IFIFO, stat.S_IFSOCK}
 _FT_OF_TYPE = {stat.S_IFREG: E.FT_REG_FILE, stat.S_IFDIR: E.FT_DIR, stat.S_IFCHR: E.FT_CHRDEV,
@@ -132,7 +133,9 @@ class BootstrapReader:
                 ci_compressor=R.COMPRESSOR_NAMES.get(e.ci_compressor, "unknown"),
                 blob_toc_size=e.blob_toc_size, blob_toc_digest=e.blob_toc_digest,
                 mapped_blkaddr=slot.mapped_blkaddr))
+        self._check_blob_limits(blobs, cs)
         chunks: list[list[ChunkInfo]] = [[] for _ in blobs]
+        indexes: list[set[int]] = [set() for _ in blobs]
         ct_off, ct_size = ext.s_chunk_table_offset, ext.s_chunk_table_size
         if ct_size % R.CHUNK_INFO_SIZE or ct_off + ct_size > len(self.data) or (
                 ct_size and ct_off % BLOCK_SIZE):
@@ -166,8 +169,17 @@ class BootstrapReader:
                 bad(f"{where}: compressed chunk in a blob with compressor {b.compressor}")
             if not compressed and csize != usize:
                 bad(f"{where}: uncompressed chunk with compressed size {csize} != {usize}")
-            if coff + csize > b.compressed_size:
+            if coff + csize > b.compressed_size or coff >> _BLOB_DATA_BITS:
                 bad(f"{where}: compressed range {coff:#x}+{csize} outside blob data")
+                continue
+            if index >= b.chunk_count:
+                bad(f"{where}: chunk index {index} >= the blob's {b.chunk_count} chunks")
+                continue
+            if index in indexes[blob_index]:
+                # two records would share one presence bit in the daemon's chunk map
+                bad(f"{where}: chunk index {index} used twice in blob {blob_index}")
+                continue
+            indexes[blob_index].add(index)
             c = ChunkInfo(digest=digest, blob_index=blob_index, index=index,
                           compressed_offset=coff, compressed_size=csize,
                           uncompressed_offset=uoff, uncompressed_size=usize,
@@ -185,6 +197,21 @@ class BootstrapReader:
                         f"{b2.uncompressed_offset:#x} overlap")
         return RafsImage(bootstrap_size=len(self.data), chunk_size=cs, flags=flags, blobs=blobs,
                          chunks=chunks, fsid=hashlib.sha256(self.data).hexdigest())
+
+    def _check_blob_limits(self, blobs: list[BlobInfo], chunk_size: int) -> None:
+        """Bounds the daemon sizes allocations by (chunk map bits, sparse cache file):
+        fatal, so nothing downstream ever sees an unbounded count or size."""
+        for b in blobs:
+            where = f"{self.name}: blob {b.blob_index} ({b.blob_id[:12]})"
+            if b.chunk_count > R.MAX_CHUNKS_PER_BLOB:
+                raise FormatError(f"{where}: chunk count {b.chunk_count} exceeds the limit "
+                                  f"{R.MAX_CHUNKS_PER_BLOB}")
+            # 4 KiB-aligned layout: every chunk takes at most chunk_size bytes of the space
+            if b.uncompressed_size > b.chunk_count * chunk_size:
+                raise FormatError(f"{where}: uncompressed size {b.uncompressed_size} exceeds "
+                                  f"{b.chunk_count} chunks of {chunk_size} bytes")
+            if b.compressed_size >> _BLOB_DATA_BITS:
+                raise FormatError(f"{where}: compressed size {b.compressed_size:#x} too large")
 
     # -- inodes and directories ---------------------------------------------------------------
     def inode(self, nid: int) -> RawInode:
@@ -249,8 +276,9 @@ class BootstrapReader:
         size = ri.size
         if ri.datalayout == E.DATALAYOUT_CHUNK_BASED:
             raise FormatError(f"nid {ri.nid}: chunk-based directories/symlinks are not supported")
-        if size > 1 << 32:
-            raise FormatError(f"nid {ri.nid}: flat inode of {size} bytes is implausible")
+        if size > len(self.data):  # flat data lives in the bootstrap itself
+            raise FormatError(f"nid {ri.nid}: flat inode of {size} bytes is longer than the "
+                              "bootstrap")
         if ri.datalayout == E.DATALAYOUT_FLAT_PLAIN:
             head, tail = size, 0
         else:

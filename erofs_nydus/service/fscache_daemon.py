@@ -253,11 +253,14 @@ class FscacheWorker(ControlOps):
         fsid = key.split(".", 1)[0]
         entry = self.table.images.get(fsid)
         if entry is not None and (key == fsid or key[len(fsid) + 1 :].isdigit()):
+            boot = self.table.stored_bootstrap(fsid)  # still the validated bytes
+            if boot is None:
+                return None
             try:
-                size = os.path.getsize(entry.bootstrap)
+                size = os.path.getsize(boot)
             except OSError:
                 return None
-            return "bootstrap", fsid, size, entry.bootstrap
+            return "bootstrap", fsid, size, boot
         srv = self.table.blobs.get(key)
         if srv is not None:
             return "blob", key, srv.cache.size, srv.cache.data_path

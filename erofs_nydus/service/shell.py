@@ -526,6 +526,8 @@ class ControlOps:
             st["uptime"] = time.time() - self.started
             self.status_hook(st)
             return st
+        if op == "verify":  # `cache verify`: re-digest cached chunks (issue 11 (f))
+            return self.table.verify_cached()
         if op == "shutdown":
             mounts = self.table.mountpoints()
             if mounts and not req.get("force"):
