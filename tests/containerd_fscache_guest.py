@@ -19,6 +19,7 @@ programs run in it under ``chroot``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -77,6 +78,30 @@ def _files_under(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if not p.is_dir())
 
 
+def _mount_rootfs(stack: Stack, ref: str, name: str, out: dict[str, Any]) -> Path:
+    """A container of `ref` created by containerd (the snapshotter prepares its rootfs),
+    with that rootfs mounted the way containerd hands it to runc."""
+    stack.ctr("containers", "create", "--snapshotter", "nydus", ref, name, timeout=600)
+    rootfs = stack.base / f"rootfs-{name}"
+    rootfs.mkdir(exist_ok=True)
+    mount_cmd = stack.ctr("snapshots", "--snapshotter", "nydus", "mounts", str(rootfs),
+                          name).stdout.strip()
+    out.setdefault("rootfs_mounts", []).append(mount_cmd)
+    subprocess.run(["sh", "-c", mount_cmd], check=True, capture_output=True, timeout=120)
+    return rootfs
+
+
+def _chroot(rootfs: Path, *cmd: str) -> str:
+    return subprocess.run(["chroot", str(rootfs), *cmd], check=True, capture_output=True,
+                          text=True, timeout=600).stdout
+
+
+def _drop_rootfs(stack: Stack, name: str) -> None:
+    subprocess.run(["umount", str(stack.base / f"rootfs-{name}")], check=False,
+                   capture_output=True)
+    stack.ctr("containers", "rm", name, check=False)
+
+
 def _in_container(stack: Stack, ref: str, name: str, cmds: list[list[str]],
                   out: dict[str, Any]) -> list[str]:
     """Each command's output, run in a new container of `ref` (see the module doc)."""
@@ -89,24 +114,36 @@ def _in_container(stack: Stack, ref: str, name: str, cmds: list[list[str]],
                   timeout=600, check=False)
     out["ctr_run"] = [p.returncode, (p.stdout + p.stderr)[-1000:]]
     stack.ctr("containers", "rm", f"{name}-run", check=False)
-    stack.ctr("containers", "create", "--snapshotter", "nydus", ref, name, timeout=600)
-    rootfs = stack.base / f"rootfs-{name}"
-    rootfs.mkdir(exist_ok=True)
-    mount_cmd = stack.ctr("snapshots", "--snapshotter", "nydus", "mounts", str(rootfs),
-                          name).stdout.strip()
-    out.setdefault("rootfs_mounts", []).append(mount_cmd)
-    subprocess.run(["sh", "-c", mount_cmd], check=True, capture_output=True, timeout=120)
+    rootfs = _mount_rootfs(stack, ref, name, out)
     try:
-        return [subprocess.run(["chroot", str(rootfs), *cmd], check=True, capture_output=True,
-                               text=True, timeout=600).stdout for cmd in cmds]
+        return [_chroot(rootfs, *cmd) for cmd in cmds]
     finally:
-        subprocess.run(["umount", str(rootfs)], check=False, capture_output=True)
-        stack.ctr("containers", "rm", name, check=False)
+        _drop_rootfs(stack, name)
+
+
+def _kill9_with_live_container(stack: Stack, ref: str, out: dict[str, Any]) -> None:
+    """kill -9 of nydusd while a container's rootfs is mounted: the container reads a file
+    it never touched (the fscache daemon serves the kernel, not nydusd), the snapshotter's
+    restart policy starts nydusd again and the container keeps reading."""
+    rootfs = _mount_rootfs(stack, ref, "live", out)
+    try:
+        out["live_first"] = _chroot(rootfs, "/bin/cat", "/etc/greeting")
+        (old,) = stack.nydusd_pids()
+        os.kill(old, signal.SIGKILL)
+        out["live_after_kill9"] = _chroot(rootfs, "/usr/bin/sha256sum", "/data/other.bin")
+        out["nydusd_restarted"] = _wait(
+            lambda: [p for p in stack.nydusd_pids() if p != old], 240)
+        out["live_after_restart"] = _chroot(rootfs, "/bin/head", "-c", "20", "/etc/greeting")
+        out["erofs_mounts_after_restart"] = _erofs_mounts(stack.base)
+    finally:
+        _drop_rootfs(stack, "live")
+    out["erofs_mounts_after_live"] = _erofs_mounts(stack.base)
 
 
 def fscache_stack(spec: dict[str, Any]) -> dict[str, Any]:
     """Pull, read, remove through the real stack; spec: registry_config, registry_host,
-    bindir, ref, blobs (the image's data blob digests)."""
+    bindir, ref, blobs (the image's data blob digests), kill9 (also kill -9 nydusd under a
+    live container before the removal)."""
     from erofs_nydus.service.fscache_client import FscacheClient
 
     scratch = Path(os.environ["SCRATCH"])
@@ -148,6 +185,9 @@ def fscache_stack(spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as e:  # reported, asserted on the host
             out["blobs_status"] = f"{type(e).__name__}: {e}"
         out["cache_files_in_use"] = _files_under(stack.cache_dir)
+        if spec.get("kill9"):
+            _kill9_with_live_container(stack, ref, out)
+            mark("kill9")
         with CRIImages(str(stack.sock), timeout=600) as cri:
             cri.remove(ref)
         out["unmounted"] = _wait(lambda: not _erofs_mounts(stack.base), 240)
