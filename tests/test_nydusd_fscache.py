@@ -84,6 +84,13 @@ def test_image_registered_under_the_callers_fsid(tmp_path: Path) -> None:
     info = table.register(str(img.bootstrap), backend, "/nydusd-fscache/d/x", fsid=FSID)
     assert info["fsid"] == FSID and FSID in table.images
     assert (cache / f"{FSID}.boot").read_bytes() == img.bootstrap.read_bytes()
+    # the kernel's OPEN of cookie FSID gets the validated copy, also from a restarted
+    # daemon (the name is not the content digest: the entry keeps that)
+    assert table.stored_bootstrap(FSID) == str(cache / f"{FSID}.boot")
+    restored = ImageTable(str(cache))
+    restored.load_state()
+    assert restored.stored_bootstrap(FSID) == str(cache / f"{FSID}.boot")
+    restored.close()
     # another image under that name while registered: refused, the first one untouched
     with pytest.raises(DaemonError, match="registered for another image"):
         table.register(str(other.bootstrap), {"type": "local", "dir": str(other.blob_dir)},

@@ -212,6 +212,13 @@ class ImageEntry:
     # prefetch settings of the register request ("enable", "threads", "bandwidth"), so a
     # restarted daemon resumes prefetching the way the mount asked
     prefetch: dict[str, Any] = field(default_factory=dict)
+    # sha256 of the validated bootstrap when `fsid` is a caller's name for it (nydusd
+    # singleton); "" when the fsid is that digest itself
+    digest: str = ""
+
+    @property
+    def content_digest(self) -> str:
+        return self.digest or self.fsid
 
 
 # Bounds of the numbers a control request may carry (inclusive).  Requests come from
@@ -404,7 +411,7 @@ class ImageTable:
         """A stored bootstrap of the state file (opened without following a symlink),
         checked against its name and validated."""
         data = read_bootstrap_bounded(entry.bootstrap, private=True)
-        if hashlib.sha256(data).hexdigest() != entry.fsid:
+        if hashlib.sha256(data).hexdigest() != entry.content_digest:
             raise FormatError(f"{entry.bootstrap}: content does not match image {entry.fsid}")
         return validate_bootstrap(data, self.verdicts, os.path.basename(entry.bootstrap))
 
@@ -465,9 +472,10 @@ class ImageTable:
             entry = self.images.get(fsid)
             new = entry is None
             if entry is None:
+                sha = hashlib.sha256(data).hexdigest()
                 entry = ImageEntry(
                     fsid, boot, [b.blob_id for b in image.blobs], dict(backend), amplify,
-                    prefetch=dict(prefetch or {}),
+                    prefetch=dict(prefetch or {}), digest="" if sha == fsid else sha,
                 )
             opened: list[str] = []
             try:
@@ -604,13 +612,14 @@ class ImageTable:
 
     def stored_bootstrap(self, fsid: str) -> str | None:
         """Path of a registered image's bootstrap copy if it still holds the bytes that
-        were validated (its sha256 is the fsid); None otherwise (logged)."""
+        were validated (its sha256 is the entry's content digest); None otherwise
+        (logged)."""
         entry = self.images.get(fsid)
         if entry is None:
             return None
         try:
             with os.fdopen(open_private(entry.bootstrap, os.O_RDONLY), "rb") as f:
-                ok = hashlib.file_digest(f, "sha256").hexdigest() == fsid
+                ok = hashlib.file_digest(f, "sha256").hexdigest() == entry.content_digest
         except OSError as exc:
             log.error("stored bootstrap %s: %s", entry.bootstrap, exc)
             return None
