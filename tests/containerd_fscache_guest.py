@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -121,23 +122,86 @@ def _in_container(stack: Stack, ref: str, name: str, cmds: list[list[str]],
         _drop_rootfs(stack, name)
 
 
+MIB = 1 << 20
+
+
+def _nydusd_running(stack: Stack) -> bool:
+    """nydusd answers GET /api/v1/daemon on its API socket with state RUNNING."""
+    for sock_path in stack.snap_root.glob("socket/*/api.sock"):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(str(sock_path))
+                s.sendall(b"GET /api/v1/daemon HTTP/1.1\r\nHost: nydusd\r\n"
+                          b"Connection: close\r\n\r\n")
+                resp = b""
+                while chunk := s.recv(65536):
+                    resp += chunk
+        except OSError:
+            continue
+        if b"RUNNING" in resp:
+            return True
+    return False
+
+
+def _recovered(stack: Stack, n: int) -> bool:
+    """The snapshotter's n-th restart of nydusd is over: nydusd runs and the entry was
+    PUT and mounted again (or that mount found the old superblock still there: EBUSY,
+    which the snapshotter takes for "mounted")."""
+    parts = stack.log("snapshotter").read_text(errors="replace").split("Restart daemon")
+    if len(parts) <= n or not _nydusd_running(stack):
+        return False
+    after = parts[n]
+    return "Mount erofs to" in after and (
+        "has been mounted" in after or "Failed to mount rafs instance" in after
+        or bool(_erofs_mounts(stack.base)))
+
+
 def _kill9_with_live_container(stack: Stack, ref: str, out: dict[str, Any]) -> None:
     """kill -9 of nydusd while a container's rootfs is mounted: the container reads a file
     it never touched (the fscache daemon serves the kernel, not nydusd), the snapshotter's
-    restart policy starts nydusd again and the container keeps reading."""
+    restart policy starts nydusd again (its recovery unmounts the image's erofs mount,
+    which the overlay keeps alive, and mounting again finds it busy) and the container
+    keeps reading; then SIGTERM of that nydusd (its mount looks gone) must not stop the
+    daemon the container's overlay still reads through."""
     rootfs = _mount_rootfs(stack, ref, "live", out)
     try:
         out["live_first"] = _chroot(rootfs, "/bin/cat", "/etc/greeting")
         (old,) = stack.nydusd_pids()
         os.kill(old, signal.SIGKILL)
-        out["live_after_kill9"] = _chroot(rootfs, "/usr/bin/sha256sum", "/data/other.bin")
-        out["nydusd_restarted"] = _wait(
-            lambda: [p for p in stack.nydusd_pids() if p != old], 240)
-        out["live_after_restart"] = _chroot(rootfs, "/bin/head", "-c", "20", "/etc/greeting")
+        out["live_after_kill9"] = _chroot(
+            rootfs, "/bin/sh", "-c", f"/bin/head -c {MIB} /data/other.bin | /usr/bin/sha256sum")
+        out["nydusd_restarted"] = _wait(lambda: _recovered(stack, 1), 240)
         out["erofs_mounts_after_restart"] = _erofs_mounts(stack.base)
+        out["entries_after_restart"] = _entries(stack)
+        out["live_after_restart"] = _chroot(rootfs, "/bin/head", "-c", "20", "/etc/greeting")
+        (second,) = stack.nydusd_pids()
+        os.kill(second, signal.SIGTERM)
+        out["nydusd_sigterm_exited"] = _wait(lambda: second not in stack.nydusd_pids(), 120)
+        out["entries_after_sigterm"] = _entries(stack)
+        out["nydusd_restarted_after_sigterm"] = _wait(lambda: _recovered(stack, 2), 240)
+        # the rest of the file: never read before, served through the old superblock
+        out["live_after_sigterm"] = _chroot(rootfs, "/usr/bin/sha256sum", "/data/other.bin")
     finally:
         _drop_rootfs(stack, "live")
     out["erofs_mounts_after_live"] = _erofs_mounts(stack.base)
+    out["entries_after_live"] = _entries(stack)
+
+
+def _entries(stack: Stack) -> object:
+    """What the fscache daemon serves: its images' mountpoints and open objects."""
+    from erofs_nydus.service.fscache_client import FscacheClient
+
+    client = FscacheClient(stack.cache_dir)
+    if not client.alive():
+        return "no daemon"
+    try:
+        st = client.request("status")
+    except Exception as e:  # reported, asserted on the host
+        return f"{type(e).__name__}: {e}"
+    return {"images": [[i.get("fsid", "")[:12], i.get("mountpoints")]
+                       for i in st.get("images", [])],
+            "objects": st.get("fscache", {}).get("objects")}
 
 
 def fscache_stack(spec: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +266,7 @@ def fscache_stack(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # reported with the logs
         out["error"] = f"{type(e).__name__}: {e}"
     finally:
-        out["tail"] = stack.tail(6000)
+        out["tail"] = stack.tail(8000)
         stack.close()
         reg.terminate()
         reg.wait(30)
