@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -164,6 +163,8 @@ def load_config(path: str | None = None, *, explicit: bool = True) -> Config:
     cfg = Config()
     if path is None:
         return cfg
+    import tomllib  # only when there is a file to read
+
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

@@ -28,7 +28,7 @@ def _kernel_version() -> tuple[int, int]:
 
 
 def _fanotify_works() -> bool:
-    from erofs_nydus.fanotify.handler import init_group
+    from erofs_nydus.fanotify.group import init_group
 
     try:
         fd = init_group()
@@ -36,6 +36,12 @@ def _fanotify_works() -> bool:
         return False
     os.close(fd)
     return True
+
+
+def _fscache_unavailable() -> str | None:
+    from erofs_nydus.fscache.device import unavailable_reason
+
+    return unavailable_reason()
 
 
 def pick_mode(mode: str) -> tuple[str, str]:
@@ -46,16 +52,15 @@ def pick_mode(mode: str) -> tuple[str, str]:
         f"fscache mode is not available on this kernel (Linux {vs} without /dev/cachefiles "
         "on-demand support); use the VM harness (vm/) for fscache"
     )
-    from erofs_nydus.fscache.device import unavailable_reason
-
-    no_fscache = unavailable_reason()
     if mode == "fscache":
+        no_fscache = _fscache_unavailable()
         if no_fscache is None:
             return "fscache", f"Linux {vs} has /dev/cachefiles on-demand"
         raise UnsupportedError(f"{fscache_msg}: {no_fscache}")
+    # fanotify first: where it works (the common case) fscache is never looked at
     if ver >= KERNEL_FANOTIFY and _fanotify_works():
         return "fanotify", f"Linux {vs} >= 6.14 has fanotify pre-content events"
-    if mode == "auto" and no_fscache is None:
+    if mode == "auto" and _fscache_unavailable() is None:
         return "fscache", f"Linux {vs} has /dev/cachefiles on-demand (no fanotify pre-content)"
     if mode == "fanotify":
         raise UnsupportedError(

@@ -29,17 +29,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler
-from importlib.metadata import PackageNotFoundError, version
-from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from typing import TYPE_CHECKING, Any
 
 from erofs_nydus.daemon.core import LATENCY_BUCKETS
 from erofs_nydus.daemon.images import ImageEntry, ImageTable, prefetch_settings
@@ -49,6 +39,14 @@ from erofs_nydus.errors import DaemonError, UnsafePathError, UsageError
 from erofs_nydus.fsutil import private_dir
 from erofs_nydus.service import logs
 from erofs_nydus.service.paths import check_peer_is_root, note_bound, unlink_own_socket
+
+if TYPE_CHECKING:
+    # Imported where used: prometheus_client at the first scrape, http.server at the
+    # first API request; a daemon starts (and a `mount` waits for it) without either.
+    from http.server import BaseHTTPRequestHandler
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 __all__ = ["ApiClient", "ApiServer", "ControlPlane", "DaemonApi", "api_socket_path"]
 
@@ -69,6 +67,8 @@ def api_socket_path(cache_dir: str | os.PathLike[str]) -> str:
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("erofs_nydus")
     except PackageNotFoundError:
@@ -97,8 +97,8 @@ class DaemonApi:
         self.mode = mode
         self.request_stats = request_stats or (lambda: {})
         self.started = time.time()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        self._registry: CollectorRegistry | None = None
+        self._registry_lock = threading.Lock()
 
     # -- views ---------------------------------------------------------------------------
 
@@ -177,7 +177,21 @@ class DaemonApi:
             }
         return out
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry of the daemon's metrics (made at the first scrape)."""
+        with self._registry_lock:
+            if self._registry is None:
+                from prometheus_client import CollectorRegistry
+
+                reg = CollectorRegistry(auto_describe=False)
+                reg.register(_Collector(self))
+                self._registry = reg
+            return self._registry
+
     def metrics_text(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
     # -- routing -------------------------------------------------------------------------
@@ -218,6 +232,12 @@ class _Collector:
         self.api = api
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         m = self.api.table.metrics
         with m.lock:
             c = {k: getattr(m, k) for k in (
@@ -302,30 +322,43 @@ class _Collector:
                                 value=time.time() - self.api.started)  # fmt: skip
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: ApiServer
-    protocol_version = "HTTP/1.1"
+_handler: type[BaseHTTPRequestHandler] | None = None
 
-    def do_GET(self) -> None:
-        try:
-            status, ctype, body = self.server.api.route(self.path)
-        except Exception as exc:  # a bug must not kill the thread silently
-            log.exception("API %s failed", self.path)
-            status, ctype, body = 500, "application/json", _json({"error": str(exc), "code": 500})
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def do_HEAD(self) -> None:
-        self.send_error(405)
+def _handler_class() -> type[BaseHTTPRequestHandler]:
+    """The API's request handler class (http.server imported at the first request)."""
+    global _handler
+    if _handler is None:
+        from http.server import BaseHTTPRequestHandler
 
-    def address_string(self) -> str:
-        return "unix"
+        class Handler(BaseHTTPRequestHandler):
+            server: ApiServer
+            protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("api: " + format, *args)
+            def do_GET(self) -> None:
+                try:
+                    status, ctype, body = self.server.api.route(self.path)
+                except Exception as exc:  # a bug must not kill the thread silently
+                    log.exception("API %s failed", self.path)
+                    status, ctype, body = (500, "application/json",
+                                           _json({"error": str(exc), "code": 500}))
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_HEAD(self) -> None:
+                self.send_error(405)
+
+            def address_string(self) -> str:
+                return "unix"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("api: " + format, *args)
+
+        _handler = Handler
+    return _handler
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -340,8 +373,11 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         private_dir(os.path.dirname(path), what="socket dir")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by a killed daemon; we hold the cache dir's lock
-        super().__init__(path, _Handler)
+        super().__init__(path, socketserver.BaseRequestHandler)  # see finish_request
         self._thread: threading.Thread | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        _handler_class()(request, client_address, self)
 
     def server_bind(self) -> None:
         # Bound but not yet listening: nobody can connect before the mode is set.

@@ -50,7 +50,7 @@ import traceback
 from typing import Any
 
 from erofs_nydus.fanotify import protocol as fp
-from erofs_nydus.fanotify.handler import init_group
+from erofs_nydus.fanotify.group import init_group
 from erofs_nydus.service import channel, logs
 from erofs_nydus.service.paths import (
     RunPaths,
@@ -92,8 +92,8 @@ class _Child:
 
     @classmethod
     def fork(cls, channel_fd: int) -> _Child:
-        # import before forking: the child starts warm (remote_mount: `mount REF`)
-        from erofs_nydus.registry import resolve as remote_mount  # noqa: F401
+        # import before forking: the child starts warm (the registry stack it loads
+        # in the background once up, `daemon.images`)
         from erofs_nydus.service import worker
 
         parent = os.getpid()
