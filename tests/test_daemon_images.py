@@ -101,3 +101,35 @@ def test_corrupt_state_file_is_moved_aside(image: BuiltImage, tmp_path: Path) ->
     (tmp_path / STATE_FILE).write_text('{"images": [{"bogus": 1}, 7]}')
     t.load_state()
     assert t.images == {}
+
+
+def test_register_takes_a_parse_already_made(image: BuiltImage, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mount REF`: the daemon's `resolve` reads and validates the bootstrap, and its
+    `register` takes that parse instead of making a second one - only while the file
+    is unchanged."""
+    import os
+
+    import erofs_nydus.daemon.images as images
+    from erofs_nydus.rafs.reader import load_bootstrap_file
+
+    boot = tmp_path / "copy.boot"
+    boot.write_bytes(image.bootstrap.read_bytes())
+    loaded = load_bootstrap_file(str(boot))
+    assert loaded.image.blobs and loaded.matches(str(boot))
+
+    def parsed_again(data: bytes) -> None:
+        raise AssertionError("bootstrap parsed a second time")
+
+    monkeypatch.setattr(images, "load_image", parsed_again)
+    (tmp_path / "cache").mkdir()
+    t = Hooks().table(tmp_path / "cache")
+    info = t.register(str(boot), _backend(image), "/mnt/a", loaded=loaded)
+    assert info["fsid"] == loaded.image.fsid and len(info["devices"]) == 1
+    # the file changed since (same bytes, new mtime): parsed again, not trusted
+    st = boot.stat()
+    os.utime(boot, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert not loaded.matches(str(boot))
+    with pytest.raises(AssertionError, match="second time"):
+        t.register(str(boot), _backend(image), "/mnt/b", loaded=loaded)
+    t.close()

@@ -30,7 +30,7 @@ from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError, Usag
 from erofs_nydus.fsutil import atomic_write, open_private
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.image import RafsImage
-from erofs_nydus.rafs.reader import load_image
+from erofs_nydus.rafs.reader import LoadedBootstrap, load_image
 
 __all__ = ["REQUEST_LIMITS", "STATE_FILE", "ImageEntry", "ImageTable", "make_backend",
            "request_number"]
@@ -274,15 +274,21 @@ class ImageTable:
         *,
         amplify: int = DEFAULT_AMPLIFY,
         prefetch: dict[str, Any] | None = None,
+        loaded: LoadedBootstrap | None = None,
     ) -> dict[str, Any]:
         """Validate and register an image for `mountpoint`; return what to mount.
 
         Raises FormatError for a bootstrap that fails validation, BackendError when a
-        local blob is missing or truncated; nothing is registered then.
+        local blob is missing or truncated; nothing is registered then.  `loaded`: the
+        same file read and validated already (by `resolve` in this process), used
+        while the file is unchanged.
         """
-        with open(bootstrap, "rb") as f:
-            data = f.read()
-        image = load_image(data)
+        if loaded is not None and loaded.matches(bootstrap):
+            data, image = loaded.data, loaded.image
+        else:
+            with open(bootstrap, "rb") as f:
+                data = f.read()
+            image = load_image(data)
         fsid = image.fsid or hashlib.sha256(data).hexdigest()
         for b in image.blobs:
             _check_backend(backend, b.blob_id, b.compressed_size)

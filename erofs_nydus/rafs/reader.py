@@ -431,3 +431,38 @@ def open_bootstrap(path: str) -> BootstrapReader:
 def load_image(data: bytes) -> RafsImage:
     """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
     return read_image_meta(data)
+
+
+@dataclass(frozen=True)
+class LoadedBootstrap:
+    """A bootstrap file read and validated (`load_image`), with the identity of the
+    file it was read from, so that a later user of the same path can take the parse
+    instead of repeating it (`matches`)."""
+
+    path: str
+    data: bytes
+    image: RafsImage
+    ident: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+    def matches(self, path: str) -> bool:
+        """True while `path` is still the file this was read from, unchanged."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (os.path.abspath(path) == self.path
+                and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.ident)
+
+
+def load_bootstrap_file(path: str) -> LoadedBootstrap:
+    """`load_image` of the file at `path`, kept with the file's identity."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    data = read_bootstrap_bytes(path)  # its one-line errors (and this one's) first
+    if st is None:
+        st = os.stat(path)
+    image = load_image(data)
+    return LoadedBootstrap(os.path.abspath(path), data, image,
+                           (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))

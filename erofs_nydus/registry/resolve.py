@@ -33,7 +33,11 @@ from typing import IO, Any, Literal
 
 from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write, private_dir
-from erofs_nydus.rafs.reader import MAX_BOOTSTRAP_SIZE, BootstrapReader, read_bootstrap_bytes
+from erofs_nydus.rafs.reader import (
+    MAX_BOOTSTRAP_SIZE,
+    LoadedBootstrap,
+    load_bootstrap_file,
+)
 from erofs_nydus.registry import client
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import (
@@ -80,6 +84,9 @@ class RemoteImage:
     backend: dict[str, Any]
     blob_ids: list[str] = field(default_factory=list)
     bootstrap_fetched: int = 0  # bytes downloaded for the bootstrap layer (0: cached)
+    # the bootstrap's bytes and their validated parse, for a register in the same
+    # process (the daemon's `resolve` then `register`): parsed once, not twice
+    loaded: LoadedBootstrap | None = field(default=None, repr=False, compare=False)
 
 
 class InflateBound(io.RawIOBase):
@@ -281,7 +288,8 @@ def resolve_remote_image(
         boot_path = _cached_bootstrap(cache_dir, boot_desc.digest)
         if boot_path is None:
             boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left)
-        image = BootstrapReader(read_bootstrap_bytes(boot_path)).image
+        loaded = load_bootstrap_file(boot_path)
+        image = loaded.image
         listed = {d.digest for d in layers}
         for b in image.blobs:
             digest = f"sha256:{b.blob_id}"
@@ -294,6 +302,7 @@ def resolve_remote_image(
             backend=backend,
             blob_ids=[b.blob_id for b in image.blobs],
             bootstrap_fetched=fetched,
+            loaded=loaded,
         )
     finally:
         store.close()

@@ -30,6 +30,7 @@ from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, remove_mark
+from erofs_nydus.rafs.reader import LoadedBootstrap
 from erofs_nydus.service import channel, logs
 from erofs_nydus.service.api import ControlPlane
 from erofs_nydus.service.paths import RunPaths
@@ -84,6 +85,9 @@ class Worker:
         # mountpoint -> bootstrap: unmounted (lazily) but the superblock still in use
         self.lingering: dict[str, str] = {}
         self._reported_deadline = 0.0
+        # the bootstrap the last `resolve` read and validated, for the `register` of
+        # the same `mount REF` (taken once; used only while the file is unchanged)
+        self._resolved: LoadedBootstrap | None = None
         self.supervisor_counters: dict[str, float] = {}
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
@@ -185,12 +189,14 @@ class Worker:
             if mp in self.lingering:
                 raise DaemonError(f"{mp}: the image lazily unmounted there is still in use "
                                   "(files open); close them or mount elsewhere")
+            loaded, self._resolved = self._resolved, None
             info = self.table.register(
                 str(req["bootstrap"]),
                 dict(req["backend"]),
                 str(req["mountpoint"]),
                 amplify=request_number(req, "amplify", 1 << 20),
                 prefetch=prefetch_settings(req),
+                loaded=loaded,
             )
             self.plane.registered(str(info["fsid"]))
             self.report_deadline()
@@ -287,6 +293,8 @@ class Worker:
             docker_config=str(docker_config) if docker_config else None,
             verify=str(req["verify"]) if req.get("verify") else True,
         )
+        # `mount REF` registers this bootstrap next: its parse is kept for that
+        self._resolved = remote.loaded
         return {
             "ref": remote.ref,
             "manifest_digest": remote.manifest_digest,
