@@ -16,6 +16,11 @@
     credentials = "/root/.docker"          # registry: Docker config dir (or its config.json)
     plain_http = false                     # registry: HTTP instead of HTTPS
 
+    [fscache]
+    buffered_cache = true                  # warm reads through the page cache where the
+                                           # cache dir's ext4 allows it (nodelalloc or
+                                           # data=journal; said in one line where not)
+
 Sizes are integers (bytes) or strings with a binary suffix (K, M, G: 1024-based).
 The file is `--config FILE`, else `$EROFS_NYDUS_CONFIG`, else
 `/etc/erofs-nydus/config.toml` when it exists.  Unknown sections and keys are errors
@@ -65,6 +70,7 @@ class Config:
     deadline: float = 30.0
     credentials: str | None = None
     plain_http: bool = False
+    fscache_buffered_cache: bool = True
     source: str | None = None  # the file the settings came from
 
     def to_json(self) -> dict[str, Any]:
@@ -97,6 +103,7 @@ _KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("backend", "deadline"): ("deadline", "seconds"),
     ("backend", "credentials"): ("credentials", "path"),
     ("backend", "plain_http"): ("plain_http", "bool"),
+    ("fscache", "buffered_cache"): ("fscache_buffered_cache", "bool"),
 }
 _FIELD_KEY = {f: f"{s}.{k}" for (s, k), (f, _) in _KEYS.items()}
 
