@@ -139,43 +139,49 @@ class BootstrapReader:
             raise FormatError(f"{self.name}: chunk table at {ct_off:#x}+{ct_size} is invalid")
         self.by_addr: dict[tuple[int, int], ChunkInfo] = {}
         prev_digest = b""
-        for i in range(ct_size // R.CHUNK_INFO_SIZE):
-            (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
-             _crc) = R.CHUNK_INFO_PACK.unpack_from(self.data, ct_off + R.CHUNK_INFO_SIZE * i)
-            where = f"chunk table entry {i}"
+        by_addr = self.by_addr
+        refused_mask = sum(R.REFUSED_CHUNK_FLAGS)
+        max_chunk = R.MAX_CHUNK_SIZE
+        # the hot loop of every register: a message is formatted only for a problem
+        for i, (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
+                _crc) in enumerate(R.CHUNK_INFO_PACK.iter_unpack(
+                    self.data[ct_off:ct_off + ct_size])):
             if digest < prev_digest:
-                bad(f"{where}: chunk table not sorted by digest")
+                bad(f"chunk table entry {i}: chunk table not sorted by digest")
             prev_digest = digest
             if blob_index >= len(blobs):
-                bad(f"{where}: blob index {blob_index} >= {len(blobs)} blobs")
+                bad(f"chunk table entry {i}: blob index {blob_index} >= {len(blobs)} blobs")
                 continue
             b = blobs[blob_index]
             if uoff % BLOCK_SIZE or uoff + usize > b.uncompressed_size:
-                bad(f"{where}: uncompressed range {uoff:#x}+{usize} outside blob")
+                bad(f"chunk table entry {i}: uncompressed range {uoff:#x}+{usize} outside blob")
                 continue
-            if not 0 < usize <= cs or not 0 < csize <= R.MAX_CHUNK_SIZE:
-                bad(f"{where}: chunk sizes {csize}/{usize} invalid")
+            if not 0 < usize <= cs or not 0 < csize <= max_chunk:
+                bad(f"chunk table entry {i}: chunk sizes {csize}/{usize} invalid")
                 continue
-            for flag, what in R.REFUSED_CHUNK_FLAGS.items():
-                if cflags & flag:
-                    self._refuse(f"blob {blob_index} has {what}")
+            if cflags & refused_mask:
+                for flag, what in R.REFUSED_CHUNK_FLAGS.items():
+                    if cflags & flag:
+                        self._refuse(f"blob {blob_index} has {what}")
             if cflags & ~R.CHUNK_FLAGS_KNOWN:
-                bad(f"{where}: unknown chunk flags {cflags:#x}")
+                bad(f"chunk table entry {i}: unknown chunk flags {cflags:#x}")
             compressed = bool(cflags & R.CHUNK_FLAG_COMPRESSED)
             if compressed and b.compressor not in R.SUPPORTED_COMPRESSORS[1:]:
-                bad(f"{where}: compressed chunk in a blob with compressor {b.compressor}")
+                bad(f"chunk table entry {i}: compressed chunk in a blob with compressor "
+                    f"{b.compressor}")
             if not compressed and csize != usize:
-                bad(f"{where}: uncompressed chunk with compressed size {csize} != {usize}")
+                bad(f"chunk table entry {i}: uncompressed chunk with compressed size {csize} "
+                    f"!= {usize}")
             if coff + csize > b.compressed_size:
-                bad(f"{where}: compressed range {coff:#x}+{csize} outside blob data")
-            c = ChunkInfo(digest=digest, blob_index=blob_index, index=index,
-                          compressed_offset=coff, compressed_size=csize,
-                          uncompressed_offset=uoff, uncompressed_size=usize,
-                          compressed=compressed, compressor=b.compressor, digester=b.digester)
-            if (blob_index, uoff) in self.by_addr:
-                bad(f"{where}: two chunks at blob {blob_index} offset {uoff:#x}")
+                bad(f"chunk table entry {i}: compressed range {coff:#x}+{csize} outside blob "
+                    "data")
+            key = (blob_index, uoff)
+            if key in by_addr:
+                bad(f"chunk table entry {i}: two chunks at blob {blob_index} offset {uoff:#x}")
                 continue
-            self.by_addr[(blob_index, uoff)] = c
+            c = ChunkInfo(digest, blob_index, index, coff, csize, uoff, usize, compressed,
+                          b.compressor, b.digester)
+            by_addr[key] = c
             chunks[blob_index].append(c)
         for lst in chunks:
             lst.sort(key=lambda c: c.uncompressed_offset)
