@@ -5,7 +5,7 @@ Thin commands: parse options, call one core function, print the result.  Every
 nothing a user can cause ends in a traceback.
 
 Command groups live in sibling modules (one per area) that register themselves on
-`main` when imported; `_COMMANDS` below is the only place that names them.  A run
+`main` when imported; `COMMANDS` below is the only place that names them.  A run
 imports only the module of the command it runs (all of them for the help listing):
 `mount` and `umount` are the hot path of a container start and load nothing of the
 builder's or the registry's commands.
@@ -23,14 +23,14 @@ from erofs_nydus import as_program
 from erofs_nydus.errors import ErofsNydusError
 
 # command name -> sibling module defining it
-_COMMANDS = {
+COMMANDS = {
     "create": "build", "check": "build", "inspect": "build", "merge": "build",
     "stat": "build", "optimize": "build",
     "mount": "runtime", "umount": "runtime", "mount-stats": "runtime", "daemon": "runtime",
     "convert": "registry",
     "trace": "ops", "ctl": "ops", "config": "ops", "cache": "ops",
 }  # fmt: skip
-_COMMAND_MODULES = tuple(dict.fromkeys(_COMMANDS.values()))
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 
 class _Group(click.Group):
@@ -38,8 +38,8 @@ class _Group(click.Group):
     imports a command's module when the command is looked up."""
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name in _COMMANDS:
-            _load_module(_COMMANDS[cmd_name])
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            _load_module(COMMANDS[cmd_name])
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -86,5 +86,5 @@ def _load_module(name: str) -> None:
 
 def load_commands() -> None:
     """Register every command on `main` (what listing them needs)."""
-    for name in _COMMAND_MODULES:
+    for name in COMMAND_MODULES:
         _load_module(name)
