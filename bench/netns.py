@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import drop_caches, median
+from common import drop_caches, median, run_timed
 from layers_support import layer_paths, umoci_image
 from registry_fixture import (
     REGISTRY_BIN,
@@ -171,17 +171,19 @@ def push_rootfs(server: RegistryServer, tree: Path, work: Path, repo_tag: str) -
 
 
 def convert_bench(server: RegistryServer, src: str, work: Path, runs: int,
-                  extra: tuple[str, ...] = ()) -> str:
+                  extra: tuple[str, ...] = (), target_repo: str = "bench/rootfs-nydus:v1",
+                  ) -> str:
     """`erofs-nydus convert` of `src` (layer cache emptied each run) vs `skopeo copy` of it
-    to an OCI layout, medians printed; returns the converted image's repo:tag."""
-    conv, copy = [], []
-    target = server.ref("bench/rootfs-nydus:v1")
+    to an OCI layout, medians (and convert's peak RSS) printed; returns the converted
+    image's repo:tag."""
+    conv, copy, rss = [], [], []
+    target = server.ref(target_repo)
     for i in range(runs):
         cache = work / f"conv-cache{i}"
-        t0 = time.perf_counter()
-        sh([*CLI, "convert", "--source", src, "--target", target, "--plain-http", "-q",
-            "--cache-dir", str(cache), *extra])
-        conv.append(time.perf_counter() - t0)
+        dt, kib = run_timed([*CLI, "convert", "--source", src, "--target", target,
+                             "--plain-http", "-q", "--cache-dir", str(cache), *extra])
+        conv.append(dt)
+        rss.append(kib)
         shutil.rmtree(cache)
         t0 = time.perf_counter()
         skopeo_copy(f"docker://{src}", f"oci:{work / f'copy{i}'}:v1")
@@ -189,11 +191,12 @@ def convert_bench(server: RegistryServer, src: str, work: Path, runs: int,
         shutil.rmtree(work / f"copy{i}")
     print(f"(a) conversion, median of {runs}:")
     print(f"    erofs-nydus convert : {median(conv):6.2f} s   runs "
-          + " ".join(f"{t:.2f}" for t in conv))
+          + " ".join(f"{t:.2f}" for t in conv)
+          + f"   peak RSS {max(rss) / 1024:.0f} MiB")
     print(f"    skopeo copy (pull)  : {median(copy):6.2f} s   runs "
           + " ".join(f"{t:.2f}" for t in copy))
     print(f"    ratio convert / skopeo copy: {median(conv) / median(copy):.2f}x")
-    return "bench/rootfs-nydus:v1"
+    return target_repo
 
 
 def daemon_bytes(cache: Path) -> int:

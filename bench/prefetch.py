@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import drop_caches, fmt_bytes, median, rootfs
 from netns import Keeper, Net, manifest_sizes, pull_run, push_rootfs, registry_nets
 
-from erofs_nydus.service.api import ApiClient
+from erofs_nydus.service.api_client import ApiClient
 
 CLI = [sys.executable, "-m", "erofs_nydus.cli"]
 WORKLOAD = "/bin/ls / >/dev/null; dpkg -l >/dev/null"

@@ -16,10 +16,29 @@
     credentials = "/root/.docker"          # registry: Docker config dir (or its config.json)
     plain_http = false                     # registry: HTTP instead of HTTPS
 
+    [[backend.mirrors]]                    # registry mirrors for blob reads, in order
+    host = "http://127.0.0.1:5001"         # scheme://host[:port]
+    headers = { "X-Node" = "n1" }          # sent to this mirror only
+    health_check_interval = 5              # seconds between pings of a disabled mirror
+    failure_limit = 5                      # errors before the mirror is skipped
+    ping_url = ""                          # default: HOST/v2
+    auth_through = false                   # true: authenticate with the mirror itself
+
+    [backend.proxy]                        # an HTTP proxy for blob reads (dfdaemon style)
+    url = "http://127.0.0.1:65001"
+    ping_url = ""                          # health check; none: every read tries the proxy
+    fallback = true                        # proxy failed: read from the origin
+    check_interval = 5                     # seconds between pings of a failed proxy
+    use_http = false                       # send https:// origins through as http://
+
     [fscache]
     buffered_cache = true                  # warm reads through the page cache where the
                                            # cache dir's ext4 allows it (nodelalloc or
                                            # data=journal; said in one line where not)
+
+Blob range reads go to the proxy (when healthy), then to each healthy mirror, then to
+the origin registry; manifests and tokens always to the origin.  The key names are
+nydusd's (`mirrors`, `proxy` of its registry backend config).
 
 Sizes are integers (bytes) or strings with a binary suffix (K, M, G: 1024-based).
 The file is `--config FILE`, else `$EROFS_NYDUS_CONFIG`, else
@@ -33,7 +52,7 @@ import functools
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import click
@@ -49,6 +68,8 @@ __all__ = [
     "default_config_path",
     "effective_config",
     "load_config",
+    "normalize_mirrors",
+    "normalize_proxy",
     "parse_size",
     "to_toml",
 ]
@@ -71,6 +92,8 @@ class Config:
     credentials: str | None = None
     plain_http: bool = False
     fscache_buffered_cache: bool = True
+    mirrors: list[dict[str, Any]] = field(default_factory=list)
+    proxy: dict[str, Any] | None = None
     source: str | None = None  # the file the settings came from
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +126,8 @@ _KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("backend", "deadline"): ("deadline", "seconds"),
     ("backend", "credentials"): ("credentials", "path"),
     ("backend", "plain_http"): ("plain_http", "bool"),
+    ("backend", "mirrors"): ("mirrors", "mirrors"),
+    ("backend", "proxy"): ("proxy", "proxy"),
     ("fscache", "buffered_cache"): ("fscache_buffered_cache", "bool"),
 }
 _FIELD_KEY = {f: f"{s}.{k}" for (s, k), (f, _) in _KEYS.items()}
@@ -152,7 +177,90 @@ def _convert(kind: str, value: object) -> Any:
         if not isinstance(value, str) or not value:
             raise ValueError(f"expected a path string, got {value!r}")
         return value
+    if kind == "mirrors":
+        return normalize_mirrors(value)
+    if kind == "proxy":
+        return normalize_proxy(value)
     raise AssertionError(kind)
+
+
+# -- mirrors and proxy (nydusd's names and defaults) -------------------------------------
+
+_MIRROR_DEFAULTS: dict[str, Any] = {
+    "host": None, "headers": {}, "health_check_interval": 5, "failure_limit": 5,
+    "ping_url": "", "auth_through": False,
+}  # fmt: skip
+_PROXY_DEFAULTS: dict[str, Any] = {
+    "url": None, "ping_url": "", "fallback": True, "check_interval": 5, "use_http": False,
+}  # fmt: skip
+_URL_RE = re.compile(r"^(https?)://([^/?#@\s]+)(/[^?#\s]*)?$")
+
+
+def _check_url(what: str, value: object, *, path_ok: bool) -> str:
+    if not isinstance(value, str) or not _URL_RE.match(value):
+        raise ValueError(f"{what}: expected an http:// or https:// URL, got {value!r}")
+    m = _URL_RE.match(value)
+    assert m is not None
+    if not path_ok and m.group(3) not in (None, "", "/"):
+        raise ValueError(f"{what}: expected scheme://host[:port] without a path, got {value!r}")
+    return value.rstrip("/") if not path_ok else value
+
+
+def _settings(what: str, value: object, defaults: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, str):  # a bare URL: every other setting at its default
+        value = {next(iter(defaults)): value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: expected a table, got {value!r}")
+    unknown = sorted(set(value) - set(defaults))
+    if unknown:
+        raise ValueError(f"{what}: unknown key {unknown[0]!r} (known: {', '.join(defaults)})")
+    out = {**defaults, **value}
+    for key, default in defaults.items():
+        v = out[key]
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"{what}.{key}: expected true or false, got {v!r}")
+        elif isinstance(default, int):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 86400:
+                raise ValueError(f"{what}.{key}: expected a positive number, got {v!r}")
+        elif isinstance(default, dict):
+            if not isinstance(v, dict) or not all(
+                isinstance(k, str) and isinstance(x, str) and k.strip() and "\n" not in k + x
+                for k, x in v.items()
+            ):
+                raise ValueError(f"{what}.{key}: expected a table of strings, got {v!r}")
+            out[key] = dict(v)
+    limit = out.get("failure_limit", 1)
+    if not isinstance(limit, int) or limit > 255:
+        raise ValueError(f"{what}.failure_limit: expected 1..255, got {limit!r}")
+    return out
+
+
+def normalize_mirrors(value: object) -> list[dict[str, Any]]:
+    """`[[backend.mirrors]]` tables (or bare URLs) with every key, defaults filled in."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of mirror tables ([[backend.mirrors]]), got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        m = _settings(f"mirrors[{i}]", item, _MIRROR_DEFAULTS)
+        m["host"] = _check_url(f"mirrors[{i}].host", m["host"], path_ok=False)
+        if m["ping_url"]:
+            _check_url(f"mirrors[{i}].ping_url", m["ping_url"], path_ok=True)
+        out.append(m)
+    return out
+
+
+def normalize_proxy(value: object) -> dict[str, Any] | None:
+    """`[backend.proxy]` (or a bare URL) with every key; None when no url is set."""
+    if value is None:
+        return None
+    p = _settings("proxy", value, _PROXY_DEFAULTS)
+    if not p["url"]:
+        return None
+    p["url"] = _check_url("proxy.url", p["url"], path_ok=False)
+    if p["ping_url"]:
+        _check_url("proxy.ping_url", p["ping_url"], path_ok=True)
+    return p
 
 
 def default_config_path() -> str | None:
@@ -215,7 +323,9 @@ def to_toml(cfg: Config) -> str:
     if cfg.source:
         out.append(f"# from {cfg.source} and command-line flags")
     section = ""
-    for (s, k), (fname, _kind) in _KEYS.items():
+    for (s, k), (fname, kind) in _KEYS.items():
+        if kind in ("mirrors", "proxy"):
+            continue  # sub-tables: after every plain key
         if s != section:
             if out:
                 out.append("")
@@ -230,7 +340,26 @@ def to_toml(cfg: Config) -> str:
             out.append(f"{k} = {v}")
         else:
             out.append(f"{k} = {_toml_str(str(v))}")
+    for m in cfg.mirrors:
+        out += ["", "[[backend.mirrors]]", *_toml_table(m)]
+    if cfg.proxy:
+        out += ["", "[backend.proxy]", *_toml_table(cfg.proxy)]
     return "\n".join(out) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, dict):
+        inner = ", ".join(f"{_toml_str(k)} = {_toml_value(x)}" for k, x in v.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return _toml_str(str(v))
+
+
+def _toml_table(d: dict[str, Any]) -> list[str]:
+    return [f"{k} = {_toml_value(v)}" for k, v in d.items()]
 
 
 def _toml_str(s: str) -> str:
@@ -269,6 +398,12 @@ _OWN_OPTIONS: list[Callable[[F], F]] = [
                  help="Registry: retries per range read [config: 3]."),
     click.option("--credentials", "cfg_credentials", type=click.Path(),
                  help="Registry: Docker config dir or config.json with credentials."),
+    click.option("--mirror", "cfg_mirrors", multiple=True, metavar="URL",
+                 help="Registry: a mirror (scheme://host[:port]) for blob reads, tried in "
+                 "order before the origin; nydusd's defaults [config: backend.mirrors]."),
+    click.option("--proxy", "cfg_proxy", metavar="URL",
+                 help="Registry: an HTTP proxy for blob reads, falling back to the origin "
+                 "[config: backend.proxy]."),
 ]  # fmt: skip
 # Shared with `mount`'s own options: (param name, config field).
 _SHARED = (("cache_dir", "cache_dir"), ("mode", "mode"), ("amplify", "amplify"),
@@ -282,6 +417,13 @@ def effective_config(ctx: click.Context, kwargs: dict[str, Any]) -> Config:
     for name in list(kwargs):
         if name.startswith("cfg_"):
             v = kwargs.pop(name)
+            try:
+                if name == "cfg_mirrors":
+                    v = normalize_mirrors(list(v)) if v else None
+                elif name == "cfg_proxy" and v is not None:
+                    v = normalize_proxy(v)
+            except ValueError as exc:
+                raise UsageError(f"--{name[4:].rstrip('s')}: {exc}") from exc
             if v is not None:
                 setattr(cfg, name[4:], v)
     for param, fname in _SHARED:
@@ -333,6 +475,10 @@ def apply_backend_config(spec: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """Registry retry policy and credentials into a backend spec (local: unchanged)."""
     if spec.get("type") == "registry":
         spec = {**spec, "retries": cfg.retries}
+        if cfg.mirrors:
+            spec["mirrors"] = [dict(m) for m in cfg.mirrors]
+        if cfg.proxy:
+            spec["proxy"] = dict(cfg.proxy)
         d = cfg.docker_config_dir()
         if d is not None:
             spec["docker_config"] = d

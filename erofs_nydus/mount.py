@@ -40,12 +40,15 @@ __all__ = [
     "MS_NOSUID",
     "MS_RDONLY",
     "MountEntry",
+    "check_option_value",
     "host_mount_flags",
     "image_extra_devices",
     "is_mountpoint",
+    "kernel_config",
     "kernel_supports_erofs",
     "kernel_supports_erofs_file_backed",
     "kernel_supports_erofs_fscache",
+    "mount_at",
     "mount_containing",
     "mount_erofs_file",
     "mount_erofs_fscache",
@@ -206,7 +209,9 @@ def _kernel_error(
 # --------------------------------------------------------------------------------------
 
 
-def _check_option_value(name: str, value: str) -> None:
+def check_option_value(name: str, value: str) -> None:
+    """Refuse a mount option value the kernel's option parser would split or cut
+    (a comma, NUL or newline) or that is empty: a `UsageError` naming the option."""
     if not value:
         raise UsageError(f"empty {name}= value")
     for c in _BAD_OPTION_CHARS:
@@ -297,7 +302,7 @@ def mount_erofs_file(
     opts: list[str] = []
     for d in devices:
         p = os.path.abspath(os.fspath(d))
-        _check_option_value("device", p)
+        check_option_value("device", p)
         if not os.path.exists(p):
             raise KernelError(
                 errno.ENOENT,
@@ -338,13 +343,13 @@ def mount_erofs_fscache(
     (their count must equal the image's ``extra_devices``).
     """
     mp = Path(os.path.abspath(os.fspath(mountpoint)))
-    _check_option_value("fsid", fsid)
+    check_option_value("fsid", fsid)
     opts = [f"fsid={fsid}"]
     if domain_id is not None:
-        _check_option_value("domain_id", domain_id)
+        check_option_value("domain_id", domain_id)
         opts.append(f"domain_id={domain_id}")
     for d in devices:
-        _check_option_value("device", d)
+        check_option_value("device", d)
         opts.append(f"device={d}")
     for o in extra_options:
         if not o or "," in o or "\0" in o:
@@ -496,6 +501,16 @@ def mount_containing(path: StrPath) -> MountEntry | None:
     return best
 
 
+def mount_at(path: StrPath) -> MountEntry | None:
+    """The topmost mount at exactly ``path`` (symlinks resolved), or None."""
+    real = os.path.realpath(os.fspath(path))
+    found: MountEntry | None = None
+    for m in mount_table():
+        if m.mountpoint == real:
+            found = m
+    return found
+
+
 def is_mountpoint(path: StrPath) -> bool:
     """True if ``path`` (symlinks resolved) is the target of a mount in this namespace.
 
@@ -527,7 +542,9 @@ def kernel_supports_erofs() -> bool:
         return False
 
 
-def _kernel_config() -> dict[str, str] | None:
+def kernel_config() -> dict[str, str] | None:
+    """The running kernel's build options (``CONFIG_X`` -> ``y``/``m``/value), from
+    /proc/config.gz or /boot/config-<release>; None when neither is readable."""
     import gzip
 
     text: str | None = None
@@ -570,7 +587,7 @@ def kernel_supports_erofs_file_backed() -> bool:
     """
     if not kernel_supports_erofs():
         return False
-    conf = _kernel_config()
+    conf = kernel_config()
     if conf is not None and "CONFIG_EROFS_FS" in conf:
         return conf.get("CONFIG_EROFS_FS_BACKED_BY_FILE") == "y"
     return _kernel_version() >= (6, 12)
@@ -581,7 +598,7 @@ def kernel_supports_erofs_fscache() -> bool:
     on-demand options in the kernel config (when readable)."""
     if not kernel_supports_erofs() or not os.path.exists("/dev/cachefiles"):
         return False
-    conf = _kernel_config()
+    conf = kernel_config()
     if conf is not None and "CONFIG_EROFS_FS" in conf:
         return conf.get("CONFIG_EROFS_FS_ONDEMAND") == "y"
     return _kernel_version() >= (5, 19)

@@ -162,6 +162,34 @@ def build_image(src: str | os.PathLike[str], work: Path, *extra: str) -> BuiltIm
     return BuiltImage(boot, blob_dir)
 
 
+_READER = """
+import os, sys
+try:
+    with open(sys.argv[1], "rb") as f:
+        sys.stdout.buffer.write(f.read())
+except OSError as exc:
+    sys.stderr.write(str(exc.errno))
+    sys.exit(3)
+"""
+
+
+def read_or_fail(path: Path, timeout: float = 60.0) -> bytes:
+    """Read `path` in a child process, so that a read the daemon never answers fails
+    the test after `timeout` instead of hanging it (fanotify permission waits are
+    killable); an I/O error comes back as OSError with the reader's errno."""
+    import pytest
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _READER, str(path)], capture_output=True,
+                           timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path} hung for {timeout:.0f} s")
+    if r.returncode == 3:
+        raise OSError(int(r.stderr), os.strerror(int(r.stderr)), str(path))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return r.stdout
+
+
 def daemon_status(cache_dir: Path) -> dict[str, Any]:
     from erofs_nydus.service.client import DaemonClient
 
@@ -185,7 +213,7 @@ def daemon_metrics(cache: Path) -> dict[str, float]:
     """The daemon's Prometheus metrics via its control API: `name{label=value,...}` -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(ApiClient(cache).metrics()):
@@ -198,7 +226,7 @@ def daemon_metrics(cache: Path) -> dict[str, float]:
 
 def wait_prefetch(cache: Path, timeout: float = 120) -> dict[str, Any]:
     """The only mount of `cache`'s daemon once its prefetch is no longer running."""
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     deadline = time.monotonic() + timeout
     while True:

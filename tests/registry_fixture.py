@@ -81,6 +81,7 @@ class RegistryServer:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     token_server: TokenServer | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)  # e.g. {"proxy": {...}}
 
     @property
     def host(self) -> str:
@@ -120,6 +121,7 @@ class RegistryServer:
         }
         if self.auth:
             config["auth"] = self.auth
+        config.update(self.extra_config)
         last_log = ""
         for _ in range(5 if port is None else 1):  # a free port can be taken before bind
             self.port = free_port() if port is None else port

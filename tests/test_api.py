@@ -16,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from erofs_nydus.daemon.images import ImageTable
 from erofs_nydus.errors import UsageError
-from erofs_nydus.service.api import ApiClient, ControlPlane, api_socket_path
+from erofs_nydus.service.api import ControlPlane
+from erofs_nydus.service.api_client import ApiClient
+from erofs_nydus.service.paths import api_socket_path
 
 
 @pytest.fixture(scope="module")

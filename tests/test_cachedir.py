@@ -280,6 +280,37 @@ def test_mount_refuses_planted_lock(small_image: BuiltImage, tmp_path: Path,
     assert "symlink" in line and target.read_bytes() == TARGET_TEXT
 
 
+def _warm(img: BuiltImage, cache: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("warm", str(img.bootstrap), "--blob-dir", str(img.blob_dir), "--all",
+                   "--cache-dir", str(cache), check=False)
+
+
+def test_warm_refuses_world_writable_cache_dir(small_image: BuiltImage, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    assert "writable by group or others" in _one_line_error(_warm(small_image, cache))
+    assert os.listdir(cache) == []
+
+
+def test_warm_refuses_planted_lock(small_image: BuiltImage, tmp_path: Path,
+                                   target: Path) -> None:
+    cache = Path(private_dir(tmp_path / "cache"))
+    os.symlink(target, cache / "daemon.lock")
+    assert "symlink" in _one_line_error(_warm(small_image, cache))
+    assert target.read_bytes() == TARGET_TEXT
+
+
+def test_warm_makes_a_private_cache_dir(small_image: BuiltImage, tmp_path: Path,
+                                        umask0: None) -> None:
+    cache = tmp_path / "new" / "cache"
+    r = _warm(small_image, cache)
+    assert r.returncode == 0, r.stderr
+    assert _mode(cache) == 0o700
+    files = [p for p in cache.iterdir() if p.is_file()]
+    assert files and all(_mode(p) == 0o600 for p in files), [(p, _mode(p)) for p in files]
+
+
 # -- control requests are bounded -------------------------------------------------------
 
 BIG_LINE = b'{"op": "ping", "pad": "' + b"x" * (2 << 20) + b'"}\n'
@@ -472,7 +503,8 @@ def _serve_as_nobody(path: str, reply: dict[str, Any]) -> int:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 def test_control_socket_served_by_nobody_is_not_trusted(cache: Path) -> None:
-    from erofs_nydus.service.api import ApiClient, api_socket_path
+    from erofs_nydus.service.api_client import ApiClient
+    from erofs_nydus.service.paths import api_socket_path
 
     client = DaemonClient(cache)
     evil = {"ok": True, "pid": 1, "mounts": [], "fsid": "0" * 64,
@@ -558,6 +590,88 @@ def test_daemon_log_is_rotated_and_capped(cache: Path) -> None:
         stream2.close()
         os.close(fd)
         os.close(other)
+
+
+_FULL_LOG_CHILD = """
+import logging, sys, traceback
+from erofs_nydus.service import logs
+logs.install("%(message)s", sys.argv[1])  # stderr is that file: rotation on
+log = logging.getLogger("erofs_nydus.daemon")
+for i in range(200):  # past the rate limit: its notice is a write too
+    log.error("deny (EIO) fd=%d: cannot write chunk %d: No space left on device", i, i)
+print("a print", file=sys.stderr, flush=True)
+print("a print on stdout", flush=True)
+try:
+    raise RuntimeError("a traceback")
+except RuntimeError:
+    traceback.print_exc()
+logs.CappedLogHandler(max_bytes=0).emit(logging.LogRecord(
+    "x", logging.ERROR, "child", 1, "rotation on a full disk", (), None))
+with open(sys.argv[2], "w") as out:
+    out.write(str(logs.write_errors_total()))
+"""
+
+
+@pytest.fixture
+def full_ext4(tmp_path: Path) -> Iterator[Path]:
+    """A tiny ext4 (loop mounted) filled to its last block, holding `daemon.log`
+    whose last block is half used: what a filling cache disk leaves."""
+    img = tmp_path / "full.ext4"
+    with open(img, "wb") as f:
+        f.truncate(2 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "1024", str(img)], check=True)
+    mp = tmp_path / "full"
+    mp.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mp)], check=True)
+    try:
+        (mp / "daemon.log").write_text("x" * 500 + "\n")
+        with open(mp / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 1024)
+        yield mp
+    finally:
+        subprocess.run(["umount", str(mp)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop mount")
+def test_log_writes_on_a_full_disk_never_raise(tmp_path: Path, full_ext4: Path) -> None:
+    """The cause of the full-cache-disk restart loop: `daemon.log` lives in the cache
+    dir, and once a fill had used the disk's last block a log line was written in
+    part, the rest stayed in stderr's buffer and every later flush raised ENOSPC -
+    out of the handler's own error path, `print` and `traceback.print_exc`, into the
+    worker's, the supervisor's and the keeper's loops.  All three died; the mount's
+    holes then read as zeros."""
+    import sys
+
+    log = full_ext4 / "daemon.log"
+    result = tmp_path / "errors"
+    with open(log, "ab") as out:
+        r = subprocess.run([sys.executable, "-c", _FULL_LOG_CHILD, str(log), str(result)],
+                           stdout=out, stderr=out, timeout=120, check=False,
+                           env={**os.environ, "EROFS_NYDUS_LOG": "INFO"})
+    assert r.returncode == 0, log.read_text()[-2000:]
+    assert int(result.read_text()) >= 10  # dropped and counted, not raised
+    assert "deny (EIO) fd=0:" in log.read_text()  # what fitted was written
+
+
+def test_dropping_writer_keeps_what_fits(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        w = io.TextIOWrapper(logs.DropOnErrorWriter(fd), encoding="utf-8",
+                             line_buffering=True, write_through=True)
+        before = logs.write_errors_total()
+        w.write("one line\n")
+        w.close()  # closes the wrapper, not the fd
+        os.write(fd, b"fd still open\n")
+        assert path.read_text() == "one line\nfd still open\n"
+        assert logs.write_errors_total() == before
+    finally:
+        os.close(fd)
+    with open("/dev/full", "wb") as full:
+        before = logs.write_errors_total()
+        assert logs.DropOnErrorWriter(full.fileno()).write(b"x" * 10) == 10
+        assert logs.write_errors_total() == before + 1
 
 
 @kernel

@@ -105,9 +105,10 @@ def test_corrupt_state_file_is_moved_aside(image: BuiltImage, tmp_path: Path) ->
 
 def test_register_takes_a_parse_already_made(image: BuiltImage, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """`mount REF`: the daemon's `resolve` reads and validates the bootstrap, and its
-    `register` takes that parse instead of making a second one - only while the file
-    is unchanged."""
+    """`mount REF`: the daemon's `resolve` reads the bootstrap with the full validation,
+    and its `register` takes that parse instead of reading and parsing again - only
+    while the file is unchanged.  A parse without the full validation (`load_image`,
+    no tree walk) spares the read only: register still validates the bytes."""
     import os
 
     import erofs_nydus.daemon.images as images
@@ -115,21 +116,51 @@ def test_register_takes_a_parse_already_made(image: BuiltImage, tmp_path: Path,
 
     boot = tmp_path / "copy.boot"
     boot.write_bytes(image.bootstrap.read_bytes())
-    loaded = load_bootstrap_file(str(boot))
-    assert loaded.image.blobs and loaded.matches(str(boot))
-
-    def parsed_again(data: bytes) -> None:
-        raise AssertionError("bootstrap parsed a second time")
-
-    monkeypatch.setattr(images, "load_image", parsed_again)
     (tmp_path / "cache").mkdir()
     t = Hooks().table(tmp_path / "cache")
-    info = t.register(str(boot), _backend(image), "/mnt/a", loaded=loaded)
-    assert info["fsid"] == loaded.image.fsid and len(info["devices"]) == 1
-    # the file changed since (same bytes, new mtime): parsed again, not trusted
+    full = load_bootstrap_file(str(boot), lambda d, n: images.validate_bootstrap(d, t.verdicts, n))
+    assert full.full and full.image.blobs and full.matches(str(boot))
+
+    calls: list[str] = []
+    real_validate, real_read = images.validate_bootstrap, images.read_bootstrap_bounded
+
+    def validate(data: bytes, verdicts: object = None, name: str = "") -> object:
+        calls.append("validate")
+        return real_validate(data, t.verdicts, name)
+
+    def read(path: str, **kw: object) -> bytes:
+        calls.append("read")
+        return real_read(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images, "validate_bootstrap", validate)
+    monkeypatch.setattr(images, "read_bootstrap_bounded", read)
+    info = t.register(str(boot), _backend(image), "/mnt/a", loaded=full)
+    assert info["fsid"] == full.image.fsid and len(info["devices"]) == 1
+    assert calls == []  # neither read nor parsed a second time
+    # a parse without the tree walk: the bytes are taken, the validation is not
+    partial = load_bootstrap_file(str(boot))
+    assert not partial.full
+    t.register(str(boot), _backend(image), "/mnt/b", loaded=partial)
+    assert calls == ["validate"]
+    # the file changed since (same bytes, new mtime): read and validated again
     st = boot.stat()
     os.utime(boot, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert not loaded.matches(str(boot))
-    with pytest.raises(AssertionError, match="second time"):
-        t.register(str(boot), _backend(image), "/mnt/b", loaded=loaded)
+    assert not full.matches(str(boot))
+    calls.clear()
+    t.register(str(boot), _backend(image), "/mnt/c", loaded=full)
+    assert calls == ["read", "validate"]
+    t.close()
+
+
+def test_snapshot_is_a_consistent_copy(image: BuiltImage, tmp_path: Path) -> None:
+    t = Hooks().table(tmp_path)
+    info = t.register(str(image.bootstrap), _backend(image), "/mnt/a")
+    snap = t.snapshot()
+    assert list(snap.images) == [info["fsid"]] and snap.images[info["fsid"]].mountpoints == [
+        "/mnt/a"]
+    (bid,) = snap.blobs
+    assert snap.blobs[bid] is t.blobs[bid] and snap.marked == {bid}
+    t.detach("/mnt/a")
+    assert not t.snapshot().images and not t.snapshot().blobs
+    assert list(snap.images) == [info["fsid"]] and bid in snap.blobs  # the copy stays
     t.close()

@@ -129,6 +129,8 @@ def test_mount_synthetic_tree_identical(
     assert not mount.is_mountpoint(mnt)
     with mount.mounted(synthetic_image.image, mnt, [synthetic_image.blob]) as root:
         assert mount.is_mountpoint(mnt) and mount.mount_fstype(mnt) == "erofs"
+        at = mount.mount_at(mnt)
+        assert at is not None and (at.fstype, at.source) == ("erofs", str(synthetic_image.image))
         assert os.statvfs(mnt).f_flag & os.ST_RDONLY
         got = snapshot_tree(root)
         expected = _drop(synthetic_snapshot, synthetic_image.excluded)
@@ -136,7 +138,7 @@ def test_mount_synthetic_tree_identical(
         # a device node in the image is not the host's device (nodev by default)
         with pytest.raises(PermissionError):
             open(root / "dev" / "null", "rb")  # noqa: SIM115 - raises
-    assert not mount.is_mountpoint(mnt)
+    assert not mount.is_mountpoint(mnt) and mount.mount_at(mnt) is None
     with (
         mount.mounted(synthetic_image.image, mnt, [synthetic_image.blob],
                       allow_suid_dev=True) as root,
@@ -265,6 +267,10 @@ def test_bad_options_rejected(synthetic_image: MkfsImage, mnt: Path) -> None:
         mount.mount_erofs_fscache(mnt, "a,b")
     with pytest.raises(UsageError):
         mount.mount_erofs_file(synthetic_image.image, mnt, [], extra_options=["x,y"])
+    for bad in ("", "a,b", "a\0b", "a\nb"):
+        with pytest.raises(UsageError, match="domain_id"):
+            mount.check_option_value("domain_id", bad)
+    mount.check_option_value("domain_id", "dom-1")
 
 
 def test_fscache_mount_reports_missing_support(mnt: Path) -> None:
@@ -274,6 +280,23 @@ def test_fscache_mount_reports_missing_support(mnt: Path) -> None:
         mount.mount_erofs_fscache(mnt, "testfs", domain_id="dom")
     assert "fsid=testfs,domain_id=dom" in str(ei.value)
     assert "CONFIG_EROFS_FS_ONDEMAND" in str(ei.value)
+
+
+def test_kernel_config_lists_erofs() -> None:
+    conf = mount.kernel_config()
+    if conf is None:
+        pytest.skip("no /proc/config.gz or /boot/config-<release> on this host")
+    assert conf.get("CONFIG_EROFS_FS") in {"y", "m"}
+    assert all(k.startswith("CONFIG_") for k in conf)
+
+
+def test_fscache_unavailable_reason_on_this_kernel() -> None:
+    from erofs_nydus.fscache.device import unavailable_reason
+
+    if mount.kernel_supports_erofs_fscache():
+        pytest.skip("this kernel has fscache mode; exercised in the VM tests")
+    reason = unavailable_reason()
+    assert reason is not None and ("cachefiles" in reason or "CONFIG_" in reason)
 
 
 def test_is_mountpoint_basics(tmp_path: Path) -> None:

@@ -97,3 +97,21 @@ def test_mount_and_umount_to_a_running_daemon_stay_light(image: BuiltImage,
         if client.alive():
             client.request("detach", mountpoint=str(mp))
             client.shutdown()
+
+
+def test_daemon_modules_load_the_api_stack_at_first_use() -> None:
+    """The daemon's own modules (both modes' shell, worker and control API) import no
+    HTTP client or server stack and no metrics library until a request needs one: a
+    `mount` that starts a daemon waits for that start."""
+    code = (
+        "import sys\n"
+        "import erofs_nydus.service.supervisor, erofs_nydus.service.worker\n"
+        "import erofs_nydus.service.fscache_daemon, erofs_nydus.service.api\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    mods = set(proc.stdout.split())
+    assert "erofs_nydus.service.metrics" in mods and "erofs_nydus.service.unixhttp" in mods
+    late = {"prometheus_client", "http.server", "http.client", "ssl", "httpx", "httpcore"}
+    assert {m for m in mods if m.split(".")[0] in late or m in late} == set()

@@ -4,11 +4,13 @@ shared (images by the API), SIGTERM, kill -9 and restart with the same argv, fai
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import BuiltImage, build_image, fanotify_usable
+from daemon_support import BuiltImage, build_image, fanotify_usable, read_or_fail
 
 from erofs_nydus.mount import is_mountpoint, umount
 from erofs_nydus.service.client import DaemonClient
@@ -146,6 +148,70 @@ def test_localfs_and_v2_config_shapes(tmp_path: Path) -> None:
     assert not (tmp_path / "f").exists()
 
 
+def _registry(config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    return parse_nydusd_config({"device": {
+        "backend": {"type": "registry", "config": {"host": "127.0.0.1:5000", "repo": "a/b",
+                                                   **config}},
+        "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}}}}).backend
+
+
+def test_registry_mirrors_and_proxy_become_the_specs_routes(tmp_path: Path) -> None:
+    """backend.config.mirrors / proxy as nydusd documents them: every key mapped, 0 or
+    empty means nydusd's default, unknown keys ignored; the daemon's backend takes them."""
+    spec = _registry({
+        "mirrors": [
+            {"host": "http://127.0.0.1:65001", "headers": {"X-Dragonfly-Registry": "http://r"},
+             "ping_url": "http://127.0.0.1:40901/server/ping", "health_check_interval": 7,
+             "failure_limit": 3, "auth_through": False, "something_new": 1},
+            {"host": "http://127.0.0.1:65002", "health_check_interval": 0, "ping_url": ""},
+        ],
+        "proxy": {"url": "http://127.0.0.1:65003", "ping_url": "http://127.0.0.1:40902/ping",
+                  "fallback": False, "check_interval": 2, "use_http": True},
+    }, tmp_path)
+    assert spec["mirrors"] == [
+        {"host": "http://127.0.0.1:65001", "headers": {"X-Dragonfly-Registry": "http://r"},
+         "health_check_interval": 7, "failure_limit": 3,
+         "ping_url": "http://127.0.0.1:40901/server/ping", "auth_through": False},
+        {"host": "http://127.0.0.1:65002", "headers": {}, "health_check_interval": 5,
+         "failure_limit": 5, "ping_url": "", "auth_through": False},
+    ]
+    assert spec["proxy"] == {"url": "http://127.0.0.1:65003",
+                             "ping_url": "http://127.0.0.1:40902/ping", "fallback": False,
+                             "check_interval": 2, "use_http": True}
+    from erofs_nydus.registry.backend import RegistryBackend
+
+    be = RegistryBackend.from_spec(spec)
+    try:
+        assert be.spec()["mirrors"] == spec["mirrors"] and be.spec()["proxy"] == spec["proxy"]
+        assert len(be.router.mirror_settings) == 2 and be.router.proxy_settings is not None
+    finally:
+        be.close()
+    # nydusd defaults: fallback on, check every 5 s; a proxy without a url is no proxy
+    assert _registry({"proxy": {"url": "http://127.0.0.1:1"}}, tmp_path)["proxy"] == {
+        "url": "http://127.0.0.1:1", "ping_url": "", "fallback": True, "check_interval": 5,
+        "use_http": False}
+    bare = _registry({"proxy": {"url": ""}, "mirrors": []}, tmp_path)
+    assert "proxy" not in bare and "mirrors" not in bare
+
+
+@pytest.mark.parametrize("routes", [
+    {"mirrors": {"host": "http://m"}},
+    {"mirrors": [{"host": "m:5000"}]},
+    {"mirrors": ["ftp://m"]},
+    {"mirrors": [{"host": "http://m", "failure_limit": 1000}]},
+    {"mirrors": [{"host": "http://m", "headers": {"X": 1}}]},
+    {"proxy": {"url": "p:65001"}},
+    {"proxy": {"url": "http://p", "fallback": "yes"}},
+    {"proxy": "http://p"},
+])
+def test_bad_mirrors_or_proxy_is_one_line(routes: dict[str, Any], tmp_path: Path) -> None:
+    from erofs_nydus.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^nydusd config: backend") as info:
+        _registry(routes, tmp_path)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("bad", [
     "{", "[]", '{"device": {"backend": {"type": "oss"}, "cache": {"config": {"work_dir": "/c"}}}}',
     '{"device": {"backend": {"type": "registry", "config": {"host": "h"}},'
@@ -210,8 +276,9 @@ def cleanup(tmp_path: Path) -> Iterator[list[Nydusd]]:
     client = DaemonClient(cache)
     if client.supervisor_running():
         pid = client.supervisor_pid()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
+        if pid:  # the whole group: the keeper would replace a lone supervisor
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 @kernel
@@ -249,7 +316,7 @@ def test_dedicated_mount_api_and_sigterm(tmp_path: Path, image: tuple[BuiltImage
     status, err = api(sock, "GET", "/api/v1/bogus", conn=conn)
     assert status == 404 and set(err) == {"code", "message"}
     status, err = api(sock, "PUT", "/api/v2/blobs", body={}, conn=conn)
-    assert status == 501 and err["code"]
+    assert status == 400 and "fscache mode" in err["message"]  # blob entries: singleton only
     assert d.stop(signal.SIGTERM) == 0
     # SIGTERM: unmounted, and the cache dir's daemon stopped with its last mount.
     assert not is_mountpoint(mnt)
@@ -264,6 +331,35 @@ def test_dedicated_mount_api_and_sigterm(tmp_path: Path, image: tuple[BuiltImage
     while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not DaemonClient(cache).supervisor_running()
+
+
+@kernel
+def test_apisock_dir_is_private(tmp_path: Path, image: tuple[BuiltImage, Path],
+                                cleanup: list[Nydusd]) -> None:
+    img, _src = image
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    mnt.mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
+    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
+            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock"]
+    # a socket dir anyone may write to: someone could swap the socket; refused, one line
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    p = subprocess.run([*NYDUSD, *argv, str(tmp_path / "open" / "api.sock"), "--log-file",
+                        str(tmp_path / "refused.log")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "socket dir" in p.stderr, p.stderr
+    assert not is_mountpoint(mnt)
+    # a missing one is made private (0700), like the control API's
+    sock = tmp_path / "run" / "nydusd" / "api.sock"
+    d = Nydusd(tmp_path, [*argv, str(sock)]).start()
+    cleanup.append(d)
+    wait_state(sock)
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert d.stop(signal.SIGTERM) == 0
+    assert not sock.exists() and not is_mountpoint(mnt)
 
 
 @kernel
@@ -343,14 +439,34 @@ def test_shared_mode_mounts_by_api_and_failover_calls(
     assert list(root.iterdir()) == []
 
 
+def wait_new_supervisor(cache: Path, old: int, timeout: float = 60) -> int:
+    """The pid of the supervisor that replaced `old` (the keeper writes it to the lock)."""
+    client = DaemonClient(cache)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = client.supervisor_pid()
+        if pid and pid != old and client.supervisor_running():
+            return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no supervisor replaced {old} for {cache}")
+
+
+def kill_daemon_group(cache: Path) -> None:
+    """kill -9 of every process of the cache dir's daemon at once (keeper, supervisor,
+    worker: one process group), as `systemctl kill -s KILL` or a cgroup OOM kill does."""
+    pid = DaemonClient(cache).supervisor_pid()
+    assert pid
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
 @kernel
-@pytest.mark.skip(reason="issue 13/11: since the keeper (issue 11) restarts a killed "
-                  "supervisor, killing the serving daemon this way no longer ends it, so nydusd "
-                  "does not exit; the test must kill the whole group (keeper included)")
-def test_daemon_death_ends_nydusd(tmp_path: Path, image: tuple[BuiltImage, Path],
-                                  cleanup: list[Nydusd]) -> None:
-    """The process the snapshotter watches dies when the process serving the kernel does,
-    and a restart with the same argv serves the image again."""
+def test_supervisor_death_the_keeper_repairs_is_not_nydusds_death(
+        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+    """kill -9 of the supervisor alone (what the OOM killer would pick first if it could)
+    is repaired by the keeper, which holds the fanotify group meanwhile: the mount keeps
+    serving right bytes, so nydusd must not exit - the snapshotter's recovery would
+    restart it and replace a mount that works (and containers running on it).
+    nydus-snapshotter takes a hang-up of nydusd's API socket as its death."""
     img, src = image
     cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
     mnt.mkdir()
@@ -360,16 +476,43 @@ def test_daemon_death_ends_nydusd(tmp_path: Path, image: tuple[BuiltImage, Path]
     d = Nydusd(tmp_path, argv).start()
     cleanup.append(d)
     wait_state(sock)
-    pid = DaemonClient(cache).supervisor_pid()
-    assert pid
-    os.kill(pid, signal.SIGKILL)
+    assert read_or_fail(mnt / "etc" / "greeting") == (src / "etc" / "greeting").read_bytes()
+    old = DaemonClient(cache).supervisor_pid()
+    assert old
+    os.kill(old, signal.SIGKILL)
+    wait_new_supervisor(cache, old)
+    # never read before: served through the new supervisor and its daemon
+    assert read_or_fail(mnt / "big") == (src / "big").read_bytes()
+    assert d.proc is not None and d.proc.poll() is None
+    assert wait_state(sock)["state"] == "RUNNING"
+    assert is_mountpoint(mnt)
+    assert d.stop() == 0  # SIGTERM still unmounts and exits
+    assert not is_mountpoint(mnt)
+
+
+@kernel
+def test_death_of_the_whole_daemon_ends_nydusd(
+        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+    """When nothing is left to serve the kernel (keeper, supervisor and daemon killed
+    together), the process the snapshotter watches dies too, taking its mount along,
+    and a restart with the same argv (the snapshotter's recovery) serves the image."""
+    img, src = image
+    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
+    mnt.mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
+    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
+            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock)]
+    d = Nydusd(tmp_path, argv).start()
+    cleanup.append(d)
+    wait_state(sock)
+    kill_daemon_group(cache)
     assert d.proc is not None
     assert d.proc.wait(60) != 0
     assert not is_mountpoint(mnt)  # never a mount whose holes read as zeros
     d2 = Nydusd(tmp_path, argv).start()
     cleanup.append(d2)
     wait_state(sock)
-    assert (mnt / "big").read_bytes() == (src / "big").read_bytes()
+    assert read_or_fail(mnt / "big") == (src / "big").read_bytes()
     assert d2.stop() == 0
 
 

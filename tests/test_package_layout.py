@@ -19,22 +19,6 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "erofs_nydus"
 
-# Debts recorded when this test was written (issue 15, still open): each must go, and
-# nothing may be added to them.  Entries are "file: expression" without line numbers.
-KNOWN_PRIVATE = {
-    "erofs_nydus/builder/merge.py: reader._problems",
-    "ops.py: imports erofs_nydus.cli.runtime._cache_dir_of",
-    "ops.py: imports erofs_nydus.cli.runtime._mount_source",
-    "registry.py: imports erofs_nydus.cli.build._write_json",
-    "device.py: imports erofs_nydus.mount._kernel_config",
-    "erofs_nydus/rafs/reader.py: r._problems",
-    "erofs_nydus/registry/backend.py: backend._options",
-    "erofs_nydus/registry/client.py: source._mem",
-    "erofs_nydus/service/api.py: self.table._lock",
-    "fscache_client.py: imports erofs_nydus.mount._check_option_value",
-}
-KNOWN_CYCLES = [["erofs_nydus.service.nydusd", "erofs_nydus.service.nydusd_api"]]
-
 # rank of each folder: a module may import from equal (same folder) or lower ranks
 RANKS = {
     "cli": 9,
@@ -177,8 +161,7 @@ def test_no_import_cycles() -> None:
     for v in graph:
         if v not in index:
             visit(v)
-    new = [c for c in cycles if c not in KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_no_private_names_cross_modules() -> None:
@@ -200,10 +183,7 @@ def test_no_private_names_cross_modules() -> None:
                 and ast.unparse(node) not in {"os._exit", "sys._getframe"}
             ):
                 bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: {ast.unparse(node)}")
-    import re
-
-    new = [b for b in bad if re.sub(r":\d+:", ":", b) not in KNOWN_PRIVATE]
-    assert not new, "private names used across modules:\n" + "\n".join(new)
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
 
 
 def test_few_loose_modules() -> None:

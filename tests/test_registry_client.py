@@ -76,6 +76,19 @@ def _random(n: int, seed: int = 0) -> bytes:
     return bytes(out[:n])
 
 
+def test_blob_source_kinds(tmp_path: Path) -> None:
+    from erofs_nydus.registry.client import BlobSource
+
+    data = _random(3000, seed=7)
+    (tmp_path / "b").write_bytes(data)
+    mem, path = BlobSource(data), BlobSource(str(tmp_path / "b"))
+    with open(tmp_path / "b", "rb") as f:
+        fsrc = BlobSource(f)
+        assert not fsrc.in_memory and fsrc.size == 3000
+    assert mem.in_memory and not path.in_memory
+    assert mem.digest() == path.digest() == sha256_digest(data)
+
+
 # -- pulling ------------------------------------------------------------------------
 
 

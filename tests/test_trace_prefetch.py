@@ -432,7 +432,7 @@ def test_prefetch_resumes_after_daemon_kill_9(tmp_path: Path) -> None:
     cache, mp = tmp_path / "cache", tmp_path / "mp"
     _mount(opt, mp, cache, "--amplify", "0", "--prefetch-bandwidth", "1M")
     try:
-        from erofs_nydus.service.api import ApiClient
+        from erofs_nydus.service.api_client import ApiClient
 
         deadline = time.monotonic() + 30
         while True:  # part of the 8 MiB is prefetched, the rest waits for bandwidth

@@ -10,6 +10,16 @@ The blob id is the sha256 of the whole file.  Chunk i occupies
 
 Everything is written to temporary names in the target directories and renamed
 only by `finish()`; `abort()` removes them.
+
+With `threads` > 0, chunks are digested and compressed by a pool of that many threads
+(hashlib, blake3, lz4 and zstd release the GIL) while the caller reads on: each chunk
+is submitted in source order, and committed (dedup, append to the blob) in that same
+order once its result is in, so the blob is byte-identical to a build without threads.
+Chunks go to the pool in batches (about 1 MiB, or 256 small chunks); at most
+`2 * threads + 2` batches are in flight, and the writer thread's queue holds at most 8
+pieces of 1 MiB: memory is bounded by that window, not by file or layer size.  The
+chunk lists `add_stream` / `add_file` return are filled in as their chunks commit; all
+are complete after `flush()` (which `finish()` calls).
 """
 
 from __future__ import annotations
@@ -17,9 +27,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from erofs_nydus.errors import ErofsNydusError, SourceError
 from erofs_nydus.layout import build
@@ -38,6 +53,62 @@ from erofs_nydus.rafs.codec import compress_chunk, digest_of
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 _ZEROS = bytes(16 << 20)
+_UNSET = object()  # "not compressed yet" (distinct from None: "not smaller, store raw")
+BATCH_BYTES = 1 << 20  # chunks go to the pool in batches of about this many bytes
+BATCH_ITEMS = 256  # or of this many chunks (small files: fewer hand-offs)
+SINK_PIECE = 1 << 20  # blob bytes gathered per hand-off to the writer thread
+_Item = tuple[bytes, "bytes | None", "list[ChunkInfo]", str]
+
+
+class _Sink:
+    """One thread that runs the blob (and cache file) writes and the blob hash, in the
+    order they were queued, behind a bounded queue; the first error stops it and is
+    raised by the next `put` or `wait` (an OSError as `on_oserror(where, exc)`, `where`
+    the entry the write was for)."""
+
+    def __init__(self, on_oserror: Callable[[str, OSError], BaseException]) -> None:
+        self._q: queue.Queue[tuple[Callable[..., None], tuple[Any, ...], str] | None] = \
+            queue.Queue(8)
+        self._on_oserror = on_oserror
+        self._error: BaseException | None = None
+        self._discard = False  # stop(discard=True): skip what is still queued
+        self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                fn, args, where = item
+                if self._error is None and not self._discard:
+                    fn(*args)
+            except OSError as exc:  # raised on the builder's thread
+                self._error = self._on_oserror(where, exc)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._q.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, where: str, fn: Callable[..., None], *args: Any) -> None:
+        self._check()
+        self._q.put((fn, args, where))
+
+    def wait(self) -> None:
+        """Every queued write done (or its error raised)."""
+        self._q.join()
+        self._check()
+
+    def stop(self, discard: bool = False) -> None:
+        if self._thread.is_alive():
+            self._discard = self._discard or discard
+            self._q.put(None)
+            self._thread.join()
 
 
 @dataclass(slots=True)
@@ -79,7 +150,8 @@ class BlobWriter:
 
     def __init__(self, blob_dir: str, *, chunk_size: int, compressor: str, blob_index: int = 0,
                  cache_dir: str | None = None, chunk_dict: ChunkLookup | None = None,
-                 digester: str = "sha256") -> None:
+                 digester: str = "sha256", threads: int = 0,
+                 tee: Callable[[bytes], None] | None = None) -> None:
         self.blob_dir = blob_dir
         self.cache_dir = cache_dir
         self.chunk_size = chunk_size
@@ -100,6 +172,18 @@ class BlobWriter:
         self._tmp_paths: list[str] = []
         self._current = ""  # the entry being chunked, for error messages
         self.created: list[str] = []  # files finish() created that did not exist before
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        # batches of (data, digest, the list the chunk goes to, entry name) in source
+        # order, with the future of their (digest, compressed) results
+        self._batch: list[_Item] = []
+        self._batch_bytes = 0
+        self._pending: deque[tuple[Future[list[tuple[bytes, object]]], list[_Item]]] = deque()
+        self._window = 2 * threads + 2
+        self._sink: _Sink | None = None
+        self._tee = tee  # sees every byte of the blob, in order, as it is written
+        self._blob_buf = bytearray()  # blob / cache file bytes not yet handed to the sink
+        self._cache_buf = bytearray()
 
     # -- temp files -------------------------------------------------------------------------
     def _open_tmp(self, directory: str, suffix: str) -> BinaryIO:
@@ -116,11 +200,67 @@ class BlobWriter:
             self._blob_f = self._open_tmp(self.blob_dir, ".blob")
             if self.cache_dir is not None:
                 self._cache_f = self._open_tmp(self.cache_dir, ".blob.data")
+            if self.threads > 0:
+                self._sink = _Sink(self._write_error)
 
     def _write_blob(self, data: bytes) -> None:
+        if self._sink is not None:  # gathered: one hand-off per SINK_PIECE bytes
+            self._blob_buf += data
+            if len(self._blob_buf) >= SINK_PIECE:
+                self._sink.put(self._current, self._write_blob_now, bytes(self._blob_buf))
+                self._blob_buf.clear()
+        else:
+            self._write_blob_now(data)
+
+    def _write_blob_now(self, data: bytes) -> None:
         assert self._blob_f is not None
         self._blob_f.write(data)
         self._hash.update(data)
+        if self._tee is not None:
+            self._tee(data)
+
+    def _write_cache(self, data: bytes | None, size: int) -> None:
+        """Append one chunk to the cache file: `data` padded to 4 KiB, or a hole."""
+        if self._sink is None:
+            self._write_cache_now(data, size)
+        elif data is None:
+            self._flush_cache_buf()
+            self._sink.put(self._current, self._write_cache_now, None, size)
+        else:
+            self._cache_buf += data
+            self._cache_buf += _ZEROS[:align(size, BLOCK_SIZE) - size]
+            if len(self._cache_buf) >= SINK_PIECE:
+                self._flush_cache_buf()
+
+    def _flush_cache_buf(self) -> None:
+        if self._cache_buf and self._sink is not None:
+            data = bytes(self._cache_buf)
+            self._sink.put(self._current, self._write_cache_now, data, len(data))
+            self._cache_buf.clear()
+
+    def _flush_bufs(self) -> None:
+        """Hand what is gathered for the blob and cache file to the writer thread."""
+        if self._sink is not None:
+            if self._blob_buf:
+                self._sink.put(self._current, self._write_blob_now, bytes(self._blob_buf))
+                self._blob_buf.clear()
+            self._flush_cache_buf()
+
+    def _write_cache_now(self, data: bytes | None, size: int) -> None:
+        assert self._cache_f is not None
+        if data is None:
+            self._cache_f.seek(align(size, BLOCK_SIZE), os.SEEK_CUR)
+        else:
+            self._cache_f.write(data)
+            pad = align(size, BLOCK_SIZE) - size
+            if pad:
+                self._cache_f.write(_ZEROS[:pad])
+
+    def _write_error(self, where: str, exc: OSError) -> SourceError:
+        where = f"{where}: " if where else ""
+        err = SourceError(f"{where}cannot write the blob in {self.blob_dir}: {exc.strerror}")
+        err.__cause__ = exc
+        return err
 
     # -- chunks -----------------------------------------------------------------------------
     def zero_digest(self, size: int) -> bytes:
@@ -129,8 +269,79 @@ class BlobWriter:
             d = self._zero_digests[size] = digest_of(_ZEROS[:size], self.digester)
         return d
 
+    # -- the pipeline ----------------------------------------------------------------------
+    def _prepare(self, items: list[_Item]) -> list[tuple[bytes, object]]:
+        """[(digest, compressed or None or _UNSET)]: the part of each chunk that needs
+        no order; compression is skipped for a chunk already known (a dedup hit)."""
+        out: list[tuple[bytes, object]] = []
+        for data, digest, _, _ in items:
+            if digest is None:
+                digest = digest_of(data, self.digester)
+            key = (digest, len(data))
+            if key in self._dedup or (self.chunk_dict is not None
+                                      and self.chunk_dict.get(*key) is not None):
+                out.append((digest, _UNSET))
+            else:
+                out.append((digest, compress_chunk(data, self.compressor)))
+        return out
+
+    def _submit(self, data: bytes, digest: bytes | None, out: list[ChunkInfo],
+                name: str) -> None:
+        """Queue one chunk whose ChunkInfo goes to `out` when it commits (in order)."""
+        if self.threads <= 0:
+            out.append(self._commit(data, digest, _UNSET))
+            return
+        self._batch.append((data, digest, out, name))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_ITEMS:
+            self._send_batch()
+
+    def _send_batch(self) -> None:
+        if not self._batch:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="chunk")
+        items, self._batch, self._batch_bytes = self._batch, [], 0
+        self._pending.append((self._pool.submit(self._prepare, items), items))
+        while len(self._pending) > self._window:
+            self._commit_oldest()
+
+    def _commit_oldest(self) -> None:
+        future, items = self._pending.popleft()
+        for (data, _, out, name), (digest, packed) in zip(items, future.result(), strict=True):
+            self._current = name
+            out.append(self._commit(data, digest, packed))
+
+    def flush(self) -> None:
+        """Commit every chunk in flight (the chunk lists handed out are then complete)."""
+        self._send_batch()
+        while self._pending:
+            self._commit_oldest()
+        if self._sink is not None:
+            self._flush_bufs()
+            self._sink.wait()
+
+    def _stop_threads(self) -> None:
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._batch.clear()
+        self._blob_buf.clear()
+        self._cache_buf.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._sink is not None:  # after flush() nothing is queued; else: an abort
+            self._sink.stop(discard=True)
+            self._sink = None
+
     def add_chunk(self, data: bytes, file_offset: int, digest: bytes | None = None) -> ChunkInfo:
-        """Store (or deduplicate) one chunk and return where it lives."""
+        """Store (or deduplicate) one chunk and return where it lives (after the chunks
+        still in flight)."""
+        self.flush()
+        return self._commit(data, digest, _UNSET)
+
+    def _commit(self, data: bytes, digest: bytes | None, packed: object) -> ChunkInfo:
         size = len(data)
         if digest is None:
             digest = digest_of(data, self.digester)
@@ -153,15 +364,16 @@ class BlobWriter:
                               "use a larger --chunk-size")
         self._ensure_open()
         try:
-            return self._store(data, digest, key)
+            return self._store(data, digest, key, packed)
         except OSError as exc:
-            where = f"{self._current}: " if self._current else ""
-            raise SourceError(f"{where}cannot write the blob in {self.blob_dir}: "
-                              f"{exc.strerror}") from exc
+            raise self._write_error(self._current, exc) from exc
 
-    def _store(self, data: bytes, digest: bytes, key: tuple[bytes, int]) -> ChunkInfo:
+    def _store(self, data: bytes, digest: bytes, key: tuple[bytes, int],
+               packed: object = _UNSET) -> ChunkInfo:
         size = len(data)
-        packed = compress_chunk(data, self.compressor)
+        if packed is _UNSET:
+            packed = compress_chunk(data, self.compressor)
+        assert packed is None or isinstance(packed, bytes)
         stored = packed if packed is not None else data
         chunk = ChunkInfo(
             digest=digest, blob_index=self.blob_index, index=len(self._chunks),
@@ -171,13 +383,7 @@ class BlobWriter:
         )
         self._write_blob(stored)
         if self._cache_f is not None:
-            if data == _ZEROS[:size]:
-                self._cache_f.seek(align(size, BLOCK_SIZE), os.SEEK_CUR)
-            else:
-                self._cache_f.write(data)
-                pad = align(size, BLOCK_SIZE) - size
-                if pad:
-                    self._cache_f.write(_ZEROS[:pad])
+            self._write_cache(None if data == _ZEROS[:size] else data, size)
         self._coff += len(stored)
         self._uoff += align(size, BLOCK_SIZE)
         self._chunks.append(chunk)
@@ -201,7 +407,7 @@ class BlobWriter:
             if len(data) != want:
                 raise SourceError(f"{name}: unexpected end of data at byte {off + len(data)} "
                                   f"of {size}")
-            chunks.append(self.add_chunk(data, off))
+            self._submit(data, None, chunks, name)
             off += want
         return chunks
 
@@ -225,13 +431,13 @@ class BlobWriter:
                 if next_data is not None and next_data < off:
                     next_data = _seek_data(fd, off)
                 if next_data is None or next_data >= off + want:
-                    chunks.append(self.add_chunk(_ZEROS[:want], off, self.zero_digest(want)))
+                    self._submit(_ZEROS[:want], self.zero_digest(want), chunks, name)
                 else:
                     data = os.pread(fd, want, off)
                     if len(data) != want:
                         raise SourceError(f"{name}: file shrank while reading "
                                           f"(EOF at {off + len(data)} of {size})")
-                    chunks.append(self.add_chunk(data, off))
+                    self._submit(data, None, chunks, name)
                 off += want
         except OSError as exc:
             raise SourceError(f"{name}: read error: {exc.strerror}") from exc
@@ -243,6 +449,16 @@ class BlobWriter:
     # -- finish -----------------------------------------------------------------------------
     def finish(self) -> BlobInfo | None:
         """Write the CI table and header, rename into place; None if no chunk was stored."""
+        try:
+            self.flush()
+        except OSError as exc:
+            self.abort()
+            raise SourceError(f"cannot write the blob in {self.blob_dir}: {exc.strerror}") from exc
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._stop_threads()
         if self._blob_f is None:
             self.abort()
             return None
@@ -319,6 +535,7 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Remove every temporary file; safe to call more than once."""
+        self._stop_threads()
         try:
             self._close_files(sync=False)
         except (OSError, ErofsNydusError):
@@ -329,6 +546,33 @@ class BlobWriter:
             except OSError:
                 pass
         self._tmp_paths.clear()
+
+
+class DigestOnlyWriter(BlobWriter):
+    """A BlobWriter that stores nothing: files get chunk digests, for tree comparison
+    (`check REF --source` chunks the source image's layers with it).
+
+    Every chunk of `add_stream` / `add_file` / `add_chunk` (pipelined or not) commits
+    through `_commit`, overridden here: no dedup, no blob, no cache file, and it never
+    creates its blob directory or a temp file in it.  Each reference gets its own
+    uncompressed offset (merge_trees tells chunks apart by blob and offset)."""
+
+    def _commit(self, data: bytes, digest: bytes | None, packed: object) -> ChunkInfo:
+        if digest is None:
+            digest = digest_of(data, self.digester)
+        n = self.stats.chunks_referenced
+        self.stats.chunks_referenced += 1
+        self.stats.bytes_referenced += len(data)
+        return ChunkInfo(digest, 0, n, 0, len(data), n << 12, len(data), False,
+                         compressor="none", digester=self.digester)
+
+    def _prepare(self, items: list[_Item]) -> list[tuple[bytes, object]]:
+        """Digests only (in the pool): nothing is compressed."""
+        return [(digest_of(data, self.digester) if digest is None else digest, _UNSET)
+                for data, digest, _, _ in items]
+
+    def _ensure_open(self) -> None:
+        raise AssertionError("DigestOnlyWriter never opens a blob")
 
 
 def _seek_data(fd: int, off: int) -> int | None:

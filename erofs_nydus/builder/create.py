@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
@@ -36,6 +37,13 @@ class BuildOptions:
     blob_cache_dir: str | None = None
     chunk_dicts: list[str] = field(default_factory=list)
     whiteout_spec: str = "none"
+    # chunk digest + compress threads (blob.py); None: one per CPU, at most 4; 0: none
+    threads: int | None = None
+
+    def worker_threads(self) -> int:
+        if self.threads is None:
+            return min(4, os.cpu_count() or 1)
+        return self.threads
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -47,6 +55,8 @@ class BuildOptions:
                              f"{', '.join(COMPRESSORS)}")
         if self.digester not in DIGESTERS:
             raise UsageError(f"--digester {self.digester}: choose one of {', '.join(DIGESTERS)}")
+        if self.threads is not None and not 0 <= self.threads <= 64:
+            raise UsageError(f"threads {self.threads}: must be between 0 and 64")
 
 
 @dataclass(slots=True)
@@ -173,11 +183,14 @@ def write_file_atomic(path: str, data: bytes) -> None:
 
 
 def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
-                 opts: BuildOptions | None = None, label: str | None = None) -> BuildResult:
+                 opts: BuildOptions | None = None, label: str | None = None,
+                 blob_tee: Callable[[bytes], None] | None = None) -> BuildResult:
     """Build `source` into `bootstrap` + a blob in `blob_dir`.
 
     `source` is a directory, a tar or tar.gz file, "-" (stdin), or an open binary
     stream of a tar/tar.gz (not closed here); `label` names it in error messages.
+    `blob_tee` is given every byte of the new blob in order as it is written (convert
+    streams it to the registry); the blob is only valid once this returns.
     """
     opts = opts or BuildOptions()
     opts.validate()
@@ -191,7 +204,7 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
         label = label or "tar stream"
     writer = BlobWriter(blob_dir, chunk_size=opts.chunk_size, compressor=opts.compressor,
                         cache_dir=opts.blob_cache_dir, chunk_dict=lookup,
-                        digester=opts.digester)
+                        digester=opts.digester, threads=opts.worker_threads(), tee=blob_tee)
     new_blob: BlobInfo | None = None
     try:
         try:

@@ -43,7 +43,7 @@ def merge_bootstraps(paths: list[str], out: str,
     readers = []
     for i, path in enumerate(paths):
         reader = BootstrapReader(read_bootstrap_bytes(path), os.path.basename(path))
-        problems = reader.problems() if validate else reader._problems
+        problems = reader.problems(walk=validate)
         if problems:
             raise FormatError(f"layer {i} ({path}) fails check: {problems[0]}")
         readers.append(reader)

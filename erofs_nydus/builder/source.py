@@ -7,15 +7,14 @@ walked in sorted byte order, so the blob layout is deterministic.
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import stat
 import tarfile
-import zlib
 from typing import Any, BinaryIO, cast
 
 from erofs_nydus.builder.blob import BlobWriter
+from erofs_nydus.builder.inflate import INFLATE_ERRORS, ReadAhead
 from erofs_nydus.errors import SourceError, UnsupportedError
 from erofs_nydus.layout.erofs import split_xattr_name
 from erofs_nydus.rafs.tree import Inode, Node, new_dir
@@ -131,7 +130,8 @@ def tree_from_dir(top: str | bytes, writer: BlobWriter) -> Node:
 
 # -- tar ------------------------------------------------------------------------------------
 
-_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError)
+_TAR_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.TarError, EOFError, *INFLATE_ERRORS, OSError, UnicodeError)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -235,13 +235,17 @@ def tree_from_tar(stream: BinaryIO, writer: BlobWriter, label: str = "tar") -> N
         if magic.startswith(_ZSTD_MAGIC):
             raise UnsupportedError(f"{label}: zstd-compressed layers are not supported "
                                    "(use tar or tar.gz)")
-        data: Any = gzip.GzipFile(fileobj=raw, mode="rb") if magic.startswith(
-            _GZIP_MAGIC) else raw
-        tf = tarfile.open(fileobj=data, mode="r|", encoding="utf-8",  # noqa: SIM115
-                          errors="surrogateescape")
+        # fetch (+ gunzip) in a thread, a bounded queue ahead of the tar parser
+        data = ReadAhead(raw, gzip=magic.startswith(_GZIP_MAGIC), name=f"read {label}")
     except _TAR_ERRORS as exc:
         raise SourceError(f"{label}: not a readable tar or tar.gz stream: {exc}") from exc
     try:
+        try:
+            # "r:" (not "r|"): member data is read straight from the forward-only reader
+            tf = tarfile.open(fileobj=data, mode="r:", encoding="utf-8",  # noqa: SIM115
+                              errors="surrogateescape")
+        except _TAR_ERRORS as exc:
+            raise SourceError(f"{label}: not a readable tar or tar.gz stream: {exc}") from exc
         with tf:
             for member in tf:
                 where = repr(member.name)
@@ -264,8 +268,11 @@ def tree_from_tar(stream: BinaryIO, writer: BlobWriter, label: str = "tar") -> N
                 else:
                     node = Node(parts[-1], _tar_inode(member, where))
                     if member.isreg():
-                        member_f = tf.extractfile(member)
-                        assert member_f is not None
+                        member_f: Any = data
+                        if member.issparse():
+                            member_f = tf.extractfile(member)
+                        else:  # straight from the reader: no per-member file object
+                            data.seek(member.offset_data)
                         node.inode.size = member.size
                         node.inode.chunks = writer.add_stream(member_f, member.size,
                                                               f"tar entry {where}")
@@ -279,4 +286,6 @@ def tree_from_tar(stream: BinaryIO, writer: BlobWriter, label: str = "tar") -> N
     except _TAR_ERRORS as exc:
         raise SourceError(f"{label}: truncated or corrupt tar stream (after entry {where}): "
                           f"{exc}") from exc
+    finally:
+        data.close()  # stops and joins the read-ahead thread
     return root

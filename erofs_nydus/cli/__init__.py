@@ -27,6 +27,7 @@ COMMANDS = {
     "create": "build", "check": "build", "inspect": "build", "merge": "build",
     "stat": "build", "optimize": "build",
     "mount": "runtime", "umount": "runtime", "mount-stats": "runtime", "daemon": "runtime",
+    "warm": "runtime",
     "convert": "registry",
     "trace": "ops", "ctl": "ops", "config": "ops", "cache": "ops",
 }  # fmt: skip

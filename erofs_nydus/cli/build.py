@@ -2,56 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
-from typing import Any
 
 import click
 
 from erofs_nydus.cli import main
+from erofs_nydus.cli.common import check_output, check_output_dir, parse_size, write_json
 from erofs_nydus.errors import UsageError
-
-
-def parse_size(value: str) -> int:
-    """Accept 0x100000, 1048576, 1M, 1MiB, 64K."""
-    v = value.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = 1
-    for suffix, m in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30)):
-        if v.endswith(suffix):
-            v, mult = v[:-1], m
-            break
-    try:
-        return int(v, 0) * mult
-    except ValueError as exc:
-        raise UsageError(f"not a size: {value!r}") from exc
-
-
-def check_output(path: str | None, option: str) -> None:
-    """Refuse, before any work, an output file whose directory is missing or not
-    writable (nothing is created on the way), or that is a directory."""
-    if path is None or path == "-":
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path}: no such directory {parent}")
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path}: is a directory")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{option} {path}: directory {parent} is not writable")
-
-
-def check_output_dir(path: str | None, option: str) -> None:
-    """An output directory may be made, but not its parent: refuse a missing parent
-    (a typo would otherwise grow a tree of folders), or a path that is a file."""
-    if path is None:
-        return
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{option} {path}: not a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path}: no such directory {parent}")
 
 
 def _is_path(arg: str) -> bool:
@@ -59,16 +18,6 @@ def _is_path(arg: str) -> bool:
     (./x, ../x, /x), so a missing one is reported as a missing file, not parsed as
     an image reference."""
     return arg in (".", "..") or arg.startswith(("./", "../", "/")) or os.path.lexists(arg)
-
-
-def _write_json(obj: Any, dest: str | None) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False)
-    if dest in (None, "-"):
-        click.echo(text)
-    else:
-        assert dest is not None
-        with open(dest, "w") as f:
-            f.write(text + "\n")
 
 
 @main.command()
@@ -115,7 +64,7 @@ def create(source: str, bootstrap: str, blob_dir: str, blob_cache_dir: str | Non
                         chunk_dicts=list(chunk_dicts), whiteout_spec=whiteout_spec)
     result = create_image(source, bootstrap, blob_dir, opts)
     if output_json:
-        _write_json(result.to_json(), output_json)
+        write_json(result.to_json(), output_json)
     if output_json != "-":
         s = result.stats
         blob = result.new_blob
@@ -161,7 +110,7 @@ def check(bootstrap: str, blob_dir: str | None, source: str | None, plain_http: 
     data = read_bootstrap_bytes(bootstrap)
     report = check_bootstrap(data, os.path.basename(bootstrap), blob_dir)
     if as_json:
-        _write_json({"ok": report.ok, "problems": report.problems, "inodes": report.inodes,
+        write_json({"ok": report.ok, "problems": report.problems, "inodes": report.inodes,
                      "blobs": report.blobs, "chunks_verified": report.chunks_verified}, None)
     else:
         for p in report.problems:
@@ -180,7 +129,7 @@ def _check_ref(ref: str, source: str | None, plain_http: bool, platform: str | N
     opts: dict[str, object] = {"plain_http": True} if plain_http else {"plain_http": "loopback"}
     report = check_remote(ref, source, platform=platform, client_options=opts)
     if as_json:
-        _write_json({"ok": report.ok, "problems": report.problems, "blobs": report.blobs,
+        write_json({"ok": report.ok, "problems": report.problems, "blobs": report.blobs,
                      "chunks_verified": report.chunks_verified,
                      "entries_compared": report.entries_compared}, None)
     else:
@@ -207,7 +156,7 @@ def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
     if path is not None:
         info = inspect_path(reader, path)
         if as_json:
-            _write_json(info, None)
+            write_json(info, None)
             return
         for key, value in info.items():
             if key == "chunks":
@@ -225,7 +174,7 @@ def inspect(bootstrap: str, path: str | None, as_json: bool) -> None:
     summary = image_summary(reader)
     entries = list_tree(reader)
     if as_json:
-        _write_json({"image": summary, "entries": entries}, None)
+        write_json({"image": summary, "entries": entries}, None)
         return
     click.echo(f"fsid {summary['fsid']}  chunk size {summary['chunk_size']:#x}  "
                f"{summary['inodes']} inodes  {len(summary['blobs'])} blobs")
@@ -269,7 +218,7 @@ def merge(layers: tuple[str, ...], bootstrap: str, allow_missing_whiteouts: bool
     result = merge_bootstraps(list(layers), bootstrap,
                               warn if allow_missing_whiteouts else None)
     if output_json:
-        _write_json(result.to_json(), output_json)
+        write_json(result.to_json(), output_json)
     if output_json != "-":
         click.echo(f"bootstrap {bootstrap}: {result.bootstrap_size} bytes, {result.inodes} "
                    f"inodes, {len(result.blobs)} blobs")
@@ -284,7 +233,7 @@ def stat_cmd(bootstraps: tuple[str, ...], as_json: bool) -> None:
 
     info = image_stats(list(bootstraps))
     if as_json:
-        _write_json(info, None)
+        write_json(info, None)
         return
     for img in info["images"]:
         click.echo(f"{img['bootstrap']}: {img['files']} files, {img['chunks_referenced']} chunk "
@@ -330,7 +279,7 @@ def optimize(bootstrap: str, blob_dir: str, trace: str | None, prefetch_list: st
     res = optimize_image(bootstrap, blob_dir, out_boot, out_blobs or blob_dir, trace=trace,
                          prefetch_list=prefetch_list)
     if output_json:
-        _write_json(res.to_json(), output_json)
+        write_json(res.to_json(), output_json)
     if output_json != "-":
         click.echo(f"bootstrap {out_boot}: blob {res.blob.blob_id if res.blob else '-'}, "
                    f"{res.prefetch_files} prefetch files, {res.prefetch_chunks} chunks "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import click
@@ -57,15 +58,15 @@ def trace_cmd(mountpoint: str, output: str, cache_dir: str | None) -> None:
     offset; feed it to `erofs-nydus optimize BOOTSTRAP --trace FILE`.
     """
     from erofs_nydus.builder.create import write_file_atomic
-    from erofs_nydus.cli.build import check_output
-    from erofs_nydus.cli.runtime import _cache_dir_of, _mount_source
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.cli.common import cache_dir_of, check_output
+    from erofs_nydus.mount import mount_at
+    from erofs_nydus.service.api_client import ApiClient
 
     check_output(output, "--output")
     mp = os.path.realpath(mountpoint)
-    if cache_dir is None and _mount_source(mp) is None:
+    if cache_dir is None and mount_at(mp) is None:
         raise UsageError(f"{mp} is not mounted")
-    cdir = _cache_dir_of(mp, cache_dir)
+    cdir = cache_dir_of(mp, cache_dir)
     doc = ApiClient(cdir).get_json(ApiClient.mount_path(mp) + "/trace")
     write_file_atomic(output, json.dumps(doc, indent=0).encode() + b"\n")
     blobs = len({a["blob"] for a in doc["accesses"]})
@@ -85,7 +86,7 @@ def ctl_group() -> None:
 
 
 def _api(cache_dir: str | None) -> Any:
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     return ApiClient(_cache_dir(cache_dir))
 
@@ -111,7 +112,7 @@ def ctl_info(cache_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def ctl_mounts(key: str | None, cache_dir: str | None, as_json: bool) -> None:
     """Mounted images; with KEY (a mountpoint or fsid) just that one."""
-    from erofs_nydus.service.api import ApiClient
+    from erofs_nydus.service.api_client import ApiClient
 
     api = _api(cache_dir)
     if key is not None:
@@ -273,3 +274,31 @@ def cache_gc(cache_dir: str | None, budget: int | None, dry_run: bool) -> None:
     if budget is not None and left > budget:
         msg += f" (over the {_human(budget)} budget: the rest is in use)"
     click.echo(msg)
+
+
+@cache_group.command("verify")
+@_cache_dir_opt
+@click.option("--json", "as_json", is_flag=True)
+def cache_verify(cache_dir: str | None, as_json: bool) -> None:
+    """Re-digest every cached chunk; drop bad ones so they are fetched again.
+
+    Exit 1 when some were dropped (the cache had been altered or damaged).
+    """
+    from erofs_nydus.service.cache import verify_cache
+
+    out = verify_cache(_cache_dir(cache_dir))
+    dropped = out["dropped"]
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        for bid, idx in sorted(dropped.items()):
+            click.echo(f"blob {bid[:16]}: {len(idx)} chunk(s) failed their digest, dropped for "
+                       f"re-fetch (chunks {', '.join(map(str, idx[:10]))}"
+                       f"{', ...' if len(idx) > 10 else ''})")
+        for bid in out.get("unverifiable", []):
+            click.echo(f"blob {bid[:16]}: no stored bootstrap lists it, not verified")
+        bad = sum(len(v) for v in dropped.values())
+        click.echo(f"verified {out['chunks']} cached chunks in {out['blobs']} blobs: "
+                   f"{bad} dropped for re-fetch")
+    if dropped:
+        sys.exit(1)

@@ -8,7 +8,7 @@ import time
 import click
 
 from erofs_nydus.cli import main
-from erofs_nydus.cli.build import _write_json, check_output, parse_size
+from erofs_nydus.cli.common import check_output, parse_size, write_json
 
 
 class _Progress:
@@ -66,12 +66,14 @@ def _client_options(plain_http: bool) -> dict[str, object]:
               help="Access trace (`erofs-nydus trace`) of a workload on a mount of this image "
                    "converted without it (same options): push one blob with the traced chunks "
                    "first and a prefetch table the daemon fetches on mount.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Layers converted at once.")
 @click.option("--output-json", "-J", metavar="FILE", help="Write the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def convert(source: str, target: str, plain_http: bool, platform: str | None,
             chunk_dicts: tuple[str, ...], compressor: str, digester: str, chunk_size: str,
-            cache_dir: str,
-            prefetch_trace: str | None, output_json: str | None, quiet: bool) -> None:
+            cache_dir: str, prefetch_trace: str | None, jobs: int, output_json: str | None,
+            quiet: bool) -> None:
     """Convert an OCI image into a Nydus (RAFS v6) image and push it.
 
     Each source layer is streamed (never unpacked to disk) into a data blob; the layer
@@ -91,13 +93,13 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
     opts = ConvertOptions(chunk_size=parse_size(chunk_size), compressor=compressor,
                           digester=digester, chunk_dicts=list(chunk_dicts), platform=platform,
                           cache_dir=cache_dir, client_options=_client_options(plain_http),
-                          prefetch_trace=prefetch_trace)
+                          prefetch_trace=prefetch_trace, jobs=jobs)
     try:
         result = convert_image(source, target, opts, progress, warn)
     finally:
         progress.close()
     if output_json:
-        _write_json(result.to_json(), output_json)
+        write_json(result.to_json(), output_json)
     if output_json != "-":
         click.echo(f"converted {source} -> {target} ({result.manifest_digest}): "
                    f"{len(result.blobs)} blobs, {result.layers_converted} layers converted, "

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from erofs_nydus.cli import main
+from erofs_nydus.cli.common import cache_dir_of
 from erofs_nydus.config import apply_backend_config, config_options, current_config
 from erofs_nydus.errors import DaemonError, UnsupportedError, UsageError
 
@@ -67,17 +68,6 @@ def pick_mode(mode: str) -> tuple[str, str]:
             f"fanotify mode needs Linux >= 6.14 with pre-content fanotify and root (this is {vs})"
         )
     raise UnsupportedError(f"no on-demand mode works here: {fscache_msg}")
-
-
-def _mount_source(mountpoint: str) -> tuple[str, str] | None:
-    """(fstype, source) of the topmost mount at `mountpoint`, from mountinfo."""
-    from erofs_nydus.mount import mount_table
-
-    found = None
-    for m in mount_table():
-        if m.mountpoint == mountpoint:
-            found = (m.fstype, m.source)
-    return found
 
 
 @main.command("mount")
@@ -269,7 +259,8 @@ def _resolve_args(platform: str | None, plain_http: bool,
     args: dict[str, Any] = {
         "platform": platform, "plain_http": True if plain_http else "loopback",
         "deadline": read_deadline, "retries": cfg.retries,
-        "docker_config": os.path.abspath(docker_config)}
+        "docker_config": os.path.abspath(docker_config),
+        "mirrors": cfg.mirrors or None, "proxy": cfg.proxy}
     # The caller's TLS roots (what httpx reads from these variables in this process)
     # go with the request: the daemon's environment has none of them.
     ca = os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")
@@ -341,25 +332,6 @@ def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_h
     return {**remote.backend, "bootstrap": remote.bootstrap}
 
 
-def _cache_dir_of(mp: str, cache_dir: str | None) -> str:
-    if cache_dir is not None:
-        return cache_dir
-    src = _mount_source(mp)
-    if src is None:
-        raise UsageError(f"{mp} is not mounted; pass --cache-dir to clean up its registration")
-    fstype, source = src
-    if fstype == "erofs" and source == "none":  # fscache mode: one daemon per system
-        from erofs_nydus.service.fscache_client import fscache_cache_dir
-
-        found = fscache_cache_dir()
-        if found is None:
-            raise UsageError(f"{mp}: no fscache daemon found; pass --cache-dir")
-        return found
-    if fstype != "erofs" or not source.endswith(".boot"):
-        raise UsageError(f"{mp} is not an erofs-nydus mount ({fstype} from {source})")
-    return os.path.dirname(source)
-
-
 @main.command("umount")
 @click.argument("mountpoint", type=click.Path())
 @click.option(
@@ -373,7 +345,7 @@ def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
     from erofs_nydus.service.client import DaemonClient
 
     mp = os.path.realpath(mountpoint)
-    cdir = _cache_dir_of(mp, cache_dir)
+    cdir = cache_dir_of(mp, cache_dir)
     client = DaemonClient(cdir)
     if is_mountpoint(mp):
         umount(mp)
@@ -411,7 +383,7 @@ def stats_cmd(mountpoint: str | None, cache_dir: str | None, as_json: bool) -> N
     if cache_dir is None:
         if mountpoint is None:
             raise UsageError("give a MOUNTPOINT or --cache-dir")
-        cache_dir = _cache_dir_of(os.path.realpath(mountpoint), None)
+        cache_dir = cache_dir_of(os.path.realpath(mountpoint), None)
     st: dict[str, Any] = DaemonClient(cache_dir).request("status")
     if as_json:
         click.echo(json.dumps(st, indent=1))
@@ -463,3 +435,89 @@ def daemon_cmd(cache_dir: str, resident: bool) -> None:
 
     setup_logging()
     sys.exit(run_supervisor(cache_dir, resident=resident))
+
+
+@main.command("warm")
+@click.argument("ref", metavar="REF|BOOTSTRAP")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Cache dir to fill (the one `mount --cache-dir` will use) "
+              "[config: daemon.cache_dir].")
+@click.option("--blob-dir", type=click.Path(exists=True, file_okay=False),
+              help="BOOTSTRAP: directory holding its data blobs.")
+@click.option("--all", "everything", is_flag=True,
+              help="Every chunk, not only the image's prefetch table.")
+@click.option("--mirrors-only", is_flag=True,
+              help="Keep nothing locally: only fill the configured mirrors / proxy "
+              "the reads go through.")
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Concurrent fills.")
+@click.option("--wait", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="--mirrors-only: seconds to wait for pull-through mirrors to store the "
+              "blobs (reads never go to the origin then).")
+@click.option("--plain-http", is_flag=True, help="Talk HTTP to the registry.")
+@click.option("--platform", metavar="OS/ARCH", help="Platform to pick from an index.")
+@click.option("--read-deadline", type=click.FloatRange(min=0.1), default=30.0,
+              show_default=True, help="Seconds each range read may take, retries included.")
+@config_options
+def warm_cmd(ref: str, cache_dir: str | None, blob_dir: str | None, everything: bool,
+             mirrors_only: bool, threads: int, wait: float, plain_http: bool,
+             platform: str | None, read_deadline: float) -> None:
+    """Fill a cache dir (or the mirrors in front of the registry) with an image's
+    prefetch table, or with all of it, before a burst of cold starts.
+
+    The chunks are read through the configured mirrors and proxy (backend.mirrors,
+    backend.proxy, --mirror, --proxy), verified and written into the cache files a
+    later `mount --cache-dir` of the image uses.  With --mirrors-only nothing is kept
+    locally and nothing is read from the origin: the reads only fill the pull-through
+    mirror or caching proxy, retried until it serves them (--wait).  The cache dir
+    must not be served by a daemon meanwhile.
+    """
+    import fcntl
+    import shutil
+    import tempfile
+
+    from erofs_nydus.daemon.warm import warm_image
+    from erofs_nydus.fsutil import open_private, private_dir
+    from erofs_nydus.service.paths import RunPaths
+
+    if mirrors_only:
+        cfg = current_config()
+        if not cfg.mirrors and not cfg.proxy:
+            raise UsageError("--mirrors-only needs a mirror or a proxy (--mirror, --proxy, "
+                             "or backend.mirrors / backend.proxy in the config)")
+        cache_dir = tempfile.mkdtemp(prefix="erofs-nydus-warm-")
+    elif cache_dir is None:
+        raise UsageError("give --cache-dir (or daemon.cache_dir in the config file)")
+    # The cache dir rules of `mount`: ours, 0700, not writable by others; the lock is
+    # opened without following a planted symlink.
+    cache_dir = private_dir(cache_dir)
+    lock_fd = open_private(RunPaths.of(cache_dir).lock, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"a daemon serves {cache_dir}: warm it before mounting, or "
+                             "warm another cache dir") from None
+        spec = _mount_backend(ref, blob_dir, cache_dir, plain_http, platform, read_deadline)
+        boot = str(spec.pop("bootstrap"))
+        spec = apply_backend_config(spec, current_config())
+        if mirrors_only and spec.get("type") == "registry":
+            spec["origin"] = False  # the mirror stores the blob; reads wait for it
+        res = warm_image(boot, spec, cache_dir, everything=everything, threads=threads,
+                         retry_for=wait if mirrors_only else 0.0)
+    finally:
+        os.close(lock_fd)
+        if mirrors_only:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    where = "mirrors / proxy" if mirrors_only else os.path.abspath(cache_dir)
+    click.echo(f"warmed {ref} ({res.scope}): {res.chunks} chunks, {res.present} already "
+               f"present, {res.bytes_fetched} bytes fetched, {res.bytes_filled} bytes "
+               f"filled, into {where}")
+    from erofs_nydus.rafs.backend import path_counters
+
+    for path, v in sorted(path_counters().items()):
+        click.echo(f"  {path}: {v['reads']} reads, {v['bytes']} bytes, {v['errors']} errors")
+    if res.errors:
+        for e in res.errors[:5]:
+            click.echo(f"erofs-nydus: error: {e}", err=True)
+        raise DaemonError(f"{len(res.errors)} fill(s) failed")

@@ -300,26 +300,20 @@ class BlobServer:
                     failures[c.index] = err
                 continue
             self.metrics.add(backend_requests=1, bytes_fetched=end - start)
-            for c in run:
-                raw = data[
-                    c.compressed_offset - start : c.compressed_offset - start + c.compressed_size
-                ]
+            bad = self._store(run, start, data, fd, failures, written)
+            if bad and self._reread_elsewhere(start, end - start):
+                # A mirror served bytes that failed their digest: once more, from the origin.
                 try:
-                    plain = self._decode(c, raw)
-                except DigestMismatchError as exc:
-                    self.metrics.add(digest_failures=1)
-                    failures[c.index] = exc
+                    with counting_retries(self._count_retry):
+                        data = self.backend.read_range(self.blob_id, start, end - start)
+                except (ErofsNydusError, OSError):
+                    self.metrics.add(backend_requests=1, backend_errors=1)
                     continue
-                try:
-                    self.cache.write_chunk(c, plain, fd)
-                except OSError as exc:
-                    self.metrics.add(write_errors=1)
-                    failures[c.index] = DaemonError(
-                        f"blob {self.blob_id}: cannot write chunk {c.index} to "
-                        f"{self.cache.data_path}: {exc.strerror}"
-                    )
-                    continue
-                written.append(c)
+                self.metrics.add(backend_requests=1, bytes_fetched=end - start)
+                if len(data) == end - start:
+                    for c in bad:
+                        del failures[c.index]
+                    self._store(bad, start, data, fd, failures, written)
         try:
             self.cache.commit(written)
         except OSError as exc:
@@ -333,6 +327,46 @@ class BlobServer:
             chunks_fetched=len(written), bytes_filled=sum(c.uncompressed_size for c in written)
         )
         return failures
+
+    def _store(
+        self,
+        run: list[ChunkInfo],
+        start: int,
+        data: bytes,
+        fd: int | None,
+        failures: dict[int, ErofsNydusError],
+        written: list[ChunkInfo],
+    ) -> list[ChunkInfo]:
+        """Verify and write the chunks of `run` from `data` (read at `start`); return
+        the chunks whose bytes failed their digest."""
+        bad = []
+        for c in run:
+            lo = c.compressed_offset - start
+            raw = data[lo : lo + c.compressed_size]
+            try:
+                plain = self._decode(c, raw)
+            except DigestMismatchError as exc:
+                self.metrics.add(digest_failures=1)
+                failures[c.index] = exc
+                bad.append(c)
+                continue
+            try:
+                self.cache.write_chunk(c, plain, fd)
+            except OSError as exc:
+                self.metrics.add(write_errors=1)
+                failures[c.index] = DaemonError(
+                    f"blob {self.blob_id}: cannot write chunk {c.index} to "
+                    f"{self.cache.data_path}: {exc.strerror}"
+                )
+                continue
+            written.append(c)
+        return bad
+
+    def _reread_elsewhere(self, offset: int, length: int) -> bool:
+        """Ask a backend that reads through mirrors whether another read of this range
+        would come from elsewhere (`RejectingBackend.reject`)."""
+        reject = getattr(self.backend, "reject", None)
+        return bool(reject is not None and reject(self.blob_id, offset, length))
 
     def _decode(self, c: ChunkInfo, raw: bytes) -> bytes:
         try:

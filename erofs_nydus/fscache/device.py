@@ -37,7 +37,7 @@ def _misc_minor() -> int | None:
 
 def unavailable_reason() -> str | None:
     """Why fscache mode cannot work on this kernel (None if it looks usable)."""
-    from erofs_nydus.mount import _kernel_config, kernel_supports_erofs
+    from erofs_nydus.mount import kernel_config, kernel_supports_erofs
 
     if not kernel_supports_erofs():
         return "EROFS is not available in this kernel (CONFIG_EROFS_FS)"
@@ -46,7 +46,7 @@ def unavailable_reason() -> str | None:
             f"no {DEVICE}: this kernel has no cachefiles on-demand support "
             f"(needs CONFIG_CACHEFILES with {ONDEMAND_CONFIGS})"
         )
-    conf = _kernel_config()
+    conf = kernel_config()
     if conf is not None and "CONFIG_EROFS_FS" in conf:
         missing = [
             c

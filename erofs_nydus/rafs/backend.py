@@ -41,12 +41,48 @@ def note_retry() -> None:
         cb()
 
 
+_paths_lock = threading.Lock()
+_paths: dict[str, dict[str, int]] = {}
+
+
+def note_path(path: str, *, ok: bool | None = None, nbytes: int = 0,
+              healthy: bool | None = None, miss: bool = False) -> None:
+    """Count a read served (`ok`) or failed by one network path of a backend ("origin",
+    "mirror <url>", "proxy <url>"), or passed on because the path did not hold the blob
+    yet (`miss`), and/or record whether that path is in use."""
+    with _paths_lock:
+        c = _paths.setdefault(path, {"reads": 0, "errors": 0, "misses": 0, "bytes": 0,
+                                     "healthy": 1})  # fmt: skip
+        if ok is not None:
+            c["reads" if ok else "errors"] += 1
+        if miss:
+            c["misses"] += 1
+        c["bytes"] += nbytes
+        if healthy is not None:
+            c["healthy"] = int(healthy)
+
+
+def path_counters() -> dict[str, dict[str, int]]:
+    """Per path: reads served, errors, misses, bytes served, healthy (0/1), since the
+    process started."""
+    with _paths_lock:
+        return {k: dict(v) for k, v in _paths.items()}
+
+
 class BlobBackend(Protocol):
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
         """Return bytes [offset, offset+length) of the blob file named by blob_id."""
         ...
 
     def close(self) -> None: ...
+
+
+class RejectingBackend(BlobBackend, Protocol):
+    def reject(self, blob_id: str, offset: int, length: int) -> bool:
+        """The bytes the last read of exactly this range returned failed their digest.
+        True when a second read may come from elsewhere (a mirror served them: the
+        next read of this range goes to the origin); False when retrying is useless."""
+        ...
 
 
 class LocalDirBackend:
@@ -62,7 +98,10 @@ class LocalDirBackend:
         path = self.path(blob_id)
         try:
             with open(path, "rb") as f:
-                data = os.pread(f.fileno(), length, offset)
+                size = os.fstat(f.fileno()).st_size
+                # refuse before allocating: offsets and lengths come from bootstraps
+                ok = offset >= 0 and length >= 0 and offset + length <= size
+                data = os.pread(f.fileno(), length, offset) if ok else b""
         except OSError as exc:
             raise BackendError(f"blob {blob_id}: cannot read {path}: {exc.strerror}") from exc
         if len(data) != length:

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from erofs_nydus.errors import FormatError, SourceError, UnsupportedError
@@ -20,6 +21,7 @@ from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
 from erofs_nydus.rafs.tree import Inode, Node
 
+_BLOB_DATA_BITS = 40  # CI v1 comp_info stores 40-bit offsets: blob data below 1 TiB
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                 stat.S_IFIFO, stat.S_IFSOCK}
 _FT_OF_TYPE = {stat.S_IFREG: E.FT_REG_FILE, stat.S_IFDIR: E.FT_DIR, stat.S_IFCHR: E.FT_CHRDEV,
@@ -132,7 +134,9 @@ class BootstrapReader:
                 ci_compressor=R.COMPRESSOR_NAMES.get(e.ci_compressor, "unknown"),
                 blob_toc_size=e.blob_toc_size, blob_toc_digest=e.blob_toc_digest,
                 mapped_blkaddr=slot.mapped_blkaddr))
+        self._check_blob_limits(blobs, cs)
         chunks: list[list[ChunkInfo]] = [[] for _ in blobs]
+        indexes: list[set[int]] = [set() for _ in blobs]
         ct_off, ct_size = ext.s_chunk_table_offset, ext.s_chunk_table_size
         if ct_size % R.CHUNK_INFO_SIZE or ct_off + ct_size > len(self.data) or (
                 ct_size and ct_off % BLOCK_SIZE):
@@ -172,9 +176,21 @@ class BootstrapReader:
             if not compressed and csize != usize:
                 bad(f"chunk table entry {i}: uncompressed chunk with compressed size {csize} "
                     f"!= {usize}")
-            if coff + csize > b.compressed_size:
+            if coff + csize > b.compressed_size or coff >> _BLOB_DATA_BITS:
                 bad(f"chunk table entry {i}: compressed range {coff:#x}+{csize} outside blob "
                     "data")
+                continue
+            if index >= b.chunk_count:
+                bad(f"chunk table entry {i}: chunk index {index} >= the blob's "
+                    f"{b.chunk_count} chunks")
+                continue
+            seen = indexes[blob_index]
+            if index in seen:
+                # two records would share one presence bit in the daemon's chunk map
+                bad(f"chunk table entry {i}: chunk index {index} used twice in blob "
+                    f"{blob_index}")
+                continue
+            seen.add(index)
             key = (blob_index, uoff)
             if key in by_addr:
                 bad(f"chunk table entry {i}: two chunks at blob {blob_index} offset {uoff:#x}")
@@ -191,6 +207,21 @@ class BootstrapReader:
                         f"{b2.uncompressed_offset:#x} overlap")
         return RafsImage(bootstrap_size=len(self.data), chunk_size=cs, flags=flags, blobs=blobs,
                          chunks=chunks, fsid=hashlib.sha256(self.data).hexdigest())
+
+    def _check_blob_limits(self, blobs: list[BlobInfo], chunk_size: int) -> None:
+        """Bounds the daemon sizes allocations by (chunk map bits, sparse cache file):
+        fatal, so nothing downstream ever sees an unbounded count or size."""
+        for b in blobs:
+            where = f"{self.name}: blob {b.blob_index} ({b.blob_id[:12]})"
+            if b.chunk_count > R.MAX_CHUNKS_PER_BLOB:
+                raise FormatError(f"{where}: chunk count {b.chunk_count} exceeds the limit "
+                                  f"{R.MAX_CHUNKS_PER_BLOB}")
+            # 4 KiB-aligned layout: every chunk takes at most chunk_size bytes of the space
+            if b.uncompressed_size > b.chunk_count * chunk_size:
+                raise FormatError(f"{where}: uncompressed size {b.uncompressed_size} exceeds "
+                                  f"{b.chunk_count} chunks of {chunk_size} bytes")
+            if b.compressed_size >> _BLOB_DATA_BITS:
+                raise FormatError(f"{where}: compressed size {b.compressed_size:#x} too large")
 
     # -- inodes and directories ---------------------------------------------------------------
     def inode(self, nid: int) -> RawInode:
@@ -255,8 +286,9 @@ class BootstrapReader:
         size = ri.size
         if ri.datalayout == E.DATALAYOUT_CHUNK_BASED:
             raise FormatError(f"nid {ri.nid}: chunk-based directories/symlinks are not supported")
-        if size > 1 << 32:
-            raise FormatError(f"nid {ri.nid}: flat inode of {size} bytes is implausible")
+        if size > len(self.data):  # flat data lives in the bootstrap itself
+            raise FormatError(f"nid {ri.nid}: flat inode of {size} bytes is longer than the "
+                              "bootstrap")
         if ri.datalayout == E.DATALAYOUT_FLAT_PLAIN:
             head, tail = size, 0
         else:
@@ -384,12 +416,15 @@ class BootstrapReader:
             ino.size = 0
         return ino
 
-    def problems(self) -> list[str]:
-        """Everything wrong with the metadata, one line each (walks the whole tree)."""
-        try:
-            self.tree()
-        except FormatError as exc:
-            self._bad(str(exc))
+    def problems(self, walk: bool = True) -> list[str]:
+        """Everything wrong with the metadata, one line each.  `walk=False` lists only what
+        opening the image found (superblocks, blob and chunk tables) without walking the
+        whole tree."""
+        if walk:
+            try:
+                self.tree()
+            except FormatError as exc:
+                self._bad(str(exc))
         return list(self._problems)
 
     def prefetch_nids(self) -> list[int]:
@@ -404,8 +439,9 @@ def read_image_meta(data: bytes, name: str = "bootstrap", strict: bool = True) -
     r = BootstrapReader(data, name)
     if strict and r.refused:
         raise UnsupportedError(f"{name}: unsupported: {r.refused[0]}")
-    if strict and r._problems:
-        raise FormatError(f"{name}: {r._problems[0]}")
+    problems = r.problems(walk=False) if strict else []
+    if problems:
+        raise FormatError(f"{name}: {problems[0]}")
     return r.image
 
 
@@ -441,14 +477,21 @@ def load_image(data: bytes) -> RafsImage:
 
 @dataclass(frozen=True)
 class LoadedBootstrap:
-    """A bootstrap file read and validated (`load_image`), with the identity of the
-    file it was read from, so that a later user of the same path can take the parse
-    instead of repeating it (`matches`)."""
+    """A bootstrap file read and parsed, with the identity of the file it was read
+    from, so that a later user of the same path in the same process can take the parse
+    instead of repeating it (`matches`).
+
+    `full`: the parse was the full validation a mount needs (the daemon's
+    ``validate_bootstrap``: superblocks, tables and the whole tree, or a verdict that
+    these bytes passed it); False: only `load_image`'s checks (no tree walk), so a
+    mount must still validate `data` fully.  Made in-process only, never from a
+    request."""
 
     path: str
     data: bytes
     image: RafsImage
     ident: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    full: bool = False
 
     def matches(self, path: str) -> bool:
         """True while `path` is still the file this was read from, unchanged."""
@@ -460,8 +503,12 @@ class LoadedBootstrap:
                 and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.ident)
 
 
-def load_bootstrap_file(path: str) -> LoadedBootstrap:
-    """`load_image` of the file at `path`, kept with the file's identity."""
+def load_bootstrap_file(
+    path: str, validate: Callable[[bytes, str], RafsImage] | None = None
+) -> LoadedBootstrap:
+    """`load_image` of the file at `path`, kept with the file's identity.  `validate`
+    (data, name) -> image: the caller's full validation instead (``full`` is then
+    True: pass only a function that walks the whole tree or knows these bytes did)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -469,6 +516,7 @@ def load_bootstrap_file(path: str) -> LoadedBootstrap:
     data = read_bootstrap_bytes(path)  # its one-line errors (and this one's) first
     if st is None:
         st = os.stat(path)
-    image = load_image(data)
+    image = validate(data, os.path.basename(path)) if validate else load_image(data)
     return LoadedBootstrap(os.path.abspath(path), data, image,
-                           (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+                           (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                           full=validate is not None)

@@ -134,6 +134,8 @@ class Credentials:
     username: str
     password: str
     identity_token: str | None = None  # OAuth2 refresh token ("identitytoken" in config.json)
+    # a bearer token sent as is ("registrytoken" in config.json, nydusd's registry_token)
+    registry_token: str | None = None
 
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -171,6 +173,8 @@ def credentials_from_config(config: Mapping[str, object], registry: str) -> Cred
             continue
         identity = entry.get("identitytoken")
         identity = identity if isinstance(identity, str) and identity else None
+        token = entry.get("registrytoken")
+        token = token if isinstance(token, str) and token else None
         auth = entry.get("auth")
         if isinstance(auth, str) and auth:
             try:
@@ -182,12 +186,12 @@ def credentials_from_config(config: Mapping[str, object], registry: str) -> Cred
             user, sep, password = decoded.partition(":")
             if not sep:
                 raise AuthError(f"docker config: 'auth' for {key} lacks the ':' in user:pass")
-            return Credentials(user, password, identity)
+            return Credentials(user, password, identity, token)
         user_v, pass_v = entry.get("username"), entry.get("password")
         if isinstance(user_v, str) and isinstance(pass_v, str):
-            return Credentials(user_v, pass_v, identity)
-        if identity:
-            return Credentials("<token>", "", identity)
+            return Credentials(user_v, pass_v, identity, token)
+        if identity or token:
+            return Credentials("<token>", "", identity, token)
     return None
 
 

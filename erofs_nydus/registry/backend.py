@@ -2,7 +2,8 @@
 
 blob_id is the blob's sha256 in hex; the registry names the blob ``sha256:<blob_id>``
 in the repository given at construction.  Every read runs under `deadline` seconds
-(retries included) and raises BackendError past it, never hangs.
+(retries included) and raises BackendError past it, never hangs.  With mirrors or a
+proxy in the spec, reads go through them first (`registry.mirrors`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from erofs_nydus.errors import BackendError, ErofsNydusError, UsageError
 from erofs_nydus.registry.client import RegistryClient
+from erofs_nydus.registry.mirrors import Router, parse_routes
 from erofs_nydus.registry.reference import ImageReference, as_image_reference
 
 _BLOB_ID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -26,10 +28,11 @@ class RegistryBackend:
 
     `repo`: an ImageReference or ``host[:port]/repo`` (a tag or digest is ignored).
     `deadline`: seconds per read_range, retries included.  `owns_client`: close the
-    client in `close()`.  Backends made by `from_spec` share one client per set of
-    client options (one connection pool, TLS context and bearer token for all the
-    blobs of an image) and create it on the first read, so registering an image in
-    the daemon never waits for the HTTP stack.
+    client in `close()`.  `client_options` (with no `client`; what `from_spec` makes):
+    the `RegistryClient` options; backends with the same ones share one client (one
+    connection pool, TLS context and bearer token for all the blobs of an image),
+    created on the first read, so registering an image in the daemon never waits for
+    the HTTP stack.
     """
 
     def __init__(
@@ -39,15 +42,18 @@ class RegistryBackend:
         *,
         deadline: float = 60.0,
         owns_client: bool = False,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self._client = client
         self.repo = as_image_reference(repo)
         self.deadline = deadline
         self.owns_client = owns_client
         self.extra_spec: dict[str, Any] = {}  # docker_config / verify, kept by spec()
-        self._options: dict[str, Any] = {}  # from_spec: how to make the shared client
+        # without a client: the RegistryClient options of the shared client made on first read
+        self._options: dict[str, Any] = dict(client_options or {}) if client is None else {}
         self._shared_key: str | None = None
         self._lock = threading.Lock()
+        self.router = Router([], None, {})
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> RegistryBackend:
@@ -55,8 +61,11 @@ class RegistryBackend:
 
             {"type": "registry", "repo": "host:port/name", "plain_http": false | true |
              "loopback", "deadline": 60, "timeout": 30, "retries": 5,
-             "docker_config": "/path/to/dir" | null, "verify": true | "/ca.pem"}
+             "docker_config": "/path/to/dir" | null, "verify": true | "/ca.pem",
+             "mirrors": [{"host": "http://m:5000", ...}], "proxy": {"url": ...} | null}
 
+        (`mirrors`, `proxy`: nydusd's settings, see `config.normalize_mirrors`;
+        `"origin": false` reads only through them, to fill them: `warm --mirrors-only`.)
         Credentials come from Docker's config.json at run time, never from the spec.
         """
         if spec.get("type") != "registry" or not isinstance(spec.get("repo"), str):
@@ -75,9 +84,20 @@ class RegistryBackend:
         }
         if options["timeout"] <= 0 or deadline <= 0 or options["retries"] < 0:
             raise UsageError(f"registry backend spec: bad timeout/deadline/retries in {spec!r}")
-        backend = cls(None, spec["repo"], deadline=deadline)
-        backend._options = options
+        backend = cls(None, spec["repo"], deadline=deadline, client_options=options)
         backend.extra_spec = {k: spec[k] for k in ("docker_config", "verify") if k in spec}
+        mirrors, proxy = parse_routes(spec)
+        if mirrors:
+            backend.extra_spec["mirrors"] = mirrors
+        if proxy:
+            backend.extra_spec["proxy"] = proxy
+        origin = spec.get("origin", True)
+        if origin is not True:
+            if origin is not False or not (mirrors or proxy):
+                raise UsageError(f"registry backend spec: bad origin {origin!r} (false needs "
+                                 "mirrors or a proxy)")
+            backend.extra_spec["origin"] = False
+        backend.router = Router(mirrors, proxy, options, origin=origin)
         return backend
 
     @property
@@ -117,9 +137,17 @@ class RegistryBackend:
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
         if not _BLOB_ID_RE.match(blob_id):
             raise BackendError(f"invalid blob id {blob_id!r}: expected 64 lower-case hex digits")
+        digest = f"sha256:{blob_id}"
+
+        def read(client: RegistryClient, ref: ImageReference, seconds: float) -> bytes:
+            data = client.read_blob_range(ref, digest, offset, length, deadline=seconds)
+            if len(data) != length:
+                raise BackendError(f"short read at {offset}+{length} ({len(data)} bytes)")
+            return data
+
         try:
-            data = self.client.read_blob_range(
-                self.repo, f"sha256:{blob_id}", offset, length, deadline=self.deadline
+            data = self.router.read(
+                (blob_id, offset, length), self.repo, self.deadline, read, lambda: self.client
             )
         except BackendError:
             raise
@@ -135,7 +163,13 @@ class RegistryBackend:
             )
         return data
 
+    def reject(self, blob_id: str, offset: int, length: int) -> bool:
+        """Bytes of this range failed their digest: True when a mirror or the proxy
+        served them (the next read of the range then goes to the origin)."""
+        return self.router.reject((blob_id, offset, length))
+
     def close(self) -> None:
+        self.router.close()
         with self._lock:
             client, key = self._client, self._shared_key
             self._client, self._shared_key, self._options = None, None, {}

@@ -228,6 +228,11 @@ class BlobSource:
         else:
             raise UsageError(f"cannot upload a {type(data).__name__}")
 
+    @property
+    def in_memory(self) -> bool:
+        """The bytes are in memory (cheap to digest before any upload)."""
+        return self._mem is not None
+
     def digest(self) -> str:
         h = hashlib.sha256()
         for piece in self.iter(0, self.size):
@@ -483,6 +488,9 @@ class RegistryClient:
             return response
 
     def _auth_header(self, host: str, scopes: tuple[str, ...], dl: _Deadline) -> str | None:
+        creds = self.credentials_for(host)
+        if creds is not None and creds.registry_token:  # given, not negotiated
+            return f"Bearer {creds.registry_token}"
         with self._lock:
             state = self._host_auth.get(host)
             token = self._tokens.get((host, scopes))
@@ -616,7 +624,11 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _may_reauth(self, host: str, auth: str) -> bool:
-        """A cached bearer token may lack a scope or have expired: worth one more round."""
+        """A cached bearer token may lack a scope or have expired: worth one more round.
+        A configured registry token refused is final."""
+        creds = self.credentials_for(host)
+        if creds is not None and creds.registry_token and auth == f"Bearer {creds.registry_token}":
+            return False
         with self._lock:
             for key in [k for k in self._tokens if k[0] == host]:
                 del self._tokens[key]
@@ -1055,7 +1067,7 @@ class RegistryClient:
             digest = source.digest()
         else:
             check_digest(digest)
-            if source._mem is not None and sha256_digest(bytes(source._mem)) != digest:
+            if source.in_memory and source.digest() != digest:
                 raise DigestMismatchError(f"blob for {image.name}: data is not {digest}")
         chunk = chunk_size if chunk_size is not None else self.upload_chunk_size
         if chunk is not None and chunk <= 0:
@@ -1077,6 +1089,64 @@ class RegistryClient:
                 log.debug("upload of %s failed (%s), restarting", digest, exc)
                 self._sleep_before_retry(attempt, dl, f"upload of {digest}")
                 attempt += 1
+
+    def push_blob_stream(
+        self,
+        repo: Reference | str,
+        pieces: Iterable[bytes],
+        *,
+        deadline: float | None = None,
+    ) -> tuple[str, int]:
+        """Upload a blob while it is being produced: one PATCH whose body streams
+        `pieces` (chunked transfer encoding), the sha256 computed on the way and sent
+        with the closing PUT.  Returns (digest, size).  The bytes go out once, without
+        retry; a caller that still has them (a file) falls back to `push_blob`."""
+        image = as_image_reference(repo)
+        dl = self._deadline(deadline)
+        push = repository_scope(image.repository, ("pull", "push"))
+        what = f"streaming a blob to {image.name}"
+        response = self._request(
+            "POST", image, self._api_url(image, "blobs/uploads/"), scopes=[push],
+            headers={"Content-Length": "0"}, dl=dl,
+        )
+        if response.status_code != 202:
+            raise self._fail(response, what)
+        location = self._location(response, what)
+        hasher = hashlib.sha256()
+        size = 0
+        sent = False
+
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            if sent:
+                raise RegistryError(f"{what}: the registry asked for the body again")
+            sent = True
+            return hashed()
+
+        def hashed() -> Iterator[bytes]:
+            nonlocal size
+            for piece in pieces:
+                hasher.update(piece)
+                size += len(piece)
+                yield piece
+
+        response = self._request(
+            "PATCH", image, location, scopes=[push],
+            headers={"Content-Type": "application/octet-stream"}, content=body,
+            retry=False, dl=dl,
+        )
+        if response.status_code != 202:
+            self._raise_upload(response, what)
+        location = self._location(response, what)
+        digest = "sha256:" + hasher.hexdigest()
+        response = self._request(
+            "PUT", image, location.copy_merge_params({"digest": digest}), scopes=[push],
+            headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
+            retry=False, dl=dl,
+        )
+        if response.status_code not in (201, 204):
+            self._raise_upload(response, what)
+        return digest, size
 
     def mount_blob(
         self,

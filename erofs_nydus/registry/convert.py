@@ -15,23 +15,40 @@ on a mount of this image converted without one) the merged bootstrap is optimize
 before the push (optimize.py): one blob with the traced chunks first and a prefetch
 table.  Conversion is deterministic, so the trace's fsid identifies the merged
 bootstrap it was recorded on; a trace of any other image is refused.
+
+Pipeline: up to `ConvertOptions.jobs` layers are converted at once (each one fetched and
+inflated in a read-ahead thread, its chunks digested and compressed by a small pool: see
+builder/inflate.py and builder/blob.py).  On a registry target each layer's new blob
+is streamed up while it is written (`RegistryClient.push_blob_stream`); other blobs
+(cached layers, chunk dictionaries, oci: targets, a failed stream) are uploaded by one
+uploader thread as soon as their layer is done, while other layers convert and the
+bootstraps merge.  A one-layer image without whiteouts skips the merge (the merged
+bootstrap is that layer's, byte for byte).  The output does not depend on the timing:
+layers are merged in manifest order, and every layer is built alone.  The first failure
+stops the other layers' downloads, aborts streams, cancels queued uploads, and joins every
+thread before it is raised; the manifest is only put when everything succeeded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
 import json
 import os
+import queue
 import shutil
 import tarfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from erofs_nydus.builder import BuildOptions, create_image
+from erofs_nydus.builder.create import write_file_atomic
 from erofs_nydus.builder.merge import merge_bootstraps
 from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.errors import UnsupportedError, UsageError
@@ -97,6 +114,8 @@ class ConvertOptions:
     cache_dir: str = "/var/cache/erofs_nydus/convert"
     client_options: dict[str, Any] = field(default_factory=dict)
     prefetch_trace: str | None = None  # optimize by this access trace (see optimize.py)
+    jobs: int = 2  # layers converted at once
+    threads: int | None = None  # chunk digest + compress threads per layer (BuildOptions)
 
 
 @dataclass(slots=True)
@@ -147,9 +166,85 @@ def _layer_key(digest: str, opts: ConvertOptions) -> str:
     return h.hexdigest()
 
 
+class _Cancelled(Exception):
+    """Another layer failed: this one stops reading its source."""
+
+
+class _StreamUpload:
+    """A layer's new blob uploaded to a registry while the builder writes it
+    (`RegistryClient.push_blob_stream`), fed in order from the blob writer through a
+    bounded queue; the upload thread starts with the first byte."""
+
+    PIECE = 1 << 20  # bytes gathered per queue item
+    _ABORT = object()
+
+    def __init__(self, push: Callable[[Iterator[bytes]], tuple[str, int]], label: str) -> None:
+        self._push = push
+        self._label = label
+        self._q: queue.Queue[Any] = queue.Queue(8)
+        self._buf = bytearray()
+        self._done = threading.Event()  # the upload thread ended (success or not)
+        self._thread: threading.Thread | None = None
+        self.result: tuple[str, int] | None = None
+        self.error: BaseException | None = None
+
+    def feed(self, data: bytes) -> None:
+        """The blob writer's tee: gather, hand over full pieces (blocks while full)."""
+        if self._done.is_set():
+            return
+        self._buf += data
+        if len(self._buf) >= self.PIECE:
+            self._put(bytes(self._buf))
+            self._buf.clear()
+
+    def _put(self, item: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"upload {self._label}",
+                                            daemon=True)
+            self._thread.start()
+        while not self._done.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _pieces(self) -> Iterator[bytes]:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if item is self._ABORT:
+                raise _Cancelled(self._label)
+            yield item
+
+    def _run(self) -> None:
+        try:
+            self.result = self._push(self._pieces())
+        except BaseException as exc:  # the caller falls back to a plain upload
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def finish(self, ok: bool) -> tuple[str, int] | None:
+        """End the upload: complete it (`ok`) or abort it; join the thread.  Returns
+        (digest, size) when the whole blob went up."""
+        if self._thread is None:
+            return None
+        if ok and self._buf:
+            self._put(bytes(self._buf))
+        self._buf.clear()
+        self._put(None if ok else self._ABORT)
+        self._thread.join()
+        return self.result if ok and self.error is None else None
+
+
 def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: ConvertOptions,
-                   progress: Progress | None, label: str) -> tuple[str, bool]:
-    """Layer bootstrap path for one source layer (cached); (path, was_cached)."""
+                   progress: Progress | None, label: str,
+                   cancel: threading.Event | None = None,
+                   stream: _StreamUpload | None = None) -> tuple[str, bool, list[str]]:
+    """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids).
+    `stream`: where the new blob is uploaded as it is written."""
     if layer.media_type in _ZSTD_LAYER_TYPES:
         raise UnsupportedError(f"{label}: zstd-compressed layers are not supported yet "
                                f"({layer.media_type})")
@@ -161,42 +256,52 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
     if os.path.exists(boot):
         img = read_bootstrap_file(boot)
         if all(os.path.exists(os.path.join(blob_dir, b.blob_id)) for b in img.blobs):
-            return boot, True
+            return boot, True, [b.blob_id for b in img.blobs]
     done = 0
 
     def counted() -> Iterator[bytes]:
         nonlocal done
         for piece in store.open_blob_stream(ref, layer.digest, size=layer.size):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled(label)
             done += len(piece)
             if progress:
                 progress(label, done, layer.size)
             yield piece
 
-    stream = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
+    source = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
     bopts = BuildOptions(chunk_size=opts.chunk_size, compressor=opts.compressor,
-                         digester=opts.digester, chunk_dicts=opts.chunk_dicts)
-    create_image(stream, boot, blob_dir, bopts, label=label)
-    return boot, False
+                         digester=opts.digester, chunk_dicts=opts.chunk_dicts,
+                         threads=opts.threads)
+    res = create_image(source, boot, blob_dir, bopts, label=label,
+                       blob_tee=stream.feed if stream is not None else None)
+    return boot, False, [b.blob_id for b in res.blobs]
 
 
 def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
                      config: dict[str, Any], progress: Progress | None = None,
+                     uploads: Mapping[str, Future[Any]] | None = None,
                      ) -> tuple[str, list[tuple[str, int]], str]:
     """Push a Nydus image: each blob of `bootstrap` (from `blob_dir`) as a nydus-blob
     layer, the bootstrap as the last tar.gz layer, `config` with matching rootfs and
-    history, then the manifest.  Returns (manifest digest, [(blob id, size)], bootstrap
-    layer digest)."""
+    history, then the manifest.  `uploads`: blob id -> its upload already under way
+    (waited for here, not pushed again).  Returns (manifest digest, [(blob id, size)],
+    bootstrap layer digest)."""
     img = read_bootstrap_file(bootstrap)
     layer_descs: list[Descriptor] = []
     blob_sizes: list[tuple[str, int]] = []
     for b in img.blobs:
         path = os.path.join(blob_dir, b.blob_id)
         size = os.path.getsize(path)
-        if progress:
-            progress(f"push blob {b.blob_id[:12]}", 0, size)
-        store.push_blob(ref, path, f"sha256:{b.blob_id}")
-        if progress:
-            progress(f"push blob {b.blob_id[:12]}", size, size)
+        started = uploads.get(b.blob_id) if uploads is not None else None
+        if started is not None:
+            started.result()
+        else:
+            if progress:
+                progress(f"push blob {b.blob_id[:12]}", 0, size)
+            store.push_blob(ref, path, f"sha256:{b.blob_id}")
+            if progress:
+                progress(f"push blob {b.blob_id[:12]}", size, size)
         layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{b.blob_id}", size,
                                       {ANNOTATION_NYDUS_BLOB: "true"}))
         blob_sizes.append((b.blob_id, size))
@@ -272,6 +377,123 @@ class _LayoutUndo:
                     os.unlink(p)
 
 
+class _Uploads:
+    """Blob uploads on one thread, started as layers finish; `futures`: blob id -> upload."""
+
+    def __init__(self, store: ImageStore, ref: Any, blob_dir: str,
+                 progress: Progress | None, lock: threading.Lock) -> None:
+        self.store, self.ref, self.blob_dir = store, ref, blob_dir
+        self.progress, self.lock = progress, lock
+        self.cancel = threading.Event()
+        self.futures: dict[str, Future[Any]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
+
+    def done(self, blob_id: str) -> None:
+        """`blob_id` is already in the registry (streamed while it was written)."""
+        f: Future[Any] = Future()
+        f.set_result(f"sha256:{blob_id}")
+        with self.lock:
+            self.futures.setdefault(blob_id, f)
+
+    def start(self, blob_id: str) -> None:
+        with self.lock:
+            if blob_id not in self.futures:
+                self.futures[blob_id] = self._pool.submit(self._upload, blob_id)
+
+    def _upload(self, blob_id: str) -> str:
+        if self.cancel.is_set():
+            raise _Cancelled(blob_id)
+        path = os.path.join(self.blob_dir, blob_id)
+        size = os.path.getsize(path)
+        if self.progress:
+            with self.lock:
+                self.progress(f"push blob {blob_id[:12]}", 0, size)
+        out = self.store.push_blob(self.ref, path, f"sha256:{blob_id}")
+        if self.progress:
+            with self.lock:
+                self.progress(f"push blob {blob_id[:12]}", size, size)
+        return out
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for what has (joins the thread)."""
+        self.cancel.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def single_layer_merge_is_identity(boots: list[str], opts: ConvertOptions) -> bool:
+    """True when merging `boots` gives back the one layer bootstrap byte for byte: one
+    layer, no chunk dictionary, and no whiteout name anywhere in it (names are stored
+    verbatim in directory blocks, so a bootstrap without the bytes ".wh." has none; a
+    false positive only costs a real merge).  The merge of such a layer applies it onto
+    an empty tree and keeps every blob and chunk (tests/test_convert_pipeline.py checks
+    the identity)."""
+    if len(boots) != 1 or opts.chunk_dicts:
+        return False
+    with open(boots[0], "rb") as f:
+        return b".wh." not in f.read()
+
+
+def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts: ConvertOptions,
+                    progress: Progress | None, lock: threading.Lock,
+                    uploads: _Uploads | None) -> tuple[list[str], int]:
+    """Convert `layers`, up to `opts.jobs` at once; with `uploads`, start uploading each
+    layer's blobs as soon as the layer is done.  On the first failure the other layers
+    stop reading their sources and every layer thread is joined before it is raised.
+    Returns (layer bootstraps in manifest order, how many were cached)."""
+    cancel = threading.Event()
+
+    def locked_progress(label: str, done: int, total: int) -> None:
+        assert progress is not None
+        with lock:
+            progress(label, done, total)
+
+    def one(i: int, layer: Descriptor) -> tuple[str, bool]:
+        label = f"layer {i + 1}/{len(layers)} {layer.digest[7:19]}"
+        push_stream = getattr(uploads.store, "push_blob_stream", None) if uploads else None
+        stream = None
+        if uploads is not None and push_stream is not None:
+            stream = _StreamUpload(functools.partial(push_stream, uploads.ref), label)
+        ok = False
+        try:
+            boot, was_cached, blob_ids = _convert_layer(
+                store, ref, layer, opts, locked_progress if progress else None, label, cancel,
+                stream)
+            ok = True
+        finally:
+            streamed = stream.finish(ok) if stream is not None else None
+        if uploads is not None:
+            for blob_id in blob_ids:
+                if streamed is not None and streamed[0] == f"sha256:{blob_id}":
+                    uploads.done(blob_id)
+                else:
+                    uploads.start(blob_id)
+        return boot, was_cached
+
+    # a layer digest listed twice is converted once
+    unique = {layer.digest: (i, layer) for i, layer in reversed(list(enumerate(layers)))}
+    futures: dict[str, Future[tuple[str, bool]]] = {}
+    failed = True
+    with ThreadPoolExecutor(min(opts.jobs, max(1, len(unique))),
+                            thread_name_prefix="layer") as pool:
+        try:
+            for digest, (i, layer) in sorted(unique.items(), key=lambda kv: kv[1][0]):
+                futures[digest] = pool.submit(one, i, layer)
+            wait(list(futures.values()), return_when=FIRST_EXCEPTION)
+            for f in futures.values():
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+            results = {d: f.result() for d, f in futures.items()}
+            failed = False
+        finally:
+            if failed:
+                cancel.set()
+                for f in futures.values():
+                    f.cancel()
+    boots = [results[layer.digest][0] for layer in layers]
+    cached = sum(results[layer.digest][1] for layer in layers)
+    return boots, cached
+
+
 def convert_image(source: str, target: str, opts: ConvertOptions,
                   progress: Progress | None = None,
                   warn: Callable[[str], None] | None = None) -> ConvertResult:
@@ -285,38 +507,49 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
         src_store.close()
         undo.run()
         raise
+    uploads: _Uploads | None = None
     try:
         man = src_store.get_manifest(src_ref, opts.platform)
         descs = manifest_blobs(man.data)
         config_desc, layers = descs[0], descs[1:]
         config = parse_json_document(
             src_store.get_blob(src_ref, config_desc.digest, size=config_desc.size))
-        boots: list[str] = []
-        cached = 0
-        for i, layer in enumerate(layers):
-            label = f"layer {i + 1}/{len(layers)} {layer.digest[7:19]}"
-            boot, was_cached = _convert_layer(src_store, src_ref, layer, opts, progress, label)
-            cached += was_cached
-            boots.append(boot)
+        if opts.jobs < 1:
+            raise UsageError(f"--jobs {opts.jobs}: must be at least 1")
+        lock = threading.Lock()
+        if trace is None:  # with a trace the optimized image has other blobs
+            uploads = _Uploads(dst_store, dst_ref, os.path.join(opts.cache_dir, "blobs"),
+                               progress, lock)
+        boots, cached = _convert_layers(src_store, src_ref, layers, opts, progress, lock,
+                                        uploads)
         work = os.path.join(opts.cache_dir, "images")
         os.makedirs(work, exist_ok=True)
         merged = os.path.join(work, hashlib.sha256(
             "|".join([man.digest, *boots]).encode()).hexdigest() + ".boot")
-        # layer bootstraps come from our own cache: skip re-validating each one
-        merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
+        if not single_layer_merge_is_identity(boots, opts):
+            # layer bootstraps come from our own cache: skip re-validating each one
+            merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
+        else:
+            with open(boots[0], "rb") as f:
+                write_file_atomic(merged, f.read())
         boot, optimized = merged, None
         if trace is not None:
             boot, optimized = _optimize_merged(merged, opts, trace)
         digest, blob_sizes, boot_digest = push_nydus_image(
-            dst_store, dst_ref, boot, os.path.join(opts.cache_dir, "blobs"), config, progress)
+            dst_store, dst_ref, boot, os.path.join(opts.cache_dir, "blobs"), config, progress,
+            uploads.futures if uploads is not None else None)
         return ConvertResult(target=target, manifest_digest=digest, bootstrap=boot,
                              blobs=blob_sizes, layers_converted=len(layers) - cached,
                              layers_cached=cached, bootstrap_layer_digest=boot_digest,
                              prefetch=optimized)
     except BaseException:
+        if uploads is not None:
+            uploads.close()  # before the store closes and the layout is undone
         dst_store.close()
         undo.run()
         raise
     finally:
+        if uploads is not None:
+            uploads.close()
         src_store.close()
         dst_store.close()

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from erofs_nydus.builder.blob import BlobWriter
+from erofs_nydus.builder.blob import DigestOnlyWriter
 from erofs_nydus.builder.source import tree_from_tar
 from erofs_nydus.builder.whiteout import merge_trees
 from erofs_nydus.errors import ErofsNydusError
 from erofs_nydus.rafs.check import CheckReport
-from erofs_nydus.rafs.codec import decode_chunk, digest_of
+from erofs_nydus.rafs.codec import decode_chunk
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 from erofs_nydus.rafs.reader import BootstrapReader
 from erofs_nydus.rafs.tree import Node
@@ -34,25 +33,6 @@ from erofs_nydus.registry.resolve import extract_bootstrap, open_layer_tar
 from erofs_nydus.registry.store import ImageStore, open_image_store
 
 MAX_DATA_BLOB_IN_MEMORY = 4 * 1024 * 1024 * 1024  # `check REF` verifies a data blob whole
-
-
-class DigestOnlyWriter(BlobWriter):
-    """A BlobWriter that stores nothing: files get chunk digests, for tree comparison.
-
-    Whatever the writer would write (zero-filled or raw chunks) goes to /dev/null: it
-    never creates its blob directory or a temp file in it."""
-
-    def _ensure_open(self) -> None:
-        if self._blob_f is None:
-            self._blob_f = open(os.devnull, "wb")  # noqa: SIM115 - closed by the writer
-
-    def add_chunk(self, data: bytes, file_offset: int, digest: bytes | None = None) -> ChunkInfo:
-        if digest is None:
-            digest = digest_of(data, self.digester)
-        n = self.stats.chunks_referenced
-        self.stats.chunks_referenced += 1
-        # distinct offsets: merge_trees identifies a chunk by (blob, uncompressed offset)
-        return ChunkInfo(digest, 0, n, 0, len(data), n << 12, len(data), False)
 
 
 @dataclass(slots=True)

@@ -33,6 +33,7 @@ from typing import IO, Any, Literal
 
 from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write, private_dir
+from erofs_nydus.rafs.image import RafsImage
 from erofs_nydus.rafs.reader import (
     MAX_BOOTSTRAP_SIZE,
     LoadedBootstrap,
@@ -53,6 +54,7 @@ from erofs_nydus.registry.manifest import (
     manifest_blobs,
 )
 from erofs_nydus.registry.reference import (
+    ImageReference,
     LayoutReference,
     Reference,
     looks_like_reference,
@@ -177,22 +179,23 @@ def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
 
 
 def _fetch_bootstrap(store: OCILayout | RegistryClient, ref: Reference, desc: Descriptor,
-                     cache_dir: str, left: Callable[[], float]) -> tuple[str, int]:
+                     cache_dir: str, left: Callable[[], float], *,
+                     mirrors: list[dict[str, Any]] | None = None,
+                     proxy: dict[str, Any] | None = None,
+                     backend: dict[str, Any] | None = None) -> tuple[str, int]:
     """Download the bootstrap layer `desc` to a temporary file (bounded by its descriptor
     size and MAX_BOOTSTRAP_LAYER_SIZE, digest-verified), extract the bootstrap (bounded)
-    into ``<cache-dir>/<sha256>.boot``; returns (path, bytes downloaded)."""
+    into ``<cache-dir>/<sha256>.boot``; returns (path, bytes downloaded).
+
+    With `mirrors` / `proxy` (and the registry `backend` spec they go with) the layer is
+    read through them first, as the chunks are later, the origin last: a mirror is as
+    untrusted as the origin, so its answer has the same bounds and digest check, and
+    one that fails them only moves the download on to the next path."""
     what = f"bootstrap layer {desc.digest}"
-    fetched = 0
     with tempfile.TemporaryFile(dir=cache_dir) as layer, \
             tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".boot-", delete=False) as out:
         try:
-            for piece in store.open_blob_stream(ref, desc.digest,
-                                                max_size=client.MAX_BOOTSTRAP_LAYER_SIZE,
-                                                size=desc.size,
-                                                limit_name="MAX_BOOTSTRAP_LAYER_SIZE",
-                                                deadline=left()):
-                layer.write(piece)
-                fetched += len(piece)
+            fetched = _download_layer(store, ref, desc, layer, left, mirrors, proxy, backend)
             layer.seek(0)
             extract_bootstrap_to(layer, out, what=what)
             out.flush()
@@ -213,6 +216,36 @@ def _fetch_bootstrap(store: OCILayout | RegistryClient, ref: Reference, desc: De
     return path, fetched
 
 
+def _download_layer(store: OCILayout | RegistryClient, ref: Reference, desc: Descriptor,
+                    layer: IO[bytes], left: Callable[[], float],
+                    mirrors: list[dict[str, Any]] | None, proxy: dict[str, Any] | None,
+                    backend: dict[str, Any] | None) -> int:  # fmt: skip
+    """The layer's bytes into `layer` (from its start; bounded, digest-verified when the
+    stream ends); returns how many."""
+
+    def download(src: OCILayout | RegistryClient, at: Reference, seconds: float) -> int:
+        layer.seek(0)
+        layer.truncate()  # a failed path's partial bytes go
+        n = 0
+        for piece in src.open_blob_stream(at, desc.digest,
+                                          max_size=client.MAX_BOOTSTRAP_LAYER_SIZE,
+                                          size=desc.size, limit_name="MAX_BOOTSTRAP_LAYER_SIZE",
+                                          deadline=seconds):  # fmt: skip
+            layer.write(piece)
+            n += len(piece)
+        return n
+
+    if (not (mirrors or proxy) or backend is None or not isinstance(store, RegistryClient)
+            or not isinstance(ref, ImageReference)):  # fmt: skip
+        return download(store, ref, left())
+    via = RegistryBackend.from_spec({**backend, "mirrors": mirrors or [], "proxy": proxy})
+    try:
+        return via.router.read((desc.digest.split(":", 1)[1], 0, desc.size), ref, left(),
+                               download, lambda: store)  # fmt: skip
+    finally:
+        via.close()
+
+
 def _index_bootstrap(cache_dir: str, layer_digest: str, sha: str) -> None:
     private_dir(os.path.join(cache_dir, LAYER_INDEX))
     atomic_write(os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1]),
@@ -230,7 +263,10 @@ def resolve_remote_image(
     retries: int = 3,
     docker_config: str | None = None,
     verify: bool | str = True,
+    mirrors: list[dict[str, Any]] | None = None,
+    proxy: dict[str, Any] | None = None,
     resolve_deadline: float | None = None,
+    validate: Callable[[bytes, str], RafsImage] | None = None,
 ) -> RemoteImage:
     """Resolve `text`, fetch its bootstrap into `cache_dir`, return what to register.
 
@@ -238,9 +274,14 @@ def resolve_remote_image(
     AuthError (credentials missing or refused), RegistryError, UnsupportedError
     (not a Nydus image), FormatError (a bootstrap that does not parse).
     `deadline`: seconds per on-demand read in the daemon (retries included).
+    `mirrors`, `proxy` (backend settings): the bootstrap layer is read through them
+    first, as the chunks are later; manifests always come from the origin.
     `resolve_deadline` (default RESOLVE_DEADLINE): seconds for all of this call's
     registry traffic together, so a slow registry ends in one DeadlineExceededError
     line before the daemon that runs this gives up on being idle.
+    `validate` (data, name) -> image: how the bootstrap is parsed (default
+    `load_image`: no tree walk); the daemon passes its full validation, and
+    ``RemoteImage.loaded`` then carries that parse to its `register`.
     """
     total = RESOLVE_DEADLINE if resolve_deadline is None else resolve_deadline
     end = time.monotonic() + total
@@ -287,8 +328,9 @@ def resolve_remote_image(
         fetched = 0
         boot_path = _cached_bootstrap(cache_dir, boot_desc.digest)
         if boot_path is None:
-            boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left)
-        loaded = load_bootstrap_file(boot_path)
+            boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left,
+                                                  mirrors=mirrors, proxy=proxy, backend=backend)
+        loaded = load_bootstrap_file(boot_path, validate)
         image = loaded.image
         listed = {d.digest for d in layers}
         for b in image.blobs:

@@ -1,10 +1,12 @@
-"""Supervisor <-> daemon channel: JSON messages with fds over a SOCK_SEQPACKET pair.
+"""Supervisor <-> daemon channel: JSON messages with fds over a SOCK_SEQPACKET pair
+(both modes; "events", "done", "keep"/"drop" and "counters" are fanotify mode's).
 
 One `sendmsg` is one message (boundaries kept, fds travel with it via SCM_RIGHTS).
 
 supervisor -> daemon
-    {"op": "hello", "cache_dir": ..., "restart": bool}
-                                                 fds: [fanotify group, control listener]
+    {"op": "hello", "cache_dir": ..., "restart": bool, "resident": bool}
+                                                 fds: [request source (fanotify group or
+                                                 /dev/cachefiles), control listener]
     {"op": "events", "events": [{fd, mask, pid, offset?, count?, problem?}, ...]}
                                                  fds: one per event, same order
     {"op": "stop"}                               SIGTERM/SIGINT: stop if no mounts live

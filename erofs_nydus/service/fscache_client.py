@@ -290,13 +290,13 @@ def mount_fscache(
     buffered cache is in effect; ``0`` keeps the kernel's default (128 KiB).
     ``allow_suid_dev``: mount without ``nosuid,nodev``."""
     from erofs_nydus.fscache.device import unavailable_reason
-    from erofs_nydus.mount import _check_option_value, mount_erofs_fscache
+    from erofs_nydus.mount import check_option_value, mount_erofs_fscache
 
     reason = unavailable_reason()
     if reason is not None:
         raise UnsupportedError(f"fscache mode: {reason}")
     if domain_id is not None:
-        _check_option_value("domain_id", domain_id)
+        check_option_value("domain_id", domain_id)
         if "/" in domain_id:
             raise UnsupportedError(f"--domain-id {domain_id!r}: must not contain '/'")
     from erofs_nydus.fscache.device import fs_type_of

@@ -1,19 +1,17 @@
 """fscache mode daemon: /dev/cachefiles on-demand requests served by the daemon core.
 
-Process model (like fanotify mode, simpler because the kernel queues requests itself):
+Process model: the shell both modes share (:mod:`erofs_nydus.service.shell`: cache-dir
+lock, control socket, worker restarts, SIGTERM policy, read deadline, process limits),
+with this request source:
 
-* the **supervisor** locks the cache dir, opens ``/dev/cachefiles``, sends ``dir`` and
-  ``bind ondemand``, opens the control socket, then forks the worker and waits.  It
-  keeps the device fd for as long as it lives, so a worker killed with ``kill -9``
-  loses nothing: its anon fds close (the objects go to the CLOSE state), the queued
-  requests stay queued, and the next worker sends ``restore`` - the kernel re-delivers
-  them, reopening the objects with fresh OPENs first (Linux 6.8+).  A worker exiting
-  with status 0 means "no mounts left": the supervisor then closes the device and exits.
-  As in fanotify mode, SIGTERM/SIGINT stop it only with no mounts live (else it logs
-  "N mounts live; umount first" and keeps serving), a daemon that does not answer a
-  ping within the read deadline (`EROFS_NYDUS_READ_DEADLINE`) is killed and replaced
-  (its READs are re-delivered to the next one), the supervisor asks for
-  oom_score_adj -1000 and both raise the open-file limit (`service/procs.py`).
+* the **supervisor** (:class:`FscacheShell`) opens ``/dev/cachefiles``, sends ``dir``
+  and ``bind ondemand`` and hands the device fd to the worker in its hello.  It keeps
+  the device fd for as long as it lives, so a worker killed with ``kill -9`` loses
+  nothing: its anon fds close (the objects go to the CLOSE state), the queued requests
+  stay queued, and the next worker sends ``restore`` - the kernel re-delivers them,
+  reopening the objects with fresh OPENs first (Linux 6.8+).  A worker reporting
+  ``shutdown`` (no mounts left) ends it: the device is closed.  The worker does not
+  die with the supervisor: it holds the device too and serves on.
 * the **worker** restores the image table (:class:`~erofs_nydus.daemon.images.ImageTable`:
   bootstrap copies, blob cache files, chunk maps) from the cache dir, reads requests in
   its main thread and answers them:
@@ -29,10 +27,10 @@ Process model (like fanotify mode, simpler because the kernel queues requests it
     data, so the reader gets EIO.  The bootstrap object is written whole on its first READ.
   - CLOSE: the object's fd is closed (once no READ worker is using it).
 
-  The control socket (JSON lines, the protocol of :mod:`erofs_nydus.service.client`)
-  takes ``ping``, ``register`` (also picks the fsid to mount with), ``detach``,
-  ``status``, ``drop_fds`` (close every anon fd: the kernel reopens on the next READ) and
-  ``shutdown``.  Mounting happens in the CLI process, never here.
+  The control socket has the shell's operations (``ping``, ``resolve``, ``register``
+  - which also picks the fsid to mount with -, ``detach``, ``status``, ``shutdown``)
+  and ``drop_fds`` (close every anon fd: the kernel reopens on the next READ).
+  Mounting happens in the CLI process, never here.
 
 Kernel cache files live in ``<cache-dir>/fscache`` (the ``dir`` of cachefiles); the
 cache dir must be on ext4/xfs/btrfs.
@@ -48,47 +46,43 @@ import json
 import logging
 import mmap
 import os
-import resource
 import select
-import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
+from erofs_nydus.daemon.images import ImageTable
 from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
 from erofs_nydus.fsutil import atomic_write, open_private, private_dir
-from erofs_nydus.service import logs
+from erofs_nydus.service import channel
 from erofs_nydus.service.api import ControlPlane
-from erofs_nydus.service.paths import (
-    RunPaths,
-    listen_unix,
-    take_supervisor_lock,
-    unlink_own_socket,
-)
-from erofs_nydus.service.procs import (
-    exit_forked_child,
-    raise_nofile,
-    read_deadline,
-    set_oom_score_adj,
+from erofs_nydus.service.paths import RunPaths
+from erofs_nydus.service.shell import (
+    MAX_REQUEST,
+    ControlOps,
+    Shell,
+    control_reply,
+    receive_hello,
+    setup_logging,
+    start_shell,
+    too_long,
 )
 
-__all__ = ["FscacheWorker", "kernel_cache_dir", "pointer_path", "run_supervisor"]
+__all__ = ["FscacheShell", "FscacheWorker", "kernel_cache_dir", "pointer_path", "run_supervisor",
+           "run_worker"]
 
 log = logging.getLogger("erofs_nydus.fscache")
 
 PAGE = 4096
 COPY_PIECE = 1 << 20
 WHOLE_BOOTSTRAP_MAX = 64 << 20
-MAX_REQUEST = 1 << 20
 FATAL_PREFIX = "FATAL: "
 _POINTER = "/run/erofs-nydus/fscache-daemon.json"
 
@@ -125,11 +119,16 @@ def _mounted_fsids() -> set[str]:
     return out
 
 
-class FscacheWorker:
+class FscacheWorker(ControlOps):
+    mode = "fscache"
+
     def __init__(
-        self, devfd: int, listener: socket.socket, cache_dir: str, *, threads: int = 8
+        self, devfd: int, listener: socket.socket, cache_dir: str, *, threads: int = 8,
+        chan: socket.socket | None = None,
     ) -> None:
         self.devfd = devfd
+        self.chan = chan
+        self.sender = channel.Sender(chan) if chan is not None else None
         self.listener = listener
         self.cache_dir = os.path.abspath(cache_dir)
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -155,6 +154,41 @@ class FscacheWorker:
     def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[key] += n
+
+    # -- the supervisor channel ------------------------------------------------------
+
+    def tell(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        if self.sender is not None:
+            self.sender.put(msg, fds)
+
+    def serve_channel(self) -> None:
+        """Liveness pings and stop requests from the supervisor (a thread)."""
+        assert self.chan is not None
+        self.chan.setblocking(True)
+        while not self.stop.is_set():
+            try:
+                msg, fds = channel.recv(self.chan)
+            except (OSError, ProtocolError) as exc:
+                log.error("channel from the supervisor: %s", exc)
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                # This process holds the device too: keep serving what it queues.
+                log.error("supervisor gone; serving /dev/cachefiles on")
+                return
+            op = msg.get("op")
+            if op == "ping":
+                self.tell({"op": "pong"})
+            elif op == "stop":  # SIGTERM/SIGINT to the supervisor
+                if self.on_stop():
+                    self.stop.set()
+            else:
+                log.error("unknown supervisor message %r", op)
+
+    def close_channel(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
 
     # -- the device ------------------------------------------------------------------
 
@@ -219,11 +253,14 @@ class FscacheWorker:
         fsid = key.split(".", 1)[0]
         entry = self.table.images.get(fsid)
         if entry is not None and (key == fsid or key[len(fsid) + 1 :].isdigit()):
+            boot = self.table.stored_bootstrap(fsid)  # still the validated bytes
+            if boot is None:
+                return None
             try:
-                size = os.path.getsize(entry.bootstrap)
+                size = os.path.getsize(boot)
             except OSError:
                 return None
-            return "bootstrap", fsid, size, entry.bootstrap
+            return "bootstrap", fsid, size, boot
         srv = self.table.blobs.get(key)
         if srv is not None:
             return "blob", key, srv.cache.size, srv.cache.data_path
@@ -355,57 +392,34 @@ class FscacheWorker:
             self.keys[mountpoint] = (key, domain)
             return key
 
-    def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
-        op = req.get("op")
-        if op == "ping":
-            return {"pid": os.getpid(), "mounts": self.table.mountpoints(), "mode": "fscache"}
-        if op == "register":
-            if req.get("mode") != "fscache":
-                raise DaemonError(
-                    f"the daemon for {self.cache_dir} runs in fscache mode; mount with "
-                    "--mode fscache or use another cache dir"
-                )
-            mp = os.path.abspath(str(req["mountpoint"]))
-            domain = req.get("domain_id")
-            info = self.table.register(
-                str(req["bootstrap"]), dict(req["backend"]), mp,
-                amplify=request_number(req, "amplify", 1 << 20),
-                prefetch=prefetch_settings(req),
-            )  # fmt: skip
-            key = self._mount_key(info["fsid"], mp, None if domain is None else str(domain))
-            self.plane.registered(str(info["fsid"]))
-            return {"fsid": info["fsid"], "mount_fsid": key, "domain_id": domain,
-                    "blobs": len(info["devices"]), "bootstrap": info["bootstrap"]}
-        if op == "detach":
-            mp = os.path.abspath(str(req["mountpoint"]))
-            self.plane.detaching(mp)
-            remaining = self.table.detach(mp)
-            self.plane.detached()
-            with self._keys_lock:
-                self.keys.pop(mp, None)
-            return {"remaining": remaining}
-        if op == "status":
-            st = self.table.status()
-            with self._stats_lock:
-                counters = dict(self.stats)
-            st["pid"] = os.getpid()
-            st["uptime"] = time.time() - self.started
-            st["fscache"] = {
-                **{k: counters.get(k, 0) for k in ("open", "read", "close", "open_refused",
-                                                   "read_failed", "restores")},
-                **counters,
-                "objects": len(self.objects),
-                "opens_by_key": dict(self.objects.opens),
-            }
-            return st
+    def registered_hook(self, info: dict[str, Any], req: dict[str, Any],
+                        mountpoint: str) -> dict[str, Any]:
+        domain = req.get("domain_id")
+        key = self._mount_key(info["fsid"], mountpoint, None if domain is None else str(domain))
+        return {"fsid": info["fsid"], "mount_fsid": key, "domain_id": domain,
+                "blobs": len(info["devices"]), "bootstrap": info["bootstrap"]}
+
+    def detach_hook(self, mountpoint: str) -> dict[str, Any]:
+        resp = super().detach_hook(mountpoint)
+        with self._keys_lock:
+            self.keys.pop(mountpoint, None)
+        return resp
+
+    def status_hook(self, st: dict[str, Any]) -> None:
+        with self._stats_lock:
+            counters = dict(self.stats)
+        st["fscache"] = {
+            **{k: counters.get(k, 0) for k in ("open", "read", "close", "open_refused",
+                                               "read_failed", "restores")},
+            **counters,
+            "objects": len(self.objects),
+            "opens_by_key": dict(self.objects.opens),
+        }
+
+    def mode_op(self, op: Any, req: dict[str, Any]) -> dict[str, Any]:
         if op == "drop_fds":
             return {"dropped": self.objects.remove_all()}
-        if op == "shutdown":
-            mounts = self.table.mountpoints()
-            if mounts and not req.get("force"):
-                raise DaemonError(f"still serving {len(mounts)} mount(s): {', '.join(mounts)}")
-            return {}
-        raise DaemonError(f"unknown request {op!r}")
+        return super().mode_op(op, req)
 
     def _serve_conn(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
@@ -414,30 +428,17 @@ class FscacheWorker:
                 if not line:
                     return
                 if len(line) > MAX_REQUEST:  # refused unread: the connection is dropped
-                    logs.limit_hit("control_request_bytes", log,
-                                   "control request over %d bytes refused", MAX_REQUEST)
                     with contextlib.suppress(OSError):
-                        f.write(json.dumps({"ok": False, "type": "ProtocolError", "error":
-                                            f"request line longer than {MAX_REQUEST} bytes"},
-                                           ).encode() + b"\n")
+                        f.write(json.dumps(too_long()).encode() + b"\n")
                         f.flush()
                     return
-                req: dict[str, Any] = {}
-                try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise DaemonError("request must be a JSON object")
-                    resp: dict[str, Any] = {"ok": True, **self.dispatch(req)}
-                except Exception as exc:
-                    log.info("request failed: %s", exc)
-                    resp = {"ok": False, "error": str(exc), "type": type(exc).__name__}
-                    req = {}
+                resp, shutdown = control_reply(line, self.dispatch)
                 try:
                     f.write(json.dumps(resp).encode() + b"\n")
                     f.flush()
                 except OSError:
                     return
-                if resp["ok"] and req.get("op") == "shutdown":
+                if shutdown and resp["ok"]:
                     log.info("shutdown requested")
                     self.stop.set()
                     return
@@ -469,6 +470,8 @@ class FscacheWorker:
     def run(self) -> None:
         self.plane.start()
         threading.Thread(target=self.serve_control, name="control", daemon=True).start()
+        if self.chan is not None:
+            threading.Thread(target=self.serve_channel, name="channel", daemon=True).start()
         idle = float(os.environ.get("EROFS_NYDUS_IDLE_EXIT", "60"))
         if idle > 0:
             threading.Thread(target=self._idle_watch, args=(idle,), daemon=True).start()
@@ -508,110 +511,53 @@ class FscacheWorker:
                 self.on_read(msg)  # completes it (the object may be gone: EIO)
 
 
-def _setup_logging(role: str, cache_dir: str) -> None:
-    logs.install(f"%(asctime)s fscache-{role}[{os.getpid()}] %(levelname)s %(message)s",
-                 RunPaths.of(cache_dir).log)
-
-
-def _run_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
-    _setup_logging("daemon", cache_dir)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    del soft
-    worker = FscacheWorker(devfd, listener, cache_dir)
+def run_worker(channel_fd: int) -> int:
+    """The worker (forked by the shell): serve the device it gets in the hello until no
+    mount is left; a restarted one first asks the kernel to re-deliver (``restore``)."""
+    setup_logging("fscache-daemon")
+    chan = socket.socket(fileno=channel_fd)
+    hello = receive_hello(chan)
+    if hello is None:
+        return 2
+    for fd in hello.extra_fds:
+        os.close(fd)
+    worker = FscacheWorker(hello.source_fd, hello.listener, hello.cache_dir, chan=chan)
     worker.table.load_state()  # before any request: OPENs name restored images
-    if not restart:
+    if not hello.restart:
         worker.table.prune_stale()
     else:
         worker.restore()
     worker.plane.restored()
-    log.info("serving %s (%d images)%s", cache_dir, len(worker.table.images),
-             " after a restart" if restart else "")
-    worker.run()
+    worker.report_deadline()
+    log.info("serving %s (%d images)%s", hello.cache_dir, len(worker.table.images),
+             " after a restart" if hello.restart else "")
+    try:
+        worker.run()
+        worker.tell({"op": "shutdown"})  # no mounts left, idle, or the cache is dead
+    finally:
+        worker.close_channel()
     return 0
 
 
-def _fork_worker(devfd: int, listener: socket.socket, cache_dir: str, restart: bool) -> int:
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        # No PR_SET_PDEATHSIG here: this process holds the device fd too, so when the
-        # supervisor dies it keeps serving (nothing else could answer its requests).
-        set_oom_score_adj(0)  # the daemon holds the memory; it may be killed
-        code = _run_worker(devfd, listener, cache_dir, restart)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        exit_forked_child(code)
+class FscacheShell(Shell):
+    """The fscache mode's supervisor: holds /dev/cachefiles (bound on-demand); the
+    worker reads the requests itself.  A worker killed with requests pending loses
+    nothing: they stay queued in the kernel and its successor's ``restore`` has them
+    re-delivered.  The worker outlives the supervisor (it holds the device too)."""
 
+    role = "fscache-supervisor"
+    worker_dies_with_supervisor = False
 
-class _Watch:
-    """The supervisor's view of its daemon, shared in spirit with fanotify mode: SIGTERM
-    and SIGINT stop it only with no mounts live ("N mounts live; umount first"), and a
-    daemon that does not answer a ping within the read deadline is killed (its READs
-    stay queued in the kernel and are re-delivered to the next daemon by `restore`)."""
+    def worker_main(self, channel_fd: int) -> int:
+        return run_worker(channel_fd)
 
-    def __init__(self, cache_dir: str) -> None:
-        from erofs_nydus.service.client import DaemonClient
+    def worker_keeps(self) -> set[int]:
+        return {self.lock_fd}  # serving on after the supervisor's death, it holds the lock
 
-        self.client = DaemonClient(cache_dir)
-        self.deadline = read_deadline()
-        self.stop_requested = False
-
-    def wait(self, pid: int) -> int:
-        """Until the daemon `pid` exits; its exit status."""
-        last_ping = time.monotonic()
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return os.waitstatus_to_exitcode(status)
-            if self.stop_requested:
-                self.stop_requested = False
-                self._stop()
-            now = time.monotonic()
-            if now - last_ping > self.deadline / 4:
-                last_ping = now
-                if self._stuck():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    _, status = os.waitpid(pid, 0)
-                    return os.waitstatus_to_exitcode(status)
-            time.sleep(0.1)
-
-    def _stop(self) -> None:
-        from erofs_nydus.service.client import DaemonUnreachable
-
-        try:
-            mounts = self.client.request("ping", timeout=self.deadline).get("mounts", [])
-            if mounts:
-                log.warning("not stopping: %d mounts live; umount first", len(mounts))
-                return
-            log.info("stop requested by signal; stopping the daemon")
-            self.client.request("shutdown", timeout=self.deadline)
-        except DaemonUnreachable as exc:
-            log.warning("not stopping: the daemon does not answer (%s)", exc)
-        except ErofsNydusError as exc:  # a mount registered meanwhile
-            log.warning("not stopping: %s", exc)
-
-    def _stuck(self) -> bool:
-        from erofs_nydus.service.client import DaemonUnreachable
-
-        t0 = time.monotonic()
-        try:
-            self.client.request("ping", timeout=self.deadline)
-        except DaemonUnreachable as exc:
-            if time.monotonic() - t0 >= self.deadline * 0.9:
-                log.error("daemon stuck: no answer to a ping in %.0f s (%s); replacing it",
-                          self.deadline, exc)
-                return True
-        except ErofsNydusError:
-            pass
-        return False
+    def release(self) -> None:
+        with contextlib.suppress(OSError, ValueError), open(pointer_path(), encoding="utf-8") as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.unlink(pointer_path())
 
 
 def _write_pointer(cache_dir: str) -> None:
@@ -622,14 +568,9 @@ def _write_pointer(cache_dir: str) -> None:
                      mode=0o600)
 
 
-def run_supervisor(cache_dir: str) -> int:
-    """Hold /dev/cachefiles for ``cache_dir`` and keep a worker serving it."""
-    _setup_logging("supervisor", cache_dir)
-    paths = RunPaths.of(cache_dir)
-    lock_fd = take_supervisor_lock(paths)
-    if lock_fd is None:
-        log.info("a supervisor already serves %s", paths.cache_dir)
-        return 0
+def _open_bound_device(paths: RunPaths) -> int | None:
+    """/dev/cachefiles bound on-demand to the cache dir; None (said in a ``FATAL:``
+    line the CLI shows) when it cannot be."""
     try:
         devfd = open_device()
         try:
@@ -639,45 +580,21 @@ def run_supervisor(cache_dir: str) -> int:
             raise
     except ErofsNydusError as exc:
         print(f"{FATAL_PREFIX}{exc}", file=sys.stderr, flush=True)
-        os.ftruncate(lock_fd, 0)
-        os.close(lock_fd)
-        return 3
-    listener = listen_unix(paths.socket)
-    _write_pointer(paths.cache_dir)
+        return None
     log.info("bound /dev/cachefiles on %s (on-demand)", kernel_cache_dir(paths.cache_dir))
-    raise_nofile()
-    set_oom_score_adj(-1000)  # the OOM killer must not take the device fd's holder
-    watch = _Watch(paths.cache_dir)
+    return devfd
 
-    def _on_signal(signum: int, frame: object) -> None:
-        watch.stop_requested = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
-    recent: list[float] = []
-    generation = 0
-    try:
-        while True:
-            pid = _fork_worker(devfd, listener, paths.cache_dir, generation > 0)
-            generation += 1
-            code = watch.wait(pid)
-            if code == 0:
-                log.info("daemon stopped; closing /dev/cachefiles")
-                return 0
-            log.error("daemon exited unexpectedly (status %s); restarting with 'restore'", code)
-            now = time.monotonic()
-            recent = [t for t in recent if now - t < 10] + [now]
-            if len(recent) > 5:
-                time.sleep(1.0)
-    finally:
-        unlink_own_socket(paths.socket)
-        with contextlib.suppress(OSError, ValueError), open(pointer_path(), encoding="utf-8") as f:
-            if json.load(f).get("pid") == os.getpid():
-                os.unlink(pointer_path())
-        listener.close()
-        os.close(devfd)
-        os.ftruncate(lock_fd, 0)
-        os.close(lock_fd)
+def run_supervisor(cache_dir: str) -> int:
+    """Hold /dev/cachefiles for ``cache_dir`` and keep a worker serving it (the shell:
+    :mod:`erofs_nydus.service.shell`)."""
+    setup_logging(FscacheShell.role, RunPaths.of(cache_dir).log)
+
+    def make(paths: RunPaths, devfd: int, listener: socket.socket, lock_fd: int) -> Shell:
+        _write_pointer(paths.cache_dir)
+        return FscacheShell(paths, devfd, listener, lock_fd=lock_fd)
+
+    return start_shell(cache_dir, _open_bound_device, make)
 
 
 def main(argv: list[str] | None = None) -> None:

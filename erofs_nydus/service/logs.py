@@ -11,22 +11,33 @@ with it as stdio).  When it grows past `max_bytes` it is renamed `daemon.log.1` 
 previous one goes) and a fresh file takes fds 1 and 2; a process that finds another
 one rotated follows it to the new file.  A daemon run in the foreground (stderr not
 that file: a terminal, journald) is never rotated.
+
+Writing the log must never take a daemon down: `daemon.log` lives in the cache dir,
+which a filling cache disk fills too (ENOSPC), and an exception out of a log call
+ends whatever loop made it (the worker, the supervisor, the keeper: with all three
+gone a mount's holes read as zeros).  So `install` puts stdout and stderr on writers
+that drop what the disk refuses and count it (`write_errors_total`, exported as
+`erofs_nydus_log_write_errors`): `print`, tracebacks and the log handler alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 from erofs_nydus.fsutil import open_private
 
-__all__ = ["CappedLogHandler", "RateLimit", "install", "limit_hit", "limit_hits", "set_log_file",
-           "suppressed_total"]
+__all__ = ["CappedLogHandler", "DropOnErrorWriter", "RateLimit", "install", "limit_hit",
+           "limit_hits", "set_log_file", "suppressed_total", "tolerant_stdio",
+           "write_errors_total"]
 
 DEFAULT_BURST = 20
 DEFAULT_WINDOW = 60.0
@@ -40,6 +51,68 @@ _suppressed_lock = threading.Lock()
 def suppressed_total() -> int:
     """Log lines this process dropped by rate limiting."""
     return _suppressed
+
+
+_write_errors = 0
+# the disk is full or over quota: not a reason to stop rotating once space is back
+_TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def write_errors_total() -> int:
+    """Writes to stdout/stderr (the log) this process dropped because they failed."""
+    return _write_errors
+
+
+def _count_write_error() -> None:
+    global _write_errors
+    with _suppressed_lock:
+        _write_errors += 1
+
+
+class DropOnErrorWriter(io.RawIOBase):
+    """A raw writer on `fd` whose writes never raise: what the fd refuses (ENOSPC,
+    EIO, EPIPE...) is dropped and counted.  Each write goes straight to the fd (no
+    buffer keeps refused bytes to fail again later); the fd is never closed here."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                n = os.write(self._fd, view[done:])
+                if n <= 0:
+                    break
+                done += n
+        except OSError:
+            _count_write_error()
+        return len(view)
+
+
+def tolerant_stdio() -> None:
+    """Put `sys.stdout`/`sys.stderr` on `DropOnErrorWriter`s (line by line, same fds)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # closed: leave it as it is
+        old = getattr(sys, name)
+        if isinstance(getattr(old, "buffer", None), DropOnErrorWriter):
+            continue
+        with contextlib.suppress(Exception):
+            old.flush()
+        setattr(sys, name, io.TextIOWrapper(
+            DropOnErrorWriter(fd), encoding="utf-8", errors="backslashreplace",
+            line_buffering=True, write_through=True))
 
 
 _limits: dict[str, int] = {}
@@ -121,16 +194,32 @@ class CappedLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.fds = fds  # the descriptors that point at the log (stdout and stderr)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.path is None:
-            super().emit(record)
-            return
+        """Write one line; never raises (a log call must not end the caller's loop)."""
         try:
-            self._follow()  # before writing: a line must land in the current file
-            super().emit(record)
-            self._cap()
+            if self.path is not None:
+                self._rotating(self._follow)  # a line must land in the current file
+            super().emit(record)  # a failed write goes to handleError below
+            if self.path is not None:
+                self._rotating(self._cap)
+        except Exception:
+            _count_write_error()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # StreamHandler's default prints a traceback per failed line to stderr, the
+        # very file that just failed: count it instead.
+        _count_write_error()
+
+    def _rotating(self, step: Callable[[], None]) -> None:
+        try:
+            step()
         except OSError as exc:
+            _count_write_error()
+            if exc.errno in _TRANSIENT:
+                return  # the disk is full: try again with a later line
             self.path = None  # no rotation rather than a failure per line
-            sys.stderr.write(f"daemon.log rotation disabled: {exc}\n")
+            with contextlib.suppress(Exception):
+                self.stream.write(f"daemon.log rotation disabled: {exc}\n")
+                self.stream.flush()
 
     def manage(self, path: str) -> bool:
         """Rotate `path` from now on if it is what our stderr writes to (not when the
@@ -158,9 +247,16 @@ class CappedLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _cap(self) -> None:
         assert self.path is not None
         self.flush()
-        if os.fstat(self.fds[-1]).st_size > self.max_bytes:
+        mine = os.fstat(self.fds[-1])
+        if mine.st_size <= self.max_bytes:
+            return
+        try:
+            cur = os.stat(self.path)
+        except FileNotFoundError:
+            cur = None  # renamed earlier, but its successor could not be created
+        if cur is not None and (cur.st_dev, cur.st_ino) == (mine.st_dev, mine.st_ino):
             os.replace(self.path, self.path + ".1")
-            self._point_at(self.path, create=True)
+        self._point_at(self.path, create=True)
 
     def _point_at(self, path: str, *, create: bool = False) -> None:
         self.flush()
@@ -180,6 +276,7 @@ def install(fmt: str, log_path: str | None = None) -> None:
     """Log to stderr at $EROFS_NYDUS_LOG (INFO) with rate limiting and, once the log
     file is known (`log_path` or `set_log_file`), size capping."""
     global _handler
+    tolerant_stdio()
     _handler = CappedLogHandler()
     if log_path is not None:
         _handler.manage(log_path)

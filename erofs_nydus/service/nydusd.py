@@ -10,16 +10,27 @@ nydusd would mount FUSE.  The snapshotter only needs a directory tree there.
     nydusd fuse --config C --bootstrap B --mountpoint M --apisock S [...]   dedicated
     nydusd fuse --mountpoint ROOT --apisock S [...]                        shared: images
                                                                            come by the API
-    nydusd singleton --fscache DIR --apisock S [...]                       fscache (refused
-                                                                           where the kernel
-                                                                           lacks it)
+    nydusd singleton --fscache DIR --apisock S [...]                       fscache: images
+                                                                           come by PUT
+                                                                           /api/v2/blobs, the
+                                                                           snapshotter mounts
+                                                                           (service.nydusd_fscache;
+                                                                           refused where the
+                                                                           kernel lacks it)
     nydusd --version
 
 Flags we have no use for (--thread-num, --log-rotation-size, --prefetch-files, ...) are
 accepted and ignored.  This process is what the snapshotter watches (pid, and a hang-up of its
-idle API connection): it exits when the cache dir's daemon that serves its mounts dies, so the
+idle API connection): it exits when the cache dir's daemon that serves its mounts is gone, so the
 snapshotter's recovery starts; killed itself, a restart with the same argv adopts the mounts
 that are still served.
+
+"Gone" means nothing holds the cache dir's lock any more: the keeper, the supervisor and the
+worker all died (`systemctl kill`, a cgroup OOM kill).  The death of one of them is repaired
+inside that group - the keeper holds the fanotify group and the lock and starts a new
+supervisor, the supervisor a new worker - and the mounts keep serving the image's bytes
+(readers caught in the gap get EIO), so that is not nydusd's death: exiting then would make
+the snapshotter replace a working mount under running containers.
 """
 
 from __future__ import annotations
@@ -36,10 +47,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
+from erofs_nydus.service.nydusd_api import ApiError, NydusdApiServer
 from erofs_nydus.service.nydusd_config import NydusdConfig, parse_nydusd_config
+
+if TYPE_CHECKING:
+    from erofs_nydus.service.nydusd_fscache import FscacheBindings
 
 __all__ = ["NydusdService", "build_info", "main", "parse_argv"]
 
@@ -104,6 +119,9 @@ def parse_argv(argv: list[str]) -> Options:
     mode = "fuse" if ns.mode == "daemon" else ns.mode
     if mode == "fuse" and not ns.mountpoint:
         raise UsageError("nydusd fuse: --mountpoint is required")
+    if mode == "singleton" and not ns.fscache:
+        raise UsageError("nydusd singleton: --fscache DIR is required (the only singleton "
+                         "mode erofs-nydus serves)")
     if ns.bootstrap and not ns.config:
         raise UsageError("nydusd fuse: --bootstrap needs --config")
     return Options(mode=mode, apisock=ns.apisock, mountpoint=ns.mountpoint,
@@ -137,15 +155,6 @@ def _cache_lock(cache_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-class ApiError(ErofsNydusError):
-    """An API answer other than success: HTTP status and nydusd's error code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 def _makedirs(path: str, root: str | None) -> list[str]:
@@ -185,6 +194,11 @@ class NydusdService:
         self.stop_event = threading.Event()
         self.exit_code = 0
         self.keep_mounts = False  # PUT /daemon/exit: leave mounts for the next process
+        self.fscache: FscacheBindings | None = None
+        if opts.mode == "singleton":
+            from erofs_nydus.service.nydusd_fscache import FscacheBindings
+
+            self.fscache = FscacheBindings(os.path.abspath(opts.fscache or "."))
 
     # -- mounts --------------------------------------------------------------------------
 
@@ -304,6 +318,38 @@ class NydusdService:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(client.paths.cache_dir, f"{fsid}.boot"))
 
+    # -- fscache mode: blob entries ---------------------------------------------------------
+
+    def _bindings(self) -> FscacheBindings:
+        if self.fscache is None:
+            raise ApiError(400, "Unsupported", "blob entries are for fscache mode "
+                           "(nydusd singleton --fscache DIR)")
+        return self.fscache
+
+    def bind_blob(self, body: bytes) -> None:
+        from erofs_nydus.service.nydusd_config import parse_blob_request
+
+        b = self._bindings()
+        req = parse_blob_request(body, b.cache_dir)
+        with self.lock:
+            b.bind(req)
+
+    def unbind_blob(self, domain_id: str | None, blob_id: str | None) -> None:
+        b = self._bindings()
+        with self.lock:
+            b.unbind(domain_id, blob_id)
+
+    def blob_entries(self) -> list[dict[str, Any]]:
+        from erofs_nydus.service.nydusd_fscache import LABEL_ROOT
+
+        b = self._bindings()
+        with self.lock:
+            entries = b.entries()
+        return [{"type": "bootstrap", "id": img["fsid"],
+                 "domain_id": lb[len(LABEL_ROOT) + 1:].rsplit("/", 1)[0],
+                 "config": {"metadata_path": img.get("bootstrap", "")}}
+                for lb, img in sorted(entries.items())]
+
     def unmount_all(self) -> None:
         with self.lock:
             for key in list(self.mounts):
@@ -315,7 +361,10 @@ class NydusdService:
 
     def cache_dirs(self) -> set[str]:
         with self.lock:
-            return {m.config.cache_dir for m in self.mounts.values()}
+            dirs = {m.config.cache_dir for m in self.mounts.values()}
+            if self.fscache is not None and self.fscache.started:
+                dirs.add(self.fscache.cache_dir)
+            return dirs
 
     def takeover(self) -> None:
         """Failover (`--upgrade`): adopt the argv image's mount, still served by the cache
@@ -380,11 +429,23 @@ class NydusdService:
         self.stop_event.set()
 
     def watch_daemons(self, interval: float = 1.0) -> None:
-        """Exit (so the snapshotter recovers) when a daemon serving our mounts is gone."""
+        """Exit (so the snapshotter recovers) when a daemon serving our mounts is gone:
+        no process holds its cache dir's lock (the keeper keeps it while it replaces a
+        dead supervisor, which is no reason to exit)."""
         from erofs_nydus.service.client import DaemonClient
 
         while not self.stop_event.wait(interval):
+            if self.fscache is not None:
+                with self.lock:
+                    gone = self.fscache.daemon_gone()
+                if gone:
+                    log.error("the fscache daemon for %s is gone: exiting so that the "
+                              "snapshotter recovers", self.fscache.cache_dir)
+                    self.request_stop(1, keep_mounts=True)
+                    return
             for cdir in self.cache_dirs():
+                if self.fscache is not None and cdir == self.fscache.cache_dir:
+                    continue
                 if not DaemonClient(cdir).supervisor_running():
                     log.error("the daemon for %s is gone: exiting so that the mounts are "
                               "recovered", cdir)
@@ -429,18 +490,13 @@ def _setup_logging(opts: Options) -> None:
 
 
 def run(opts: Options) -> int:
-    from erofs_nydus.service.nydusd_api import NydusdApiServer
-
     svc = NydusdService(opts)
-    if opts.mode == "singleton" or opts.fscache:
-        from erofs_nydus.fscache.device import unavailable_reason
+    if svc.fscache is not None:
+        from erofs_nydus.service.nydusd_fscache import fscache_unusable
 
-        why = unavailable_reason()
-        if why is not None:
-            raise UsageError(f"nydusd: fscache mode is not available here: {why}")
-        raise UsageError("nydusd: fscache (singleton) mode is not implemented yet; "
-                         "use fs_driver = \"fusedev\"")
-    why_not = _fanotify_unsupported()
+        why_not = fscache_unusable(svc.fscache.cache_dir)
+    else:
+        why_not = _fanotify_unsupported()
     if why_not is not None:
         raise UsageError(why_not)
     server = NydusdApiServer(opts.apisock, svc)
@@ -461,6 +517,9 @@ def run(opts: Options) -> int:
     finally:
         if not svc.keep_mounts:
             svc.unmount_all()
+            if svc.fscache is not None:
+                with svc.lock:
+                    svc.fscache.release_unmounted()
         svc.state = "DESTROYED"
         server.stop()
     return svc.exit_code

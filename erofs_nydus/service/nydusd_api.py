@@ -12,7 +12,10 @@
     PUT    /api/v1/daemon/start                 state RUNNING
     PUT    /api/v1/daemon/exit                  exit, leaving the mounts to the next process
     PUT    /api/v1/config                       accepted, nothing to change
-    PUT    /api/v2/blobs, DELETE /api/v2/blobs  fscache mode: 501 (not implemented)
+    PUT    /api/v2/blobs                        fscache mode: register a blob cache entry
+                                                (bootstrap under the snapshotter's fsid)
+    DELETE /api/v2/blobs?domain_id=&blob_id=    fscache mode: remove entries / cull a blob
+    GET    /api/v2/blobs                        fscache mode: the entries
 
 Errors are `{"code": ..., "message": ...}` with a 4xx/5xx status.  The snapshotter keeps one
 idle keep-alive connection and takes its hang-up as the daemon's death: one thread per
@@ -25,22 +28,29 @@ import contextlib
 import json
 import logging
 import os
-import socketserver
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from erofs_nydus.errors import ErofsNydusError, UsageError
+from erofs_nydus.service.unixhttp import UnixHttpHandler, UnixHttpServer
 
 if TYPE_CHECKING:
     from erofs_nydus.service.nydusd import NydusdService
 
-__all__ = ["NydusdApiServer"]
+__all__ = ["ApiError", "NydusdApiServer"]
 
 log = logging.getLogger("erofs_nydus.nydusd")
 
 MAX_BODY = 1 << 20
+
+
+class ApiError(ErofsNydusError):
+    """An API answer other than success: HTTP status and nydusd's error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 def _error_status(exc: ErofsNydusError) -> tuple[int, str]:
@@ -53,9 +63,8 @@ def _error_status(exc: ErofsNydusError) -> tuple[int, str]:
     return 500, type(exc).__name__
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(UnixHttpHandler):
     server: NydusdApiServer
-    protocol_version = "HTTP/1.1"
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -102,58 +111,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
-    def address_string(self) -> str:
-        return "unix"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("api: " + format, *args)
-
-
-class NydusdApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    block_on_close = False
+class NydusdApiServer(UnixHttpServer):
+    log = logging.getLogger("erofs_nydus.nydusd")
 
     def __init__(self, path: str, svc: NydusdService) -> None:
         self.svc = svc
-        self.path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # left by a killed predecessor (same argv)
-        super().__init__(self.path, _Handler)
-        self._thread: threading.Thread | None = None
-
-    def server_bind(self) -> None:
-        super().server_bind()
-        os.chmod(self.path, 0o600)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-answer (the snapshotter restarting) is no error.
-        import sys
-
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError):
-            log.debug("api client went away: %s", exc)
-            return
-        log.exception("api connection failed")
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever,
-                                        kwargs={"poll_interval": 0.5}, name="api", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(5)
-        self.server_close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        super().__init__(path, _Handler)
 
     # -- routes ------------------------------------------------------------------------------
 
     def route(self, method: str, path: str, query: dict[str, str],
               body: bytes) -> tuple[int, Any]:
-        from erofs_nydus.service.nydusd import ApiError
         from erofs_nydus.service.nydusd_config import parse_nydusd_config
 
         svc = self.svc
@@ -209,7 +178,12 @@ class NydusdApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             return 204, None
         if path == "/api/v1/config" and method == "PUT":
             return 204, None
-        if path == "/api/v2/blobs" and method in ("PUT", "DELETE", "GET"):
-            raise ApiError(501, "Unsupported", "fscache blobs are not implemented by "
-                           "erofs-nydus's nydusd")
+        if path == "/api/v2/blobs" and method == "PUT":
+            svc.bind_blob(body)
+            return 204, None
+        if path == "/api/v2/blobs" and method == "DELETE":
+            svc.unbind_blob(query.get("domain_id"), query.get("blob_id"))
+            return 204, None
+        if path == "/api/v2/blobs" and method == "GET":
+            return 200, svc.blob_entries()
         raise ApiError(404, "NotFound", f"no route {method} {path}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from erofs_nydus.errors import UnsafePathError
 from erofs_nydus.fsutil import open_private, private_dir
 
-__all__ = ["RunPaths", "check_peer_is_root"]
+__all__ = ["RunPaths", "api_socket_path", "check_peer_is_root"]
 
 _SUN_PATH_MAX = 107
 
@@ -44,6 +44,17 @@ class RunPaths:
             return p
         h = hashlib.sha256(os.fsencode(self.cache_dir)).hexdigest()[:24]
         return os.path.join("/run/erofs-nydus", f"{h}.sock")
+
+
+def api_socket_path(cache_dir: str | os.PathLike[str]) -> str:
+    """Control API socket: `<cache-dir>/api.sock`, or under /run/erofs-nydus if that is
+    too long for AF_UNIX."""
+    cdir = os.path.abspath(os.fspath(cache_dir))
+    p = os.path.join(cdir, "api.sock")
+    if len(os.fsencode(p)) <= _SUN_PATH_MAX:
+        return p
+    h = hashlib.sha256(os.fsencode(cdir)).hexdigest()[:24]
+    return os.path.join("/run/erofs-nydus", f"{h}.api.sock")
 
 
 def take_supervisor_lock(paths: RunPaths) -> int | None:

@@ -51,21 +51,10 @@ from typing import Any
 
 from erofs_nydus.fanotify import protocol as fp
 from erofs_nydus.fanotify.group import init_group
-from erofs_nydus.service import channel, logs
-from erofs_nydus.service.paths import (
-    RunPaths,
-    listen_unix,
-    take_supervisor_lock,
-    unlink_own_socket,
-)
-from erofs_nydus.service.procs import (
-    close_fds_except,
-    die_with_parent,
-    exit_forked_child,
-    raise_nofile,
-    read_deadline,
-    set_oom_score_adj,
-)
+from erofs_nydus.service import channel, shell
+from erofs_nydus.service.paths import RunPaths
+from erofs_nydus.service.procs import close_fds_except, exit_forked_child
+from erofs_nydus.service.shell import Child, Shell, start_shell
 
 __all__ = ["run_supervisor"]
 
@@ -82,72 +71,17 @@ def inflight_bound() -> int:
     return max(8, min(channel.MAX_INFLIGHT, (soft - 64) // 2))
 
 
-class _Child:
-    """The daemon process, forked from the supervisor (no new interpreter to start:
-    a restart after a crash takes milliseconds)."""
+class _Supervisor(Shell):
+    """The fanotify mode's supervisor: reads the group's events and forwards them."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.status: int | None = None
-
-    @classmethod
-    def fork(cls, channel_fd: int) -> _Child:
-        # import before forking: the child starts warm (the registry stack it loads
-        # in the background once up, `daemon.images`)
-        from erofs_nydus.service import worker
-
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # child: keep stdio and the channel only
-            code = 1
-            try:
-                close_fds_except({channel_fd})
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_DFL)
-                die_with_parent(parent)
-                set_oom_score_adj(0)  # the daemon holds the memory; it may be killed
-                code = worker.run_worker(channel_fd)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                exit_forked_child(code)
-        return cls(pid)
-
-    def poll(self) -> int | None:
-        if self.status is None:
-            pid, st = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.status = os.waitstatus_to_exitcode(st)
-        return self.status
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                return None
-            time.sleep(0.01)
-        return self.status
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-
-class _Supervisor:
     def __init__(self, paths: RunPaths, group_fd: int, listener: socket.socket,
                  resident: bool = False, lock_fd: int = -1) -> None:
-        self.paths = paths
-        self.lock_fd = lock_fd
+        super().__init__(paths, group_fd, listener, resident, lock_fd)
+        self.group_fd = group_fd
         self.keeper: _KeeperLink | None = None
-        self.worker_pid: int | None = None
-        self.resident = resident
-        self.stop_requested = False  # SIGTERM/SIGINT
         # blob id -> copy of the daemon's cache-file fd, opened before the file was
         # marked; handed to a restarted daemon (writes through it raise no events)
         self.kept: dict[str, int] = {}
-        self.group_fd = group_fd
-        self.listener = listener
         self.inflight: dict[int, dict[str, Any]] = {}  # our event fd -> event
         self.since: dict[int, float] = {}  # our event fd -> when it was read (monotonic)
         self.backlog: list[dict[str, Any]] = []  # read, not yet taken by the daemon
@@ -157,45 +91,41 @@ class _Supervisor:
         self.throttle_logged = -1e9
         self.emfile_count = 0
         self.paused_until = 0.0
-        self.deadline = read_deadline()
-        self.ping_sent: float | None = None  # when an unanswered liveness ping went out
-        self.last_ping = 0.0
-        self.stopping = False
-        self.generation = 0
+        self._reading = False
+        self._reported = (-1, -1)
 
-    def spawn(self) -> tuple[_Child, socket.socket]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            proc = _Child.fork(theirs.fileno())
-        finally:
-            theirs.close()
-        try:
-            kept = list(self.kept.items())
-            first, rest = kept[: channel.MAX_FDS - 2], kept[channel.MAX_FDS - 2 :]
-            batches = [rest[i : i + channel.MAX_FDS] for i in range(0, len(rest),
-                                                                    channel.MAX_FDS)]
-            channel.send(
-                ours,
-                {"op": "hello", "cache_dir": self.paths.cache_dir, "restart": self.generation > 0,
-                 "resident": self.resident, "kept": [b for b, _ in first],
-                 "kept_messages": len(batches)},
-                [self.group_fd, self.listener.fileno(), *(fd for _, fd in first)],
-            )
-            for batch in batches:
-                channel.send(ours, {"op": "kept", "blobs": [b for b, _ in batch]},
-                             [fd for _, fd in batch])
-        except OSError as exc:  # it died at once; pump() sees EOF and we try again
-            log.error("daemon did not take the hello: %s", exc)
-        self.worker_pid = proc.pid
-        self.tell_keeper_worker()
-        ours.setblocking(False)
-        self.backlog = []
-        self.forward(ours, list(self.inflight.values()))
-        self.generation += 1
-        log.info(
-            "daemon started (pid %d), %d pending events handed over", proc.pid, len(self.inflight)
+    def worker_main(self, channel_fd: int) -> int:
+        from erofs_nydus.service import worker
+
+        return worker.run_worker(channel_fd)
+
+    def spawn(self) -> tuple[Child, socket.socket]:
+        # import before forking: the child starts warm (the registry stack it loads in
+        # the background once up, `daemon.images`)
+        from erofs_nydus.service import worker  # noqa: F401
+
+        return super().spawn()
+
+    def hello(self, sock: socket.socket) -> None:
+        kept = list(self.kept.items())
+        first, rest = kept[: channel.MAX_FDS - 2], kept[channel.MAX_FDS - 2 :]
+        batches = [rest[i : i + channel.MAX_FDS] for i in range(0, len(rest), channel.MAX_FDS)]
+        channel.send(
+            sock,
+            {**self.hello_message(), "kept": [b for b, _ in first],
+             "kept_messages": len(batches)},
+            [self.group_fd, self.listener.fileno(), *(fd for _, fd in first)],
         )
-        return proc, ours
+        for batch in batches:
+            channel.send(sock, {"op": "kept", "blobs": [b for b, _ in batch]},
+                         [fd for _, fd in batch])
+
+    def on_spawned(self, sock: socket.socket) -> None:
+        self.tell_keeper_worker()
+        self.backlog = []
+        self.forward(sock, list(self.inflight.values()))
+        log.info("daemon started (pid %s), %d pending events handed over", self.worker_pid,
+                 len(self.inflight))
 
     def forward(self, sock: socket.socket, events: list[dict[str, Any]]) -> bool:
         """Queue `events` for the daemon and send what the channel takes now (never
@@ -277,113 +207,74 @@ class _Supervisor:
                 alive = self.forward(sock, fresh)
         return alive
 
-    def handle_message(self, sock: socket.socket) -> bool:
-        """Process daemon messages; False at EOF."""
-        while True:
-            try:
-                msg, fds = channel.recv(sock)
-            except BlockingIOError:
-                return True
-            except (ConnectionResetError, BrokenPipeError):
-                return False
-            except Exception as exc:
-                log.error("bad message from daemon: %s", exc)
-                return True
-            if msg is not None and msg.get("op") == "keep" and len(fds) == 1:
-                self._drop_kept(str(msg.get("blob")))
-                self.kept[str(msg.get("blob"))] = fds[0]
-                continue
-            for fd in fds:  # no other message carries fds; do not leak any
-                os.close(fd)
-            if msg is None:
-                return False
-            op = msg.get("op")
-            if op == "drop":
-                self._drop_kept(str(msg.get("blob")))
-            elif op == "done":
-                for n in msg.get("fds", []):
-                    if self.inflight.pop(n, None) is not None:
-                        self.since.pop(n, None)
-                        os.close(n)
-            elif op == "pong":
-                self.ping_sent = None
-            elif op == "deadline":  # fills may take this long (slow registry reads)
-                self.deadline = max(read_deadline(), float(msg.get("seconds", 0)))
-            elif op == "shutdown":
-                self.stopping = True
-            elif op == "stop_refused":
-                log.warning("not stopping: %s mounts live; umount first", msg.get("mounts"))
-            else:
-                log.error("unknown daemon message %r", op)
+    def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
+        op = msg.get("op")
+        if op == "keep" and len(fds) == 1:
+            self._drop_kept(str(msg.get("blob")))
+            self.kept[str(msg.get("blob"))] = fds[0]
+            return True
+        if op == "drop":
+            self._drop_kept(str(msg.get("blob")))
+        elif op == "done":
+            for n in msg.get("fds", []):
+                if self.inflight.pop(n, None) is not None:
+                    self.since.pop(n, None)
+                    os.close(n)
+        else:
+            return False
+        for fd in fds:
+            os.close(fd)
+        return True
 
     def _drop_kept(self, blob_id: str) -> None:
         fd = self.kept.pop(blob_id, None)
         if fd is not None:
             os.close(fd)
 
-    def pump(self, proc: _Child, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        sel = selectors.DefaultSelector()
-        sel.register(sock, selectors.EVENT_READ, "daemon")
-        reading = False
-        reported = (-1, -1)  # a new daemon gets the counts too
+    def pump_setup(self, sel: selectors.BaseSelector) -> None:
+        self._reading = False
+        self._reported = (-1, -1)  # a new daemon gets the counts too
         if self.keeper is not None:
             sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
-        alive = True
-        self.ping_sent = None
-        self.last_ping = time.monotonic()
-        tick = min(1.0, self.deadline / 4)
-        try:
-            while alive:
-                if self.stop_requested and not self.stopping:
-                    # The daemon decides: it stops only with no mounts live ("shutdown"
-                    # comes back), else it answers "stop_refused" and keeps serving.
-                    log.info("stop requested by signal; asking the daemon")
-                    self.stop_requested = False
-                    with contextlib.suppress(OSError):
-                        channel.send(sock, {"op": "stop"})
-                if self.backlog and not self.flush(sock):
-                    alive = False
-                    break
-                want = self.may_read()
-                if want != reading:
-                    if want:
-                        sel.register(self.group_fd, selectors.EVENT_READ, "group")
-                    else:
-                        sel.unregister(self.group_fd)
-                    reading = want
-                counters = (self.throttle_count, self.emfile_count)
-                if counters != reported:  # into the daemon's metrics
-                    with contextlib.suppress(BlockingIOError):
-                        channel.send(sock, {"op": "counters",
-                                            "inflight_throttled": self.throttle_count,
-                                            "group_read_emfile": self.emfile_count})
-                        reported = counters
-                wait = 0.02 if self.backlog or self.paused_until > time.monotonic() else tick
-                for key, _ in sel.select(timeout=wait):
-                    if key.data == "keeper":
-                        if not self.keeper_message():
-                            sel.unregister(key.fileobj)
-                            self.restart_keeper()
-                            if self.keeper is not None:
-                                sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
-                        continue
-                    if key.data == "group":
-                        alive = self.read_events(sock) and alive
-                    else:
-                        alive = self.handle_message(sock) and alive
-                if proc.poll() is not None:
-                    # drain what it said before dying
-                    self.handle_message(sock)
-                    alive = False
-                elif alive and self.stuck(sock):
-                    proc.kill()
-                    proc.wait()
-                    self.handle_message(sock)  # answers it sent before it stopped
-                    self.deny_overdue()
-                    alive = False
-        finally:
-            sel.close()
+
+    def before_select(self, sel: selectors.BaseSelector, sock: socket.socket) -> bool:
+        if self.backlog and not self.flush(sock):
+            return False
+        want = self.may_read()
+        if want != self._reading:
+            if want:
+                sel.register(self.group_fd, selectors.EVENT_READ, "group")
+            else:
+                sel.unregister(self.group_fd)
+            self._reading = want
+        counters = (self.throttle_count, self.emfile_count)
+        if counters != self._reported:  # into the daemon's metrics
+            with contextlib.suppress(BlockingIOError):
+                channel.send(sock, {"op": "counters",
+                                    "inflight_throttled": self.throttle_count,
+                                    "group_read_emfile": self.emfile_count})
+                self._reported = counters
+        return True
+
+    def select_timeout(self, tick: float) -> float:
+        return 0.02 if self.backlog or self.paused_until > time.monotonic() else tick
+
+    def on_ready(self, key: selectors.SelectorKey, sel: selectors.BaseSelector,
+                 sock: socket.socket) -> bool:
+        if key.data == "keeper":
+            if not self.keeper_message():
+                sel.unregister(key.fileobj)
+                self.restart_keeper()
+                if self.keeper is not None:
+                    sel.register(self.keeper.sock, selectors.EVENT_READ, "keeper")
+            return True
+        return self.read_events(sock)
+
+    def oldest_pending(self) -> float | None:
+        return min(self.since.values(), default=None)
+
+    def after_stuck(self) -> None:
+        self.deny_overdue()
 
     # -- keeper ------------------------------------------------------------------------
 
@@ -456,32 +347,6 @@ class _Supervisor:
                     log.warning("sweep: answer for fd %d: %s", n, exc)
         log.warning("answered %d reads the dead supervisor left pending with EIO", answered)
 
-    def stuck(self, sock: socket.socket) -> bool:
-        """True when the daemon left an event unanswered past the read deadline, or
-        did not answer a liveness ping within it (its event loop is blocked)."""
-        now = time.monotonic()
-        oldest = min(self.since.values(), default=now)
-        if now - oldest > self.deadline:
-            log.error("daemon stuck: an event has waited %.1f s (deadline %.0f s); "
-                      "answering overdue reads with EIO and replacing the daemon",
-                      now - oldest, self.deadline)
-            return True
-        if self.ping_sent is not None:
-            if now - self.ping_sent > self.deadline:
-                log.error("daemon stuck: no answer to a ping for %.1f s; replacing it",
-                          now - self.ping_sent)
-                return True
-        elif now - self.last_ping > self.deadline / 4:
-            self.last_ping = now
-            try:
-                channel.send(sock, {"op": "ping"})
-                self.ping_sent = now
-            except BlockingIOError:
-                pass
-            except OSError:
-                return False  # gone: pump sees it exit
-        return False
-
     def deny_overdue(self) -> None:
         """Answer EIO to every event past the read deadline (the daemon that had them
         is dead, so nothing else answers under the same number), and forget them."""
@@ -494,35 +359,9 @@ class _Supervisor:
                 del self.since[n]
                 os.close(n)
 
-    def run(self) -> None:
-        recent: list[float] = []
-        while True:
-            try:
-                proc, sock = self.spawn()
-            except Exception:
-                log.exception("cannot start the daemon; retrying")
-                time.sleep(1.0)
-                continue
-            try:
-                self.pump(proc, sock)
-            except Exception:
-                # Never let the supervisor die: it holds the group fd.
-                log.exception("supervisor loop failed; restarting the daemon")
-                proc.kill()
-            finally:
-                sock.close()
-            code = proc.wait(timeout=10)
-            if code is None:
-                proc.kill()
-                code = proc.wait()
-            if self.stopping:
-                log.info("daemon stopped (exit %s); supervisor exiting", code)
-                return
-            log.error("daemon exited unexpectedly (status %s); restarting", code)
-            now = time.monotonic()
-            recent = [t for t in recent if now - t < 10] + [now]
-            if len(recent) > 5:
-                time.sleep(1.0)
+    def release(self) -> None:
+        self.close()
+        self.stop_keeper()
 
     def close(self) -> None:
         for fd in self.kept.values():
@@ -543,38 +382,13 @@ def run_supervisor(cache_dir: str, *, resident: bool = False) -> int:
     refused: "N mounts live; umount first").  A `resident` daemon keeps running with
     no mounts (no idle exit, `umount` of the last mount leaves it up), as a node
     service would."""
-    paths = RunPaths.of(cache_dir)
-    lock_fd = take_supervisor_lock(paths)
-    if lock_fd is None:
-        log.info("a supervisor already serves %s", paths.cache_dir)
-        return 0
-    logs.set_log_file(paths.log)  # capped, if it is our stderr
-    group = init_group()
-    listener = listen_unix(paths.socket)
-    raise_nofile()
-    set_oom_score_adj(-1000)  # the OOM killer must not take the group fd's holder
-    sup = _Supervisor(paths, group, listener, resident, lock_fd)
-    sup.start_keeper()
-    return _serve(sup)
 
+    def make(paths: RunPaths, group: int, listener: socket.socket, lock_fd: int) -> Shell:
+        sup = _Supervisor(paths, group, listener, resident, lock_fd)
+        sup.start_keeper()
+        return sup
 
-def _serve(sup: _Supervisor) -> int:
-    def _on_signal(signum: int, frame: object) -> None:
-        sup.stop_requested = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
-    try:
-        sup.run()
-    finally:
-        sup.close()
-        unlink_own_socket(sup.paths.socket)
-        sup.stop_keeper()
-        sup.listener.close()
-        os.close(sup.group_fd)
-        os.ftruncate(sup.lock_fd, 0)
-        os.close(sup.lock_fd)
-    return 0
+    return start_shell(cache_dir, lambda _paths: init_group(), make)
 
 
 class _KeeperLink:
@@ -717,7 +531,7 @@ def _adopt(keeper: _Keeper, sock: socket.socket, keeper_pid: int, limit: int) ->
     sup.keeper = _KeeperLink(sock, keeper_pid, child=False)
     log.error("supervisor restarted by the keeper after the previous one died")
     sup.sweep(limit)  # before reading any event: see the module docstring
-    return _serve(sup)
+    return sup.serve()
 
 
 def _kill_and_wait(pidfd: int, timeout: float = 30.0) -> None:
@@ -731,9 +545,6 @@ def main(argv: list[str] | None = None) -> None:
     [--resident]`: what `mount` spawns (the `daemon` command without click's start-up)."""
     import argparse
 
-    from erofs_nydus import as_program
-
-    as_program()
     ap = argparse.ArgumentParser(prog="erofs-nydus daemon")
     ap.add_argument("cache_dir")
     ap.add_argument("--resident", action="store_true")
@@ -743,4 +554,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def setup_logging() -> None:
-    logs.install(f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s")
+    shell.setup_logging("supervisor")

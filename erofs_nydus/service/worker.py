@@ -4,8 +4,7 @@ Started by the supervisor with one end of a SOCK_SEQPACKET pair (see `channel.py
 it receives the fanotify group fd and the control listener, restores its state
 from the cache dir, then runs one anyio loop with two tasks: events from the
 supervisor (each filled in a worker thread, answered on the group fd, reported
-"done") and the control socket (JSON lines: ping, register, detach, status,
-shutdown).
+"done") and the control socket (the shell's operations, `shell.ControlOps`).
 """
 
 from __future__ import annotations
@@ -27,19 +26,23 @@ import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from erofs_nydus.daemon.core import BlobServer
-from erofs_nydus.daemon.images import ImageTable, prefetch_settings, request_number
+from erofs_nydus.daemon.images import ImageTable
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fanotify.handler import FanotifyHandler, add_mark, remove_mark
-from erofs_nydus.rafs.reader import LoadedBootstrap
-from erofs_nydus.service import channel, logs
+from erofs_nydus.service import channel
 from erofs_nydus.service.api import ControlPlane
-from erofs_nydus.service.paths import RunPaths
+from erofs_nydus.service.shell import (
+    MAX_REQUEST,
+    ControlOps,
+    control_reply,
+    receive_hello,
+    setup_logging,
+    too_long,
+)
 
 __all__ = ["Worker", "main"]
 
 log = logging.getLogger("erofs_nydus.daemon")
-
-MAX_REQUEST = 1 << 20
 
 
 def in_use(path: str) -> bool:
@@ -64,7 +67,9 @@ def in_use(path: str) -> bool:
         os.close(fd)
 
 
-class Worker:
+class Worker(ControlOps):
+    mode = "fanotify"
+
     def __init__(
         self, chan: socket.socket, group_fd: int, listener: socket.socket, cache_dir: str,
         *, resident: bool = False,
@@ -84,10 +89,6 @@ class Worker:
         self.started = time.time()
         # mountpoint -> bootstrap: unmounted (lazily) but the superblock still in use
         self.lingering: dict[str, str] = {}
-        self._reported_deadline = 0.0
-        # the bootstrap the last `resolve` read and validated, for the `register` of
-        # the same `mount REF` (taken once; used only while the file is unchanged)
-        self._resolved: LoadedBootstrap | None = None
         self.supervisor_counters: dict[str, float] = {}
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
@@ -121,6 +122,8 @@ class Worker:
     def _tell_supervisor(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
         """Send from any thread, never blocking on the socket (see channel.Sender)."""
         self.sender.put(msg, fds)
+
+    tell = _tell_supervisor
 
     def close_channel(self) -> None:
         """Flush what is queued for the supervisor and stop the sender thread."""
@@ -163,87 +166,34 @@ class Worker:
                 elif op == "stop":
                     # SIGTERM/SIGINT to the supervisor.  Stopping under a mount would
                     # close the fanotify group and let its holes read as zeros.
-                    mounts = self.table.mountpoints()
-                    if mounts:
-                        log.warning("stop refused: %d mounts live; umount first (%s)",
-                                    len(mounts), ", ".join(mounts))
-                        self._tell_supervisor({"op": "stop_refused", "mounts": len(mounts)})
-                        continue
-                    self._tell_supervisor({"op": "shutdown"})
-                    tg.cancel_scope.cancel()
-                    return
+                    if self.on_stop():
+                        tg.cancel_scope.cancel()
+                        return
                 else:
                     for fd in fds:
                         os.close(fd)
                     log.error("unknown supervisor message %r", op)
 
-    # -- control socket ----------------------------------------------------------------
+    # -- control socket (the operations are the shell's: shell.ControlOps) ----------------
 
-    def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
-        op = req.get("op")
-        if op == "ping":
-            return {"pid": os.getpid(), "mounts": self.table.mountpoints(),
-                    "resident": self.resident}
-        if op == "register":
-            mp = os.path.abspath(str(req["mountpoint"]))
-            if mp in self.lingering:
-                raise DaemonError(f"{mp}: the image lazily unmounted there is still in use "
-                                  "(files open); close them or mount elsewhere")
-            loaded, self._resolved = self._resolved, None
-            info = self.table.register(
-                str(req["bootstrap"]),
-                dict(req["backend"]),
-                str(req["mountpoint"]),
-                amplify=request_number(req, "amplify", 1 << 20),
-                prefetch=prefetch_settings(req),
-                loaded=loaded,
-            )
-            self.plane.registered(str(info["fsid"]))
-            self.report_deadline()
-            return info
-        if op == "resolve":
-            return self._resolve(req)
-        if op == "detach":
-            mp = os.path.abspath(str(req["mountpoint"]))
-            boot = self._last_user_of(mp)
-            if boot is not None and in_use(boot):
-                # `umount -l` with files still open: the superblock lives on and reads
-                # through it; unmarking now would let its holes read as zeros.
-                self.lingering[mp] = boot
-                log.info("%s detached but its superblock is still in use; serving it "
-                         "until it is gone", mp)
-                return {"remaining": len(self.table.mountpoints()), "lingering": True,
-                        "resident": self.resident}
-            self.plane.detaching(mp)
-            remaining = self.table.detach(mp)
-            self.plane.detached()
-            return {"remaining": remaining, "resident": self.resident}
-        if op == "status":
-            st = self.table.status()
-            st["pid"] = os.getpid()
-            st["uptime"] = time.time() - self.started
-            st["fanotify"] = self.request_stats()
-            return st
-        if op == "shutdown":
-            mounts = self.table.mountpoints()
-            if mounts and not req.get("force"):
-                raise DaemonError(f"still serving {len(mounts)} mount(s): {', '.join(mounts)}")
-            if self.resident and not req.get("resident"):
-                raise DaemonError("a resident daemon keeps running without mounts; stop it "
-                                  "with SIGTERM to its supervisor")
-            return {}
-        raise DaemonError(f"unknown request {op!r}")
+    def register_check(self, req: dict[str, Any], mountpoint: str) -> None:
+        if mountpoint in self.lingering:
+            raise DaemonError(f"{mountpoint}: the image lazily unmounted there is still in use "
+                              "(files open); close them or mount elsewhere")
 
-    def report_deadline(self) -> None:
-        """Tell the supervisor how long a fill may legitimately take: twice the
-        longest registry read deadline of the images served (plus slack), so that a
-        slow registry is not taken for a stuck daemon."""
-        worst = max((float(e.backend.get("deadline", 60.0))
-                     for e in list(self.table.images.values())
-                     if e.backend.get("type") == "registry"), default=0.0)
-        if worst > self._reported_deadline:
-            self._reported_deadline = worst
-            self._tell_supervisor({"op": "deadline", "seconds": 2 * worst + 10})
+    def detach_hook(self, mountpoint: str) -> dict[str, Any]:
+        boot = self._last_user_of(mountpoint)
+        if boot is not None and in_use(boot):
+            # `umount -l` with files still open: the superblock lives on and reads
+            # through it; unmarking now would let its holes read as zeros.
+            self.lingering[mountpoint] = boot
+            log.info("%s detached but its superblock is still in use; serving it "
+                     "until it is gone", mountpoint)
+            return {"remaining": len(self.table.mountpoints()), "lingering": True}
+        return super().detach_hook(mountpoint)
+
+    def status_hook(self, st: dict[str, Any]) -> None:
+        st["fanotify"] = self.request_stats()
 
     def _last_user_of(self, mountpoint: str) -> str | None:
         """The bootstrap of the image mounted at `mountpoint` if no other registered
@@ -276,34 +226,6 @@ class Worker:
                     self._stop.set()
                     return
 
-    def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Resolve an image reference and fetch its bootstrap into the cache dir, so that
-        `mount REF` needs no HTTP stack of its own (the daemon has one loaded)."""
-        from erofs_nydus.registry.resolve import resolve_remote_image
-
-        plain = req.get("plain_http", "loopback")
-        docker_config = req.get("docker_config")
-        remote = resolve_remote_image(
-            str(req["ref"]),
-            self.table.cache_dir,
-            platform=req.get("platform"),
-            plain_http="loopback" if plain == "loopback" else bool(plain),
-            deadline=request_number(req, "deadline", 30.0, integer=False),
-            retries=request_number(req, "retries", 3),
-            docker_config=str(docker_config) if docker_config else None,
-            verify=str(req["verify"]) if req.get("verify") else True,
-        )
-        # `mount REF` registers this bootstrap next: its parse is kept for that
-        self._resolved = remote.loaded
-        return {
-            "ref": remote.ref,
-            "manifest_digest": remote.manifest_digest,
-            "bootstrap": remote.bootstrap,
-            "backend": remote.backend,
-            "blob_ids": remote.blob_ids,
-            "bootstrap_fetched": remote.bootstrap_fetched,
-        }
-
     async def _serve_conn(self, stream: anyio.abc.SocketStream) -> None:
         reader = BufferedByteReceiveStream(stream)
         async with stream:
@@ -313,29 +235,19 @@ class Worker:
                 except anyio.DelimiterNotFound:
                     # Refuse, say why, and drop the connection (the rest of the line
                     # is never read): one client cannot take the daemon down.
-                    logs.limit_hit("control_request_bytes", log,
-                                   "control request over %d bytes refused", MAX_REQUEST)
                     with contextlib.suppress(anyio.BrokenResourceError,
                                              anyio.ClosedResourceError):
-                        await stream.send(json.dumps(_too_long()).encode() + b"\n")
+                        await stream.send(json.dumps(too_long()).encode() + b"\n")
                     return
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     return
-                try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise DaemonError("request must be a JSON object")
-                    result = await anyio.to_thread.run_sync(self._dispatch, req)
-                    resp: dict[str, Any] = {"ok": True, **result}
-                except Exception as exc:
-                    log.info("request failed: %s", exc)
-                    resp = {"ok": False, "error": str(exc), "type": type(exc).__name__}
-                    req = {}
+                resp, shutdown = await anyio.to_thread.run_sync(
+                    control_reply, line, self.dispatch)
                 try:
                     await stream.send(json.dumps(resp).encode() + b"\n")
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     return
-                if resp["ok"] and req.get("op") == "shutdown":
+                if shutdown and resp["ok"]:
                     log.info("shutdown requested")
                     self._tell_supervisor({"op": "shutdown"})
                     assert self._stop is not None
@@ -371,32 +283,20 @@ class Worker:
             tg.cancel_scope.cancel()
 
 
-def _too_long() -> dict[str, Any]:
-    return {"ok": False, "error": f"request line longer than {MAX_REQUEST} bytes",
-            "type": "ProtocolError"}
-
-
-def _setup_logging() -> None:
-    logs.install(f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(message)s")
-
-
 def run_worker(channel_fd: int) -> int:
     """Serve until told to stop or the supervisor goes away; return an exit status."""
-    _setup_logging()
+    setup_logging("daemon")
     chan = socket.socket(fileno=channel_fd)
-    chan.setblocking(True)
-    msg, fds = channel.recv(chan)
-    if msg is None or msg.get("op") != "hello" or len(fds) < 2:
-        log.error("bad hello from supervisor: %r", msg)
+    hello = receive_hello(chan)
+    if hello is None:
         return 2
-    group_fd, listen_fd = fds[:2]
-    logs.set_log_file(RunPaths.of(str(msg["cache_dir"])).log)
-    kept = _receive_kept_fds(chan, msg, fds[2:])
-    listener = socket.socket(fileno=listen_fd)
-    worker = Worker(chan, group_fd, listener, str(msg["cache_dir"]),
-                    resident=bool(msg.get("resident")))
+    msg = hello.msg
+    kept = _receive_kept_fds(chan, msg, hello.extra_fds)
+    worker = Worker(chan, hello.source_fd, hello.listener, hello.cache_dir,
+                    resident=hello.resident)
     # Restore before reading events: handed-over events may be for restored blobs.
     worker.table.kept_fds = kept
+    worker.table.restarted = bool(msg.get("restart"))
     worker.table.load_state()
     worker.table.close_kept_fds()
     if not msg.get("restart"):

@@ -1,0 +1,213 @@
+"""`nydusd singleton --fscache DIR`: nydus-snapshotter's fscache mode on our fscache daemon.
+
+nydus-snapshotter (``fs_driver = "fscache"``) starts one nydusd for the host and, per image:
+
+1. ``PUT /api/v2/blobs`` with a blob cache entry (``id`` = its fscache id for the snapshot,
+   ``domain_id``, ``config.metadata_path`` = the bootstrap, the backend);
+2. ``mount -t erofs -o [domain_id=D,]fsid=<id> none M`` *itself*;
+3. on removal ``DELETE /api/v2/blobs?domain_id=D[&blob_id=<id>]``, ``umount M``, then
+   ``DELETE /api/v2/blobs?blob_id=<id>`` (drop the bootstrap's cache file), and for a data blob
+   no image uses any more ``DELETE ?blob_id=<blob>``.
+
+Here DIR is the cache dir of our fscache daemon (started on the first entry through
+:class:`~erofs_nydus.service.fscache_client.FscacheClient`; cachefiles' own files are in
+``DIR/fscache``).  Each entry registers its bootstrap under the snapshotter's id (the
+``fsid`` of the register request), so the kernel's OPEN of that cookie finds it; the image's
+data blobs are tagged by blob id as always.  The daemon's mountpoint for an entry is a label,
+``/nydusd-fscache/<domain>/<id>`` (the mount is the snapshotter's): this process keeps no
+state of its own, so a restarted nydusd answers for what its predecessor registered.
+
+The daemon outlives this process: SIGTERM forgets the entries whose mount is gone and stops
+the daemon when nothing is left, while mounts that are still up keep being served.  If the
+daemon dies, this process exits (status 1) so that the snapshotter's recovery starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
+from erofs_nydus.service.nydusd_config import BlobRequest
+
+__all__ = ["LABEL_ROOT", "FscacheBindings", "fscache_unusable"]
+
+log = logging.getLogger("erofs_nydus.nydusd")
+
+LABEL_ROOT = "/nydusd-fscache"
+
+
+def fscache_unusable(cache_dir: str) -> str | None:
+    """One line saying why `nydusd singleton --fscache cache_dir` cannot work, or None."""
+    from erofs_nydus.fscache.device import fs_type_of, unavailable_reason
+
+    why = unavailable_reason()
+    if why is not None:
+        return f"nydusd: fscache mode is not available here: {why}"
+    parent = cache_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if fs_type_of(parent) == "tmpfs":
+        return (f"nydusd: cachefiles needs ext4/xfs/btrfs for its cache: {cache_dir} is on "
+                "tmpfs (no sync_fs)")
+    return None
+
+
+def _label(domain: str, fsid: str) -> str:
+    for what, v in (("domain_id", domain), ("id", fsid)):
+        if not v or "/" in v or v in (".", ".."):
+            raise UsageError(f"blob request {what} {v!r} is not a usable name")
+    return f"{LABEL_ROOT}/{domain}/{fsid}"
+
+
+def _mounted_fsids() -> set[str]:
+    """The ``fsid=`` of every erofs mount in this namespace."""
+    from erofs_nydus.mount import mount_table
+
+    try:
+        mounts = mount_table()
+    except OSError:
+        return set()
+    return {o[5:] for m in mounts if m.fstype == "erofs" for o in m.options
+            if o.startswith("fsid=")}
+
+
+class FscacheBindings:
+    """The blob entries of one fscache cache dir, kept in its daemon."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self.cache_dir = os.path.abspath(cache_dir)
+        self.started = False  # we have registered something: the daemon must stay up
+
+    def client(self) -> Any:
+        from erofs_nydus.service.fscache_client import FscacheClient
+
+        return FscacheClient(self.cache_dir)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """label -> image (as in the daemon's status) for our entries; {} without daemon."""
+        c = self.client()
+        if not c.alive():
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for img in c.request("status", timeout=10.0).get("images", []):
+            for mp in img.get("mountpoints", []):
+                if mp.startswith(LABEL_ROOT + "/"):
+                    out[mp] = img
+        return out
+
+    def bind(self, req: BlobRequest) -> None:
+        """Register the entry's bootstrap as fsid `req.id` (idempotent for the same one)."""
+        from erofs_nydus.fsutil import private_dir
+
+        label = _label(req.domain_id, req.id)
+        private_dir(self.cache_dir)
+        try:  # a missing bootstrap: said before any daemon starts
+            with open(req.bootstrap, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"bootstrap {req.bootstrap}: {exc.strerror}") from None
+        req.config.write_credentials()
+        c = self.client()
+        if c.alive():
+            img = self.entries().get(label)
+            if img is not None and img.get("fsid") == req.id:
+                log.info("blob entry %s (domain %s) is registered already", req.id[:12],
+                         req.domain_id[:12])
+                self.started = True
+                return
+        started = c.ensure_running()
+        self.started = True
+        try:
+            info = c.request("register", mode="fscache", bootstrap=req.bootstrap,
+                             backend=req.config.backend, mountpoint=label,
+                             domain_id=req.domain_id, fsid=req.id, prefetch=req.prefetch)
+        except BaseException:
+            if started:  # a daemon we started for nothing must not stay behind
+                self.stop_if_idle()
+            raise
+        if info.get("fsid") != req.id:
+            raise DaemonError(f"the fscache daemon of {self.cache_dir} registered the image as "
+                              f"{info.get('fsid')!r}, not {req.id!r}: it predates named fsids")
+        log.info("blob entry %s (domain %s): %s, %d blobs", req.id[:12], req.domain_id[:12],
+                 req.bootstrap, info.get("blobs", 0))
+
+    def unbind(self, domain_id: str | None, blob_id: str | None) -> None:
+        """nydusd's three DELETE forms: domain (every entry in it), domain + id (that
+        entry), id alone (that entry, then its cache files, or a data blob's)."""
+        if not domain_id and not blob_id:
+            raise UsageError("DELETE /api/v2/blobs needs domain_id or blob_id")
+        entries = self.entries()
+        if domain_id and not blob_id:
+            gone = [lb for lb in entries if lb.startswith(_label(domain_id, "x")[:-1])]
+        elif domain_id:
+            gone = [lb for lb in entries if lb == _label(domain_id, str(blob_id))]
+        else:
+            gone = [lb for lb in entries if lb.rsplit("/", 1)[1] == blob_id]
+        c = self.client()
+        for lb in gone:
+            c.request("detach", mountpoint=lb)
+            log.info("blob entry %s removed", lb[len(LABEL_ROOT) + 1:])
+        if blob_id and not domain_id:
+            self._cull(blob_id)
+        self.stop_if_idle()
+
+    def _cull(self, blob_id: str) -> None:
+        """Remove the files kept for `blob_id` when nothing serves or mounts it any more:
+        our bootstrap copy, our blob cache files and cachefiles' backing files of that
+        cookie (a later image under the same fsid must not read these bytes)."""
+        from erofs_nydus.daemon.blobcache import cache_paths
+        from erofs_nydus.service.fscache_daemon import kernel_cache_dir
+
+        if "/" in blob_id or blob_id in (".", "..") or blob_id in _mounted_fsids():
+            return
+        c = self.client()
+        if c.alive():
+            st = c.request("status", timeout=10.0)
+            if blob_id in st.get("blobs", {}) or any(
+                    img.get("fsid") == blob_id for img in st.get("images", [])):
+                return
+        for path in (os.path.join(self.cache_dir, f"{blob_id}.boot"),
+                     *cache_paths(self.cache_dir, blob_id)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        kdir = kernel_cache_dir(self.cache_dir)
+        for dirpath, _dirs, files in os.walk(kdir):
+            if f"D{blob_id}" in files:  # cachefiles: "D" + a printable cookie key
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, f"D{blob_id}"))
+                    log.info("culled the kernel cache file of %s", blob_id[:12])
+
+    def stop_if_idle(self) -> bool:
+        """Stop the daemon if it serves nothing; True if it is (now) stopped."""
+        c = self.client()
+        if not c.alive():
+            self.started = False
+            return True
+        if c.request("ping").get("mounts"):
+            return False
+        try:
+            c.shutdown()
+        except DaemonError:  # registered meanwhile
+            return False
+        self.started = False
+        return True
+
+    def release_unmounted(self) -> None:
+        """On exit: forget entries whose mount is gone; stop the daemon if nothing is left
+        (mounts still up stay served)."""
+        try:
+            live = _mounted_fsids()
+            c = self.client()
+            for lb, img in self.entries().items():
+                if img.get("fsid") not in live:
+                    c.request("detach", mountpoint=lb)
+            self.stop_if_idle()
+        except ErofsNydusError as exc:
+            log.error("releasing fscache entries: %s", exc)
+
+    def daemon_gone(self) -> bool:
+        """True if we registered entries and the daemon serving them died."""
+        return self.started and not self.client().supervisor_running()
