@@ -291,6 +291,31 @@ def test_register_runs_full_validation_and_remembers(image: tuple[bytes, Path],
     t.close()
 
 
+def test_register_validates_a_handed_over_parse_unless_it_was_the_full_one(
+        image: tuple[bytes, Path], tmp_path: Path) -> None:
+    """`register(loaded=...)` (the parse `resolve` made for `mount REF`) skips the
+    validation only for a parse that was the full one: a `load_image` parse (no tree
+    walk) of a broken tree is still refused, and nothing is registered."""
+    from erofs_nydus.daemon.images import validate_bootstrap
+    from erofs_nydus.rafs.reader import load_bootstrap_file
+
+    boot, blobs = image
+    bad = tmp_path / "bad.boot"
+    bad.write_bytes(tree_broken(boot))
+    partial = load_bootstrap_file(str(bad))  # the tables alone look fine
+    assert not partial.full
+    t = _table(tmp_path / "cache")
+    backend = {"type": "local", "dir": str(blobs)}
+    with pytest.raises(FormatError, match="not in the chunk table"):
+        t.register(str(bad), backend, str(tmp_path / "m0"), loaded=partial)
+    assert not t.images
+    # the full validation, made before the register (as the daemon's resolve does),
+    # refuses the same bytes there
+    with pytest.raises(FormatError, match="not in the chunk table"):
+        load_bootstrap_file(str(bad), lambda d, n: validate_bootstrap(d, t.verdicts, n))
+    t.close()
+
+
 def test_register_refuses_unsupported_features_as_unsupported(image: tuple[bytes, Path],
                                                                tmp_path: Path) -> None:
     """A feature that changes what a byte means (here: encrypted chunks) is refused by

@@ -285,6 +285,35 @@ def test_resolve_fetches_only_the_bootstrap(nydus_ref: str, proxy: FaultProxy,
         be.close()
 
 
+@needs_fanotify
+def test_daemon_resolve_validates_fully_for_the_register_that_follows(
+        nydus_ref: str, tmp_path: Path) -> None:
+    """The daemon's `resolve` (what `mount REF` sends) parses the bootstrap once, with
+    the full validation a mount needs: its verdict is on disk before any register, and
+    the register that follows takes that parse."""
+    import hashlib
+
+    from erofs_nydus.daemon.images import VERDICT_FILE
+
+    cache = tmp_path / "cache"
+    client = DaemonClient(cache)
+    assert client.ensure_running()
+    try:
+        resp = client.request("resolve", ref=nydus_ref)
+        boot = Path(resp["bootstrap"])
+        digest = hashlib.sha256(boot.read_bytes()).hexdigest()
+        assert (cache / VERDICT_FILE).read_text().split() == [digest]
+        mp = tmp_path / "mnt"
+        mp.mkdir()
+        info = client.request("register", bootstrap=str(boot), backend=resp["backend"],
+                              mountpoint=str(mp), mode="fanotify")
+        assert info["bootstrap"].endswith(".boot") and len(info["devices"]) == len(
+            resp["blob_ids"])
+        client.request("detach", mountpoint=str(mp))
+    finally:
+        client.shutdown()
+
+
 def test_backend_from_spec_is_lazy_and_shares_its_client(nydus_ref: str,
                                                          tmp_path: Path) -> None:
     remote = resolve_remote_image(nydus_ref, str(tmp_path / "c"))

@@ -40,7 +40,7 @@ from erofs_nydus.errors import (
 from erofs_nydus.fsutil import atomic_write, open_private
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.image import RafsImage
-from erofs_nydus.rafs.reader import BootstrapReader
+from erofs_nydus.rafs.reader import BootstrapReader, LoadedBootstrap
 
 __all__ = ["REQUEST_LIMITS", "STATE_FILE", "VERDICT_FILE", "ImageEntry", "ImageTable",
            "TableSnapshot", "Verdicts", "make_backend", "read_bootstrap_bounded",
@@ -67,12 +67,17 @@ def make_backend(spec: dict[str, Any]) -> BlobBackend:
 
 
 _preloaded = threading.Event()
+#: seconds a new daemon waits before loading the registry stack in the background: the
+#: mount that started it registers first, without sharing the interpreter with ~0.3 s
+#: of imports it does not need (a `mount REF` meanwhile imports what it needs itself)
+PRELOAD_DELAY = 0.5
 
 
 def _preload_registry() -> None:
-    """Import the registry client (httpx, httpcore: ~0.5 s) in the background once per
-    process, so the first registry image registers without that wait (the CLI starts
-    the daemon while it fetches the bootstrap)."""
+    """Import the registry client and resolver (httpx, httpcore: ~0.3 s) in the
+    background once per process, shortly after start, so that a `mount REF` (the
+    daemon resolves references) or a registry image registered later finds them
+    loaded."""
     if _preloaded.is_set():
         return
     _preloaded.set()
@@ -81,11 +86,15 @@ def _preload_registry() -> None:
         try:
             import httpcore  # noqa: F401  (httpx imports it on the first Client)
 
-            import erofs_nydus.registry.backend  # noqa: F401
+            import erofs_nydus.registry.backend
+            import erofs_nydus.registry.resolve  # noqa: F401
         except Exception as exc:  # reported again, properly, when a backend is made
             log.debug("registry client preload failed: %s", exc)
 
-    threading.Thread(target=load, name="registry-preload", daemon=True).start()
+    timer = threading.Timer(PRELOAD_DELAY, load)
+    timer.name = "registry-preload"
+    timer.daemon = True
+    timer.start()
 
 
 def _check_backend(spec: dict[str, Any], blob_id: str, compressed_size: int) -> None:
@@ -437,6 +446,7 @@ class ImageTable:
         amplify: int = DEFAULT_AMPLIFY,
         prefetch: dict[str, Any] | None = None,
         fsid: str | None = None,
+        loaded: LoadedBootstrap | None = None,
     ) -> dict[str, Any]:
         """Validate and register an image for `mountpoint`; return what to mount.
 
@@ -444,12 +454,24 @@ class ImageTable:
         :func:`requested_fsid`).  A name registered for other bytes is refused while it
         has mounts, and replaced when it has none.
 
+        `loaded`: the same file read already (by `resolve` in this process), taken
+        while the file is unchanged instead of reading it again; its parse is taken
+        only when it was the full validation (``loaded.full``), else `data` is
+        validated here as any other bootstrap.  What is registered and stored is
+        always the bytes that were validated.
+
         Raises FormatError for a bootstrap that fails validation, BackendError when a
         local blob is missing or truncated; nothing is registered then.
         """
-        data = read_bootstrap_bounded(bootstrap)
-        self._check_stored(bootstrap, data)
-        image = validate_bootstrap(data, self.verdicts, os.path.basename(bootstrap))
+        if loaded is not None and loaded.matches(bootstrap):
+            data = loaded.data
+            self._check_stored(bootstrap, data)
+            image = (loaded.image if loaded.full else
+                     validate_bootstrap(data, self.verdicts, os.path.basename(bootstrap)))
+        else:
+            data = read_bootstrap_bounded(bootstrap)
+            self._check_stored(bootstrap, data)
+            image = validate_bootstrap(data, self.verdicts, os.path.basename(bootstrap))
         named = fsid is not None
         fsid = fsid or image.fsid or hashlib.sha256(data).hexdigest()
         for b in image.blobs:

@@ -27,6 +27,8 @@ from typing import Any
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.errors import ErofsNydusError
 from erofs_nydus.layout import erofs as E
+from erofs_nydus.layout import parse
+from erofs_nydus.layout import rafs as R
 from erofs_nydus.rafs.image import ChunkInfo
 from erofs_nydus.rafs.reader import BootstrapReader
 
@@ -44,6 +46,11 @@ def prefetch_chunks(bootstrap: bytes) -> list[ChunkInfo]:
     A directory entry stands for every file below it, as in nydusd (nydus-snapshotter's
     `--prefetch-policy fs` puts the root nid there): expanded depth-first in dirent order,
     each inode once."""
+    # Most images have no prefetch table: say so from the ext superblock alone, without
+    # parsing the whole metadata (chunk table) a second time at every register.
+    ext = parse(R.SuperBlockExt, bootstrap, R.EXT_SUPERBLOCK_OFFSET, "RAFS ext superblock")
+    if not ext.s_prefetch_table_offset or not ext.s_prefetch_table_size:
+        return []
     reader = BootstrapReader(bootstrap)
     out: list[ChunkInfo] = []
     seen: set[tuple[int, int]] = set()

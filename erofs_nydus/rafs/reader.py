@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from erofs_nydus.errors import FormatError, SourceError, UnsupportedError
@@ -142,52 +143,61 @@ class BootstrapReader:
             raise FormatError(f"{self.name}: chunk table at {ct_off:#x}+{ct_size} is invalid")
         self.by_addr: dict[tuple[int, int], ChunkInfo] = {}
         prev_digest = b""
-        for i in range(ct_size // R.CHUNK_INFO_SIZE):
-            (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
-             _crc) = R.CHUNK_INFO_PACK.unpack_from(self.data, ct_off + R.CHUNK_INFO_SIZE * i)
-            where = f"chunk table entry {i}"
+        by_addr = self.by_addr
+        refused_mask = sum(R.REFUSED_CHUNK_FLAGS)
+        max_chunk = R.MAX_CHUNK_SIZE
+        # the hot loop of every register: a message is formatted only for a problem
+        for i, (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
+                _crc) in enumerate(R.CHUNK_INFO_PACK.iter_unpack(
+                    self.data[ct_off:ct_off + ct_size])):
             if digest < prev_digest:
-                bad(f"{where}: chunk table not sorted by digest")
+                bad(f"chunk table entry {i}: chunk table not sorted by digest")
             prev_digest = digest
             if blob_index >= len(blobs):
-                bad(f"{where}: blob index {blob_index} >= {len(blobs)} blobs")
+                bad(f"chunk table entry {i}: blob index {blob_index} >= {len(blobs)} blobs")
                 continue
             b = blobs[blob_index]
             if uoff % BLOCK_SIZE or uoff + usize > b.uncompressed_size:
-                bad(f"{where}: uncompressed range {uoff:#x}+{usize} outside blob")
+                bad(f"chunk table entry {i}: uncompressed range {uoff:#x}+{usize} outside blob")
                 continue
-            if not 0 < usize <= cs or not 0 < csize <= R.MAX_CHUNK_SIZE:
-                bad(f"{where}: chunk sizes {csize}/{usize} invalid")
+            if not 0 < usize <= cs or not 0 < csize <= max_chunk:
+                bad(f"chunk table entry {i}: chunk sizes {csize}/{usize} invalid")
                 continue
-            for flag, what in R.REFUSED_CHUNK_FLAGS.items():
-                if cflags & flag:
-                    self._refuse(f"blob {blob_index} has {what}")
+            if cflags & refused_mask:
+                for flag, what in R.REFUSED_CHUNK_FLAGS.items():
+                    if cflags & flag:
+                        self._refuse(f"blob {blob_index} has {what}")
             if cflags & ~R.CHUNK_FLAGS_KNOWN:
-                bad(f"{where}: unknown chunk flags {cflags:#x}")
+                bad(f"chunk table entry {i}: unknown chunk flags {cflags:#x}")
             compressed = bool(cflags & R.CHUNK_FLAG_COMPRESSED)
             if compressed and b.compressor not in R.SUPPORTED_COMPRESSORS[1:]:
-                bad(f"{where}: compressed chunk in a blob with compressor {b.compressor}")
+                bad(f"chunk table entry {i}: compressed chunk in a blob with compressor "
+                    f"{b.compressor}")
             if not compressed and csize != usize:
-                bad(f"{where}: uncompressed chunk with compressed size {csize} != {usize}")
+                bad(f"chunk table entry {i}: uncompressed chunk with compressed size {csize} "
+                    f"!= {usize}")
             if coff + csize > b.compressed_size or coff >> _BLOB_DATA_BITS:
-                bad(f"{where}: compressed range {coff:#x}+{csize} outside blob data")
+                bad(f"chunk table entry {i}: compressed range {coff:#x}+{csize} outside blob "
+                    "data")
                 continue
             if index >= b.chunk_count:
-                bad(f"{where}: chunk index {index} >= the blob's {b.chunk_count} chunks")
+                bad(f"chunk table entry {i}: chunk index {index} >= the blob's "
+                    f"{b.chunk_count} chunks")
                 continue
-            if index in indexes[blob_index]:
+            seen = indexes[blob_index]
+            if index in seen:
                 # two records would share one presence bit in the daemon's chunk map
-                bad(f"{where}: chunk index {index} used twice in blob {blob_index}")
+                bad(f"chunk table entry {i}: chunk index {index} used twice in blob "
+                    f"{blob_index}")
                 continue
-            indexes[blob_index].add(index)
-            c = ChunkInfo(digest=digest, blob_index=blob_index, index=index,
-                          compressed_offset=coff, compressed_size=csize,
-                          uncompressed_offset=uoff, uncompressed_size=usize,
-                          compressed=compressed, compressor=b.compressor, digester=b.digester)
-            if (blob_index, uoff) in self.by_addr:
-                bad(f"{where}: two chunks at blob {blob_index} offset {uoff:#x}")
+            seen.add(index)
+            key = (blob_index, uoff)
+            if key in by_addr:
+                bad(f"chunk table entry {i}: two chunks at blob {blob_index} offset {uoff:#x}")
                 continue
-            self.by_addr[(blob_index, uoff)] = c
+            c = ChunkInfo(digest, blob_index, index, coff, csize, uoff, usize, compressed,
+                          b.compressor, b.digester)
+            by_addr[key] = c
             chunks[blob_index].append(c)
         for lst in chunks:
             lst.sort(key=lambda c: c.uncompressed_offset)
@@ -463,3 +473,50 @@ def open_bootstrap(path: str) -> BootstrapReader:
 def load_image(data: bytes) -> RafsImage:
     """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
     return read_image_meta(data)
+
+
+@dataclass(frozen=True)
+class LoadedBootstrap:
+    """A bootstrap file read and parsed, with the identity of the file it was read
+    from, so that a later user of the same path in the same process can take the parse
+    instead of repeating it (`matches`).
+
+    `full`: the parse was the full validation a mount needs (the daemon's
+    ``validate_bootstrap``: superblocks, tables and the whole tree, or a verdict that
+    these bytes passed it); False: only `load_image`'s checks (no tree walk), so a
+    mount must still validate `data` fully.  Made in-process only, never from a
+    request."""
+
+    path: str
+    data: bytes
+    image: RafsImage
+    ident: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    full: bool = False
+
+    def matches(self, path: str) -> bool:
+        """True while `path` is still the file this was read from, unchanged."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (os.path.abspath(path) == self.path
+                and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.ident)
+
+
+def load_bootstrap_file(
+    path: str, validate: Callable[[bytes, str], RafsImage] | None = None
+) -> LoadedBootstrap:
+    """`load_image` of the file at `path`, kept with the file's identity.  `validate`
+    (data, name) -> image: the caller's full validation instead (``full`` is then
+    True: pass only a function that walks the whole tree or knows these bytes did)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    data = read_bootstrap_bytes(path)  # its one-line errors (and this one's) first
+    if st is None:
+        st = os.stat(path)
+    image = validate(data, os.path.basename(path)) if validate else load_image(data)
+    return LoadedBootstrap(os.path.abspath(path), data, image,
+                           (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                           full=validate is not None)

@@ -33,7 +33,12 @@ from typing import IO, Any, Literal
 
 from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, UnsupportedError
 from erofs_nydus.fsutil import atomic_write, private_dir
-from erofs_nydus.rafs.reader import MAX_BOOTSTRAP_SIZE, BootstrapReader, read_bootstrap_bytes
+from erofs_nydus.rafs.image import RafsImage
+from erofs_nydus.rafs.reader import (
+    MAX_BOOTSTRAP_SIZE,
+    LoadedBootstrap,
+    load_bootstrap_file,
+)
 from erofs_nydus.registry import client
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import (
@@ -81,6 +86,9 @@ class RemoteImage:
     backend: dict[str, Any]
     blob_ids: list[str] = field(default_factory=list)
     bootstrap_fetched: int = 0  # bytes downloaded for the bootstrap layer (0: cached)
+    # the bootstrap's bytes and their validated parse, for a register in the same
+    # process (the daemon's `resolve` then `register`): parsed once, not twice
+    loaded: LoadedBootstrap | None = field(default=None, repr=False, compare=False)
 
 
 class InflateBound(io.RawIOBase):
@@ -258,6 +266,7 @@ def resolve_remote_image(
     mirrors: list[dict[str, Any]] | None = None,
     proxy: dict[str, Any] | None = None,
     resolve_deadline: float | None = None,
+    validate: Callable[[bytes, str], RafsImage] | None = None,
 ) -> RemoteImage:
     """Resolve `text`, fetch its bootstrap into `cache_dir`, return what to register.
 
@@ -270,6 +279,9 @@ def resolve_remote_image(
     `resolve_deadline` (default RESOLVE_DEADLINE): seconds for all of this call's
     registry traffic together, so a slow registry ends in one DeadlineExceededError
     line before the daemon that runs this gives up on being idle.
+    `validate` (data, name) -> image: how the bootstrap is parsed (default
+    `load_image`: no tree walk); the daemon passes its full validation, and
+    ``RemoteImage.loaded`` then carries that parse to its `register`.
     """
     total = RESOLVE_DEADLINE if resolve_deadline is None else resolve_deadline
     end = time.monotonic() + total
@@ -318,7 +330,8 @@ def resolve_remote_image(
         if boot_path is None:
             boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left,
                                                   mirrors=mirrors, proxy=proxy, backend=backend)
-        image = BootstrapReader(read_bootstrap_bytes(boot_path)).image
+        loaded = load_bootstrap_file(boot_path, validate)
+        image = loaded.image
         listed = {d.digest for d in layers}
         for b in image.blobs:
             digest = f"sha256:{b.blob_id}"
@@ -331,6 +344,7 @@ def resolve_remote_image(
             backend=backend,
             blob_ids=[b.blob_id for b in image.blobs],
             bootstrap_fetched=fetched,
+            loaded=loaded,
         )
     finally:
         store.close()
