@@ -192,6 +192,9 @@ class _StreamUpload:
         """The blob writer's tee: gather, hand over full pieces (blocks while full)."""
         if self._done.is_set():
             return
+        if not self._buf and len(data) >= self.PIECE:  # the writer's pieces: no copy
+            self._put(data)
+            return
         self._buf += data
         if len(self._buf) >= self.PIECE:
             self._put(bytes(self._buf))
