@@ -28,7 +28,13 @@ from erofs_nydus.builder import BuildOptions, create_image
 from erofs_nydus.builder.blob import BlobWriter, DigestOnlyWriter
 from erofs_nydus.builder.inflate import ReadAhead
 from erofs_nydus.builder.source import tree_from_dir, tree_from_tar
-from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, SourceError
+from erofs_nydus.errors import (
+    DigestMismatchError,
+    ErofsNydusError,
+    NotFoundError,
+    RegistryError,
+    SourceError,
+)
 from erofs_nydus.rafs.tree import Node
 from erofs_nydus.registry import RegistryClient
 from erofs_nydus.registry.convert import ConvertOptions, convert_image
@@ -317,6 +323,29 @@ def test_failed_stream_upload_falls_back_to_the_file(
     assert report.ok, report.problems
     again = convert_image(pushed, registry.ref("pipeline/streamed:v1"), _opts(tmp_path, "d"))
     assert again.manifest_digest == ref.manifest_digest
+
+
+@pytest.mark.registry
+def test_stream_upload_with_the_callers_digest(registry: RegistryServer) -> None:
+    """push_blob_stream(digest=...) sends the digest its caller computed (the blob
+    writer's) instead of hashing again; a wrong one is refused by the registry, in one
+    line, and nothing is stored under either digest."""
+    import hashlib
+
+    data = random.Random(7).randbytes(3 * 65536 + 11)
+    pieces = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+    right = "sha256:" + hashlib.sha256(data).hexdigest()
+    wrong = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    with RegistryClient(plain_http=True) as client:
+        repo = registry.ref("pipeline/stream-digest")
+        assert client.push_blob_stream(repo, iter(pieces), digest=lambda: right) == (
+            right, len(data))
+        assert client.get_blob(repo, right, max_size=len(data)) == data
+        other = registry.ref("pipeline/stream-wrong")
+        with pytest.raises(DigestMismatchError) as err:
+            client.push_blob_stream(other, iter(pieces), digest=lambda: wrong)
+        assert "\n" not in str(err.value)
+        assert not client.blob_exists(other, wrong) and not client.blob_exists(other, right)
 
 
 @pytest.mark.registry

@@ -175,14 +175,17 @@ class _Cancelled(Exception):
 class _StreamUpload:
     """A layer's new blob uploaded to a registry while the builder writes it
     (`RegistryClient.push_blob_stream`), fed in order from the blob writer through a
-    bounded queue; the upload thread starts with the first byte."""
+    bounded queue; the upload thread starts with the first byte.  The digest sent is
+    the blob id the writer computed over the same bytes (`finish`): no second sha256
+    (a wrong one would make the registry refuse the upload, and the file goes up)."""
 
     PIECE = 1 << 20  # bytes gathered per queue item
     _ABORT = object()
 
-    def __init__(self, push: Callable[[Iterator[bytes]], tuple[str, int]], label: str) -> None:
+    def __init__(self, push: Callable[..., tuple[str, int]], label: str) -> None:
         self._push = push
         self.label = label
+        self.digest: str | None = None  # the blob's, known once the writer is done
         self._q: queue.Queue[Any] = queue.Queue(8)
         self._buf = bytearray()
         self._done = threading.Event()  # the upload thread ended (success or not)
@@ -225,17 +228,23 @@ class _StreamUpload:
 
     def _run(self) -> None:
         try:
-            self.result = self._push(self._pieces())
+            self.result = self._push(self._pieces(), digest=self._digest)
         except BaseException as exc:  # the caller falls back to a plain upload
             self.error = exc
         finally:
             self._done.set()
 
-    def finish(self, ok: bool) -> tuple[str, int] | None:
-        """End the upload: complete it (`ok`) or abort it; join the thread.  Returns
-        (digest, size) when the whole blob went up."""
+    def _digest(self) -> str:
+        if self.digest is None:
+            raise _Cancelled(f"{self.label}: no blob digest")
+        return self.digest
+
+    def finish(self, ok: bool, digest: str | None = None) -> tuple[str, int] | None:
+        """End the upload: complete it (`ok`, the blob's `digest`) or abort it; join the
+        thread.  Returns (digest, size) when the whole blob went up."""
         if self._thread is None:
             return None
+        self.digest = digest
         if ok and self._buf:
             self._put(bytes(self._buf))
         self._buf.clear()
@@ -247,9 +256,10 @@ class _StreamUpload:
 def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: ConvertOptions,
                    progress: Progress | None, label: str,
                    cancel: threading.Event | None = None,
-                   stream: _StreamUpload | None = None) -> tuple[str, bool, list[str]]:
-    """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids).
-    `stream`: where the new blob is uploaded as it is written."""
+                   stream: _StreamUpload | None = None,
+                   ) -> tuple[str, bool, list[str], str | None]:
+    """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids,
+    the new blob's id).  `stream`: where the new blob is uploaded as it is written."""
     if layer.media_type in _ZSTD_LAYER_TYPES:
         raise UnsupportedError(f"{label}: zstd-compressed layers are not supported yet "
                                f"({layer.media_type})")
@@ -261,7 +271,7 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
     if os.path.exists(boot):
         img = read_bootstrap_file(boot)
         if all(os.path.exists(os.path.join(blob_dir, b.blob_id)) for b in img.blobs):
-            return boot, True, [b.blob_id for b in img.blobs]
+            return boot, True, [b.blob_id for b in img.blobs], None
     done = 0
 
     def counted() -> Iterator[bytes]:
@@ -280,7 +290,8 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
                          threads=opts.threads)
     res = create_image(source, boot, blob_dir, bopts, label=label,
                        blob_tee=stream.feed if stream is not None else None)
-    return boot, False, [b.blob_id for b in res.blobs]
+    return (boot, False, [b.blob_id for b in res.blobs],
+            res.new_blob.blob_id if res.new_blob is not None else None)
 
 
 def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
@@ -402,7 +413,8 @@ class _Uploads:
             if blob_id not in self.futures:
                 self.futures[blob_id] = self._pool.submit(self._upload, blob_id)
 
-    def finish_stream(self, stream: _StreamUpload, blob_ids: list[str]) -> None:
+    def finish_stream(self, stream: _StreamUpload, blob_ids: list[str],
+                      new_blob: str | None) -> None:
         """The layer that wrote `blob_ids` while `stream` uploaded them is built: end the
         stream in a thread; a blob it did not carry whole goes up from its file there."""
         pending: dict[str, Future[Any]] = {}
@@ -410,13 +422,14 @@ class _Uploads:
             for blob_id in blob_ids:
                 if blob_id not in self.futures:
                     pending[blob_id] = self.futures[blob_id] = Future()
-        t = threading.Thread(target=self._end_stream, args=(stream, pending),
+        t = threading.Thread(target=self._end_stream, args=(stream, pending, new_blob),
                              name=f"upload end {stream.label}", daemon=True)
         self._enders.append(t)
         t.start()
 
-    def _end_stream(self, stream: _StreamUpload, pending: dict[str, Future[Any]]) -> None:
-        streamed = stream.finish(True)
+    def _end_stream(self, stream: _StreamUpload, pending: dict[str, Future[Any]],
+                    new_blob: str | None) -> None:
+        streamed = stream.finish(True, f"sha256:{new_blob}" if new_blob else None)
         for blob_id, fut in pending.items():
             if streamed is not None and streamed[0] == f"sha256:{blob_id}":
                 fut.set_result(streamed[0])
@@ -482,7 +495,7 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
         if uploads is not None and push_stream is not None:
             stream = _StreamUpload(functools.partial(push_stream, uploads.ref), label)
         try:
-            boot, was_cached, blob_ids = _convert_layer(
+            boot, was_cached, blob_ids, new_blob = _convert_layer(
                 store, ref, layer, opts, locked_progress if progress else None, label, cancel,
                 stream)
         except BaseException:
@@ -491,7 +504,7 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
             raise
         if stream is not None:
             assert uploads is not None
-            uploads.finish_stream(stream, blob_ids)  # completes in a thread of its own
+            uploads.finish_stream(stream, blob_ids, new_blob)  # in a thread of its own
         elif uploads is not None:
             for blob_id in blob_ids:
                 uploads.start(blob_id)
