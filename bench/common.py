@@ -38,12 +38,14 @@ def run_timed(argv: list[str] | str, *, shell: bool = False, env: dict[str, str]
     return dt, rss
 
 
-def run_rusage(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
+def run_rusage(argv: list[str], env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> tuple[float, float, int]:
     """Run a command; return (wall seconds, CPU seconds (user + sys), peak RSS KiB).
     CPU time is the steadier figure on a shared machine: others' load stretches the
     wall time, hardly the CPU time."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=cwd)
     _, status, ru = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t0
     assert proc.stderr is not None
