@@ -81,8 +81,10 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
     users expect (nydus-snapshotter conventions).  With --prefetch-trace the image is
     optimized for the traced workload before the push (see `optimize`).
     """
+    from erofs_nydus import batch_gc
     from erofs_nydus.registry.convert import ConvertOptions, convert_image
 
+    batch_gc()
     check_output(output_json, "--output-json")
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
 

@@ -1096,11 +1096,15 @@ class RegistryClient:
         pieces: Iterable[bytes],
         *,
         deadline: float | None = None,
+        digest: Callable[[], str] | None = None,
     ) -> tuple[str, int]:
         """Upload a blob while it is being produced: one PATCH whose body streams
         `pieces` (chunked transfer encoding), the sha256 computed on the way and sent
         with the closing PUT.  Returns (digest, size).  The bytes go out once, without
-        retry; a caller that still has them (a file) falls back to `push_blob`."""
+        retry; a caller that still has them (a file) falls back to `push_blob`.
+        `digest`: a caller that hashes the bytes itself (a blob writer) saves the second
+        sha256: called once the last piece is out, it gives the digest to send; the
+        registry checks it against what it received and refuses the upload if wrong."""
         image = as_image_reference(repo)
         dl = self._deadline(deadline)
         push = repository_scope(image.repository, ("pull", "push"))
@@ -1126,7 +1130,8 @@ class RegistryClient:
         def hashed() -> Iterator[bytes]:
             nonlocal size
             for piece in pieces:
-                hasher.update(piece)
+                if digest is None:
+                    hasher.update(piece)
                 size += len(piece)
                 yield piece
 
@@ -1138,15 +1143,15 @@ class RegistryClient:
         if response.status_code != 202:
             self._raise_upload(response, what)
         location = self._location(response, what)
-        digest = "sha256:" + hasher.hexdigest()
+        final = "sha256:" + hasher.hexdigest() if digest is None else check_digest(digest())
         response = self._request(
-            "PUT", image, location.copy_merge_params({"digest": digest}), scopes=[push],
+            "PUT", image, location.copy_merge_params({"digest": final}), scopes=[push],
             headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
             retry=False, dl=dl,
         )
         if response.status_code not in (201, 204):
             self._raise_upload(response, what)
-        return digest, size
+        return final, size
 
     def mount_blob(
         self,
