@@ -72,14 +72,13 @@ def _same_archive(path: Path) -> tuple[int, int]:
 
 # -- real archives ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
 def test_synthetic_tree_tars_decode_like_tarfile(synthetic_tree: treeutil.Manifest,
                                                  tmp_path: Path, fmt: int) -> None:
+    """(Plain ustar cannot hold the tree's long names: ustar headers are covered by GNU
+    tar's `ustar`/`posix`/`v7` output below.)"""
     out = tmp_path / "t.tar"
-    try:
-        treeutil.write_tar(synthetic_tree.root, out, format=fmt)
-    except ValueError as exc:  # ustar cannot hold some of the tree's names or numbers
-        pytest.skip(f"tree not representable in this format: {exc}")
+    treeutil.write_tar(synthetic_tree.root, out, format=fmt)
     members, lean = _same_archive(out)
     assert members > 10 and lean > members // 2
 
