@@ -686,3 +686,27 @@ def test_slow_registry_read_is_not_a_stuck_daemon(nydus_ref: str, proxy: FaultPr
     pid = daemon_status(ref_mounts.cache(mp))["pid"]
     assert (mp / "etc/keep").read_bytes() == (expected_tree / "etc/keep").read_bytes()
     assert daemon_status(ref_mounts.cache(mp))["pid"] == pid
+
+
+def test_planted_cached_bootstrap_symlink_is_never_followed(nydus_ref: str,
+                                                           tmp_path: Path) -> None:
+    """A `<sha>.boot` (or the layer index) replaced by a symlink - even to a file holding
+    the right bytes - is a cache miss: the bootstrap is fetched again and stored as our
+    own regular file, the link's target is never read or written."""
+    cache = tmp_path / "c"
+    remote = resolve_remote_image(nydus_ref, str(cache))
+    boot = Path(remote.bootstrap)
+    elsewhere = tmp_path / "elsewhere.boot"
+    elsewhere.write_bytes(boot.read_bytes())
+    boot.unlink()
+    boot.symlink_to(elsewhere)
+    again = resolve_remote_image(nydus_ref, str(cache))
+    assert again.bootstrap == remote.bootstrap and again.bootstrap_fetched > 0
+    assert not boot.is_symlink() and boot.read_bytes() == elsewhere.read_bytes()
+    index = next((cache / "bootstrap-layers").iterdir())
+    target = tmp_path / "index-target"
+    target.write_text(index.read_text())
+    index.unlink()
+    index.symlink_to(target)
+    third = resolve_remote_image(nydus_ref, str(cache))
+    assert third.bootstrap_fetched > 0 and not index.is_symlink()

@@ -23,6 +23,8 @@ import gzip
 import hashlib
 import io
 import os
+import re
+import stat
 import tarfile
 import tempfile
 import time
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, UnsupportedError
-from erofs_nydus.fsutil import atomic_write, private_dir
+from erofs_nydus.fsutil import atomic_write, open_private, private_dir
 from erofs_nydus.rafs.image import RafsImage
 from erofs_nydus.rafs.reader import (
     MAX_BOOTSTRAP_SIZE,
@@ -71,6 +73,7 @@ __all__ = [
 BOOTSTRAP_NAME = "image/image.boot"  # convert.BOOTSTRAP_NAME
 NOT_NYDUS = "not a Nydus image; convert it first with erofs-nydus convert"
 LAYER_INDEX = "bootstrap-layers"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # All registry traffic of one resolve (manifest, bootstrap layer, blob checks): below the
 # daemon's 60 s idle exit (EROFS_NYDUS_IDLE_EXIT), which counts only registered images.
 RESOLVE_DEADLINE = 45.0
@@ -162,18 +165,28 @@ def extract_bootstrap(layer_tgz: bytes | IO[bytes], **bounds: Any) -> bytes:
 
 
 def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
+    """The stored bootstrap a previous resolve extracted from this layer, if the index
+    names one and the file holds what its sha256 name says.  Both files are opened
+    without following symlinks, must be ours (`fsutil.open_private`) and are read
+    bounded: anything else is a miss, and the fetch that follows replaces them."""
     idx = os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1])
     try:
-        with open(idx, encoding="ascii") as f:
-            sha = f.read().strip()
-    except OSError:
-        return None
-    boot = os.path.join(cache_dir, f"{sha}.boot")
-    try:
-        with open(boot, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() == sha:
+        with os.fdopen(open_private(idx, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            sha = f.read(130).strip().decode("ascii", "replace")
+        if not _SHA256_HEX.fullmatch(sha):
+            return None
+        boot = os.path.join(cache_dir, f"{sha}.boot")
+        with os.fdopen(open_private(boot, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            h = hashlib.sha256()
+            left = MAX_BOOTSTRAP_SIZE + 1
+            while left > 0 and (block := f.read(min(left, 1 << 20))):
+                h.update(block)
+                left -= len(block)
+            if left > 0 and h.hexdigest() == sha:
                 return boot
-    except OSError:
+    except (OSError, ErofsNydusError):  # missing, a symlink, someone else's: a miss
         pass
     return None
 
