@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Chunk compressor and digester side by side on a registry image: which default to ship.
+
+    python3 bench/compressor.py [--runs 3] [--variants lz4+sha256,zstd+blake3]
+                                [--rate 100mbit] [--no-netns] [--skip-sizes] [--skip-warm]
+
+The debootstrap minbase rootfs is pushed as a one-layer OCI image to a real
+docker-registry on 127.0.0.1 (and served on the same storage through a `tc tbf` veth
+into a private network namespace, as bench/coldstart.py does), then converted once per
+compressor + digester.  Printed, per variant, with the ratio to the first variant:
+
+(a) sizes: blob bytes (the data layer), bootstrap layer bytes and the convert time of
+    every combination (zstd/lz4/none x blake3/sha256; one convert each, so its time is
+    indicative only);
+(b) cold start on each network: `erofs-nydus mount REF` + `chroot MNT sh -c 'dpkg -l;
+    ls /usr/bin'` (output captured: the mount is nodev), page cache dropped first, with
+    the daemon started by `mount` ("cold daemon") and with a resident daemon up
+    ("daemon up", its data evicted each run); bytes fetched from the registry;
+(c) full read: on loopback, every file of the mounted image read once (cache filled by
+    the daemon: fetch + decode + verify of every chunk), then with the page cache
+    dropped and the cache file complete read again ("warm": the kernel reads the
+    decompressed cache file, no daemon involved -- should not depend on the compressor).
+
+Runs are interleaved (A B A B ..., the order reversed every other round) so that load
+from other processes hits every variant alike; medians of --runs.  Per-chunk decode
+throughput: bench/codec.py.  Needs root, Linux >= 6.14 (fanotify pre-content),
+docker-registry, skopeo, umoci, iproute2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from coldstart import WORKLOAD, lazy_run  # noqa: E402
+from common import drop_caches, fmt_bytes, median, rootfs  # noqa: E402
+from netns import CLI, Keeper, Net, manifest_sizes, push_rootfs, registry_nets, sh  # noqa: E402
+from registry_fixture import RegistryServer  # noqa: E402
+
+ALL = [f"{c}+{d}" for c in ("lz4", "zstd", "none") for d in ("sha256", "blake3")]
+
+
+def repo_of(variant: str) -> str:
+    return f"bench/rootfs-{variant.replace('+', '-')}:v1"
+
+
+def convert(server: RegistryServer, src: str, work: Path, variant: str) -> float:
+    compressor, digester = variant.split("+")
+    cache = work / f"conv-{variant}"
+    t0 = time.perf_counter()
+    sh([*CLI, "convert", "--source", src, "--target", server.ref(repo_of(variant)),
+        "--plain-http", "-q", "--cache-dir", str(cache),
+        "--compressor", compressor, "--digester", digester])
+    dt = time.perf_counter() - t0
+    shutil.rmtree(cache)
+    return dt
+
+
+def layer_sizes(server: RegistryServer, repo_tag: str) -> list[int]:
+    import httpx
+
+    repo, tag = repo_tag.split(":")
+    r = httpx.get(f"{server.url}/v2/{repo}/manifests/{tag}", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json"})
+    r.raise_for_status()
+    return [int(x["size"]) for x in r.json()["layers"]]
+
+
+def rounds(variants: list[str], runs: int) -> list[list[str]]:
+    """A B, B A, A B, ...: each variant goes first as often as the others."""
+    return [variants if i % 2 == 0 else variants[::-1] for i in range(runs)]
+
+
+def runs_str(xs: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in xs)
+
+
+def ratio(x: float, base: float) -> str:
+    return f"{x / base:5.2f}x" if base else "    -"
+
+
+def read_tree(mnt: Path) -> float:
+    """Seconds to read every regular file under `mnt` (`tar | cat`: GNU tar skips file
+    data when it writes to /dev/null itself)."""
+    t0 = time.perf_counter()
+    subprocess.run(f"tar -C {mnt} -cf - . | cat > /dev/null", shell=True, check=True)
+    return time.perf_counter() - t0
+
+
+def full_read(net: Net, ref: str, work: Path) -> tuple[float, float, float]:
+    """(first full read, warm full read, fraction of the cache file filled)."""
+    mnt, cache = work / "mnt", work / "cache"
+    mnt.mkdir(parents=True)
+    drop_caches()
+    sh([*net.prefix, *CLI, "mount", ref, str(mnt), "--cache-dir", str(cache), "--plain-http"])
+    try:
+        first = read_tree(mnt)
+        st = json.loads(sh([*CLI, "mount-stats", "--cache-dir", str(cache), "--json"]).stdout)
+        size = sum(b["size"] for b in st["blobs"].values())
+        present = sum(b["present"] for b in st["blobs"].values())
+        drop_caches()
+        warm = read_tree(mnt)
+    finally:
+        sh([*CLI, "umount", str(mnt)])
+    shutil.rmtree(work)
+    return first, warm, present / size if size else 0.0
+
+
+def print_rows(title: str, variants: list[str], rows: dict[str, list[float]],
+               extra: dict[str, str] | None = None) -> None:
+    base = median(rows[variants[0]])
+    print(f"    {title}")
+    for v in variants:
+        m = median(rows[v])
+        tail = f"  {extra[v]}" if extra else ""
+        print(f"      {v:<13} {m:6.2f} s  {ratio(m, base)}   runs {runs_str(rows[v])}{tail}")
+
+
+def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Namespace) -> None:
+    variants: list[str] = args.variants.split(",")
+    for v in variants:
+        if v not in ALL:
+            sys.exit(f"unknown variant {v!r}: one of {', '.join(ALL)}")
+    tree = rootfs()
+    src, layer = push_rootfs(server, tree, work / "img", "bench/rootfs:v1")
+    oci_bytes, _ = manifest_sizes(server, "bench/rootfs:v1")
+    print(f"image: {tree.name}, one layer of {fmt_bytes(layer.stat().st_size)} tar.gz; "
+          f"OCI image {fmt_bytes(oci_bytes)}")
+    sized = ALL if not args.skip_sizes else variants
+    sized = variants + [v for v in sized if v not in variants]
+    print(f"(a) sizes (one convert each; ratio to {variants[0]}):")
+    print(f"      {'variant':<13} {'blob':>10} {'ratio':>6} {'bootstrap':>11} {'convert':>9}")
+    base_blob = 0
+    for v in sized:
+        dt = convert(server, src, work, v)
+        layers = layer_sizes(server, repo_of(v))
+        blob, boot = sum(layers[:-1]), layers[-1]  # data layer(s), then the bootstrap layer
+        base_blob = base_blob or blob
+        print(f"      {v:<13} {fmt_bytes(blob):>10} {ratio(blob, base_blob):>6} "
+              f"{fmt_bytes(boot):>11} {dt:7.2f} s", flush=True)
+
+    print(f"(b) cold start: mount REF + `{WORKLOAD}`, page cache dropped, "
+          f"median of {args.runs}, interleaved:")
+    boots = {v: layer_sizes(server, repo_of(v))[-1] for v in variants}
+    for n, net in enumerate(nets):
+        keeper = Keeper(net, work / f"keeper{n}")
+        cold: dict[str, list[float]] = {v: [] for v in variants}
+        up: dict[str, list[float]] = {v: [] for v in variants}
+        fetched: dict[str, list[float]] = {v: [] for v in variants}
+        try:
+            for i, order in enumerate(rounds(variants, args.runs)):
+                for v in order:
+                    ref = f"{net.host}/{repo_of(v)}"
+                    t, b, _ = lazy_run(net, ref, work / f"cold{i}", boots[v])
+                    cold[v].append(t)
+                    fetched[v].append(b)
+                    t, _, _ = lazy_run(net, ref, work / f"up{i}", boots[v], keeper)
+                    up[v].append(t)
+        finally:
+            keeper.close()
+        print(f"  [{net.name}]")
+        print_rows("cold daemon (mount starts it):", variants, cold,
+                   {v: f"fetched {fmt_bytes(median(fetched[v]))}" for v in variants})
+        print_rows("daemon up (resident, data cold):", variants, up)
+
+    if args.skip_warm:
+        return
+    print(f"(c) full read of the mounted tree on loopback, median of {args.runs}, interleaved:")
+    first: dict[str, list[float]] = {v: [] for v in variants}
+    warm: dict[str, list[float]] = {v: [] for v in variants}
+    filled: dict[str, float] = {}
+    for i, order in enumerate(rounds(variants, args.runs)):
+        for v in order:
+            f, w, filled[v] = full_read(nets[0], f"{nets[0].host}/{repo_of(v)}",
+                                        work / f"full{i}")
+            first[v].append(f)
+            warm[v].append(w)
+    print_rows("first read (daemon fetches, decodes, verifies every chunk):", variants, first,
+               {v: f"cache filled {100 * filled[v]:.1f}%" for v in variants})
+    print_rows("warm read (page cache dropped, cache file complete):", variants, warm)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--variants", default="lz4+sha256,zstd+blake3",
+                    help=f"comma-separated, timed in (b) and (c); the first is the base "
+                    f"of the ratios (of {', '.join(ALL)})")
+    ap.add_argument("--rate", default="100mbit", help="tc rate on the veth pair")
+    ap.add_argument("--no-netns", action="store_true", help="loopback registry only")
+    ap.add_argument("--skip-sizes", action="store_true",
+                    help="(a) only for --variants, not every combination")
+    ap.add_argument("--skip-warm", action="store_true", help="no (c)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/compressor.py: run as root (mounts, fanotify, network namespaces)")
+    work = Path(tempfile.mkdtemp(prefix="bench-compressor-"))
+    try:
+        with registry_nets(work, rate=args.rate, netns=not args.no_netns) as (server, nets):
+            bench(server, nets, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
