@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """Chunk compressor and digester side by side on a registry image: which default to ship.
 
-    python3 bench/compressor.py [--runs 3] [--variants lz4+sha256,zstd+blake3]
-                                [--rate 100mbit] [--no-netns] [--skip-sizes] [--skip-warm]
+    python3 bench/compressor.py [--runs 3] [--variants lz4+sha256,zstd+blake3] [--rate 100mbit]
+                                [--convert-runs 1] [--no-netns] [--skip-sizes] [--skip-cold]
+                                [--skip-warm]
 
 The debootstrap minbase rootfs is pushed as a one-layer OCI image to a real
 docker-registry on 127.0.0.1 (and served on the same storage through a `tc tbf` veth
 into a private network namespace, as bench/coldstart.py does), then converted once per
 compressor + digester.  Printed, per variant, with the ratio to the first variant:
 
-(a) sizes: blob bytes (the data layer), bootstrap layer bytes and the convert time of
-    every combination (zstd/lz4/none x blake3/sha256; one convert each, so its time is
-    indicative only);
+(a) sizes: blob bytes (the data layer), bootstrap layer bytes and the convert time
+    (median of --convert-runs, interleaved; layer cache emptied) of every combination
+    (zstd/lz4/none x blake3/sha256);
 (b) cold start on each network: `erofs-nydus mount REF` + `chroot MNT sh -c 'dpkg -l;
     ls /usr/bin'` (output captured: the mount is nodev), page cache dropped first, with
     the daemon started by `mount` ("cold daemon") and with a resident daemon up
@@ -42,7 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from coldstart import WORKLOAD, lazy_run  # noqa: E402
-from common import drop_caches, fmt_bytes, median, rootfs  # noqa: E402
+from common import drop_caches, fmt_bytes, median, process_tree, rootfs, supervisor_pid  # noqa: E402
 from netns import CLI, Keeper, Net, manifest_sizes, push_rootfs, registry_nets, sh  # noqa: E402
 from registry_fixture import RegistryServer  # noqa: E402
 
@@ -88,6 +89,20 @@ def ratio(x: float, base: float) -> str:
     return f"{x / base:5.2f}x" if base else "    -"
 
 
+def daemon_cpu(cache: Path) -> float:
+    """CPU seconds (user + system) used so far by the daemon serving `cache` and its
+    live children, found by the pid in its lock file.  Less sensitive to the other
+    sessions' load than wall time: what the compressor costs the daemon."""
+    ticks = 0
+    for pid in process_tree(supervisor_pid(cache)):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def read_tree(mnt: Path) -> float:
     """Seconds to read every regular file under `mnt` (`tar | cat`: GNU tar skips file
     data when it writes to /dev/null itself)."""
@@ -96,14 +111,16 @@ def read_tree(mnt: Path) -> float:
     return time.perf_counter() - t0
 
 
-def full_read(net: Net, ref: str, work: Path) -> tuple[float, float, float]:
-    """(first full read, warm full read, fraction of the cache file filled)."""
+def full_read(net: Net, ref: str, work: Path) -> tuple[float, float, float, float]:
+    """(first full read, warm full read, fraction of the cache file filled, daemon CPU
+    seconds for its start and the first read)."""
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     drop_caches()
     sh([*net.prefix, *CLI, "mount", ref, str(mnt), "--cache-dir", str(cache), "--plain-http"])
     try:
         first = read_tree(mnt)
+        cpu = daemon_cpu(cache)
         st = json.loads(sh([*CLI, "mount-stats", "--cache-dir", str(cache), "--json"]).stdout)
         size = sum(b["size"] for b in st["blobs"].values())
         present = sum(b["present"] for b in st["blobs"].values())
@@ -112,17 +129,22 @@ def full_read(net: Net, ref: str, work: Path) -> tuple[float, float, float]:
     finally:
         sh([*CLI, "umount", str(mnt)])
     shutil.rmtree(work)
-    return first, warm, present / size if size else 0.0
+    return first, warm, present / size if size else 0.0, cpu
 
 
 def print_rows(title: str, variants: list[str], rows: dict[str, list[float]],
                extra: dict[str, str] | None = None) -> None:
+    """Median and its ratio to the first variant's median, then the median of the
+    per-round ratios (each run against the first variant's run of the same round:
+    the two ran back to back, so they saw about the same load)."""
     base = median(rows[variants[0]])
     print(f"    {title}")
     for v in variants:
         m = median(rows[v])
+        paired = median([x / b for x, b in zip(rows[v], rows[variants[0]], strict=True) if b])
         tail = f"  {extra[v]}" if extra else ""
-        print(f"      {v:<13} {m:6.2f} s  {ratio(m, base)}   runs {runs_str(rows[v])}{tail}")
+        print(f"      {v:<13} {m:6.2f} s  {ratio(m, base)} (paired {paired:4.2f}x)   runs "
+              f"{runs_str(rows[v])}{tail}")
 
 
 def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Namespace) -> None:
@@ -137,25 +159,33 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
           f"OCI image {fmt_bytes(oci_bytes)}")
     sized = ALL if not args.skip_sizes else variants
     sized = variants + [v for v in sized if v not in variants]
-    print(f"(a) sizes (one convert each; ratio to {variants[0]}):")
-    print(f"      {'variant':<13} {'blob':>10} {'ratio':>6} {'bootstrap':>11} {'convert':>9}")
+    print(f"(a) sizes, and convert time (median of {args.convert_runs}; ratio to "
+          f"{variants[0]}):")
+    conv: dict[str, list[float]] = {v: [] for v in sized}
+    for order in rounds(sized, args.convert_runs):
+        for v in order:
+            conv[v].append(convert(server, src, work, v))
+    print(f"      {'variant':<13} {'blob':>10} {'ratio':>6} {'bootstrap':>11} {'convert':>9}"
+          f" {'ratio':>6}   runs")
     base_blob = 0
     for v in sized:
-        dt = convert(server, src, work, v)
         layers = layer_sizes(server, repo_of(v))
         blob, boot = sum(layers[:-1]), layers[-1]  # data layer(s), then the bootstrap layer
         base_blob = base_blob or blob
         print(f"      {v:<13} {fmt_bytes(blob):>10} {ratio(blob, base_blob):>6} "
-              f"{fmt_bytes(boot):>11} {dt:7.2f} s", flush=True)
+              f"{fmt_bytes(boot):>11} {median(conv[v]):7.2f} s "
+              f"{ratio(median(conv[v]), median(conv[sized[0]]))}   runs {runs_str(conv[v])}")
 
-    print(f"(b) cold start: mount REF + `{WORKLOAD}`, page cache dropped, "
-          f"median of {args.runs}, interleaved:")
+    if not args.skip_cold:
+        print(f"(b) cold start: mount REF + `{WORKLOAD}`, page cache dropped, "
+              f"median of {args.runs}, interleaved:")
     boots = {v: layer_sizes(server, repo_of(v))[-1] for v in variants}
-    for n, net in enumerate(nets):
+    for n, net in enumerate([] if args.skip_cold else nets):
         keeper = Keeper(net, work / f"keeper{n}")
         cold: dict[str, list[float]] = {v: [] for v in variants}
         up: dict[str, list[float]] = {v: [] for v in variants}
         fetched: dict[str, list[float]] = {v: [] for v in variants}
+        up_cpu: dict[str, list[float]] = {v: [] for v in variants}
         try:
             for i, order in enumerate(rounds(variants, args.runs)):
                 for v in order:
@@ -163,29 +193,37 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
                     t, b, _ = lazy_run(net, ref, work / f"cold{i}", boots[v])
                     cold[v].append(t)
                     fetched[v].append(b)
+                    c0 = daemon_cpu(keeper.cache)
                     t, _, _ = lazy_run(net, ref, work / f"up{i}", boots[v], keeper)
                     up[v].append(t)
+                    up_cpu[v].append(daemon_cpu(keeper.cache) - c0)
         finally:
             keeper.close()
         print(f"  [{net.name}]")
         print_rows("cold daemon (mount starts it):", variants, cold,
                    {v: f"fetched {fmt_bytes(median(fetched[v]))}" for v in variants})
         print_rows("daemon up (resident, data cold):", variants, up)
+        print_rows("daemon up: the daemon's CPU for mount + workload + umount:", variants,
+                   up_cpu)
 
     if args.skip_warm:
         return
     print(f"(c) full read of the mounted tree on loopback, median of {args.runs}, interleaved:")
     first: dict[str, list[float]] = {v: [] for v in variants}
     warm: dict[str, list[float]] = {v: [] for v in variants}
+    first_cpu: dict[str, list[float]] = {v: [] for v in variants}
     filled: dict[str, float] = {}
     for i, order in enumerate(rounds(variants, args.runs)):
         for v in order:
-            f, w, filled[v] = full_read(nets[0], f"{nets[0].host}/{repo_of(v)}",
-                                        work / f"full{i}")
+            f, w, filled[v], c = full_read(nets[0], f"{nets[0].host}/{repo_of(v)}",
+                                           work / f"full{i}")
             first[v].append(f)
+            first_cpu[v].append(c)
             warm[v].append(w)
     print_rows("first read (daemon fetches, decodes, verifies every chunk):", variants, first,
                {v: f"cache filled {100 * filled[v]:.1f}%" for v in variants})
+    print_rows("daemon CPU for its start + the first read (user + system):", variants,
+               first_cpu)
     print_rows("warm read (page cache dropped, cache file complete):", variants, warm)
 
 
@@ -196,10 +234,12 @@ def main() -> None:
     ap.add_argument("--variants", default="lz4+sha256,zstd+blake3",
                     help=f"comma-separated, timed in (b) and (c); the first is the base "
                     f"of the ratios (of {', '.join(ALL)})")
+    ap.add_argument("--convert-runs", type=int, default=1, help="converts per variant in (a)")
     ap.add_argument("--rate", default="100mbit", help="tc rate on the veth pair")
     ap.add_argument("--no-netns", action="store_true", help="loopback registry only")
     ap.add_argument("--skip-sizes", action="store_true",
                     help="(a) only for --variants, not every combination")
+    ap.add_argument("--skip-cold", action="store_true", help="no (b)")
     ap.add_argument("--skip-warm", action="store_true", help="no (c)")
     args = ap.parse_args()
     if os.geteuid() != 0:
