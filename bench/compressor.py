@@ -20,7 +20,8 @@ compressor + digester.  Printed, per variant, with the ratio to the first varian
 (c) full read: on loopback, every file of the mounted image read once (cache filled by
     the daemon: fetch + decode + verify of every chunk), then with the page cache
     dropped and the cache file complete read again ("warm": the kernel reads the
-    decompressed cache file, no daemon involved -- should not depend on the compressor).
+    decompressed cache file; the requests that still reach the daemon are counted, 0
+    expected -- so it should not depend on the compressor).
 
 Runs are interleaved (A B A B ..., the order reversed every other round) so that load
 from other processes hits every variant alike; medians of --runs.  Per-chunk decode
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -111,9 +113,16 @@ def read_tree(mnt: Path) -> float:
     return time.perf_counter() - t0
 
 
-def full_read(net: Net, ref: str, work: Path) -> tuple[float, float, float, float]:
+def requests_of(status: dict[str, Any]) -> int:
+    """Requests that reached the daemon so far (fanotify events + reads), from the
+    `mount-stats --json` status."""
+    return int(status.get("fanotify", {}).get("events", 0)) + int(status["metrics"]["reads"])
+
+
+def full_read(net: Net, ref: str, work: Path) -> tuple[float, float, float, float, int]:
     """(first full read, warm full read, fraction of the cache file filled, daemon CPU
-    seconds for its start and the first read)."""
+    seconds for its start and the first read, requests that reached the daemon during
+    the warm read)."""
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     drop_caches()
@@ -126,10 +135,12 @@ def full_read(net: Net, ref: str, work: Path) -> tuple[float, float, float, floa
         present = sum(b["present"] for b in st["blobs"].values())
         drop_caches()
         warm = read_tree(mnt)
+        st2 = json.loads(sh([*CLI, "mount-stats", "--cache-dir", str(cache), "--json"]).stdout)
+        reached = requests_of(st2) - requests_of(st)
     finally:
         sh([*CLI, "umount", str(mnt)])
     shutil.rmtree(work)
-    return first, warm, present / size if size else 0.0, cpu
+    return first, warm, present / size if size else 0.0, cpu, reached
 
 
 def print_rows(title: str, variants: list[str], rows: dict[str, list[float]],
@@ -213,18 +224,21 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
     warm: dict[str, list[float]] = {v: [] for v in variants}
     first_cpu: dict[str, list[float]] = {v: [] for v in variants}
     filled: dict[str, float] = {}
+    reached: dict[str, int] = {}
     for i, order in enumerate(rounds(variants, args.runs)):
         for v in order:
-            f, w, filled[v], c = full_read(nets[0], f"{nets[0].host}/{repo_of(v)}",
+            f, w, filled[v], c, n = full_read(nets[0], f"{nets[0].host}/{repo_of(v)}",
                                            work / f"full{i}")
             first[v].append(f)
             first_cpu[v].append(c)
+            reached[v] = reached.get(v, 0) + n
             warm[v].append(w)
     print_rows("first read (daemon fetches, decodes, verifies every chunk):", variants, first,
                {v: f"cache filled {100 * filled[v]:.1f}%" for v in variants})
     print_rows("daemon CPU for its start + the first read (user + system):", variants,
                first_cpu)
-    print_rows("warm read (page cache dropped, cache file complete):", variants, warm)
+    print_rows("warm read (page cache dropped, cache file complete):", variants, warm,
+               {v: f"daemon reached {reached[v]} times" for v in variants})
 
 
 def main() -> None:
