@@ -10,9 +10,9 @@ docker-registry on 127.0.0.1 (and served on the same storage through a `tc tbf` 
 into a private network namespace, as bench/coldstart.py does), then converted once per
 compressor + digester.  Printed, per variant, with the ratio to the first variant:
 
-(a) sizes: blob bytes (the data layer), bootstrap layer bytes and the convert time
-    (median of --convert-runs, interleaved; layer cache emptied) of every combination
-    (zstd/lz4/none x blake3/sha256);
+(a) sizes: blob bytes (the data layer), bootstrap layer bytes and the convert wall and
+    CPU time (medians of --convert-runs, interleaved; layer cache emptied) of every
+    combination (zstd/lz4/none x blake3/sha256);
 (b) cold start on each network: `erofs-nydus mount REF` + `chroot MNT sh -c 'dpkg -l;
     ls /usr/bin'` (output captured: the mount is nodev), page cache dropped first, with
     the daemon started by `mount` ("cold daemon") and with a resident daemon up
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -56,16 +57,19 @@ def repo_of(variant: str) -> str:
     return f"bench/rootfs-{variant.replace('+', '-')}:v1"
 
 
-def convert(server: RegistryServer, src: str, work: Path, variant: str) -> float:
+def convert(server: RegistryServer, src: str, work: Path, variant: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the convert process)."""
     compressor, digester = variant.split("+")
     cache = work / f"conv-{variant}"
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     sh([*CLI, "convert", "--source", src, "--target", server.ref(repo_of(variant)),
         "--plain-http", "-q", "--cache-dir", str(cache),
         "--compressor", compressor, "--digester", digester])
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(cache)
-    return dt
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def layer_sizes(server: RegistryServer, repo_tag: str) -> list[int]:
@@ -173,19 +177,23 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
     print(f"(a) sizes, and convert time (median of {args.convert_runs}; ratio to "
           f"{variants[0]}):")
     conv: dict[str, list[float]] = {v: [] for v in sized}
+    conv_cpu: dict[str, list[float]] = {v: [] for v in sized}
     for order in rounds(sized, args.convert_runs):
         for v in order:
-            conv[v].append(convert(server, src, work, v))
+            wall, cpu = convert(server, src, work, v)
+            conv[v].append(wall)
+            conv_cpu[v].append(cpu)
     print(f"      {'variant':<13} {'blob':>10} {'ratio':>6} {'bootstrap':>11} {'convert':>9}"
-          f" {'ratio':>6}   runs")
+          f" {'ratio':>6} {'CPU':>8} {'ratio':>6}   runs (wall)")
     base_blob = 0
     for v in sized:
         layers = layer_sizes(server, repo_of(v))
         blob, boot = sum(layers[:-1]), layers[-1]  # data layer(s), then the bootstrap layer
         base_blob = base_blob or blob
+        wall, cpu = median(conv[v]), median(conv_cpu[v])
         print(f"      {v:<13} {fmt_bytes(blob):>10} {ratio(blob, base_blob):>6} "
-              f"{fmt_bytes(boot):>11} {median(conv[v]):7.2f} s "
-              f"{ratio(median(conv[v]), median(conv[sized[0]]))}   runs {runs_str(conv[v])}")
+              f"{fmt_bytes(boot):>11} {wall:7.2f} s {ratio(wall, median(conv[sized[0]]))} "
+              f"{cpu:6.2f} s {ratio(cpu, median(conv_cpu[sized[0]]))}   runs {runs_str(conv[v])}")
 
     if not args.skip_cold:
         print(f"(b) cold start: mount REF + `{WORKLOAD}`, page cache dropped, "
