@@ -146,8 +146,8 @@ def main() -> None:
     ap.add_argument("--convert-runs", type=int, default=None,
                     help="runs for (a) (default: --runs)")
     ap.add_argument("--rate", default="100mbit", help="tc rate on the veth pair")
-    ap.add_argument("--compressor", default="lz4", choices=["zstd", "lz4", "none"])
-    ap.add_argument("--digester", default="sha256", choices=["blake3", "sha256"])
+    ap.add_argument("--compressor", default="zstd", choices=["zstd", "lz4", "none"])
+    ap.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
     ap.add_argument("--rtt-ms", type=float, default=0.0,
                     help="also add this round-trip delay (netem) on the veth pair")
     ap.add_argument("--no-netns", action="store_true", help="loopback registry only")
