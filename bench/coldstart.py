@@ -69,16 +69,20 @@ def lazy_run(net: Net, ref: str, work: Path, boot_layer: int,
     rx0 = net.rx_bytes()
     t0 = time.perf_counter()
     sh([*net.prefix, *CLI, "mount", ref, str(mnt), "--cache-dir", str(cache), "--plain-http"])
-    t_mount = time.perf_counter() - t0
-    sh(["chroot", str(mnt), "/bin/sh", "-c", WORKLOAD])
-    dt = time.perf_counter() - t0
-    rx1 = net.rx_bytes()
-    if rx0 is not None and rx1 is not None:
-        fetched = rx1 - rx0
-    else:
-        before = keeper.fetched if keeper is not None else 0
-        fetched = boot_layer + daemon_bytes(cache) - before
-    sh([*CLI, "umount", str(mnt)])
+    try:
+        t_mount = time.perf_counter() - t0
+        sh(["chroot", str(mnt), "/bin/sh", "-c", WORKLOAD])
+        dt = time.perf_counter() - t0
+        rx1 = net.rx_bytes()
+        if rx0 is not None and rx1 is not None:
+            fetched = rx1 - rx0
+        else:
+            before = keeper.fetched if keeper is not None else 0
+            fetched = boot_layer + daemon_bytes(cache) - before
+    finally:
+        # also when the workload failed: removing the work dir under a live mount
+        # would orphan its daemon (socket and lock gone, mount still counted)
+        sh([*CLI, "umount", str(mnt)])
     if keeper is not None:
         keeper.fetched = daemon_bytes(cache)
         keeper.evict()
@@ -109,19 +113,22 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
         warm: list[float] = []
         warm_m: list[float] = []
         keeper = Keeper(net, work / f"keeper{n}")
-        for i in range(args.runs):
-            t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"lazy{i}", boot_layer)
-            lazy.append(t)
-            lazy_b.append(b)
-            mount_t.append(m)
-            t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"warm{i}", boot_layer,
-                               keeper)
-            warm.append(t)
-            warm_m.append(m)
-            t, b, _ = pull_run(net, f"{net.host}/bench/rootfs:v1", work / f"pull{i}",
-                               oci_bytes, WORKLOAD)
-            pull.append(t)
-            pull_b.append(b)
+        try:
+            for i in range(args.runs):
+                t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"lazy{i}", boot_layer)
+                lazy.append(t)
+                lazy_b.append(b)
+                mount_t.append(m)
+                t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"warm{i}", boot_layer,
+                                   keeper)
+                warm.append(t)
+                warm_m.append(m)
+                t, b, _ = pull_run(net, f"{net.host}/bench/rootfs:v1", work / f"pull{i}",
+                                   oci_bytes, WORKLOAD)
+                pull.append(t)
+                pull_b.append(b)
+        finally:
+            keeper.close()
         lt, pt = median(lazy), median(pull)
         lb, pb = median(lazy_b), median(pull_b)
         print(f"  [{net.name}]")
@@ -136,7 +143,6 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
               + " ".join(f"{t:.2f}" for t in pull))
         print(f"    speed-up {pt / lt:.1f}x ({pt / median(warm):.1f}x with the daemon up), "
               f"bytes {100 * lb / pb:.1f}% of the pull")
-        keeper.close()
 
 
 def main() -> None:
