@@ -49,7 +49,7 @@ from erofs_nydus.layout.rafs import (
     BlobCIHeader,
     encode_ci_v1,
 )
-from erofs_nydus.rafs.codec import compress_chunk, digest_of
+from erofs_nydus.rafs.codec import DEFAULT_DIGESTER, compress_chunk, digest_of
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 _ZEROS = bytes(16 << 20)
@@ -150,7 +150,7 @@ class BlobWriter:
 
     def __init__(self, blob_dir: str, *, chunk_size: int, compressor: str, blob_index: int = 0,
                  cache_dir: str | None = None, chunk_dict: ChunkLookup | None = None,
-                 digester: str = "sha256", threads: int = 0,
+                 digester: str = DEFAULT_DIGESTER, threads: int = 0,
                  tee: Callable[[bytes], None] | None = None) -> None:
         self.blob_dir = blob_dir
         self.cache_dir = cache_dir

@@ -54,10 +54,12 @@ def _client_options(plain_http: bool) -> dict[str, object]:
               "(default linux/amd64).")
 @click.option("--chunk-dict", "chunk_dicts", multiple=True, metavar="BOOTSTRAP",
               help="Reuse chunks stored in this image's blobs (repeatable).")
-@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="lz4",
-              show_default=True)
-@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="sha256",
-              show_default=True)
+@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="zstd",
+              show_default=True,
+              help="Per-chunk compression; zstd (nydusify's default) stores ~28% fewer bytes "
+                   "than lz4.")
+@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3",
+              show_default=True, help="Chunk digest; blake3 is nydusify's default.")
 @click.option("--chunk-size", default="0x100000", show_default=True)
 @click.option("--cache-dir", default="/var/cache/erofs_nydus/convert", show_default=True,
               help="Converted layers (bootstraps and blobs), reused when a layer with the same "

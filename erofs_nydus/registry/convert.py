@@ -54,6 +54,7 @@ from erofs_nydus.builder.create import write_file_atomic
 from erofs_nydus.builder.merge import merge_bootstraps
 from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.errors import UnsupportedError, UsageError
+from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
 from erofs_nydus.rafs.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
@@ -109,8 +110,8 @@ class IterStream(io.RawIOBase):
 @dataclass(slots=True)
 class ConvertOptions:
     chunk_size: int = 0x100000
-    compressor: str = "lz4"
-    digester: str = "sha256"
+    compressor: str = DEFAULT_COMPRESSOR
+    digester: str = DEFAULT_DIGESTER
     chunk_dicts: list[str] = field(default_factory=list)
     platform: str | None = None
     cache_dir: str = "/var/cache/erofs_nydus/convert"
