@@ -242,6 +242,25 @@ def test_detached_image_lingers_while_the_kernel_holds_its_objects(h: Harness) -
     assert h.worker.pending_culls == set()
 
 
+def test_shutdown_right_after_umount_waits_for_the_kernels_closes(h: Harness) -> None:
+    """umount(2) returns before cachefiles' CLOSEs for the image's objects reach us: a
+    shutdown sent right then (the last umount's daemon stop) must wait for them, not
+    refuse on a race (seen under load in test_fscache_vm's device-closed remount)."""
+    import threading
+
+    fsid, mp = h.info["fsid"], str(h.tmp / "mnt")
+    bfd, _ = h.anon()
+    h.handle(_open_msg(1, 70, fsid, fsid, bfd))
+    assert h.worker.dispatch({"op": "detach", "mountpoint": mp})["lingering"] is True
+    late_close = threading.Timer(0.3, h.handle, args=(_close_msg(2, 70),))
+    late_close.start()
+    try:
+        assert h.worker.dispatch({"op": "shutdown"}) == {}
+    finally:
+        late_close.join()
+    assert not h.worker.lingering and not h.worker.table.images
+
+
 def test_lingering_image_registered_again_stays(h: Harness) -> None:
     fsid, mp = h.info["fsid"], str(h.tmp / "mnt")
     bfd, _ = h.anon()

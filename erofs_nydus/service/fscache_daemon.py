@@ -94,6 +94,7 @@ PAGE = 4096
 COPY_PIECE = 1 << 20
 WHOLE_BOOTSTRAP_MAX = 64 << 20
 FATAL_PREFIX = "FATAL: "
+LINGER_SETTLE = 5.0  # seconds a shutdown waits for the CLOSEs of an image just unmounted
 _POINTER = "/run/erofs-nydus/fscache-daemon.json"
 
 
@@ -514,6 +515,20 @@ class FscacheWorker(ControlOps):
                     log.warning("deferred detach of %s: %s", mp, exc)
                     self.lingering.pop(mp, None)
             return not self.lingering and not self.table.images
+
+    def settle(self, timeout: float = LINGER_SETTLE) -> None:
+        """An image unmounted a moment ago lingers until the kernel's CLOSEs for its
+        objects arrive, right after umount(2) returns: a `shutdown` that follows the
+        last umount waits for them (bounded) instead of refusing on a race.  An image
+        whose superblock really lives on (an overlay's lower layer) stays lingering and
+        the shutdown is refused, as it must be."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._linger_lock:
+                if not self.lingering:
+                    return
+            self.reap_lingering()
+            time.sleep(0.05)
 
     def revive(self, mountpoint: str) -> dict[str, Any]:
         """A lingering image registered again at `mountpoint` is in use again."""
