@@ -20,9 +20,28 @@ namespace and then `chroot MNT /bin/sh -c WORKLOAD`; all N start together.  Mode
   proxy    through nginx in the hub caching 1 MiB slices (proxy_cache_lock on), cold.
 
 Reported per mode and N: origin egress (tx bytes of the origin's veth, the only shaped
-link; for `warm` with and without the warming), and p50/p99/max seconds from mount to
-workload done over the N nodes.  Needs root, Linux >= 6.14, docker-registry, skopeo,
-umoci, nginx, iproute2.  Keep N small on a shared machine: every node is a daemon.
+link; for `warm` with and without the warming, counted until the origin is quiet), and
+p50/p99/max seconds from mount to workload done over the N nodes; the nodes' CPU
+seconds (user + sys of everything they run, from a cgroup v2 made here: mount,
+supervisor and daemon, workload, umount) and how much of the burst some node waited for
+a core (the cgroup's CPU pressure), the servers' CPU, how busy the whole machine and the
+origin link were; then each mode against issue 14's targets.  Needs root, Linux >=
+6.14, docker-registry, skopeo, umoci, nginx, iproute2.  Every node is a daemon: at N = 32
+on 2 cores the burst is CPU-bound, which the CPU figures show.
+
+Figures (`--nodes 1,8,16,32`, about 7 minutes; 2026-12-06, 2-vCPU AMD EPYC VM shared
+with other work, load 2 at the start; 59.3 MiB of Nydus data, 4.3 MiB read per node;
+origin egress, p99 s; README "Fleets" has the full table):
+
+    N    direct            cold mirror        warmed mirror              nginx proxy
+    1      4.7 MiB  1.1     60.5 MiB  5.5     1.3 KiB (+69 MiB)  0.9     12.7 MiB  2.1
+    8     37.9 MiB  4.9    101.7 MiB 10.8    11 KiB  (+69 MiB)  4.7     12.8 MiB  4.3
+    16    76.2 MiB 12.6    178.4 MiB 18.0    22 KiB (+128 MiB) 11.2     12.8 MiB  8.8
+    32   152.8 MiB 22.9    211.8 MiB 29.5    43 KiB  (+69 MiB) 14.4     12.8 MiB 14.5
+
+The proxy and the warmed mirror keep the origin at about one working set whatever N;
+p99 at N = 32 is 7-21x N = 1 because 32 nodes need 28-36 CPU seconds on 2 cores (the
+machine 99 % busy, the origin link 0-7 % busy through the proxy): not a network limit.
 """
 
 from __future__ import annotations
@@ -56,7 +75,8 @@ worker_processes 2;
 daemon off;
 error_log {d}/error.log;
 pid {d}/nginx.pid;
-events {{ worker_connections 256; }}
+worker_rlimit_nofile 16384;
+events {{ worker_connections 4096; }}
 http {{
   access_log off;
   client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3;
@@ -81,6 +101,71 @@ http {{
 """
 
 
+class CpuGroup:
+    """A cgroup (v2 hierarchy, no controller needed) holding processes we start, for
+    their CPU time (user + sys, children and the daemons they spawn included) and CPU
+    pressure (time some of them were runnable but waiting for a core).  Without a
+    writable cgroup2 mount the figures are None."""
+
+    def __init__(self, name: str) -> None:
+        self.path: Path | None = None
+        for line in Path("/proc/mounts").read_text().splitlines():
+            f = line.split()
+            if f[2] == "cgroup2":
+                try:
+                    path = Path(f[1]) / name
+                    path.mkdir()
+                    self.path = path
+                except OSError:
+                    pass
+                break
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """`argv`, run inside this group."""
+        if self.path is None:
+            return argv
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"),
+                *argv]  # fmt: skip
+
+    def join(self, pid: int) -> None:
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def usage(self) -> tuple[float, float] | None:
+        """(CPU seconds user + sys, seconds some task waited for a CPU) so far."""
+        if self.path is None:
+            return None
+        stat = dict(ln.split() for ln in (self.path / "cpu.stat").read_text().splitlines())
+        wait = 0.0
+        for ln in (self.path / "cpu.pressure").read_text().splitlines():
+            if ln.startswith("some "):
+                wait = int(ln.rsplit("total=", 1)[1]) / 1e6
+        return int(stat["usage_usec"]) / 1e6, wait
+
+    def close(self) -> None:
+        if self.path is None:
+            return
+        end = time.monotonic() + 20
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                pids = (self.path / "cgroup.procs").read_text().split()
+                if time.monotonic() > end:
+                    print(f"left in {self.path}: {pids}", file=sys.stderr)
+                    return
+                time.sleep(0.2)
+
+
+def machine_busy() -> tuple[float, float]:
+    """(CPU seconds all processes of the machine spent busy, cores) from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + f[4]
+    return (sum(f[:8]) - idle) / hz, float(os.cpu_count() or 1)
+
+
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
@@ -97,6 +182,8 @@ class Fleet:
         self.nodes: list[str] = []
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        # CPU of the nodes (mount, daemon, workload) and of the servers (origin, mirror, proxy)
+        self.cpu_nodes, self.cpu_servers = CpuGroup(f"fleet{tag}n"), CpuGroup(f"fleet{tag}s")
         try:
             self._setup(storage, nodes)
         except BaseException:
@@ -145,7 +232,8 @@ class Fleet:
         path = self.work / f"{name}.yml"
         path.write_text(json.dumps(cfg))
         with open(self.work / f"{name}.log", "wb") as log:
-            p = subprocess.Popen(["ip", "netns", "exec", ns, REGISTRY_BIN, "serve", str(path)],
+            p = subprocess.Popen(self.cpu_servers.wrap(["ip", "netns", "exec", ns, REGISTRY_BIN,
+                                                        "serve", str(path)]),
                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs.append(p)
         return p
@@ -183,8 +271,9 @@ class Fleet:
         conf = d / "nginx.conf"
         conf.write_text(NGINX_CONF.format(d=d, hub=HUB, port=PROXY_PORT, origin=ORIGIN))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns_hub, nginx, "-c", str(conf), "-p",
-                              str(d)], stdin=subprocess.DEVNULL)  # fmt: skip
+        p = subprocess.Popen(self.cpu_servers.wrap(["ip", "netns", "exec", self.ns_hub, nginx,
+                                                    "-c", str(conf), "-p", str(d)]),
+                             stdin=subprocess.DEVNULL)  # fmt: skip
         self.procs.append(p)
         self._wait(f"http://{HUB}:{PROXY_PORT}/v2/")
         return p
@@ -203,23 +292,26 @@ class Fleet:
             self.stop(p)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], check=False)
+        self.cpu_nodes.close()
+        self.cpu_servers.close()
 
 
-def node_run(ns: str, ref: str, work: Path, extra: list[str], out: dict[str, object]) -> None:
+def node_run(ns: str, ref: str, work: Path, extra: list[str], out: dict[str, object],
+             cpu: CpuGroup) -> None:  # fmt: skip
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
-        sh(["nsenter", f"--net=/run/netns/{ns}", *CLI, "mount", ref, str(mnt), "--cache-dir",
-            str(cache), "--plain-http", *extra])  # fmt: skip
-        sh(["chroot", str(mnt), "/bin/sh", "-c", WORKLOAD])
+        sh(cpu.wrap(["nsenter", f"--net=/run/netns/{ns}", *CLI, "mount", ref, str(mnt),
+                     "--cache-dir", str(cache), "--plain-http", *extra]))  # fmt: skip
+        sh(cpu.wrap(["chroot", str(mnt), "/bin/sh", "-c", WORKLOAD]))
         out["seconds"] = time.perf_counter() - t0
-        st = json.loads(sh([*CLI, "mount-stats", str(mnt), "--json"]).stdout)
+        st = json.loads(sh(cpu.wrap([*CLI, "mount-stats", str(mnt), "--json"])).stdout)
         out["fetched"] = int(st["metrics"]["bytes_fetched"])
     except SystemExit as exc:
         out["error"] = str(exc)
     finally:
-        subprocess.run([*CLI, "umount", str(mnt), "--cache-dir", str(cache)],
+        subprocess.run(cpu.wrap([*CLI, "umount", str(mnt), "--cache-dir", str(cache)]),
                        capture_output=True, check=False)  # fmt: skip
 
 
@@ -227,7 +319,7 @@ def burst(fleet: Fleet, ref: str, work: Path, n: int, extra: list[str]) -> list[
     drop_caches()
     results: list[dict[str, object]] = [{} for _ in range(n)]
     threads = [threading.Thread(target=node_run, args=(fleet.nodes[i], ref, work / f"n{i}",
-                                                       extra, results[i]))
+                                                       extra, results[i], fleet.cpu_nodes))
                for i in range(n)]  # fmt: skip
     for t in threads:
         t.start()
@@ -250,8 +342,22 @@ def wait_mirror_filled(storage: Path, digests: list[str], timeout: float = 300) 
             time.sleep(0.2)
 
 
+def wait_quiet(fleet: Fleet, quiet: float = 2.0, timeout: float = 120) -> None:
+    """Until the origin's link has sent nothing for `quiet` seconds: a pull-through
+    mirror may still stream copies of a blob it has already stored (one per concurrent
+    miss), and those bytes belong to the warming, not to the burst."""
+    end = time.monotonic() + timeout
+    last, since = fleet.origin_tx(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < end:
+        time.sleep(0.25)
+        now = fleet.origin_tx()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def run_mode(fleet: Fleet, mode: str, ref: str, work: Path, n: int,
-             data_blobs: list[str]) -> str:  # fmt: skip
+             data_blobs: list[str]) -> dict[str, float]:  # fmt: skip
+    """One burst of `n` nodes in `mode`; prints its figures and returns them."""
     work.mkdir(parents=True)
     extra: list[str] = []
     server = None
@@ -265,23 +371,77 @@ def run_mode(fleet: Fleet, mode: str, ref: str, work: Path, n: int,
             sh(["nsenter", f"--net=/run/netns/{fleet.nodes[0]}", *CLI, "warm", ref,
                 "--mirrors-only", "--plain-http", *extra])  # fmt: skip
             wait_mirror_filled(storage, data_blobs)
+            wait_quiet(fleet)
             warm_bytes = fleet.origin_tx() - tx0
     elif mode == "proxy":
         server = fleet.start_nginx(work / "nginx")
         extra = ["--proxy", f"http://{HUB}:{PROXY_PORT}"]
     try:
         tx0 = fleet.origin_tx()
+        cn0, cs0, m0 = fleet.cpu_nodes.usage(), fleet.cpu_servers.usage(), machine_busy()
+        t0 = time.perf_counter()
         results = burst(fleet, ref, work, n, extra)
+        wall = time.perf_counter() - t0
+        cn1, cs1, m1 = fleet.cpu_nodes.usage(), fleet.cpu_servers.usage(), machine_busy()
         origin = fleet.origin_tx() - tx0
     finally:
         if server is not None:
             fleet.stop(server)
     secs = [float(r["seconds"]) for r in results]  # type: ignore[arg-type]
     per_node = sum(int(r["fetched"]) for r in results) / n  # type: ignore[call-overload]
+    fig = {"origin": float(origin), "warming": float(warm_bytes), "node_fetch": per_node,
+           "p50": pct(secs, 50), "p99": pct(secs, 99), "max": max(secs), "burst": wall}
     warm = f" (+{fmt_bytes(warm_bytes)} warming)" if mode == "warm" else ""
-    return (f"  N={n:<3} {mode:<7} origin egress {fmt_bytes(origin):>10}{warm:<22} "
-            f"node fetch {fmt_bytes(per_node):>10}  p50 {pct(secs, 50):6.2f} s  "
-            f"p99 {pct(secs, 99):6.2f} s  max {max(secs):6.2f} s")
+    print(f"  N={n:<3} {mode:<7} origin egress {fmt_bytes(origin):>10}{warm:<22} "
+          f"node fetch {fmt_bytes(per_node):>10}  p50 {fig['p50']:6.2f} s  "
+          f"p99 {fig['p99']:6.2f} s  max {fig['max']:6.2f} s")
+    cpu = ""
+    if cn0 and cn1 and cs0 and cs1:
+        fig["cpu_nodes"], fig["cpu_servers"] = cn1[0] - cn0[0], cs1[0] - cs0[0]
+        fig["starved"] = cn1[1] - cn0[1]
+        cpu = (f"nodes CPU {fig['cpu_nodes']:6.1f} s ({fig['cpu_nodes'] / n:4.2f} s a node; "
+               f"some node starved of a core {fig['starved'] / wall:4.0%} of the burst)  "
+               f"servers CPU {fig['cpu_servers']:5.1f} s\n{'':14}")
+    cores = m1[1]
+    fig["busy"] = (m1[0] - m0[0]) / (wall * cores)
+    fig["link"] = origin * 8 / (parse_rate(fleet.rate) * max(secs))  # while any node read
+    print(f"{'':14}burst {wall:6.2f} s (mount to umount)  {cpu}machine busy "
+          f"{fig['busy']:4.0%} of {cores:.0f} cores  origin link busy {fig['link']:4.0%} "
+          f"(until the last node finished)  load {os.getloadavg()[0]:.1f}", flush=True)
+    return fig
+
+
+def summary(figs: dict[tuple[str, int], dict[str, float]], rate: str) -> None:
+    """The targets of issue 14: origin egress about one working set whatever N through
+    a mirror or proxy, and p99 at the largest N within 2x of N = 1."""
+    ns = sorted({n for _, n in figs})
+    print(f"\nvs the targets (working set = one node's fetch; link {rate}):")
+    for mode in dict.fromkeys(m for m, _ in figs):
+        f1 = figs.get((mode, 1))
+        parts = []
+        for n in ns:
+            f = figs.get((mode, n))
+            if f is None:
+                continue
+            ratio = f" ({f['p99'] / f1['p99']:.1f}x N=1)" if f1 and n > 1 else ""
+            cpu_floor = f.get("cpu_nodes", 0.0) / (os.cpu_count() or 1)
+            link_floor = f["origin"] * 8 / parse_rate(rate)
+            parts.append(f"N={n}: origin {f['origin'] / f['node_fetch']:.1f} working sets, "
+                         f"p99 {f['p99']:.1f} s{ratio}; nodes' CPU / cores {cpu_floor:.1f} s, "
+                         f"origin bytes / link {link_floor:.1f} s")
+        print(f"  {mode:<7} " + f"\n  {'':<7} ".join(parts))
+    print("  (the nodes' CPU seconds, mount to umount, spread over every core of the machine, "
+          "and the origin's bytes at the link's rate: a p99 near the first is CPU-bound, "
+          "near the second network-bound)")
+
+
+def parse_rate(rate: str) -> float:
+    """tc's rate ("100mbit", "1gbit", "500kbit") in bits per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+    for unit, mult in units.items():
+        if rate.lower().endswith(unit):
+            return float(rate[: -len(unit)]) * mult
+    return float(rate)
 
 
 def main() -> None:
@@ -315,10 +475,11 @@ def main() -> None:
               f"workload `{WORKLOAD}`")  # fmt: skip
         fleet = Fleet(server.storage, work, max(ns_values), args.rate)
         ref = f"{ORIGIN}:5000/bench/rootfs-nydus:v1"
+        figs: dict[tuple[str, int], dict[str, float]] = {}
         for n in ns_values:
             for mode in modes:
-                print(run_mode(fleet, mode, ref, work / f"{mode}-{n}", n, data_blobs),
-                      flush=True)
+                figs[mode, n] = run_mode(fleet, mode, ref, work / f"{mode}-{n}", n, data_blobs)
+        summary(figs, args.rate)
     finally:
         if fleet is not None:
             fleet.close()
