@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import daemon_memory, fmt_bytes, run_timed
+from common import daemon_memory, fmt_bytes, run_timed, supervisor_pid
 
 CLI = [sys.executable, "-m", "erofs_nydus.cli"]
 PER_DIR = 1000
@@ -119,13 +119,17 @@ def one_size(work: Path, files: int, file_bytes: int, layers: int) -> dict[str, 
         r["mount_up_s"] = timed([*CLI, "mount", str(boot), str(mnt2), "--blob-dir",
                                  str(blobs), "--cache-dir", str(cache)])
         r["daemon_mounted"], per = daemon_memory(cache)
+        r["daemon_rss_mounted"] = sum(rss for rss, _ in per.values())
         t0 = time.perf_counter()
         for rel in rels[::10]:
             (mnt / rel).read_bytes()
         r["read10_s"] = time.perf_counter() - t0
         r["daemon_read10"], per = daemon_memory(cache)
-        for pid, (rss, pss) in per.items():
-            print(f"   daemon pid {pid}: RSS {fmt_bytes(rss)}, PSS {fmt_bytes(pss)}")
+        r["daemon_rss_read10"] = sum(rss for rss, _ in per.values())
+        sup = supervisor_pid(cache)
+        for pid, (rss, pss) in sorted(per.items(), key=lambda kv: kv[0] != sup):
+            role = "supervisor" if pid == sup else "child"
+            print(f"   daemon pid {pid} ({role}): RSS {fmt_bytes(rss)}, PSS {fmt_bytes(pss)}")
     finally:
         for m in (mnt2, mnt):
             if os.path.ismount(m):
@@ -140,26 +144,34 @@ def one_size(work: Path, files: int, file_bytes: int, layers: int) -> dict[str, 
           f"with it up")
     print(f"   daemon   {fmt_bytes(r['daemon_mounted'])} PSS after mount, "
           f"{fmt_bytes(r['daemon_read10'])} after reading 10% of files "
-          f"({r['read10_s']:.1f} s; target < 100 MiB)")
+          f"({r['read10_s']:.1f} s; target < 100 MiB); RSS summed (counts pages shared "
+          f"after fork twice): {fmt_bytes(r['daemon_rss_mounted'])}, "
+          f"{fmt_bytes(r['daemon_rss_read10'])}")
     print(f"   check -D {r['check_s']:7.2f} s ({r['check_s'] * us:6.1f} us/file)", flush=True)
     return r
 
 
-def rss_vs_file_size(work: Path) -> None:
+SIZES = (("1 KiB", 1024), ("1 MiB", 1 << 20), ("4 MiB", 4 << 20))
+
+
+def rss_vs_file_size(work: Path, files: int = 200) -> None:
+    """create's peak RSS for `files` files of each size in SIZES (random bytes): the
+    chunk pipeline's window bounds it, so it must stop growing past a chunk or two."""
     out = {}
-    for label, size in (("1 KiB", 1024), ("1 MiB", 1 << 20)):
+    for label, size in SIZES:
         src = work / f"sz{size}"
         src.mkdir()
         rng = random.Random(size)
-        for j in range(1000):
+        for j in range(files):
             (src / f"f{j}").write_bytes(rng.randbytes(size))
         _, rss = run_timed([*CLI, "create", str(src), "-B", str(work / f"sz{size}.boot"),
                             "-D", str(work / f"szblobs{size}")])
         out[label] = rss * 1024
         shutil.rmtree(src)
         shutil.rmtree(work / f"szblobs{size}")
-    print(f"\ncreate peak RSS, 1000 files: of 1 KiB {fmt_bytes(out['1 KiB'])}, of 1 MiB "
-          f"{fmt_bytes(out['1 MiB'])} (ratio {out['1 MiB'] / out['1 KiB']:.2f}x)")
+    print(f"\ncreate peak RSS, {files} files: "
+          + ", ".join(f"of {label} {fmt_bytes(v)}" for label, v in out.items())
+          + f" ({SIZES[-1][0]} / {SIZES[1][0]}: {out[SIZES[-1][0]] / out[SIZES[1][0]]:.2f}x)")
 
 
 def main() -> None:
@@ -168,7 +180,11 @@ def main() -> None:
     ap.add_argument("--files", default="50000,100000,200000")
     ap.add_argument("--file-bytes", type=int, default=10 * 1024)
     ap.add_argument("--layers", type=int, default=20)
-    ap.add_argument("--workdir", default=None, help="parent of the scratch dir (default /tmp)")
+    ap.add_argument("--workdir", default=None,
+                    help="parent of the scratch dir (default /tmp; 200k files need ~4 GiB: "
+                    "use a disk, not tmpfs)")
+    ap.add_argument("--no-size-check", action="store_true",
+                    help="skip the create-RSS-vs-file-size runs")
     args = ap.parse_args()
     sizes = [int(s) for s in args.files.split(",")]
     results = {}
@@ -178,11 +194,19 @@ def main() -> None:
             results[n] = one_size(work, n, args.file_bytes, args.layers)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-rss-", dir=args.workdir))
-    try:
-        rss_vs_file_size(work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if not args.no_size_check:
+        work = Path(tempfile.mkdtemp(prefix="bench-scale-rss-", dir=args.workdir))
+        try:
+            rss_vs_file_size(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n   files   create  peak RSS  B/inode   merge  mount  mount(up)  daemon PSS "
+          "(mounted / read 10%)  check -D")
+    for n, r in results.items():
+        print(f"{n:8d} {r['create_s']:7.1f} s {r['create_rss'] / 2**20:6.0f} MiB "
+              f"{r['boot_per_inode']:6.0f} {r['merge_s']:6.1f} s {r['mount_s']:5.2f} s "
+              f"{r['mount_up_s']:6.2f} s {r['daemon_mounted'] / 2**20:8.1f} / "
+              f"{r['daemon_read10'] / 2**20:5.1f} MiB {r['check_s']:12.1f} s")
     if len(sizes) > 1:
         lo, hi = sizes[0], sizes[-1]
         print(f"\nlinearity, per-file cost at {hi} / at {lo} files (1.0 = linear):")

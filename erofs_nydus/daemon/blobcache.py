@@ -19,12 +19,12 @@ import errno
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from erofs_nydus.daemon.chunkmap import ChunkMap
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fsutil import open_private
-from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.image import PACKED_CHUNK, BlobInfo, ChunkInfo, ChunkList
 
 __all__ = ["BlobCacheFile", "cache_dir_lock", "cache_paths"]
 
@@ -74,7 +74,7 @@ class BlobCacheFile:
         self,
         cache_dir: str,
         blob: BlobInfo,
-        chunks: list[ChunkInfo],
+        chunks: Sequence[ChunkInfo],
         *,
         fd: int | None = None,
         durable: bool = True,
@@ -87,9 +87,10 @@ class BlobCacheFile:
         self.lock = threading.Lock()
         self._users = 0  # fills writing through self.fd right now (see acquire)
         self._closing = False
-        self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
-        self._check_chunks()
-        nbits = max([blob.chunk_count, *(c.index + 1 for c in self.chunks)])
+        # packed, sorted by offset: the one per-chunk structure a daemon keeps
+        self.chunks = ChunkList.build(chunks, blob.blob_index, blob.compressor, blob.digester)
+        self._check_chunks(self.chunks)
+        nbits = max([blob.chunk_count, *(i + 1 for i, _, _ in self.chunks.extents())])
         own_fd = fd is None
         if fd is None:
             fd = open_private(self.data_path, os.O_RDWR | os.O_CREAT)  # 0600, no symlink
@@ -106,39 +107,48 @@ class BlobCacheFile:
                     if os.path.exists(p):
                         os.unlink(p)
             self.map = ChunkMap.open(self.map_path, nbits)
-            self._missing = sum(1 for c in self.chunks if c.index not in self.map)
+            self._missing = sum(1 for i, _, _ in self.chunks.extents() if i not in self.map)
             self.verify()
         except BaseException:
             if own_fd:
                 os.close(fd)
             raise
 
-    def _check_chunks(self) -> None:
+    def _check_chunks(self, chunks: ChunkList) -> None:
         end = 0
-        for c in self.chunks:
-            if c.uncompressed_offset % 4096 or c.uncompressed_offset < end:
+        for index, start, aligned in chunks.extents():
+            if start % 4096 or start < end:
                 raise DaemonError(
-                    f"blob {self.blob_id}: chunk {c.index} at {c.uncompressed_offset} overlaps "
+                    f"blob {self.blob_id}: chunk {index} at {start} overlaps "
                     "or is not 4 KiB aligned"
                 )
-            end = c.uncompressed_offset + c.aligned_size
+            end = start + aligned
         if end > self.size:
             raise DaemonError(
                 f"blob {self.blob_id}: chunks end at {end}, past uncompressed size {self.size}"
             )
 
-    def add_chunks(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+    def add_chunks(self, chunks: Sequence[ChunkInfo]) -> list[ChunkInfo]:
         """Merge chunks another image lists for this blob; return the new ones.
 
         Two bootstraps may list different subsets of one blob's chunks (a merged
         image drops chunks only whited-out files used); serving the union keeps a
-        range from ever being answered without its chunk.
+        range from ever being answered without its chunk.  The blob's position in
+        the other image's blob table does not matter (`ChunkList.records`).
         """
+        other = ChunkList.build(chunks, self.blob.blob_index, self.blob.compressor,
+                                self.blob.digester)
         with self.lock:
-            known = {c.index: c for c in self.chunks}
+            if other.records() == self.chunks.records():  # the same image again
+                return []
+            pos = {index: p for p, (index, _, _) in enumerate(self.chunks.extents())}
+            mine = self.chunks.records()
+            size = PACKED_CHUNK.size
             new = []
-            for c in chunks:
-                old = known.get(c.index)
+            added = bytearray()
+            for p, c in enumerate(other):
+                old = pos.get(c.index)
+                rec = other.records()[p * size:(p + 1) * size]
                 if old is None:
                     if c.index >= self.map.nbits:
                         raise DaemonError(
@@ -146,18 +156,16 @@ class BlobCacheFile:
                             f"{self.map.nbits} chunks"
                         )
                     new.append(c)
-                    known[c.index] = c
-                elif old != c:
+                    pos[c.index] = -1
+                    added += rec
+                elif old >= 0 and mine[old * size:(old + 1) * size] != rec:
                     raise DaemonError(f"blob {self.blob_id}: images disagree about chunk {c.index}")
             if not new:
                 return []
-            merged = sorted(known.values(), key=lambda c: c.uncompressed_offset)
-            saved, self.chunks = self.chunks, merged
-            try:
-                self._check_chunks()
-            except DaemonError:
-                self.chunks = saved
-                raise
+            merged = ChunkList.from_unsorted(self.chunks.blob_index, self.chunks.compressor,
+                                             self.chunks.digester, bytes(mine) + bytes(added))
+            self._check_chunks(merged)
+            self.chunks = merged
             self._missing += sum(1 for c in new if c.index not in self.map)
             return new
 
@@ -165,11 +173,9 @@ class BlobCacheFile:
         """Clear map bits whose chunk has a hole in the file; return how many were cleared."""
         cleared = 0
         with self.lock:
-            for c in self.chunks:
-                if c.index in self.map and _has_hole(
-                    self.fd, c.uncompressed_offset, c.uncompressed_offset + c.aligned_size
-                ):
-                    self.map.clear(c.index)
+            for index, start, aligned in self.chunks.extents():
+                if index in self.map and _has_hole(self.fd, start, start + aligned):
+                    self.map.clear(index)
                     self._missing += 1
                     cleared += 1
         return cleared
@@ -183,7 +189,8 @@ class BlobCacheFile:
 
     def present_bytes(self) -> int:
         with self.lock:
-            return sum(c.aligned_size for c in self.chunks if c.index in self.map)
+            return sum(aligned for index, _, aligned in self.chunks.extents()
+                       if index in self.map)
 
     def write_chunk(self, chunk: ChunkInfo, data: bytes, fd: int | None = None) -> None:
         """pwrite verified chunk bytes (zero-padded to 4 KiB) at the chunk's offset.

@@ -7,7 +7,6 @@ section 7 and kernel-interfaces.md section C); `problems()` lists them one line 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import stat
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from erofs_nydus.layout import erofs as E
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
-from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
+from erofs_nydus.rafs.image import PACKED_CHUNK, BlobInfo, ChunkInfo, ChunkList, RafsImage
 from erofs_nydus.rafs.tree import Inode, Node
 
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
@@ -68,6 +67,7 @@ class BootstrapReader:
         self.meta_base = self.sb.meta_blkaddr * BLOCK_SIZE
         self._problems: list[str] = []
         self.refused: list[str] = []
+        self._by_addr: dict[tuple[int, int], ChunkInfo] | None = None
         self.image = self._read_meta()
 
     # -- superblocks, blob table, chunk table -------------------------------------------------
@@ -132,59 +132,84 @@ class BootstrapReader:
                 ci_compressor=R.COMPRESSOR_NAMES.get(e.ci_compressor, "unknown"),
                 blob_toc_size=e.blob_toc_size, blob_toc_digest=e.blob_toc_digest,
                 mapped_blkaddr=slot.mapped_blkaddr))
-        chunks: list[list[ChunkInfo]] = [[] for _ in blobs]
+        # Packed per blob (ChunkList), never one object per chunk: a daemon keeps them.
+        packed = [bytearray() for _ in blobs]
         ct_off, ct_size = ext.s_chunk_table_offset, ext.s_chunk_table_size
         if ct_size % R.CHUNK_INFO_SIZE or ct_off + ct_size > len(self.data) or (
                 ct_size and ct_off % BLOCK_SIZE):
             raise FormatError(f"{self.name}: chunk table at {ct_off:#x}+{ct_size} is invalid")
-        self.by_addr: dict[tuple[int, int], ChunkInfo] = {}
         prev_digest = b""
-        for i in range(ct_size // R.CHUNK_INFO_SIZE):
-            (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
-             _crc) = R.CHUNK_INFO_PACK.unpack_from(self.data, ct_off + R.CHUNK_INFO_SIZE * i)
-            where = f"chunk table entry {i}"
+        pack = PACKED_CHUNK.pack
+        for i, (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index, _crc) in \
+                enumerate(R.CHUNK_INFO_PACK.iter_unpack(self.data[ct_off:ct_off + ct_size])):
             if digest < prev_digest:
-                bad(f"{where}: chunk table not sorted by digest")
+                bad(f"chunk table entry {i}: chunk table not sorted by digest")
             prev_digest = digest
             if blob_index >= len(blobs):
-                bad(f"{where}: blob index {blob_index} >= {len(blobs)} blobs")
+                bad(f"chunk table entry {i}: blob index {blob_index} >= {len(blobs)} blobs")
                 continue
             b = blobs[blob_index]
             if uoff % BLOCK_SIZE or uoff + usize > b.uncompressed_size:
-                bad(f"{where}: uncompressed range {uoff:#x}+{usize} outside blob")
+                bad(f"chunk table entry {i}: uncompressed range {uoff:#x}+{usize} outside blob")
                 continue
             if not 0 < usize <= cs or not 0 < csize <= R.MAX_CHUNK_SIZE:
-                bad(f"{where}: chunk sizes {csize}/{usize} invalid")
+                bad(f"chunk table entry {i}: chunk sizes {csize}/{usize} invalid")
                 continue
-            for flag, what in R.REFUSED_CHUNK_FLAGS.items():
-                if cflags & flag:
-                    self._refuse(f"blob {blob_index} has {what}")
-            if cflags & ~R.CHUNK_FLAGS_KNOWN:
-                bad(f"{where}: unknown chunk flags {cflags:#x}")
+            if cflags & ~R.CHUNK_FLAG_COMPRESSED:
+                self._check_chunk_flags(i, blob_index, cflags)
             compressed = bool(cflags & R.CHUNK_FLAG_COMPRESSED)
             if compressed and b.compressor not in R.SUPPORTED_COMPRESSORS[1:]:
-                bad(f"{where}: compressed chunk in a blob with compressor {b.compressor}")
+                bad(f"chunk table entry {i}: compressed chunk in a blob with compressor "
+                    f"{b.compressor}")
             if not compressed and csize != usize:
-                bad(f"{where}: uncompressed chunk with compressed size {csize} != {usize}")
+                bad(f"chunk table entry {i}: uncompressed chunk with compressed size {csize} "
+                    f"!= {usize}")
             if coff + csize > b.compressed_size:
-                bad(f"{where}: compressed range {coff:#x}+{csize} outside blob data")
-            c = ChunkInfo(digest=digest, blob_index=blob_index, index=index,
-                          compressed_offset=coff, compressed_size=csize,
-                          uncompressed_offset=uoff, uncompressed_size=usize,
-                          compressed=compressed, compressor=b.compressor, digester=b.digester)
-            if (blob_index, uoff) in self.by_addr:
-                bad(f"{where}: two chunks at blob {blob_index} offset {uoff:#x}")
-                continue
-            self.by_addr[(blob_index, uoff)] = c
-            chunks[blob_index].append(c)
-        for lst in chunks:
-            lst.sort(key=lambda c: c.uncompressed_offset)
-            for a, b2 in itertools.pairwise(lst):
-                if a.uncompressed_offset + a.aligned_size > b2.uncompressed_offset:
-                    bad(f"blob {a.blob_index}: chunks at {a.uncompressed_offset:#x} and "
-                        f"{b2.uncompressed_offset:#x} overlap")
+                bad(f"chunk table entry {i}: compressed range {coff:#x}+{csize} outside blob "
+                    "data")
+            packed[blob_index] += pack(digest, uoff, coff, usize, csize, index, compressed)
+        chunks = []
+        for b, rec in zip(blobs, packed, strict=True):
+            lst = ChunkList.from_unsorted(b.blob_index, b.compressor, b.digester, rec)
+            end, prev_start = -1, -1
+            for _index, start, aligned in lst.extents():
+                if start == prev_start:
+                    bad(f"blob {b.blob_index}: two chunks at offset {start:#x}")
+                elif start < end:
+                    bad(f"blob {b.blob_index}: chunks at {prev_start:#x} and {start:#x} overlap")
+                prev_start, end = start, max(end, start + aligned)
+            chunks.append(lst)
         return RafsImage(bootstrap_size=len(self.data), chunk_size=cs, flags=flags, blobs=blobs,
                          chunks=chunks, fsid=hashlib.sha256(self.data).hexdigest())
+
+    def _check_chunk_flags(self, i: int, blob_index: int, cflags: int) -> None:
+        for flag, what in R.REFUSED_CHUNK_FLAGS.items():
+            if cflags & flag:
+                self._refuse(f"blob {blob_index} has {what}")
+        if cflags & ~R.CHUNK_FLAGS_KNOWN:
+            self._bad(f"chunk table entry {i}: unknown chunk flags {cflags:#x}")
+
+    @property
+    def by_addr(self) -> dict[tuple[int, int], ChunkInfo]:
+        """(blob index, uncompressed offset) -> chunk, every chunk built once and kept
+        (tools that walk the whole tree; identities stay stable from then on)."""
+        if self._by_addr is None:
+            self._by_addr = {(c.blob_index, c.uncompressed_offset): c
+                             for lst in self.image.chunks
+                             for c in (lst.materialize() if isinstance(lst, ChunkList) else lst)}
+        return self._by_addr
+
+    def chunk_at(self, blob_index: int, offset: int) -> ChunkInfo | None:
+        """The chunk of blob `blob_index` at uncompressed `offset`: from `by_addr` once
+        built, else found in the packed list without building the others."""
+        if self._by_addr is not None:
+            return self._by_addr.get((blob_index, offset))
+        if not 0 <= blob_index < len(self.image.chunks):
+            return None
+        lst = self.image.chunks[blob_index]
+        if isinstance(lst, ChunkList):
+            return lst.find(offset)
+        return self.by_addr.get((blob_index, offset))
 
     # -- inodes and directories ---------------------------------------------------------------
     def inode(self, nid: int) -> RawInode:
@@ -318,7 +343,7 @@ class BootstrapReader:
         for i in range(n):
             _adv, dev, blkaddr = E.CHUNK_INDEX_PACK.unpack_from(self.data, start + 8 * i)
             dev &= mask
-            c = self.by_addr.get((dev - 1, blkaddr << BLOCK_BITS)) if dev else None
+            c = self.chunk_at(dev - 1, blkaddr << BLOCK_BITS) if dev else None
             if c is None:
                 raise FormatError(f"nid {ri.nid}: chunk {i} (device {dev}, block {blkaddr}) is "
                                   "not in the chunk table")
@@ -335,6 +360,7 @@ class BootstrapReader:
         root_ri = self.inode(self.sb.root_nid)
         if not stat.S_ISDIR(root_ri.mode):
             raise FormatError(f"root nid {self.sb.root_nid} is not a directory")
+        self.by_addr  # noqa: B018  (builds every chunk once: files share them, as before)
         root = Node(b"", self._inode(root_ri))
         seen: dict[int, Inode] = {self.sb.root_nid: root.inode}
         stack = [(root, root_ri, b"/")]

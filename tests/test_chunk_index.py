@@ -1,0 +1,129 @@
+"""The packed chunk index (`rafs.image.ChunkList`): what a daemon keeps per chunk.
+
+A registered image must cost the daemon a few dozen bytes per chunk, not a ChunkInfo
+object each (issue 16: 200k-file images, daemon < 100 MiB): these tests pin that no
+per-chunk objects outlive a registration or a fill, and that the packed values are
+exactly the bootstrap's chunk table.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+from daemon_support import BuiltImage, build_image, run_cli
+
+from erofs_nydus.daemon.images import ImageTable
+from erofs_nydus.layout import rafs as R
+from erofs_nydus.rafs.image import ChunkInfo, ChunkList
+from erofs_nydus.rafs.reader import BootstrapReader, load_image
+
+FILES = 300
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    base = tmp_path_factory.mktemp("img")
+    src = base / "src"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(FILES // 3):
+            (src / f"d{d}" / f"f{i}").write_bytes(f"file {d}/{i}\n".encode() * (i + 1))
+    return build_image(src, base / "out")
+
+
+def _table_chunks(data: bytes) -> list[ChunkInfo]:
+    """The chunk table decoded straight from the bytes, one ChunkInfo per entry."""
+    r = BootstrapReader(data)
+    off, size = r.ext.s_chunk_table_offset, r.ext.s_chunk_table_size
+    blobs = r.image.blobs
+    out = []
+    for digest, bi, flags, csize, usize, coff, uoff, _f, index, _c in R.CHUNK_INFO_PACK.iter_unpack(
+            data[off:off + size]):
+        out.append(ChunkInfo(digest, bi, index, coff, csize, uoff, usize,
+                             bool(flags & R.CHUNK_FLAG_COMPRESSED), blobs[bi].compressor,
+                             blobs[bi].digester))
+    return out
+
+
+def test_chunk_list_is_the_chunk_table(image: BuiltImage) -> None:
+    data = image.bootstrap.read_bytes()
+    img = load_image(data)
+    (lst,) = img.chunks
+    assert isinstance(lst, ChunkList)
+    want = sorted(_table_chunks(data), key=lambda c: c.uncompressed_offset)
+    assert len(want) == FILES and len(lst) == FILES
+    assert list(lst) == want
+    assert lst[5:9] == want[5:9] and lst[::7] == want[::7] and lst[-1] == want[-1]
+    assert list(lst.starts) == [c.uncompressed_offset for c in want]
+    assert list(lst.extents()) == [(c.index, c.uncompressed_offset, c.aligned_size)
+                                   for c in want]
+    assert lst.find(want[42].uncompressed_offset) == want[42]
+    assert lst.find(want[42].uncompressed_offset + 1) is None
+    with pytest.raises(IndexError):
+        lst[FILES]
+    # rebuilt from values in any order: the same packed records
+    again = ChunkList.build(reversed(want))
+    assert again.records() == lst.records() and list(again) == want
+    # tools that tell chunks apart by identity: built once, kept
+    kept = lst.materialize()
+    assert lst[3] is kept[3] and next(iter(lst)) is kept[0]
+
+
+def _live_chunk_infos() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, ChunkInfo))
+
+
+def test_registered_image_keeps_no_chunk_objects(image: BuiltImage, tmp_path: Path) -> None:
+    """After register and a fill, the daemon holds the packed index only: not one
+    ChunkInfo per chunk (the old table kept FILES of them, plus a dict)."""
+    before = _live_chunk_infos()
+    (tmp_path / "cache").mkdir()
+    table = ImageTable(str(tmp_path / "cache"), durable=False)
+    try:
+        table.register(str(image.bootstrap), {"type": "local", "dir": str(image.blob_dir)},
+                       str(tmp_path / "mnt"))
+        (srv,) = table.blobs.values()
+        assert isinstance(srv.cache.chunks, ChunkList) and len(srv.cache.chunks) == FILES
+        assert _live_chunk_infos() - before < 10
+        srv.fill(0, srv.cache.size // 2)
+        assert 0 < srv.cache.present_bytes() < srv.cache.size
+        assert _live_chunk_infos() - before < 10
+    finally:
+        table.close()
+
+
+def test_blob_shared_at_another_blob_index(tmp_path: Path) -> None:
+    """A merged image names a layer's blob at another position of its blob table than
+    the layer's own bootstrap: both register and share one server (the chunks are the
+    same; only the table position differs)."""
+    layers = []
+    for name in ("a", "b"):
+        src = tmp_path / f"src_{name}"
+        src.mkdir()
+        for i in range(20):
+            (src / f"{name}{i}").write_bytes(f"{name} {i}\n".encode() * 500)
+        layers.append(build_image(src, tmp_path / name))
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    for lay in layers:
+        for f in lay.blob_dir.iterdir():
+            (blob_dir / f.name).write_bytes(f.read_bytes())
+    merged = tmp_path / "merged.boot"
+    run_cli("merge", str(layers[1].bootstrap), str(layers[0].bootstrap), "-B", str(merged))
+    a_blob = load_image(layers[0].bootstrap.read_bytes()).blobs[0].blob_id
+    assert [b.blob_id for b in load_image(merged.read_bytes()).blobs].index(a_blob) == 1
+    (tmp_path / "cache").mkdir()
+    table = ImageTable(str(tmp_path / "cache"), durable=False)
+    try:
+        backend = {"type": "local", "dir": str(blob_dir)}
+        table.register(str(layers[0].bootstrap), backend, str(tmp_path / "m1"))
+        table.register(str(merged), backend, str(tmp_path / "m2"))
+        assert len(table.blobs) == 2
+        srv = table.blobs[a_blob]
+        srv.fill_all()
+        assert srv.cache.complete()
+    finally:
+        table.close()
