@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from erofs_nydus.daemon import heap
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_dir_lock, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError, UsageError
@@ -186,6 +187,7 @@ class ImageTable:
         self.marked: set[str] = set()
         self._by_dev_ino: dict[tuple[int, int], BlobServer] = {}
         self._lock = threading.RLock()
+        heap.configure()  # bootstraps' buffers go back to the system when freed
         _preload_registry()
 
     # -- lookups (hot path) ------------------------------------------------------------
@@ -308,6 +310,22 @@ class ImageTable:
         Raises FormatError for a bootstrap that fails validation, BackendError when a
         local blob is missing or truncated; nothing is registered then.
         """
+        try:
+            return self._register(bootstrap, backend, mountpoint, amplify=amplify,
+                                  prefetch=prefetch, fsid=fsid)
+        finally:
+            heap.trim()  # the bootstrap and its parse are garbage now (heap.py)
+
+    def _register(
+        self,
+        bootstrap: str,
+        backend: dict[str, Any],
+        mountpoint: str,
+        *,
+        amplify: int,
+        prefetch: dict[str, Any] | None,
+        fsid: str | None,
+    ) -> dict[str, Any]:
         with open(bootstrap, "rb") as f:
             data = f.read()
         image = load_image(data)
@@ -394,9 +412,12 @@ class ImageTable:
             else:
                 raise DaemonError(f"{mountpoint} is not served by this daemon")
             used = {b for e in self.images.values() for b in e.blob_ids}
-            for bid in [b for b in self.blobs if b not in used]:
+            released = [b for b in self.blobs if b not in used]
+            for bid in released:
                 self._release_blob(bid)
             self.save_state(strict=False)
+            if released:
+                heap.trim()  # their chunk indexes
             return len(self.mountpoints())
 
     def _is_our_mount(self, mountpoint: str, entry: ImageEntry) -> bool:
@@ -438,6 +459,12 @@ class ImageTable:
 
     def load_state(self) -> None:
         """Rebuild images and blob servers after a daemon (re)start."""
+        try:
+            self._load_state()
+        finally:
+            heap.trim()  # the bootstraps and their parses are garbage now (heap.py)
+
+    def _load_state(self) -> None:
         try:
             with os.fdopen(open_private(self.state_path, os.O_RDONLY), encoding="utf-8") as f:
                 doc = json.load(f)

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from erofs_nydus.daemon import heap
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.errors import ErofsNydusError
 from erofs_nydus.layout import erofs as E
 from erofs_nydus.rafs.image import ChunkInfo
-from erofs_nydus.rafs.reader import BootstrapReader
+from erofs_nydus.rafs.reader import BootstrapReader, has_prefetch_table
 
 __all__ = ["PrefetchJob", "PrefetchManager", "TokenBucket", "prefetch_chunks"]
 
@@ -43,7 +44,9 @@ def prefetch_chunks(bootstrap: bytes) -> list[ChunkInfo]:
 
     A directory entry stands for every file below it, as in nydusd (nydus-snapshotter's
     `--prefetch-policy fs` puts the root nid there): expanded depth-first in dirent order,
-    each inode once."""
+    each inode once.  Without a table, nothing is parsed (most images)."""
+    if not has_prefetch_table(bootstrap):
+        return []
     reader = BootstrapReader(bootstrap)
     out: list[ChunkInfo] = []
     seen: set[tuple[int, int]] = set()
@@ -268,6 +271,8 @@ class PrefetchManager:
             except ErofsNydusError as exc:
                 log.warning("prefetch %s: cannot read the prefetch table: %s", fsid[:12], exc)
                 return None
+            finally:
+                heap.trim()  # the parse of the whole bootstrap (heap.py)
             units = _units(chunks, servers)
             if not units:
                 return None

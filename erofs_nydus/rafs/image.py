@@ -100,8 +100,14 @@ class ChunkList(Sequence[ChunkInfo]):
         order = sorted(range(len(starts)), key=starts.__getitem__)
         if all(map(int.__eq__, order, range(len(order)))):
             return cls(blob_index, compressor, digester, records, starts)
+        # one record copied at a time: no list of n slices (they would outlive the sort in
+        # the allocator's arenas of a long-running daemon)
         src = memoryview(records)
-        out = b"".join([src[i * size:(i + 1) * size] for i in order])
+        out = bytearray(len(records))
+        j = 0
+        for i in order:
+            out[j:j + size] = src[i * size:(i + 1) * size]
+            j += size
         src.release()
         return cls(blob_index, compressor, digester, out,
                    array("Q", map(starts.__getitem__, order)))

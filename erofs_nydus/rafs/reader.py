@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
 from dataclasses import dataclass
 
 from erofs_nydus.errors import FormatError, SourceError, UnsupportedError
@@ -141,7 +142,8 @@ class BootstrapReader:
         prev_digest = b""
         pack = PACKED_CHUNK.pack
         for i, (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index, _crc) in \
-                enumerate(R.CHUNK_INFO_PACK.iter_unpack(self.data[ct_off:ct_off + ct_size])):
+                enumerate(R.CHUNK_INFO_PACK.iter_unpack(
+                    memoryview(self.data)[ct_off:ct_off + ct_size])):
             if digest < prev_digest:
                 bad(f"chunk table entry {i}: chunk table not sorted by digest")
             prev_digest = digest
@@ -421,6 +423,17 @@ class BootstrapReader:
             return []
         raw = self.data[off:off + size]
         return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw) - 3, 4)]
+
+
+def has_prefetch_table(data: bytes) -> bool:
+    """Whether a bootstrap names a prefetch table, read from its ext superblock alone
+    (what `prefetch_nids` would find non-empty), without parsing the rest: a daemon asks
+    this of every image it registers, most of which have none."""
+    where = R.EXT_SUPERBLOCK_OFFSET + 40  # s_prefetch_table_offset, then its size
+    if len(data) < where + 12:
+        return False
+    off, size = struct.unpack_from("<QI", data, where)
+    return bool(off and size)
 
 
 def read_image_meta(data: bytes, name: str = "bootstrap", strict: bool = True) -> RafsImage:
