@@ -9,8 +9,9 @@ with skopeo to a real docker-registry on 127.0.0.1, and converted with
 
 (a) conversion: `erofs-nydus convert` (layer cache emptied) vs `skopeo copy` to an
     OCI layout (as bench/convert.py);
-(b) cold start until `chroot ROOT /bin/sh -c 'dpkg -l >/dev/null; ls /usr/bin >/dev/null'`
-    has finished, page cache dropped first:
+(b) cold start until `chroot ROOT /bin/sh -c 'dpkg -l; ls /usr/bin'` has finished
+    (output captured: mounts are nodev, so no /dev/null in the image), page cache
+    dropped first:
       lazy  = `erofs-nydus mount REF MNT` (bootstrap layer only) + the command
               (chunks fetched on demand with Range requests);
       pull  = `skopeo copy docker://REF oci:DIR` + `umoci unpack` + the command;
@@ -53,7 +54,9 @@ from netns import (  # noqa: E402
 )
 from registry_fixture import RegistryServer  # noqa: E402
 
-WORKLOAD = "dpkg -l >/dev/null; ls /usr/bin >/dev/null"
+# Output captured by `sh`, not sent to /dev/null: mounts are nosuid,nodev by default, so
+# the image's /dev/null cannot be opened inside the chroot.
+WORKLOAD = "dpkg -l; ls /usr/bin"
 
 
 def lazy_run(net: Net, ref: str, work: Path, boot_layer: int,
@@ -66,16 +69,20 @@ def lazy_run(net: Net, ref: str, work: Path, boot_layer: int,
     rx0 = net.rx_bytes()
     t0 = time.perf_counter()
     sh([*net.prefix, *CLI, "mount", ref, str(mnt), "--cache-dir", str(cache), "--plain-http"])
-    t_mount = time.perf_counter() - t0
-    sh(["chroot", str(mnt), "/bin/sh", "-c", WORKLOAD])
-    dt = time.perf_counter() - t0
-    rx1 = net.rx_bytes()
-    if rx0 is not None and rx1 is not None:
-        fetched = rx1 - rx0
-    else:
-        before = keeper.fetched if keeper is not None else 0
-        fetched = boot_layer + daemon_bytes(cache) - before
-    sh([*CLI, "umount", str(mnt)])
+    try:
+        t_mount = time.perf_counter() - t0
+        sh(["chroot", str(mnt), "/bin/sh", "-c", WORKLOAD])
+        dt = time.perf_counter() - t0
+        rx1 = net.rx_bytes()
+        if rx0 is not None and rx1 is not None:
+            fetched = rx1 - rx0
+        else:
+            before = keeper.fetched if keeper is not None else 0
+            fetched = boot_layer + daemon_bytes(cache) - before
+    finally:
+        # also when the workload failed: removing the work dir under a live mount
+        # would orphan its daemon (socket and lock gone, mount still counted)
+        sh([*CLI, "umount", str(mnt)])
     if keeper is not None:
         keeper.fetched = daemon_bytes(cache)
         keeper.evict()
@@ -106,19 +113,22 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
         warm: list[float] = []
         warm_m: list[float] = []
         keeper = Keeper(net, work / f"keeper{n}")
-        for i in range(args.runs):
-            t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"lazy{i}", boot_layer)
-            lazy.append(t)
-            lazy_b.append(b)
-            mount_t.append(m)
-            t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"warm{i}", boot_layer,
-                               keeper)
-            warm.append(t)
-            warm_m.append(m)
-            t, b, _ = pull_run(net, f"{net.host}/bench/rootfs:v1", work / f"pull{i}",
-                               oci_bytes, WORKLOAD)
-            pull.append(t)
-            pull_b.append(b)
+        try:
+            for i in range(args.runs):
+                t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"lazy{i}", boot_layer)
+                lazy.append(t)
+                lazy_b.append(b)
+                mount_t.append(m)
+                t, b, m = lazy_run(net, f"{net.host}/{nydus}", work / f"warm{i}", boot_layer,
+                                   keeper)
+                warm.append(t)
+                warm_m.append(m)
+                t, b, _ = pull_run(net, f"{net.host}/bench/rootfs:v1", work / f"pull{i}",
+                                   oci_bytes, WORKLOAD)
+                pull.append(t)
+                pull_b.append(b)
+        finally:
+            keeper.close()
         lt, pt = median(lazy), median(pull)
         lb, pb = median(lazy_b), median(pull_b)
         print(f"  [{net.name}]")
@@ -133,7 +143,6 @@ def bench(server: RegistryServer, nets: list[Net], work: Path, args: argparse.Na
               + " ".join(f"{t:.2f}" for t in pull))
         print(f"    speed-up {pt / lt:.1f}x ({pt / median(warm):.1f}x with the daemon up), "
               f"bytes {100 * lb / pb:.1f}% of the pull")
-        keeper.close()
 
 
 def main() -> None:
@@ -143,8 +152,8 @@ def main() -> None:
     ap.add_argument("--convert-runs", type=int, default=None,
                     help="runs for (a) (default: --runs)")
     ap.add_argument("--rate", default="100mbit", help="tc rate on the veth pair")
-    ap.add_argument("--compressor", default="lz4", choices=["zstd", "lz4", "none"])
-    ap.add_argument("--digester", default="sha256", choices=["blake3", "sha256"])
+    ap.add_argument("--compressor", default="zstd", choices=["zstd", "lz4", "none"])
+    ap.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
     ap.add_argument("--rtt-ms", type=float, default=0.0,
                     help="also add this round-trip delay (netem) on the veth pair")
     ap.add_argument("--no-netns", action="store_true", help="loopback registry only")

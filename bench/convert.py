@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Conversion benchmark on a loopback registry: `erofs-nydus convert` vs `skopeo copy`.
 
-    python3 bench/convert.py [--runs N] [--layers 1,5] [--profile] [-- CONVERT-OPTIONS]
+    python3 bench/convert.py [--runs N] [--layers 1,5] [--profile] [--baseline DIR]
+                             [-- CONVERT-OPTIONS]
 
 The debootstrap minbase rootfs is packed with umoci as a one-layer OCI image, and as a
 five-layer one (the rootfs split by top-level directories, /usr by its subdirectories,
 into five groups of similar size), and pushed to a real docker-registry on 127.0.0.1
 (started here).  Side by side, median of N runs per image: (a) erofs-nydus convert
 (layer cache emptied each run) pulling from and pushing to that registry, with its
-peak RSS; (b) skopeo copy of the same image to an OCI layout (pull + write).
+peak RSS; (b) skopeo copy of the same image to an OCI layout (pull + write); wall and
+CPU time (user + sys: steadier on a shared machine) of each, with the ratios.
+`--baseline DIR`: the convert of another checkout (e.g. `git worktree add DIR main`),
+interleaved with ours run by run, for an A/B under the same load.
 `--profile`: also one in-process convert of each image under pyinstrument (installed
 separately), its call tree printed.
 """
@@ -94,6 +98,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layers", default="1,5", help="layer counts of the source images")
     ap.add_argument("--profile", action="store_true", help="profile one convert per image")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="another checkout of the project: its convert runs interleaved too")
     ap.add_argument("extra", nargs="*", help="options passed to erofs-nydus convert")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-convert-"))
@@ -113,7 +119,7 @@ def main() -> None:
             if args.profile:
                 profile(server, src, work, args.extra)
             convert_bench(server, src, work, args.runs, tuple(args.extra),
-                          target_repo=f"bench/rootfs{n}-nydus:v1")
+                          target_repo=f"bench/rootfs{n}-nydus:v1", baseline=args.baseline)
     finally:
         stop_registry(server)
         shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """fscache mode benchmark, side by side in one VM boot (QEMU TCG, vm/run).
 
-    python3 bench/fscache.py [--source DIR] [--json FILE] [--buffered-cache]
-                             [--read-ahead-kb KIB]
+    python3 bench/fscache.py [--source DIR] [--json FILE] [--no-buffered-cache]
+                             [--delalloc] [--read-ahead-kb KIB]
 
 Builds an image of SOURCE (default: the cached debootstrap rootfs) on the host, with
 its blob also materialized (the whole uncompressed address space), then boots the VM
@@ -20,10 +20,12 @@ compared.  Each pass also reports the scratch disk's read I/Os and KiB, and each
 its bdi (/sys/class/bdi/erofs-<n>) and read_ahead_kb.
 
 cachefiles reads its backing files with O_DIRECT: a warm pass costs one disk read per
-file, where the materialized blob gets page-cache readahead across files.
---buffered-cache remounts the scratch ext4 `nodelalloc` and mounts with
-`mount_fscache(buffered_cache=True)` (cachefiles dir `chattr +j`), so ext4 serves those
-reads from the page cache (and the mount gets a 2048 KiB bdi readahead).
+file, where the materialized blob gets page-cache readahead across files.  By default
+the scratch ext4 is remounted `nodelalloc` (the setup the fast path needs) and the
+image mounted with the default settings: the buffered cache is then in effect (cachefiles
+dir `chattr +j`), so ext4 serves those reads from the page cache (and the mount gets a
+2048 KiB bdi readahead).  --no-buffered-cache mounts with it turned off (O_DIRECT);
+--delalloc leaves the scratch ext4 as mounted (delalloc: the default cannot apply).
 --read-ahead-kb N adds warm passes (`warm_ra`) with the mount's bdi readahead switched
 to N KiB through sysfs.
 
@@ -132,8 +134,10 @@ def guest(spec: dict[str, Any], passes: int = 3) -> dict[str, Any]:
     os.makedirs(mp, exist_ok=True)
     backend = {"type": "local", "dir": spec["blob_dir"]}
     client = FscacheClient(cache)
-    buffered, ra_kb = bool(spec.get("buffered_cache")), int(spec.get("read_ahead_kb") or 0)
-    if buffered:
+    # None: the default (on where the filesystem allows), False: turned off
+    buffered = None if spec.get("buffered_cache", True) else False
+    ra_kb = int(spec.get("read_ahead_kb") or 0)
+    if spec.get("nodelalloc", True):
         subprocess.run(["mount", "-o", "remount,nodelalloc", scratch], check=True)
     with open("/proc/mounts", encoding="utf-8") as f:
         opts = [ln.split()[3] for ln in f if ln.split()[1] == scratch]
@@ -230,7 +234,8 @@ def host(args: argparse.Namespace) -> dict[str, Any]:
                            BuildOptions(blob_cache_dir=str(work / "mat")))
         (blob,) = res.blobs
         spec = {
-            "buffered_cache": args.buffered_cache,
+            "buffered_cache": not args.no_buffered_cache,
+            "nodelalloc": not args.delalloc,
             "read_ahead_kb": args.read_ahead_kb,
             "bootstrap": str(work / "image.boot"),
             "blob_dir": str(work / "blobs"),
@@ -260,9 +265,10 @@ def main() -> None:
     ap.add_argument("--source", help="directory to build the image from (default: rootfs)")
     ap.add_argument("--timeout", type=int, default=1500)
     ap.add_argument("--json", help="also write the result here")
-    ap.add_argument("--buffered-cache", action="store_true",
-                    help="remount the scratch ext4 nodelalloc and mount with buffered_cache "
-                         "(cachefiles' backing files read through the page cache)")
+    ap.add_argument("--no-buffered-cache", action="store_true",
+                    help="mount with the buffered cache turned off (O_DIRECT warm reads)")
+    ap.add_argument("--delalloc", action="store_true",
+                    help="leave the scratch ext4 delalloc (where the default cannot apply)")
     ap.add_argument("--read-ahead-kb", type=int, default=0,
                     help="also measure warm passes with this bdi readahead (KiB)")
     ap.add_argument("--guest", help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import drop_caches, median, run_timed
+from common import ROOT, drop_caches, installed_env, median, run_rusage
 from layers_support import layer_paths, umoci_image
 from registry_fixture import (
     REGISTRY_BIN,
@@ -172,30 +172,50 @@ def push_rootfs(server: RegistryServer, tree: Path, work: Path, repo_tag: str) -
 
 def convert_bench(server: RegistryServer, src: str, work: Path, runs: int,
                   extra: tuple[str, ...] = (), target_repo: str = "bench/rootfs-nydus:v1",
-                  ) -> str:
+                  baseline: Path | None = None) -> str:
     """`erofs-nydus convert` of `src` (layer cache emptied each run) vs `skopeo copy` of it
-    to an OCI layout, medians (and convert's peak RSS) printed; returns the converted
-    image's repo:tag."""
-    conv, copy, rss = [], [], []
+    to an OCI layout, interleaved run by run; medians of wall and CPU time (user + sys)
+    and convert's peak RSS printed, with the ratios of the same run.  Convert runs with
+    compiled bytecode, as installed (`installed_env`), after one untimed warm-up import.
+    `baseline`: another checkout of the project whose convert runs interleaved too (an
+    A/B under the same load).  Returns the converted image's repo:tag."""
     target = server.ref(target_repo)
+    # each side imports its own checkout: run from `work`, not from a checkout's root
+    sides: dict[str, dict[str, str]] = {
+        "erofs-nydus convert": dict(installed_env(work), PYTHONPATH=str(ROOT))}
+    if baseline is not None:
+        sides[f"baseline ({baseline.name})"] = dict(installed_env(work),
+                                                   PYTHONPATH=str(baseline.resolve()))
+    for env in sides.values():
+        subprocess.run([sys.executable, "-c",
+                        "import erofs_nydus.cli, erofs_nydus.registry.convert"],
+                       env=env, check=True, cwd=work)
+    res: dict[str, list[tuple[float, float, int]]] = {k: [] for k in [*sides, "skopeo copy"]}
     for i in range(runs):
-        cache = work / f"conv-cache{i}"
-        dt, kib = run_timed([*CLI, "convert", "--source", src, "--target", target,
-                             "--plain-http", "-q", "--cache-dir", str(cache), *extra])
-        conv.append(dt)
-        rss.append(kib)
-        shutil.rmtree(cache)
-        t0 = time.perf_counter()
-        skopeo_copy(f"docker://{src}", f"oci:{work / f'copy{i}'}:v1")
-        copy.append(time.perf_counter() - t0)
+        for name, env in sides.items():
+            cache = work / f"conv-cache{i}"
+            res[name].append(run_rusage(
+                [*CLI, "convert", "--source", src, "--target", target, "--plain-http", "-q",
+                 "--cache-dir", str(cache), *extra], env, cwd=work))
+            shutil.rmtree(cache)
+        res["skopeo copy"].append(run_rusage(
+            ["skopeo", "--insecure-policy", "copy", "-q", "--src-tls-verify=false",
+             f"docker://{src}", f"oci:{work / f'copy{i}'}:v1"]))
         shutil.rmtree(work / f"copy{i}")
-    print(f"(a) conversion, median of {runs}:")
-    print(f"    erofs-nydus convert : {median(conv):6.2f} s   runs "
-          + " ".join(f"{t:.2f}" for t in conv)
-          + f"   peak RSS {max(rss) / 1024:.0f} MiB")
-    print(f"    skopeo copy (pull)  : {median(copy):6.2f} s   runs "
-          + " ".join(f"{t:.2f}" for t in copy))
-    print(f"    ratio convert / skopeo copy: {median(conv) / median(copy):.2f}x")
+
+    def med(name: str, k: int) -> float:
+        return median([x[k] for x in res[name]])
+
+    print(f"(a) conversion, median of {runs} (wall / CPU user+sys; load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):")
+    for name in res:
+        rss = f"   peak RSS {max(x[2] for x in res[name]) / 1024:.0f} MiB" \
+            if name != "skopeo copy" else ""
+        ratio = "" if name == "skopeo copy" else (
+            f"   {med(name, 0) / med('skopeo copy', 0):.2f}x wall, "
+            f"{med(name, 1) / med('skopeo copy', 1):.2f}x CPU of skopeo")
+        print(f"    {name:22s}: {med(name, 0):6.2f} s / {med(name, 1):5.2f} s   runs "
+              + " ".join(f"{x[0]:.2f}" for x in res[name]) + ratio + rss)
     return target_repo
 
 

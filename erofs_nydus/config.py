@@ -31,6 +31,11 @@
     check_interval = 5                     # seconds between pings of a failed proxy
     use_http = false                       # send https:// origins through as http://
 
+    [fscache]
+    buffered_cache = true                  # warm reads through the page cache where the
+                                           # cache dir's ext4 allows it (nodelalloc or
+                                           # data=journal; said in one line where not)
+
 Blob range reads go to the proxy (when healthy), then to each healthy mirror, then to
 the origin registry; manifests and tokens always to the origin.  The key names are
 nydusd's (`mirrors`, `proxy` of its registry backend config).
@@ -46,7 +51,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -87,6 +91,7 @@ class Config:
     deadline: float = 30.0
     credentials: str | None = None
     plain_http: bool = False
+    fscache_buffered_cache: bool = True
     mirrors: list[dict[str, Any]] = field(default_factory=list)
     proxy: dict[str, Any] | None = None
     source: str | None = None  # the file the settings came from
@@ -123,6 +128,7 @@ _KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("backend", "plain_http"): ("plain_http", "bool"),
     ("backend", "mirrors"): ("mirrors", "mirrors"),
     ("backend", "proxy"): ("proxy", "proxy"),
+    ("fscache", "buffered_cache"): ("fscache_buffered_cache", "bool"),
 }
 _FIELD_KEY = {f: f"{s}.{k}" for (s, k), (f, _) in _KEYS.items()}
 
@@ -272,6 +278,8 @@ def load_config(path: str | None = None, *, explicit: bool = True) -> Config:
     cfg = Config()
     if path is None:
         return cfg
+    import tomllib  # only when there is a file to read
+
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

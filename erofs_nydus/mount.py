@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
-import gzip
 import os
 import platform
 import time
@@ -81,8 +79,8 @@ _libc: ctypes.CDLL | None = None
 def _get_libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c") or "libc.so.6"
-        lib = ctypes.CDLL(name, use_errno=True)
+        # the libc this interpreter runs on (no find_library: that runs ldconfig)
+        lib = ctypes.CDLL(None, use_errno=True)
         lib.mount.argtypes = [
             ctypes.c_char_p,
             ctypes.c_char_p,
@@ -547,6 +545,8 @@ def kernel_supports_erofs() -> bool:
 def kernel_config() -> dict[str, str] | None:
     """The running kernel's build options (``CONFIG_X`` -> ``y``/``m``/value), from
     /proc/config.gz or /boot/config-<release>; None when neither is readable."""
+    import gzip
+
     text: str | None = None
     try:
         with gzip.open("/proc/config.gz", "rt", encoding="utf-8", errors="replace") as g:

@@ -10,6 +10,7 @@ from Debian trixie's nydus-snapshotter package).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from registry_fixture import RegistryServer
 
 REPO = Path(__file__).resolve().parent.parent
 DEPS = REPO / "tools" / "containerd-deps"
@@ -60,6 +65,7 @@ class Stack:
     cri_snapshotter: str = "nydus"  # what CRI pulls unpack into ("overlayfs": the default)
     prefix: list[str] = field(default_factory=list)  # e.g. nsenter into a network namespace
     auth: tuple[str, str] | None = None  # registry user/password (snapshotter's docker config)
+    fs_driver: str = "fusedev"  # or "fscache" (EROFS over /dev/cachefiles: the VM only)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -94,16 +100,7 @@ class Stack:
             f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}; export PYTHONPATH\n"
             f"exec {sys.executable} -m erofs_nydus.service.nydusd \"$@\"\n")
         nydusd.chmod(0o755)
-        (self.base / "nydusd-config.json").write_text(json.dumps({
-            "device": {
-                "backend": {"type": "registry", "config": {
-                    "scheme": self.scheme, "timeout": 5, "connect_timeout": 5,
-                    "retry_limit": 2}},
-                "cache": {"type": "blobcache", "config": {"work_dir": str(self.cache_dir)}},
-            },
-            "mode": "direct", "digest_validate": False, "iostats_files": False,
-            "enable_xattr": True, "fs_prefetch": {"enable": False},
-        }, indent=1))
+        (self.base / "nydusd-config.json").write_text(json.dumps(self.nydusd_config(), indent=1))
         (self.base / "snapshotter.toml").write_text(f"""\
 version = 1
 root = "{self.snap_root}"
@@ -117,7 +114,7 @@ enable = false
 [daemon]
 nydusd_config = "{self.base / 'nydusd-config.json'}"
 nydusd_path = "{nydusd}"
-fs_driver = "fusedev"
+fs_driver = "{self.fs_driver}"
 recover_policy = "{self.recover_policy}"
 threads_number = 2
 
@@ -182,6 +179,22 @@ conf_dir = "{self.base / 'cni-conf'}"
 [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{self.registry_host}"]
 endpoint = ["http://{self.registry_host}"]
 """)
+
+    def nydusd_config(self) -> dict[str, object]:
+        """The snapshotter's nydusd config template (it fills in host, repo, auth...)."""
+        backend = {"scheme": self.scheme, "timeout": 5, "connect_timeout": 5, "retry_limit": 2}
+        if self.fs_driver == "fscache":  # nydusd's fscache (blob entry) config shape
+            return {"type": "bootstrap", "config": {
+                "backend_type": "registry", "backend_config": backend,
+                "cache_type": "fscache", "prefetch_config": {"enable": False}}}
+        return {
+            "device": {
+                "backend": {"type": "registry", "config": backend},
+                "cache": {"type": "blobcache", "config": {"work_dir": str(self.cache_dir)}},
+            },
+            "mode": "direct", "digest_validate": False, "iostats_files": False,
+            "enable_xattr": True, "fs_prefetch": {"enable": False},
+        }
 
     def start(self) -> Stack:
         self.write_configs()
@@ -294,8 +307,10 @@ endpoint = ["http://{self.registry_host}"]
                          reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
         from erofs_nydus.service.client import DaemonClient
+        from erofs_nydus.service.fscache_client import FscacheClient
 
-        client = DaemonClient(self.cache_dir)
+        cls = FscacheClient if self.fs_driver == "fscache" else DaemonClient
+        client = cls(self.cache_dir)
         if client.supervisor_running():
             pid = client.supervisor_pid()
             if pid:  # the whole group: the keeper would replace a lone supervisor
@@ -304,3 +319,67 @@ endpoint = ["http://{self.registry_host}"]
 
     def remove_tree(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+# -- a small image: the host's sh/cat/sha256sum and 12 MiB of data ------------------------
+
+DATA_SIZE = 6 << 20
+
+
+def rootfs_files(root: Path) -> dict[str, bytes]:
+    """A minimal root: /bin/sh, /bin/cat, /usr/bin/sha256sum and their libraries."""
+    files: dict[str, bytes] = {}
+    for prog in ("/bin/sh", "/bin/cat", "/usr/bin/sha256sum", "/bin/head", "/bin/sleep"):
+        real = os.path.realpath(prog)
+        files[prog.lstrip("/")] = Path(real).read_bytes()
+        out = subprocess.run(["ldd", real], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+            if path.startswith("/"):
+                files[path.lstrip("/")] = Path(os.path.realpath(path)).read_bytes()
+    rnd = hashlib.sha256(b"seed").digest()
+    data = b"".join(hashlib.sha256(rnd + i.to_bytes(4, "little")).digest()
+                    for i in range(DATA_SIZE // 32))
+    files["data/big.bin"] = data
+    files["data/other.bin"] = data[::-1]
+    files["etc/greeting"] = b"hello from a lazy nydus container\n"
+    return files
+
+
+def build_oci(work: Path, files: dict[str, bytes]) -> str:
+    """umoci image with one layer holding `files` (programs executable); oci:LAYOUT:TAG."""
+    from registry_fixture import run
+
+    layout = work / "layout"
+    run(["umoci", "init", "--layout", str(layout)])
+    run(["umoci", "new", "--image", f"{layout}:v1"])
+    bundle = work / "bundle"
+    run(["umoci", "unpack", "--image", f"{layout}:v1", str(bundle)])
+    rootfs = bundle / "rootfs"
+    for rel, content in files.items():
+        target = rootfs / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        target.chmod(0o755 if rel.startswith(("bin/", "usr/bin/", "lib")) else 0o644)
+    (rootfs / "lib64").mkdir(exist_ok=True)
+    run(["umoci", "repack", "--image", f"{layout}:v1", str(bundle)])
+    run(["umoci", "config", "--image", f"{layout}:v1", "--config.cmd", "/bin/cat",
+         "--config.cmd", "/etc/greeting"])
+    return f"oci:{layout}:v1"
+
+
+def push_nydus(registry: RegistryServer, work: Path, files: dict[str, bytes],
+               repo: str) -> str:
+    """`files` as an OCI image REPO:oci in `registry`, converted by us to REPO:nydus."""
+    from registry_fixture import run
+
+    oci = build_oci(work, files)
+    src = registry.ref(f"{repo}:oci")
+    run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", oci,
+         f"docker://{src}"])
+    target = registry.ref(f"{repo}:nydus")
+    run([sys.executable, "-m", "erofs_nydus.cli", "convert", "--source", src, "--target",
+         target, "--plain-http", "-q", "--cache-dir", str(work / "convert-cache")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    return target

@@ -621,28 +621,44 @@ def _warm_pass(a: dict[str, str], mp: str, cache: str, buffered: bool | None,
     return res
 
 
+def _cli_mount(a: dict[str, str], mp: str, cache: str, *flags: str) -> dict[str, Any]:
+    """`erofs-nydus mount --mode fscache` with `flags`, umount, stop: what it said and
+    whether the cachefiles dir got marked +j."""
+    from erofs_nydus.service.fscache_daemon import kernel_cache_dir
+
+    r = cli("mount", a["bootstrap"], mp, "--blob-dir", a["blob_dir"], "--cache-dir", cache,
+            "--mode", "fscache", *flags)
+    res = {"rc": r.returncode, "stdout": r.stdout.strip(), "stderr": r.stderr.strip()[-800:],
+           "buffered": "buffered cache" in r.stdout,
+           "dir_journaled": _journaled(kernel_cache_dir(cache))}
+    cli("umount", mp)
+    res["stopped"] = stop(cache)
+    return res
+
+
 def group_buffered(images: dict[str, Any]) -> dict[str, Any]:
-    """buffered_cache: cachefiles' directory is marked ext4 data-journaled (chattr +j), so
-    the O_DIRECT reads of its backing files fall back to page-cache reads; in effect only
-    on an ext4 mounted nodelalloc.  Compared with the default (O_DIRECT) on the same disk.
-    Also the bdi readahead mount_fscache sets (buffered default, environment override)."""
+    """buffered_cache (on by default): cachefiles' directory is marked ext4 data-journaled
+    (chattr +j), so the O_DIRECT reads of its backing files fall back to page-cache reads;
+    in effect only on an ext4 mounted nodelalloc, elsewhere one line says why.  Compared
+    with it turned off (O_DIRECT) on the same disk.  Also the bdi readahead mount_fscache
+    sets (buffered default, environment override)."""
     a = images["a"]
     scratch = os.environ["SCRATCH"]
     mp = images["mnt"]
     out: dict[str, Any] = {}
+    os.makedirs(mp, exist_ok=True)
+    # the default on the scratch ext4 as mounted (delalloc): not in effect, nothing marked
     t0 = time.monotonic()
-    out["direct"] = _warm_pass(a, mp, f"{scratch}/cache-direct", None,
+    out["delalloc_cli"] = _cli_mount(a, mp, f"{scratch}/cache-delalloc")
+    subprocess.run(["mount", "-o", "remount,nodelalloc", scratch], check=True)
+    # turned off (--no-buffered-cache, fscache.buffered_cache = false): O_DIRECT
+    out["direct"] = _warm_pass(a, mp, f"{scratch}/cache-direct", False,
                                {"EROFS_NYDUS_FSCACHE_READ_AHEAD_KB": "512"})
     _timed(out, "direct", t0)
-    # asked for on the default (delalloc) mount: the directory is marked, not in effect
+    # the default on nodelalloc: in effect
     t0 = time.monotonic()
-    r = cli("mount", a["bootstrap"], mp, "--blob-dir", a["blob_dir"], "--cache-dir",
-            f"{scratch}/cache-delalloc", "--mode", "fscache", "--buffered-cache")
-    out["delalloc_cli"] = [r.returncode, r.stdout.strip(), r.stderr.strip()[-800:]]
-    out["delalloc_buffered"] = "buffered cache" in r.stdout
-    cli("umount", mp)
-    stop(f"{scratch}/cache-delalloc")
-    subprocess.run(["mount", "-o", "remount,nodelalloc", scratch], check=True)
-    out["buffered"] = _warm_pass(a, mp, f"{scratch}/cache-buffered", True)
+    out["buffered"] = _warm_pass(a, mp, f"{scratch}/cache-buffered", None)
+    out["nodelalloc_cli"] = _cli_mount(a, mp, f"{scratch}/cache-cli")
+    out["off_cli"] = _cli_mount(a, mp, f"{scratch}/cache-cli-off", "--no-buffered-cache")
     _timed(out, "buffered", t0)
     return out

@@ -130,8 +130,8 @@ def test_blob_shared_at_another_blob_index(tmp_path: Path) -> None:
 
 
 _RSS_PROBE = """
-import sys, time
-import httpcore, erofs_nydus.registry.backend  # what the registry preload would import
+import sys, threading
+import httpcore, erofs_nydus.registry.backend, erofs_nydus.registry.resolve  # the preload's
 from erofs_nydus.daemon.images import ImageTable
 from erofs_nydus.daemon.prefetch import PrefetchManager
 
@@ -141,7 +141,9 @@ def rss():
 
 boot, blobs, cache = sys.argv[1:4]
 table = ImageTable(cache, durable=False)
-time.sleep(0.5)  # let the preload thread finish (its modules are already imported)
+for t in threading.enumerate():  # let the (delayed) preload finish: its modules are loaded
+    if t.name == "registry-preload":
+        t.join()
 before = rss()
 info = table.register(boot, {"type": "local", "dir": blobs}, cache + "/mnt")
 with open(boot, "rb") as f:
@@ -201,3 +203,22 @@ def test_trace_entries_are_packed() -> None:
     doc = book.document("f" * 64)
     assert doc is not None and [a["offset"] for a in doc["accesses"]] == [
         c.uncompressed_offset for c in chunks]
+
+
+def test_repeated_offset_keeps_the_first_record_only(image: BuiltImage) -> None:
+    """Two chunk-table records at one offset (a bad table): reported, and the packed list
+    keeps the first in table order, as the by-address table did, so nothing downstream
+    sees two chunks in one place."""
+    data = bytearray(image.bootstrap.read_bytes())
+    r = BootstrapReader(bytes(data))
+    off = r.ext.s_chunk_table_offset
+    first = R.CHUNK_INFO_PACK.unpack_from(data, off)
+    second = list(R.CHUNK_INFO_PACK.unpack_from(data, off + R.CHUNK_INFO_SIZE))
+    second[6] = first[6]  # its uncompressed offset: the first record's
+    R.CHUNK_INFO_PACK.pack_into(data, off + R.CHUNK_INFO_SIZE, *second)
+    bad = BootstrapReader(bytes(data))
+    assert any("two chunks at offset" in p for p in bad.problems(walk=False))
+    (lst,) = bad.image.chunks
+    assert len(lst) == FILES - 1 and len(set(lst.starts)) == FILES - 1
+    at = lst.find(first[6])
+    assert at is not None and at.digest == first[0] and at.index == first[8]

@@ -174,3 +174,16 @@ def test_busy_umount_names_what_to_do(tree: Path, tmp_path: Path) -> None:
         run_cli("umount", str(mp), "--cache-dir", str(cache))
     assert not is_mountpoint(mp)
 
+
+
+def test_every_command_is_in_the_lazy_command_map() -> None:
+    """`erofs_nydus.cli` imports a command's module only when the command runs: each
+    command a module registers must be named in COMMANDS, or it could not be found."""
+    import erofs_nydus.cli as cli
+
+    cli.load_commands()
+    assert set(cli.main.commands) == set(cli.COMMANDS)
+    for name, module in cli.COMMANDS.items():
+        assert cli.main.commands[name].callback.__module__ == f"erofs_nydus.cli.{module}", name
+    proc = _cli("--help")
+    assert proc.returncode == 0 and all(name in proc.stdout for name in cli.COMMANDS)

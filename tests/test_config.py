@@ -27,6 +27,9 @@ retries = 5
 deadline = 12
 credentials = "/root/.docker/config.json"
 plain_http = true
+
+[fscache]
+buffered_cache = false
 """
 
 
@@ -46,6 +49,7 @@ def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     cfg = load_config(None)
     assert cfg == Config()
     assert cfg.amplify == 1 << 20 and cfg.prefetch and cfg.prefetch_threads == 4
+    assert cfg.fscache_buffered_cache is True  # on wherever the cache's filesystem allows
 
 
 def test_file_values(tmp_path: Path) -> None:
@@ -55,6 +59,7 @@ def test_file_values(tmp_path: Path) -> None:
     assert cfg.cache_dir == "/var/cache/x" and cfg.mode == "fanotify" and cfg.amplify == 512 << 10
     assert not cfg.prefetch and cfg.prefetch_threads == 8 and cfg.prefetch_bandwidth == 20 << 20
     assert cfg.retries == 5 and cfg.deadline == 12.0 and cfg.plain_http
+    assert cfg.fscache_buffered_cache is False
     assert cfg.docker_config_dir() == "/root/.docker"
     assert cfg.register_args() == {"prefetch": False, "prefetch_threads": 8,
                                    "prefetch_bandwidth": 20 << 20}  # fmt: skip
@@ -75,6 +80,7 @@ def test_file_values(tmp_path: Path) -> None:
         ("[daemon]\namplify = \n", "line 2"),
         ("[daemon]\nmode = 'auto'\n[daemon\n", "line 3"),
         ("[daemon]\namplfy = 3\n", "unknown key daemon.amplfy"),
+        ("[fscache]\nbuffered_cache = 1\n", "fscache.buffered_cache: expected true or false"),
         ("[prefetch]\nthreads = \"x\"\n", "prefetch.threads: expected an integer, got 'x'"),
         ("[prefetch]\nthreads = 0\n", "prefetch.threads: expected 1..256, got 0"),
         ("[prefetch]\nbandwidth = \"fast\"\n", "prefetch.bandwidth: expected a size"),

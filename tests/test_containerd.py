@@ -12,14 +12,12 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from containerd_support import Stack, containerd_bin_dir
+from containerd_support import Stack, containerd_bin_dir, push_nydus, rootfs_files
 from cri_client import CRIImages
 from daemon_support import fanotify_usable
 from registry_fixture import RegistryServer, run
@@ -29,50 +27,6 @@ pytestmark = [pytest.mark.containerd, pytest.mark.kernel, pytest.mark.registry]
 if not fanotify_usable():
     pytest.skip("needs root and pre-content fanotify (Linux >= 6.14)", allow_module_level=True)
 
-DATA_SIZE = 6 << 20
-
-
-def _rootfs(root: Path) -> dict[str, bytes]:
-    """A minimal root: /bin/sh, /bin/cat, /usr/bin/sha256sum and their libraries."""
-    files: dict[str, bytes] = {}
-    for prog in ("/bin/sh", "/bin/cat", "/usr/bin/sha256sum", "/bin/head", "/bin/sleep"):
-        real = os.path.realpath(prog)
-        files[prog.lstrip("/")] = Path(real).read_bytes()
-        out = subprocess.run(["ldd", real], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            parts = line.split()
-            path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
-            if path.startswith("/"):
-                files[path.lstrip("/")] = Path(os.path.realpath(path)).read_bytes()
-    rnd = hashlib.sha256(b"seed").digest()
-    data = b"".join(hashlib.sha256(rnd + i.to_bytes(4, "little")).digest()
-                    for i in range(DATA_SIZE // 32))
-    files["data/big.bin"] = data
-    files["data/other.bin"] = data[::-1]
-    files["etc/greeting"] = b"hello from a lazy nydus container\n"
-    return files
-
-
-def _build_oci(work: Path, files: dict[str, bytes]) -> str:
-    """umoci image with one layer holding `files` (programs executable); oci:LAYOUT:TAG."""
-    layout = work / "layout"
-    run(["umoci", "init", "--layout", str(layout)])
-    run(["umoci", "new", "--image", f"{layout}:v1"])
-    bundle = work / "bundle"
-    run(["umoci", "unpack", "--image", f"{layout}:v1", str(bundle)])
-    rootfs = bundle / "rootfs"
-    for rel, content in files.items():
-        target = rootfs / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-        target.chmod(0o755 if rel.startswith(("bin/", "usr/bin/", "lib")) else 0o644)
-    (rootfs / "lib64").mkdir(exist_ok=True)
-    run(["umoci", "repack", "--image", f"{layout}:v1", str(bundle)])
-    run(["umoci", "config", "--image", f"{layout}:v1", "--config.cmd", "/bin/cat",
-         "--config.cmd", "/etc/greeting"])
-    return f"oci:{layout}:v1"
-
-
 @pytest.fixture(scope="module")
 def bindir() -> Path:
     d = containerd_bin_dir()
@@ -81,25 +35,12 @@ def bindir() -> Path:
     return d
 
 
-def _push_nydus(registry: RegistryServer, work: Path, files: dict[str, bytes],
-                repo: str) -> str:
-    oci = _build_oci(work, files)
-    src = registry.ref(f"{repo}:oci")
-    run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", oci,
-         f"docker://{src}"])
-    target = registry.ref(f"{repo}:nydus")
-    run([sys.executable, "-m", "erofs_nydus.cli", "convert", "--source", src, "--target",
-         target, "--plain-http", "-q", "--cache-dir", str(work / "convert-cache")],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    return target
-
-
 @pytest.fixture(scope="module")
 def nydus_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory,
                 ) -> tuple[str, dict[str, bytes]]:
     work = tmp_path_factory.mktemp("ctd-image")
-    files = _rootfs(work / "src")
-    return _push_nydus(registry, work, files, "ctd/app"), files
+    files = rootfs_files(work / "src")
+    return push_nydus(registry, work, files, "ctd/app"), files
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +50,7 @@ def nydus_image2(registry: RegistryServer, tmp_path_factory: pytest.TempPathFact
     work = tmp_path_factory.mktemp("ctd-image2")
     files = {**nydus_image[1], "data/big.bin": nydus_image[1]["data/other.bin"][1:] + b"x",
              "etc/greeting": b"the second image\n"}
-    return _push_nydus(registry, work, files, "ctd/app2"), files
+    return push_nydus(registry, work, files, "ctd/app2"), files
 
 
 @pytest.fixture

@@ -103,6 +103,55 @@ def test_corrupt_state_file_is_moved_aside(image: BuiltImage, tmp_path: Path) ->
     assert t.images == {}
 
 
+def test_register_takes_a_parse_already_made(image: BuiltImage, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mount REF`: the daemon's `resolve` reads the bootstrap with the full validation,
+    and its `register` takes that parse instead of reading and parsing again - only
+    while the file is unchanged.  A parse without the full validation (`load_image`,
+    no tree walk) spares the read only: register still validates the bytes."""
+    import os
+
+    import erofs_nydus.daemon.images as images
+    from erofs_nydus.rafs.reader import load_bootstrap_file
+
+    boot = tmp_path / "copy.boot"
+    boot.write_bytes(image.bootstrap.read_bytes())
+    (tmp_path / "cache").mkdir()
+    t = Hooks().table(tmp_path / "cache")
+    full = load_bootstrap_file(str(boot), lambda d, n: images.validate_bootstrap(d, t.verdicts, n))
+    assert full.full and full.image.blobs and full.matches(str(boot))
+
+    calls: list[str] = []
+    real_validate, real_read = images.validate_bootstrap, images.read_bootstrap_bounded
+
+    def validate(data: bytes, verdicts: object = None, name: str = "") -> object:
+        calls.append("validate")
+        return real_validate(data, t.verdicts, name)
+
+    def read(path: str, **kw: object) -> bytes:
+        calls.append("read")
+        return real_read(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images, "validate_bootstrap", validate)
+    monkeypatch.setattr(images, "read_bootstrap_bounded", read)
+    info = t.register(str(boot), _backend(image), "/mnt/a", loaded=full)
+    assert info["fsid"] == full.image.fsid and len(info["devices"]) == 1
+    assert calls == []  # neither read nor parsed a second time
+    # a parse without the tree walk: the bytes are taken, the validation is not
+    partial = load_bootstrap_file(str(boot))
+    assert not partial.full
+    t.register(str(boot), _backend(image), "/mnt/b", loaded=partial)
+    assert calls == ["validate"]
+    # the file changed since (same bytes, new mtime): read and validated again
+    st = boot.stat()
+    os.utime(boot, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert not full.matches(str(boot))
+    calls.clear()
+    t.register(str(boot), _backend(image), "/mnt/c", loaded=full)
+    assert calls == ["read", "validate"]
+    t.close()
+
+
 def test_snapshot_is_a_consistent_copy(image: BuiltImage, tmp_path: Path) -> None:
     t = Hooks().table(tmp_path)
     info = t.register(str(image.bootstrap), _backend(image), "/mnt/a")

@@ -68,6 +68,42 @@ def test_build_check_inspect(synthetic_tree: treeutil.Manifest, tmp_path: Path,
     assert (sb["compressor"], sb["digester"]) == (compressor, digester)
 
 
+def test_default_is_zstd_blake3_everywhere(synthetic_tree: treeutil.Manifest,
+                                           tmp_path: Path) -> None:
+    """The default chosen by bench/compressor.py (README, Measured): what `create` writes
+    without options, what `create`/`convert --help` say, and the library defaults."""
+    from erofs_nydus.builder import BuildOptions
+    from erofs_nydus.registry.convert import ConvertOptions
+
+    img = build_image(synthetic_tree.root, tmp_path)
+    (b,) = json.loads(run_cli("inspect", "--json", str(img.bootstrap)).stdout)["image"]["blobs"]
+    assert (b["compressor"], b["digester"]) == ("zstd", "blake3")
+    assert check_bootstrap(img.bootstrap.read_bytes(), "img", str(img.blob_dir)).ok
+    for cmd in ("create", "convert"):
+        text = " ".join(run_cli(cmd, "--help").stdout.split())
+        assert "[default: zstd]" in text and "[default: blake3]" in text, (cmd, text)
+    for opts in (BuildOptions(), ConvertOptions()):
+        assert (opts.compressor, opts.digester) == ("zstd", "blake3")
+
+
+def test_chunk_dict_of_the_old_default_names_the_flag(synthetic_tree: treeutil.Manifest,
+                                                      tmp_path: Path) -> None:
+    """A chunk dict built with the former default (lz4 + sha256): one line saying which
+    flag reuses it, no traceback."""
+    old = build_image(synthetic_tree.root, tmp_path / "old", "--compressor", "lz4",
+                      "--digester", "sha256")
+    args = ("create", str(synthetic_tree.root), "-B", str(tmp_path / "new.boot"),
+            "-D", str(tmp_path / "new"), "--chunk-dict", str(old.bootstrap))
+    proc = run_cli(*args, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "uses compressor lz4" in line and "pass --compressor lz4" in line
+    proc = run_cli(*args, "--compressor", "lz4", check=False)
+    (line,) = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "pass --digester sha256" in line
+    run_cli(*args, "--compressor", "lz4", "--digester", "sha256")
+
+
 @pytest.mark.kernel
 @needs_fanotify
 @pytest.mark.parametrize(("compressor", "digester"), COMBOS)

@@ -195,3 +195,72 @@ def test_object_table_defers_close_while_in_use(tmp_path: Path) -> None:
         t.remove(1)
         assert _fd_open(fd)  # a READ worker still writes through it
     assert not _fd_open(fd) and t.get(1) is None and len(t) == 0
+
+
+def _close_msg(msg_id: int, object_id: int) -> bytes:
+    return struct.pack("<IIII", msg_id, p.OP_CLOSE, 16, object_id)
+
+
+def test_detached_image_lingers_while_the_kernel_holds_its_objects(h: Harness) -> None:
+    """Its mount gone (umount under an overlay that still has it as a lower layer) but
+    its objects open: the image stays served, counts as a mount (nothing stops the
+    daemon), and is forgotten - and culled if asked - only when the kernel CLOSEs."""
+    from erofs_nydus.daemon.blobcache import cache_paths
+
+    fsid, bid, mp = h.info["fsid"], h.blob.blob_id, str(h.tmp / "mnt")
+    cache = h.tmp / "cache"
+    bfd, _ = h.anon()
+    dfd, dpath = h.anon()
+    h.handle(_open_msg(1, 50, fsid, fsid, bfd))
+    h.handle(_open_msg(2, 51, fsid, bid, dfd))
+    h.replies()
+    files = [Path(f) for f in cache_paths(str(cache), bid)] + [cache / f"{fsid}.boot"]
+    assert all(f.exists() for f in files)
+    # the snapshotter removes the entry and its blob: nothing goes while the kernel uses it
+    assert h.worker.dispatch({"op": "cull", "name": bid}) == {"culled": False, "pending": True}
+    assert h.worker.dispatch({"op": "detach", "mountpoint": mp})["lingering"] is True
+    assert h.worker.dispatch({"op": "cull", "name": fsid})["pending"] is True
+    assert all(f.exists() for f in files)
+    assert h.worker.dispatch({"op": "ping"})["mounts"] == [mp]
+    with pytest.raises(DaemonError, match="still serving"):
+        h.worker.dispatch({"op": "shutdown"})
+    assert h.worker.on_stop() is False  # SIGTERM refused
+    assert h.worker.dispatch({"op": "status"})["lingering"] == [mp]
+    # its reads are still served: the image's bytes, not an error
+    h.handle(_read_msg(3, 51, 0, 0x10000))
+    srv = h.worker.table.blobs[bid]
+    assert dpath.read_bytes()[:0x10000] == os.pread(srv.cache.fd, 0x10000, 0)
+    assert h.worker.stats["read_failed"] == 0
+    # the bootstrap object closes; a blob object of that image only still is open
+    h.handle(_close_msg(4, 50))
+    assert h.worker.reap_lingering() is False and fsid in h.worker.table.images
+    # the kernel let go of everything: detached, culled, nothing left (the worker stops)
+    h.handle(_close_msg(5, 51))
+    assert h.worker.reap_lingering() is True
+    assert not h.worker.table.images and not h.worker.lingering
+    assert not any(f.exists() for f in files), [f for f in files if f.exists()]
+    assert h.worker.pending_culls == set()
+
+
+def test_lingering_image_registered_again_stays(h: Harness) -> None:
+    fsid, mp = h.info["fsid"], str(h.tmp / "mnt")
+    bfd, _ = h.anon()
+    h.handle(_open_msg(1, 60, fsid, fsid, bfd))
+    assert h.worker.dispatch({"op": "detach", "mountpoint": mp})["lingering"] is True
+    assert h.worker.dispatch({"op": "cull", "name": fsid})["pending"] is True
+    assert h.worker.dispatch({"op": "revive", "mountpoint": mp}) == {"revived": True}
+    h.handle(_close_msg(2, 60))
+    assert h.worker.reap_lingering() is False
+    assert h.worker.table.images[fsid].mountpoints == [mp]
+    assert (h.tmp / "cache" / f"{fsid}.boot").exists() and not h.worker.pending_culls
+
+
+def test_detach_without_open_objects_is_immediate(h: Harness) -> None:
+    fsid, mp = h.info["fsid"], str(h.tmp / "mnt")
+    resp = h.worker.dispatch({"op": "detach", "mountpoint": mp})
+    assert "lingering" not in resp and resp["remaining"] == 0
+    assert not h.worker.table.images
+    assert h.worker.dispatch({"op": "cull", "name": fsid}) == {"culled": True, "pending": False}
+    assert not (h.tmp / "cache" / f"{fsid}.boot").exists()
+    with pytest.raises(DaemonError, match="not a usable name"):
+        h.worker.dispatch({"op": "cull", "name": "../x"})

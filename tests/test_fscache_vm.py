@@ -143,17 +143,25 @@ def test_fscache_buffered_cache(images: Path) -> None:
     for res in (d, b):  # the right bytes cold and warm, no READ reaches the daemon warm
         assert res["cold_diffs"] == [] and res["warm_diffs"] == [], res
         assert res["warm_reads"] == 0 and res["remaining"] == 0 and res["stopped"], res
-    # default: cachefiles reads its backing files with O_DIRECT, none of the blob stays cached
+    # default on a delalloc ext4: mounted, nothing marked, one line says why and how
+    # not to try
+    c = r["delalloc_cli"]
+    assert c["rc"] == 0 and c["buffered"] is False and c["dir_journaled"] is False, c
+    (line,) = [ln for ln in c["stderr"].splitlines() if "page cache" in ln]
+    assert "nodelalloc" in line and "--no-buffered-cache" in line, c
+    # turned off: cachefiles reads its backing files with O_DIRECT, none of the blob cached
     assert d["buffered"] is False and d["journaled"] == 0 and d["blob_resident"] == 0, d
-    # on a delalloc ext4 (CLI --buffered-cache): mounted, the flag set but reported as not
-    # in effect, with the reason
-    rc, _stdout, stderr = r["delalloc_cli"]
-    assert rc == 0 and r["delalloc_buffered"] is False, r["delalloc_cli"]
-    assert "nodelalloc" in stderr, stderr
-    # nodelalloc + chattr +j: every backing file journaled, read through the page cache
+    # the default on nodelalloc: every backing file journaled, read through the page cache
     assert b["buffered"] is True, b
     assert b["journaled"] == b["backing_files"] >= 2, b
     assert b["blob_resident"] > 0, b
+    # the CLI: on by default there, silent; --no-buffered-cache: off, nothing marked
+    c = r["nodelalloc_cli"]
+    assert c["rc"] == 0 and c["buffered"] is True and c["dir_journaled"] is True, c
+    assert "page cache" not in c["stderr"], c
+    c = r["off_cli"]
+    assert c["rc"] == 0 and c["buffered"] is False and c["dir_journaled"] is False, c
+    assert "page cache" not in c["stderr"], c
     # bdi readahead: the mount's own bdi (erofs-<n>, one new per mount) read back from
     # sysfs: kernel default without a buffered cache, the environment's value when set,
     # BUFFERED_READ_AHEAD_KB on buffered mounts

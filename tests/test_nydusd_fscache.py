@@ -84,6 +84,13 @@ def test_image_registered_under_the_callers_fsid(tmp_path: Path) -> None:
     info = table.register(str(img.bootstrap), backend, "/nydusd-fscache/d/x", fsid=FSID)
     assert info["fsid"] == FSID and FSID in table.images
     assert (cache / f"{FSID}.boot").read_bytes() == img.bootstrap.read_bytes()
+    # the kernel's OPEN of cookie FSID gets the validated copy, also from a restarted
+    # daemon (the name is not the content digest: the entry keeps that)
+    assert table.stored_bootstrap(FSID) == str(cache / f"{FSID}.boot")
+    restored = ImageTable(str(cache))
+    restored.load_state()
+    assert restored.stored_bootstrap(FSID) == str(cache / f"{FSID}.boot")
+    restored.close()
     # another image under that name while registered: refused, the first one untouched
     with pytest.raises(DaemonError, match="registered for another image"):
         table.register(str(other.bootstrap), {"type": "local", "dir": str(other.blob_dir)},
@@ -214,3 +221,34 @@ def test_registry_token_and_auth_together_in_fusedev_config(tmp_path: Path) -> N
         parse_nydusd_config(json.dumps({"backend": {"type": "registry", "config": {
             "host": "h:1", "repo": "r", "registry_token": "a b"}}}),
             default_cache_dir=str(tmp_path))
+
+
+def test_delete_without_a_daemon_still_removes_the_files(tmp_path: Path) -> None:
+    """The snapshotter's DELETEs that find no fscache daemon (it stopped, or died with
+    entries in its state file) still remove what the entries and the blob kept."""
+    from erofs_nydus.daemon.images import STATE_FILE
+    from erofs_nydus.service.nydusd_fscache import FscacheBindings
+
+    cache = tmp_path / "cache"
+    kdir = cache / "fscache" / "cache" / "Ierofs,d" / "@4f"
+    kdir.mkdir(parents=True)
+    bid, other = "b" * 64, "c" * 64
+    kept = [cache / f"{FSID}.boot", cache / f"{bid}.blob.data", cache / f"{bid}.chunk_map",
+            kdir / f"D{FSID}", kdir / f"D{bid}"]
+    for f in [*kept, cache / f"{other}.blob.data"]:
+        f.write_bytes(b"x")
+    (cache / STATE_FILE).write_text(json.dumps({"version": 1, "images": [
+        {"fsid": FSID, "bootstrap": str(cache / f"{FSID}.boot"), "blob_ids": [bid],
+         "backend": {}, "mountpoints": [f"/nydusd-fscache/d/{FSID}"]}]}))
+    b = FscacheBindings(str(cache))
+    b.started = True  # it registered entries, and its daemon died with them
+    assert b.daemon_gone()
+    b.unbind("d", FSID)  # the entry: its bootstrap copy and cachefiles' file
+    assert not (cache / f"{FSID}.boot").exists() and not (kdir / f"D{FSID}").exists()
+    b.unbind(None, bid)  # the data blob
+    assert not any(f.exists() for f in kept), [f for f in kept if f.exists()]
+    assert (cache / f"{other}.blob.data").exists()  # nobody asked for that one
+    # a daemon that stopped with nothing left did not die: no reason to exit
+    (cache / STATE_FILE).write_text(json.dumps({"version": 1, "images": []}))
+    b.started = True
+    assert not b.daemon_gone() and not b.started

@@ -461,3 +461,25 @@ def test_registry_restart_is_retried(registry_factory: Callable[..., RegistrySer
         finally:
             timer.join()
         assert data == b"survives restarts"
+
+
+def test_clients_share_one_tls_context_until_the_ca_file_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a CA bundle costs ~20 ms per client: each `mount REF` a resident daemon
+    resolved paid it.  One context per CA source, remade when the source changes."""
+    import certifi
+
+    from erofs_nydus.registry.client import shared_tls_context
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    first = shared_tls_context(True, True)
+    assert shared_tls_context(True, True) is first
+    with RegistryClient(plain_http=True) as a, RegistryClient(plain_http=True) as b:
+        assert a._http._transport._pool._ssl_context is first  # type: ignore[attr-defined]
+        assert b._http._transport._pool._ssl_context is first  # type: ignore[attr-defined]
+    st = bundle.stat()
+    os.utime(bundle, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert shared_tls_context(True, True) is not first  # a rotated CA file is read again
+    assert shared_tls_context(False, True) is not shared_tls_context(True, True)

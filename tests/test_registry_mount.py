@@ -285,6 +285,35 @@ def test_resolve_fetches_only_the_bootstrap(nydus_ref: str, proxy: FaultProxy,
         be.close()
 
 
+@needs_fanotify
+def test_daemon_resolve_validates_fully_for_the_register_that_follows(
+        nydus_ref: str, tmp_path: Path) -> None:
+    """The daemon's `resolve` (what `mount REF` sends) parses the bootstrap once, with
+    the full validation a mount needs: its verdict is on disk before any register, and
+    the register that follows takes that parse."""
+    import hashlib
+
+    from erofs_nydus.daemon.images import VERDICT_FILE
+
+    cache = tmp_path / "cache"
+    client = DaemonClient(cache)
+    assert client.ensure_running()
+    try:
+        resp = client.request("resolve", ref=nydus_ref)
+        boot = Path(resp["bootstrap"])
+        digest = hashlib.sha256(boot.read_bytes()).hexdigest()
+        assert (cache / VERDICT_FILE).read_text().split() == [digest]
+        mp = tmp_path / "mnt"
+        mp.mkdir()
+        info = client.request("register", bootstrap=str(boot), backend=resp["backend"],
+                              mountpoint=str(mp), mode="fanotify")
+        assert info["bootstrap"].endswith(".boot") and len(info["devices"]) == len(
+            resp["blob_ids"])
+        client.request("detach", mountpoint=str(mp))
+    finally:
+        client.shutdown()
+
+
 def test_backend_from_spec_is_lazy_and_shares_its_client(nydus_ref: str,
                                                          tmp_path: Path) -> None:
     remote = resolve_remote_image(nydus_ref, str(tmp_path / "c"))
@@ -657,3 +686,27 @@ def test_slow_registry_read_is_not_a_stuck_daemon(nydus_ref: str, proxy: FaultPr
     pid = daemon_status(ref_mounts.cache(mp))["pid"]
     assert (mp / "etc/keep").read_bytes() == (expected_tree / "etc/keep").read_bytes()
     assert daemon_status(ref_mounts.cache(mp))["pid"] == pid
+
+
+def test_planted_cached_bootstrap_symlink_is_never_followed(nydus_ref: str,
+                                                           tmp_path: Path) -> None:
+    """A `<sha>.boot` (or the layer index) replaced by a symlink - even to a file holding
+    the right bytes - is a cache miss: the bootstrap is fetched again and stored as our
+    own regular file, the link's target is never read or written."""
+    cache = tmp_path / "c"
+    remote = resolve_remote_image(nydus_ref, str(cache))
+    boot = Path(remote.bootstrap)
+    elsewhere = tmp_path / "elsewhere.boot"
+    elsewhere.write_bytes(boot.read_bytes())
+    boot.unlink()
+    boot.symlink_to(elsewhere)
+    again = resolve_remote_image(nydus_ref, str(cache))
+    assert again.bootstrap == remote.bootstrap and again.bootstrap_fetched > 0
+    assert not boot.is_symlink() and boot.read_bytes() == elsewhere.read_bytes()
+    index = next((cache / "bootstrap-layers").iterdir())
+    target = tmp_path / "index-target"
+    target.write_text(index.read_text())
+    index.unlink()
+    index.symlink_to(target)
+    third = resolve_remote_image(nydus_ref, str(cache))
+    assert third.bootstrap_fetched > 0 and not index.is_symlink()

@@ -171,11 +171,17 @@ def test_prefetch_resolves_table_and_uses_few_backend_reads(tree: Path, tmp_path
     table.close()
 
 
-def test_no_prefetch_table_no_job_and_opt_out(tree: Path, tmp_path: Path) -> None:
+def test_no_prefetch_table_no_job_and_opt_out(tree: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import erofs_nydus.daemon.prefetch as prefetch
+
     img, opt = _optimized(tree, tmp_path, ["/d0/f0"])
     table, plane = _table_and_plane(tmp_path / "cache")
     info = table.register(str(img.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/a")
-    plane.registered(info["fsid"])
+    # no table: told by the ext superblock, the metadata is not parsed a second time
+    with monkeypatch.context() as m:
+        m.setattr(prefetch, "BootstrapReader", None)
+        plane.registered(info["fsid"])
     assert plane.prefetch.progress(info["fsid"]) is None
     info2 = table.register(str(opt.bootstrap), {"type": "local", "dir": str(img.blob_dir)}, "/b",
                           prefetch=prefetch_settings({"prefetch": False}))

@@ -46,8 +46,8 @@ def main() -> None:
         blob_bytes = sum(b["blob_file_size"] for b in info["blobs"])
         image_bytes = sum(b["uncompressed_size"] for b in info["blobs"])
         print(f"== built {source}: {info['inodes']} inodes, bootstrap "
-              f"{mib(info['bootstrap_size'])}, blob {mib(blob_bytes)} (lz4) holding "
-              f"{mib(image_bytes)} of data, in {t_build:.1f} s")
+              f"{mib(info['bootstrap_size'])}, blob {mib(blob_bytes)} ({info['compressor']}) "
+              f"holding {mib(image_bytes)} of data, in {t_build:.1f} s")
         t0 = time.perf_counter()
         sh([*CLI, "mount", str(work / "image.boot"), str(mnt), "--blob-dir",
             str(work / "blobs"), "--cache-dir", str(work / "cache")])

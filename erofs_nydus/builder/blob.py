@@ -49,7 +49,7 @@ from erofs_nydus.layout.rafs import (
     BlobCIHeader,
     encode_ci_v1,
 )
-from erofs_nydus.rafs.codec import compress_chunk, digest_of
+from erofs_nydus.rafs.codec import DEFAULT_DIGESTER, compress_chunk, digest_of
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 
 _ZEROS = bytes(16 << 20)
@@ -150,7 +150,7 @@ class BlobWriter:
 
     def __init__(self, blob_dir: str, *, chunk_size: int, compressor: str, blob_index: int = 0,
                  cache_dir: str | None = None, chunk_dict: ChunkLookup | None = None,
-                 digester: str = "sha256", threads: int = 0,
+                 digester: str = DEFAULT_DIGESTER, threads: int = 0,
                  tee: Callable[[bytes], None] | None = None) -> None:
         self.blob_dir = blob_dir
         self.cache_dir = cache_dir
@@ -182,7 +182,10 @@ class BlobWriter:
         self._window = 2 * threads + 2
         self._sink: _Sink | None = None
         self._tee = tee  # sees every byte of the blob, in order, as it is written
-        self._blob_buf = bytearray()  # blob / cache file bytes not yet handed to the sink
+        # blob pieces not yet handed to the sink (a list: one join in the writer thread
+        # instead of growing and copying a bytearray on the builder's)
+        self._blob_buf: list[bytes] = []
+        self._blob_buf_bytes = 0
         self._cache_buf = bytearray()
 
     # -- temp files -------------------------------------------------------------------------
@@ -205,12 +208,16 @@ class BlobWriter:
 
     def _write_blob(self, data: bytes) -> None:
         if self._sink is not None:  # gathered: one hand-off per SINK_PIECE bytes
-            self._blob_buf += data
-            if len(self._blob_buf) >= SINK_PIECE:
-                self._sink.put(self._current, self._write_blob_now, bytes(self._blob_buf))
-                self._blob_buf.clear()
+            self._blob_buf.append(data)
+            self._blob_buf_bytes += len(data)
+            if self._blob_buf_bytes >= SINK_PIECE:
+                self._sink.put(self._current, self._write_blob_pieces, self._blob_buf)
+                self._blob_buf, self._blob_buf_bytes = [], 0
         else:
             self._write_blob_now(data)
+
+    def _write_blob_pieces(self, pieces: list[bytes]) -> None:
+        self._write_blob_now(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _write_blob_now(self, data: bytes) -> None:
         assert self._blob_f is not None
@@ -242,8 +249,8 @@ class BlobWriter:
         """Hand what is gathered for the blob and cache file to the writer thread."""
         if self._sink is not None:
             if self._blob_buf:
-                self._sink.put(self._current, self._write_blob_now, bytes(self._blob_buf))
-                self._blob_buf.clear()
+                self._sink.put(self._current, self._write_blob_pieces, self._blob_buf)
+                self._blob_buf, self._blob_buf_bytes = [], 0
             self._flush_cache_buf()
 
     def _write_cache_now(self, data: bytes | None, size: int) -> None:
@@ -326,7 +333,7 @@ class BlobWriter:
             future.cancel()
         self._pending.clear()
         self._batch.clear()
-        self._blob_buf.clear()
+        self._blob_buf, self._blob_buf_bytes = [], 0
         self._cache_buf.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)

@@ -28,6 +28,7 @@ from erofs_nydus.layout import build
 from erofs_nydus.layout import erofs as E
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE, align
+from erofs_nydus.rafs.codec import DEFAULT_DIGESTER
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 from erofs_nydus.rafs.tree import Inode, Node
 
@@ -239,7 +240,7 @@ def _plan_flat(rec: _Rec, base: int) -> None:
 
 
 def write_bootstrap(root: Node, blobs: list[BlobInfo], chunk_table: list[ChunkInfo], *,
-                    chunk_size: int, compressor: str, digester: str = "sha256",
+                    chunk_size: int, compressor: str, digester: str = DEFAULT_DIGESTER,
                     prefetch: list[Node] | None = None) -> BootstrapPlan:
     """Lay out and encode a bootstrap for `root` whose chunks live in `blobs`."""
     if root.children is None:

@@ -21,6 +21,7 @@ from erofs_nydus.errors import SourceError, UsageError
 from erofs_nydus.fsutil import atomic_write
 from erofs_nydus.layout.rafs import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from erofs_nydus.rafs.codec import COMPRESSORS as CODEC_COMPRESSORS
+from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
 from erofs_nydus.rafs.codec import DIGESTERS as CODEC_DIGESTERS
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 from erofs_nydus.rafs.tree import Node
@@ -32,8 +33,8 @@ DIGESTERS = CODEC_DIGESTERS
 @dataclass(slots=True)
 class BuildOptions:
     chunk_size: int = 0x100000
-    compressor: str = "lz4"
-    digester: str = "sha256"
+    compressor: str = DEFAULT_COMPRESSOR
+    digester: str = DEFAULT_DIGESTER
     blob_cache_dir: str | None = None
     chunk_dicts: list[str] = field(default_factory=list)
     whiteout_spec: str = "none"
@@ -69,7 +70,7 @@ class BuildResult:
     stats: BlobStats
     chunk_size: int
     compressor: str
-    digester: str = "sha256"
+    digester: str = DEFAULT_DIGESTER
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
@@ -131,10 +132,12 @@ def _load_chunk_dicts(paths: list[str], opts: BuildOptions) -> ChunkLookup | Non
         for b in img.blobs:
             if b.compressor != opts.compressor:
                 raise UsageError(f"--chunk-dict {path}: blob {b.blob_id[:12]} uses compressor "
-                                 f"{b.compressor}, this build uses {opts.compressor}")
+                                 f"{b.compressor}, this build uses {opts.compressor}; pass "
+                                 f"--compressor {b.compressor} to reuse its chunks")
             if b.digester != opts.digester:
                 raise UsageError(f"--chunk-dict {path}: blob {b.blob_id[:12]} uses digester "
-                                 f"{b.digester}, this build uses {opts.digester}")
+                                 f"{b.digester}, this build uses {opts.digester}; pass "
+                                 f"--digester {b.digester} to reuse its chunks")
             lookup.add_blob(b, img.chunks[b.blob_index])
     return lookup
 

@@ -147,6 +147,12 @@ class ReadAhead(io.RawIOBase):
         return self._pos
 
     def read(self, size: int | None = -1) -> bytes:
+        off = self._off
+        if size is not None and 0 <= size <= len(self._blk) - off:  # within the block
+            out = self._blk[off:off + size]  # (tar headers: one per member)
+            self._off = off + size
+            self._pos += size
+            return out
         if size is None or size < 0:
             size = 1 << 62
         parts: list[bytes] = []

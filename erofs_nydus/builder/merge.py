@@ -12,6 +12,7 @@ from erofs_nydus.builder.create import write_file_atomic
 from erofs_nydus.builder.whiteout import add_blob_chunks, merge_trees
 from erofs_nydus.errors import FormatError, UsageError
 from erofs_nydus.layout.rafs import MAX_BLOBS
+from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
 from erofs_nydus.rafs.image import BlobInfo
 from erofs_nydus.rafs.reader import BootstrapReader, read_bootstrap_bytes
 
@@ -64,8 +65,8 @@ def merge_bootstraps(paths: list[str], out: str,
         raise UsageError(f"the merged image references {len(blobs)} blobs; at most {MAX_BLOBS} "
                          "fit in one bootstrap")
     table = add_blob_chunks(table, [(r.image.blobs, r.image.chunks) for r in readers], blobs)
-    compressor = compressors.pop() if compressors else "lz4"
-    digester = digesters.pop() if digesters else "sha256"
+    compressor = compressors.pop() if compressors else DEFAULT_COMPRESSOR
+    digester = digesters.pop() if digesters else DEFAULT_DIGESTER
     plan = write_bootstrap(root, blobs, table, chunk_size=chunk_size, compressor=compressor,
                            digester=digester)
     write_file_atomic(out, plan.data)

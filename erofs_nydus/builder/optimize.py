@@ -25,6 +25,7 @@ from erofs_nydus.builder.create import write_file_atomic
 from erofs_nydus.errors import DigestMismatchError, FormatError, UsageError
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.check import read_chunk
+from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
 from erofs_nydus.rafs.reader import BootstrapReader, read_bootstrap_bytes
 from erofs_nydus.rafs.tree import Inode, Node, lookup
@@ -141,8 +142,8 @@ def optimize_image(bootstrap: str, blob_dir: str, out_bootstrap: str, out_blob_d
     src = backend or LocalDirBackend(blob_dir)
     blobs = reader.image.blobs
     writer = BlobWriter(out_blob_dir, chunk_size=reader.image.chunk_size,
-                        compressor=blobs[0].compressor if blobs else "lz4",
-                        digester=blobs[0].digester if blobs else "sha256")
+                        compressor=blobs[0].compressor if blobs else DEFAULT_COMPRESSOR,
+                        digester=blobs[0].digester if blobs else DEFAULT_DIGESTER)
     new_of: dict[tuple[int, int], ChunkInfo] = {}
     try:
         for k in order:
@@ -166,8 +167,8 @@ def optimize_image(bootstrap: str, blob_dir: str, out_bootstrap: str, out_blob_d
     unique_first = list(dict.fromkeys(first_keys))
     plan = write_bootstrap(root, [new_blob] if new_blob else [], writer.chunks,
                            chunk_size=reader.image.chunk_size,
-                           compressor=blobs[0].compressor if blobs else "lz4",
-                           digester=blobs[0].digester if blobs else "sha256",
+                           compressor=blobs[0].compressor if blobs else DEFAULT_COMPRESSOR,
+                           digester=blobs[0].digester if blobs else DEFAULT_DIGESTER,
                            prefetch=prefetch)
     try:
         write_file_atomic(out_bootstrap, plan.data)

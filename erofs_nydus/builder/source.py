@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, cast
 
 from erofs_nydus.builder.blob import BlobWriter
 from erofs_nydus.builder.inflate import INFLATE_ERRORS, ReadAhead
+from erofs_nydus.builder.tarheader import FastTarInfo
 from erofs_nydus.errors import SourceError, UnsupportedError
 from erofs_nydus.layout.erofs import split_xattr_name
 from erofs_nydus.rafs.tree import Inode, Node, new_dir
@@ -243,7 +244,7 @@ def tree_from_tar(stream: BinaryIO, writer: BlobWriter, label: str = "tar") -> N
         try:
             # "r:" (not "r|"): member data is read straight from the forward-only reader
             tf = tarfile.open(fileobj=data, mode="r:", encoding="utf-8",  # noqa: SIM115
-                              errors="surrogateescape")
+                              errors="surrogateescape", tarinfo=FastTarInfo)
         except _TAR_ERRORS as exc:
             raise SourceError(f"{label}: not a readable tar or tar.gz stream: {exc}") from exc
         with tf:

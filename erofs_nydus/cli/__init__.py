@@ -5,7 +5,10 @@ Thin commands: parse options, call one core function, print the result.  Every
 nothing a user can cause ends in a traceback.
 
 Command groups live in sibling modules (one per area) that register themselves on
-`main` when imported; the list below is the only place that names them.
+`main` when imported; `COMMANDS` below is the only place that names them.  A run
+imports only the module of the command it runs (all of them for the help listing):
+`mount` and `umount` are the hot path of a container start and load nothing of the
+builder's or the registry's commands.
 """
 
 from __future__ import annotations
@@ -19,11 +22,30 @@ import click
 from erofs_nydus import as_program
 from erofs_nydus.errors import ErofsNydusError
 
-_COMMAND_MODULES = ("build", "runtime", "registry", "ops")
+# command name -> sibling module defining it
+COMMANDS = {
+    "create": "build", "check": "build", "inspect": "build", "merge": "build",
+    "stat": "build", "optimize": "build",
+    "mount": "runtime", "umount": "runtime", "mount-stats": "runtime", "daemon": "runtime",
+    "warm": "runtime",
+    "convert": "registry",
+    "trace": "ops", "ctl": "ops", "config": "ops", "cache": "ops",
+}  # fmt: skip
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 
 class _Group(click.Group):
-    """A click group that turns project errors into clean messages and exit codes."""
+    """A click group that turns project errors into clean messages and exit codes, and
+    imports a command's module when the command is looked up."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            _load_module(COMMANDS[cmd_name])
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        load_commands()
+        return super().list_commands(ctx)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -55,13 +77,15 @@ def run() -> None:
     main()
 
 
-def _load_commands() -> None:
-    for name in _COMMAND_MODULES:
-        try:
-            importlib.import_module(f"erofs_nydus.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"erofs_nydus.cli.{name}":
-                raise
+def _load_module(name: str) -> None:
+    try:
+        importlib.import_module(f"erofs_nydus.cli.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"erofs_nydus.cli.{name}":
+            raise
 
 
-_load_commands()
+def load_commands() -> None:
+    """Register every command on `main` (what listing them needs)."""
+    for name in COMMAND_MODULES:
+        _load_module(name)

@@ -31,10 +31,13 @@ def _is_path(arg: str) -> bool:
                    "address space, ready to mount without a daemon.")
 @click.option("--chunk-size", default="0x100000", show_default=True,
               help="Chunk size, a power of two from 0x1000 to 0x1000000.")
-@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="lz4",
-              show_default=True, help="Per-chunk compression (zstd frame or lz4 block).")
-@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="sha256",
-              show_default=True, help="Chunk digest (blake3 is nydus-image's default).")
+@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="zstd",
+              show_default=True,
+              help="Per-chunk compression (zstd frame or lz4 block); zstd blobs are ~28% "
+                   "smaller and decode as fast as lz4 + sha256 with blake3 (README, Measured).")
+@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3",
+              show_default=True, help="Chunk digest (blake3: nydus-image's default, and "
+                                      "needed to share chunks with images it built).")
 @click.option("--chunk-dict", "chunk_dicts", multiple=True, metavar="BOOTSTRAP",
               help="Reuse chunks already stored in this image's blobs (repeatable).")
 @click.option("--whiteout-spec", type=click.Choice(["oci", "overlayfs", "none"]),

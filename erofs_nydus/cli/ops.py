@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import click
@@ -273,3 +274,31 @@ def cache_gc(cache_dir: str | None, budget: int | None, dry_run: bool) -> None:
     if budget is not None and left > budget:
         msg += f" (over the {_human(budget)} budget: the rest is in use)"
     click.echo(msg)
+
+
+@cache_group.command("verify")
+@_cache_dir_opt
+@click.option("--json", "as_json", is_flag=True)
+def cache_verify(cache_dir: str | None, as_json: bool) -> None:
+    """Re-digest every cached chunk; drop bad ones so they are fetched again.
+
+    Exit 1 when some were dropped (the cache had been altered or damaged).
+    """
+    from erofs_nydus.service.cache import verify_cache
+
+    out = verify_cache(_cache_dir(cache_dir))
+    dropped = out["dropped"]
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        for bid, idx in sorted(dropped.items()):
+            click.echo(f"blob {bid[:16]}: {len(idx)} chunk(s) failed their digest, dropped for "
+                       f"re-fetch (chunks {', '.join(map(str, idx[:10]))}"
+                       f"{', ...' if len(idx) > 10 else ''})")
+        for bid in out.get("unverifiable", []):
+            click.echo(f"blob {bid[:16]}: no stored bootstrap lists it, not verified")
+        bad = sum(len(v) for v in dropped.values())
+        click.echo(f"verified {out['chunks']} cached chunks in {out['blobs']} blobs: "
+                   f"{bad} dropped for re-fetch")
+    if dropped:
+        sys.exit(1)

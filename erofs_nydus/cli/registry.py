@@ -54,10 +54,12 @@ def _client_options(plain_http: bool) -> dict[str, object]:
               "(default linux/amd64).")
 @click.option("--chunk-dict", "chunk_dicts", multiple=True, metavar="BOOTSTRAP",
               help="Reuse chunks stored in this image's blobs (repeatable).")
-@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="lz4",
-              show_default=True)
-@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="sha256",
-              show_default=True)
+@click.option("--compressor", type=click.Choice(["zstd", "lz4", "none"]), default="zstd",
+              show_default=True,
+              help="Per-chunk compression; zstd (nydusify's default) stores ~28% fewer bytes "
+                   "than lz4.")
+@click.option("--digester", type=click.Choice(["blake3", "sha256"]), default="blake3",
+              show_default=True, help="Chunk digest; blake3 is nydusify's default.")
 @click.option("--chunk-size", default="0x100000", show_default=True)
 @click.option("--cache-dir", default="/var/cache/erofs_nydus/convert", show_default=True,
               help="Converted layers (bootstraps and blobs), reused when a layer with the same "
@@ -81,8 +83,10 @@ def convert(source: str, target: str, plain_http: bool, platform: str | None,
     users expect (nydus-snapshotter conventions).  With --prefetch-trace the image is
     optimized for the traced workload before the push (see `optimize`).
     """
+    from erofs_nydus import batch_gc
     from erofs_nydus.registry.convert import ConvertOptions, convert_image
 
+    batch_gc()
     check_output(output_json, "--output-json")
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
 

@@ -29,7 +29,7 @@ def _kernel_version() -> tuple[int, int]:
 
 
 def _fanotify_works() -> bool:
-    from erofs_nydus.fanotify.handler import init_group
+    from erofs_nydus.fanotify.group import init_group
 
     try:
         fd = init_group()
@@ -37,6 +37,12 @@ def _fanotify_works() -> bool:
         return False
     os.close(fd)
     return True
+
+
+def _fscache_unavailable() -> str | None:
+    from erofs_nydus.fscache.device import unavailable_reason
+
+    return unavailable_reason()
 
 
 def pick_mode(mode: str) -> tuple[str, str]:
@@ -47,16 +53,15 @@ def pick_mode(mode: str) -> tuple[str, str]:
         f"fscache mode is not available on this kernel (Linux {vs} without /dev/cachefiles "
         "on-demand support); use the VM harness (vm/) for fscache"
     )
-    from erofs_nydus.fscache.device import unavailable_reason
-
-    no_fscache = unavailable_reason()
     if mode == "fscache":
+        no_fscache = _fscache_unavailable()
         if no_fscache is None:
             return "fscache", f"Linux {vs} has /dev/cachefiles on-demand"
         raise UnsupportedError(f"{fscache_msg}: {no_fscache}")
+    # fanotify first: where it works (the common case) fscache is never looked at
     if ver >= KERNEL_FANOTIFY and _fanotify_works():
         return "fanotify", f"Linux {vs} >= 6.14 has fanotify pre-content events"
-    if mode == "auto" and no_fscache is None:
+    if mode == "auto" and _fscache_unavailable() is None:
         return "fscache", f"Linux {vs} has /dev/cachefiles on-demand (no fanotify pre-content)"
     if mode == "fanotify":
         raise UnsupportedError(
@@ -102,11 +107,12 @@ def pick_mode(mode: str) -> tuple[str, str]:
               "(retries included) before the reader gets EIO.")
 @click.option("--domain-id", metavar="D", help="fscache mode: share blobs (one cache "
               "object per blob) with other images mounted with the same domain id.")
-@click.option("--buffered-cache", is_flag=True, default=None,
+@click.option("--buffered-cache/--no-buffered-cache", default=None,
               help="fscache mode: let warm reads of cachefiles' backing files use the page "
-              "cache (readahead) instead of O_DIRECT: marks the cache dir chattr +j; "
-              "in effect on ext4 mounted nodelalloc (or data=journal), whose cache writes "
-              "are then journaled [env: EROFS_NYDUS_FSCACHE_BUFFERED=1].")
+              "cache (readahead) instead of O_DIRECT, by marking the cache dir chattr +j "
+              "where that takes effect: ext4 mounted nodelalloc or data=journal (cache "
+              "writes are then journaled); elsewhere one line says why not.  On by default "
+              "[env: EROFS_NYDUS_FSCACHE_BUFFERED=0|1; config: fscache.buffered_cache].")
 @click.option("--allow-suid-dev", is_flag=True,
               help="Honour setuid/setgid bits and device nodes in the image (default: the "
               "mount is nosuid,nodev, as an image is someone else's content).")
@@ -179,7 +185,7 @@ def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: st
 
     if domain_id is not None:
         raise UsageError("--domain-id is for --mode fscache")
-    if buffered_cache:
+    if buffered_cache:  # given on the command line (the default applies to fscache only)
         raise UsageError("--buffered-cache is for --mode fscache")
     client = DaemonClient(cache_dir)
     local = _local_backend(bootstrap, blob_dir)
@@ -224,14 +230,21 @@ def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str
                    plain_http: bool, platform: str | None, read_deadline: float,
                    domain_id: str | None, buffered_cache: bool | None,
                    allow_suid_dev: bool = False) -> None:
-    from erofs_nydus.service.fscache_client import mount_fscache
+    from erofs_nydus.service.fscache_client import buffered_cache_env, mount_fscache
 
+    if buffered_cache is None:  # not on the command line: environment, else the config
+        env = buffered_cache_env()
+        buffered_cache = current_config().fscache_buffered_cache if env is None else env
     backend = _mount_backend(bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline)
     boot_path = str(backend.pop("bootstrap"))
     backend = apply_backend_config(backend, current_config())
     info = mount_fscache(boot_path, mp, cache_dir, backend, amplify=amplify, domain_id=domain_id,
                          extra=current_config().register_args(),
                          buffered_cache=buffered_cache, allow_suid_dev=allow_suid_dev)
+    if info.get("buffered_cache_off"):
+        click.echo(f"fscache: warm reads bypass the page cache (O_DIRECT): "
+                   f"{info['buffered_cache_off']}; --no-buffered-cache or "
+                   "fscache.buffered_cache = false to not try", err=True)
     dom = f", domain {domain_id}" if domain_id else ""
     dom += ", buffered cache" if info["buffered_cache"] else ""
     click.echo(f"mounted {bootstrap} at {mp} (fscache, fsid {info['mount_fsid'][:16]}{dom}, "

@@ -4,7 +4,9 @@
 chunk i lives at its `uncompressed_offset`, zero-padded to 4 KiB.  Which chunks are
 present is recorded in `<blob_id>.chunk_map` (see `chunkmap.py`) and re-verified on
 open: a set bit whose extent has a hole in the file (SEEK_DATA/SEEK_HOLE) is cleared,
-so a chunk is never trusted without data behind it.
+so a chunk is never trusted without data behind it; and unless the map's seal proves
+the file unchanged since this daemon verified it, under the same chunk list, every
+present chunk is re-digested (`recheck`), bad ones dropped for re-fetch.
 
 Writes must never generate pre-content events (the daemon would wait on itself).
 The kernel decides at open time whether an open file reports them, so a descriptor
@@ -15,20 +17,30 @@ carries; `write_chunk` takes the latter when a request source has one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import hashlib
+import itertools
+import logging
 import os
+import struct
 import threading
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 
-from erofs_nydus.daemon.chunkmap import ChunkMap
-from erofs_nydus.errors import DaemonError
+from erofs_nydus.daemon.chunkmap import ChunkMap, Seal
+from erofs_nydus.errors import DaemonError, FormatError
 from erofs_nydus.fsutil import open_private
+from erofs_nydus.layout.rafs import MAX_CHUNKS_PER_BLOB
+from erofs_nydus.rafs.codec import chunk_digest
 from erofs_nydus.rafs.image import PACKED_CHUNK, BlobInfo, ChunkInfo, ChunkList
 
-__all__ = ["BlobCacheFile", "cache_dir_lock", "cache_paths"]
+__all__ = ["BlobCacheFile", "cache_dir_lock", "cache_paths", "punch_hole"]
 
 _ZEROS = bytes(4096)
+_LISTED = struct.Struct("<IQIQI?32s")
+log = logging.getLogger("erofs_nydus.daemon")
 
 
 def cache_paths(cache_dir: str, blob_id: str) -> tuple[str, str]:
@@ -51,6 +63,33 @@ def cache_dir_lock(cache_dir: str, *, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # drops the lock
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length) (reads as zeros, drops its page cache).
+    False where the filesystem cannot; the caller has cleared the chunk's bit anyway."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = _libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    rc = fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc != 0:
+        log.warning("cannot punch a hole at %d+%d: %s", offset, length,
+                    os.strerror(ctypes.get_errno()))
+    return bool(rc == 0)
+
+
+def _digest_or_none(data: bytes, digester: str) -> bytes | None:
+    try:
+        return chunk_digest(data, digester)
+    except FormatError:  # a digester we cannot compute proves nothing
+        return None
 
 
 def _has_hole(fd: int, start: int, end: int) -> bool:
@@ -78,7 +117,14 @@ class BlobCacheFile:
         *,
         fd: int | None = None,
         durable: bool = True,
+        readable: bool = True,
     ) -> None:
+        """`readable`: reading the file's fd raises no fanotify pre-content event (it
+        was opened before the file was marked, or nothing marks it).  A restarted daemon
+        that reopened a file the surviving group may still mark passes False: its own
+        read would wait for an answer that only it could give once it serves, so
+        present chunks the seal does not vouch for are dropped for a verified re-fetch
+        instead of being re-digested (nothing unverified is served either way)."""
         self.blob = blob
         self.blob_id = blob.blob_id
         self.size = blob.uncompressed_size
@@ -89,8 +135,9 @@ class BlobCacheFile:
         self._closing = False
         # packed, sorted by offset: the one per-chunk structure a daemon keeps
         self.chunks = ChunkList.build(chunks, blob.blob_index, blob.compressor, blob.digester)
+        self._check_blob()
         self._check_chunks(self.chunks)
-        nbits = max([blob.chunk_count, *(i + 1 for i, _, _ in self.chunks.extents())])
+        nbits = blob.chunk_count  # bounded by _check_blob; every index is below it
         own_fd = fd is None
         if fd is None:
             fd = open_private(self.data_path, os.O_RDWR | os.O_CREAT)  # 0600, no symlink
@@ -102,21 +149,63 @@ class BlobCacheFile:
             if fresh:
                 # Unknown content: start from an all-hole file of the right size.
                 os.ftruncate(fd, 0)
-                os.ftruncate(fd, self.size)
+                try:
+                    os.ftruncate(fd, self.size)
+                except OSError as exc:  # EFBIG: the filesystem's file size limit
+                    raise DaemonError(f"blob {self.blob_id}: cannot make a {self.size}-byte "
+                                      f"cache file {self.data_path}: {exc.strerror}") from exc
                 for p in (self.map_path,):
                     if os.path.exists(p):
                         os.unlink(p)
             self.map = ChunkMap.open(self.map_path, nbits)
             self._missing = sum(1 for i, _, _ in self.chunks.extents() if i not in self.map)
             self.verify()
+            # Present chunks are trusted only as far as this daemon verified them: a
+            # seal that no longer matches the file (a crash, or a write by anyone else
+            # since) means every present chunk is re-digested before it is served.
+            self.rechecked = 0
+            self.dropped: list[ChunkInfo] = []  # by that re-check
+            listed = self._listed()
+            if self.map.count() and (self.map.seal != self._seal() or self.map.listed != listed):
+                if readable:
+                    self.rechecked = len(self.chunks) - self._missing
+                    self.dropped = self.recheck()
+                    if self.dropped:
+                        log.warning("blob %s: %d cached chunks failed their digest; dropped "
+                                    "for re-fetch", self.blob_id[:12], len(self.dropped))
+                else:
+                    self.dropped = self._drop_present()
+                    log.warning("blob %s: %d cached chunks not re-digested (the file may be "
+                                "marked); dropped for re-fetch", self.blob_id[:12],
+                                len(self.dropped))
+            self.map.set_seal(self._seal())
+            self.map.set_listed(listed)
         except BaseException:
             if own_fd:
                 os.close(fd)
             raise
 
+    def _check_blob(self) -> None:
+        """What sizes this file and its map must be within fixed limits (the reader
+        refuses such bootstraps already; this holds for any caller)."""
+        b = self.blob
+        if not 0 < b.chunk_count <= MAX_CHUNKS_PER_BLOB:
+            raise DaemonError(f"blob {self.blob_id}: chunk count {b.chunk_count} outside "
+                              f"1..{MAX_CHUNKS_PER_BLOB}")
+        if not 0 < self.size <= b.chunk_count * b.chunk_size or self.size % 4096:
+            raise DaemonError(f"blob {self.blob_id}: uncompressed size {self.size} does not "
+                              f"fit {b.chunk_count} chunks of {b.chunk_size} bytes")
+
     def _check_chunks(self, chunks: ChunkList) -> None:
         end = 0
+        count = self.blob.chunk_count
+        seen = bytearray((count + 7) >> 3)  # a bit per index: the size of the chunk map
         for index, start, aligned in chunks.extents():
+            if not 0 <= index < count or seen[index >> 3] & (1 << (index & 7)):
+                # one presence bit per chunk: an alias would report a hole as present
+                raise DaemonError(f"blob {self.blob_id}: chunk index {index} out of range "
+                                  "or listed twice")
+            seen[index >> 3] |= 1 << (index & 7)
             if start % 4096 or start < end:
                 raise DaemonError(
                     f"blob {self.blob_id}: chunk {index} at {start} overlaps "
@@ -138,6 +227,7 @@ class BlobCacheFile:
         """
         other = ChunkList.build(chunks, self.blob.blob_index, self.blob.compressor,
                                 self.blob.digester)
+        self._check_chunks(other)  # on its own first: no index twice, none out of range
         with self.lock:
             if other.records() == self.chunks.records():  # the same image again
                 return []
@@ -150,11 +240,6 @@ class BlobCacheFile:
                 old = pos.get(c.index)
                 rec = other.records()[p * size:(p + 1) * size]
                 if old is None:
-                    if c.index >= self.map.nbits:
-                        raise DaemonError(
-                            f"blob {self.blob_id}: chunk index {c.index} beyond the blob's "
-                            f"{self.map.nbits} chunks"
-                        )
                     new.append(c)
                     pos[c.index] = -1
                     added += rec
@@ -167,7 +252,15 @@ class BlobCacheFile:
             self._check_chunks(merged)
             self.chunks = merged
             self._missing += sum(1 for c in new if c.index not in self.map)
-            return new
+            present = [c for c in new if c.index in self.map]
+        # present already, but verified against another image's list: re-digest them
+        dropped = self.recheck(present) if present else []
+        if dropped:
+            log.warning("blob %s: %d cached chunks do not match the new image's digests; "
+                        "dropped for re-fetch", self.blob_id[:12], len(dropped))
+        with self.lock:
+            self.map.set_listed(self._listed())
+        return new
 
     def verify(self) -> int:
         """Clear map bits whose chunk has a hole in the file; return how many were cleared."""
@@ -179,6 +272,63 @@ class BlobCacheFile:
                     self._missing += 1
                     cleared += 1
         return cleared
+
+    def _listed(self) -> bytes:
+        """Fingerprint of the chunk list: what present bits were verified against."""
+        h = hashlib.sha256()
+        recs = self.chunks.records()
+        size = PACKED_CHUNK.size
+        indexes = array("I", (index for index, _, _ in self.chunks.extents()))
+        order: Iterable[int] = range(len(indexes))  # usually in offset order already
+        if any(a > b for a, b in itertools.pairwise(indexes)):
+            order = sorted(order, key=indexes.__getitem__)
+        for p in order:  # by CI index, one record at a time (no ChunkInfo per chunk)
+            digest, uoff, coff, usize, csize, index, flag = PACKED_CHUNK.unpack_from(
+                recs, p * size)
+            h.update(_LISTED.pack(index, uoff, usize, coff, csize, bool(flag), digest))
+        return h.digest()
+
+    def _seal(self) -> Seal:
+        st = os.fstat(self.fd)
+        return (st.st_ino, st.st_ctime_ns, st.st_size)
+
+    def recheck(self, chunks: list[ChunkInfo] | None = None) -> list[ChunkInfo]:
+        """Re-digest every present chunk (of `chunks`, default all) from the cache file;
+        drop bad ones (clear the bit, punch the range) so they are fetched again.
+        Return the dropped chunks."""
+        dropped = []
+        for c in self.chunks if chunks is None else chunks:  # a ChunkList is immutable
+            with self.lock:
+                if c.index not in self.map:
+                    continue
+                try:
+                    data = os.pread(self.fd, c.aligned_size, c.uncompressed_offset)
+                except OSError as exc:
+                    log.warning("blob %s: cannot read chunk %d back: %s", self.blob_id[:12],
+                                c.index, exc)
+                    data = b""
+                n = c.uncompressed_size
+                if len(data) == c.aligned_size and not any(data[n:]) and (
+                        _digest_or_none(data[:n], c.digester) == c.digest):
+                    continue
+                self.map.clear(c.index)
+                self._missing += 1
+                punch_hole(self.fd, c.uncompressed_offset, c.aligned_size)
+                dropped.append(c)
+        if dropped:
+            with self.lock:
+                self.map.set_seal(self._seal())
+        return dropped
+
+    def _drop_present(self) -> list[ChunkInfo]:
+        """Clear every present chunk's bit without reading the file (they are fetched,
+        verified and written again on their next read); return them."""
+        with self.lock:
+            dropped = [c for c in self.chunks if c.index in self.map]
+            for c in dropped:
+                self.map.clear(c.index)
+            self._missing += len(dropped)
+        return dropped
 
     def present(self, chunk: ChunkInfo) -> bool:
         return chunk.index in self.map
@@ -218,6 +368,8 @@ class BlobCacheFile:
             fresh = [c.index for c in chunks if c.index not in self.map]
             self.map.set_many(fresh)
             self._missing -= len(set(fresh))
+            # every byte written so far was verified first: the file is ours as it is
+            self.map.set_seal(self._seal())
 
     def acquire(self) -> None:
         """Hold the file open for one fill; DaemonError once close() was called.
@@ -248,6 +400,9 @@ class BlobCacheFile:
 
     def _close_now(self) -> None:
         with self.lock:
+            if self.fd >= 0:  # renew the seal: every byte in the file was verified
+                with contextlib.suppress(OSError):
+                    self.map.set_seal(self._seal())
             fd, self.fd = self.fd, -1
         self.map.close()
         if fd >= 0:

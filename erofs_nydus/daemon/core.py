@@ -12,9 +12,9 @@ Fill algorithm for one request:
      missing chunks up to that many bytes (0 disables);
   4. group claimed chunks whose compressed extents touch (or are within
      `merge_gap`) into one backend `read_range` each;
-  5. per chunk: lz4-decompress, check size and sha256 against the chunk table
-     BEFORE anything is written, pwrite at the aligned offset, then fdatasync and
-     set the presence bits.
+  5. per chunk: decompress (zstd, lz4), check size and digest (blake3, sha256)
+     against the chunk table BEFORE anything is written, pwrite at the aligned
+     offset, then fdatasync and set the presence bits.
 Errors for requested chunks (BackendError, DigestMismatchError, DaemonError for cache
 write failures) propagate to the caller; failures of amplified chunks only count.
 """

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,16 +29,28 @@ from typing import Any
 from erofs_nydus.daemon import heap
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_dir_lock, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
-from erofs_nydus.errors import BackendError, DaemonError, UnsupportedError, UsageError
+from erofs_nydus.errors import (
+    BackendError,
+    DaemonError,
+    FormatError,
+    SourceError,
+    UnsafePathError,
+    UnsupportedError,
+    UsageError,
+)
 from erofs_nydus.fsutil import atomic_write, open_private
 from erofs_nydus.rafs.backend import BlobBackend, LocalDirBackend
 from erofs_nydus.rafs.image import RafsImage
-from erofs_nydus.rafs.reader import load_image
+from erofs_nydus.rafs.reader import BootstrapReader, LoadedBootstrap
 
-__all__ = ["REQUEST_LIMITS", "STATE_FILE", "ImageEntry", "ImageTable", "TableSnapshot",
-           "make_backend", "request_number", "requested_fsid"]
+__all__ = ["REQUEST_LIMITS", "STATE_FILE", "VERDICT_FILE", "ImageEntry", "ImageTable",
+           "TableSnapshot", "Verdicts", "make_backend", "read_bootstrap_bounded",
+           "request_number", "requested_fsid", "validate_bootstrap"]
 
 STATE_FILE = "daemon-state.json"
+VERDICT_FILE = "verified-bootstraps"
+MAX_BOOTSTRAP_SIZE = 1 << 30  # metadata of tens of millions of files
+_STORED_BOOT = re.compile(r"[0-9a-f]{64}\.boot")
 log = logging.getLogger("erofs_nydus.daemon")
 
 Hook = Callable[[BlobServer], None]
@@ -55,12 +68,17 @@ def make_backend(spec: dict[str, Any]) -> BlobBackend:
 
 
 _preloaded = threading.Event()
+#: seconds a new daemon waits before loading the registry stack in the background: the
+#: mount that started it registers first, without sharing the interpreter with ~0.3 s
+#: of imports it does not need (a `mount REF` meanwhile imports what it needs itself)
+PRELOAD_DELAY = 0.5
 
 
 def _preload_registry() -> None:
-    """Import the registry client (httpx, httpcore: ~0.5 s) in the background once per
-    process, so the first registry image registers without that wait (the CLI starts
-    the daemon while it fetches the bootstrap)."""
+    """Import the registry client and resolver (httpx, httpcore: ~0.3 s) in the
+    background once per process, shortly after start, so that a `mount REF` (the
+    daemon resolves references) or a registry image registered later finds them
+    loaded."""
     if _preloaded.is_set():
         return
     _preloaded.set()
@@ -69,11 +87,15 @@ def _preload_registry() -> None:
         try:
             import httpcore  # noqa: F401  (httpx imports it on the first Client)
 
-            import erofs_nydus.registry.backend  # noqa: F401
+            import erofs_nydus.registry.backend
+            import erofs_nydus.registry.resolve  # noqa: F401
         except Exception as exc:  # reported again, properly, when a backend is made
             log.debug("registry client preload failed: %s", exc)
 
-    threading.Thread(target=load, name="registry-preload", daemon=True).start()
+    timer = threading.Timer(PRELOAD_DELAY, load)
+    timer.name = "registry-preload"
+    timer.daemon = True
+    timer.start()
 
 
 def _check_backend(spec: dict[str, Any], blob_id: str, compressed_size: int) -> None:
@@ -91,6 +113,104 @@ def _check_backend(spec: dict[str, Any], blob_id: str, compressed_size: int) -> 
         )
 
 
+class Verdicts:
+    """sha256 digests of bootstraps that passed the full reader validation.
+
+    Kept in memory and in `<cache-dir>/verified-bootstraps` (one digest a line), so a
+    remount - also by a restarted daemon - skips the tree walk.  The file is trusted
+    only as far as the cache dir is: it must be a regular file owned by this user and
+    writable by nobody else, else it is ignored (and rewritten).  Whoever could write
+    it could as well replace the state file or the bootstrap copies.
+    """
+
+    def __init__(self, cache_dir: str) -> None:
+        self.path = os.path.join(cache_dir, VERDICT_FILE)
+        self._ok: set[str] = set()
+        self._lock = threading.Lock()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                    or st.st_mode & 0o022 or st.st_size > 1 << 20):
+                log.warning("ignoring %s: not a private file of ours", self.path)
+                return
+            raw = os.read(fd, st.st_size).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+        self._ok = {w for w in raw.split() if re.fullmatch(r"[0-9a-f]{64}", w)}
+
+    def __contains__(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._ok
+
+    def add(self, digest: str) -> None:
+        with self._lock:
+            if digest in self._ok:
+                return
+            self._ok.add(digest)
+            doc = "".join(f"{d}\n" for d in sorted(self._ok)).encode()
+        try:
+            atomic_write(self.path, doc, mode=0o600)
+        except OSError as exc:  # the verdict stays in memory
+            log.warning("cannot save %s: %s", self.path, exc)
+
+
+def validate_bootstrap(data: bytes, verdicts: Verdicts | None = None,
+                       name: str = "bootstrap") -> RafsImage:
+    """Parse `data` with the full reader validation (superblocks, tables and the whole
+    tree: what the kernel will walk once it is mounted); raise UnsupportedError for a
+    refused feature, FormatError naming the first problem.  A digest in `verdicts` skips
+    the tree walk; a pass is added."""
+    digest = hashlib.sha256(data).hexdigest()
+    reader = BootstrapReader(data, name)
+    if reader.refused:  # a feature that changes what a byte means: not ours to serve
+        raise UnsupportedError(f"{name}: unsupported: {reader.refused[0]}")
+    if verdicts is not None and digest in verdicts:
+        problems = reader.problems(walk=False)
+    else:
+        problems = reader.problems()
+    if problems:
+        raise FormatError(f"{name}: {problems[0]}")
+    if verdicts is not None:
+        verdicts.add(digest)
+    return reader.image
+
+
+def read_bootstrap_bounded(path: str, *, private: bool = False) -> bytes:
+    """A bootstrap's bytes: a regular file of at most MAX_BOOTSTRAP_SIZE (the daemon
+    holds it in memory; /dev/zero or a runaway file must not take it down).  `private`:
+    a file in our cache dir, opened relative to its directory without following a
+    symlink (`fsutil.open_private`)."""
+    try:
+        fd = (open_private(path, os.O_RDONLY) if private
+              else os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))  # FIFO: no hang
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"{path}: a bootstrap must be a regular file")
+            data = b"" if st.st_size > MAX_BOOTSTRAP_SIZE else f.read(MAX_BOOTSTRAP_SIZE + 1)
+            if st.st_size > MAX_BOOTSTRAP_SIZE or len(data) > MAX_BOOTSTRAP_SIZE:
+                raise FormatError(f"{path}: bootstrap larger than {MAX_BOOTSTRAP_SIZE} bytes")
+    except UnsafePathError:
+        raise
+    except OSError as exc:  # unreadable is not corrupt (as reader.read_bootstrap_bytes)
+        raise SourceError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
+    return data
+
+
+def _holds(path: str, data: bytes) -> bool:
+    """`path` in our cache dir is a regular file of ours holding exactly `data` (a
+    symlink or a foreign file does not: atomic_write replaces it)."""
+    try:
+        with os.fdopen(open_private(path, os.O_RDONLY), "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
+
+
 @dataclass
 class ImageEntry:
     fsid: str
@@ -102,6 +222,13 @@ class ImageEntry:
     # prefetch settings of the register request ("enable", "threads", "bandwidth"), so a
     # restarted daemon resumes prefetching the way the mount asked
     prefetch: dict[str, Any] = field(default_factory=dict)
+    # sha256 of the validated bootstrap when `fsid` is a caller's name for it (nydusd
+    # singleton); "" when the fsid is that digest itself
+    digest: str = ""
+
+    @property
+    def content_digest(self) -> str:
+        return self.digest or self.fsid
 
 
 # Bounds of the numbers a control request may carry (inclusive).  Requests come from
@@ -178,6 +305,9 @@ class ImageTable:
         # opened before their file was marked, so writes through them raise no events.
         self.kept_fds: dict[str, int] = {}
         self.adopted: set[str] = set()  # blobs opened from kept_fds
+        # set by a restarted daemon: the fanotify group survived, so a cache file it
+        # reopens itself (not adopted) may be marked and cannot be read back at start-up
+        self.restarted = False
         self.mark = mark
         self.unmark = unmark
         self.durable = durable
@@ -185,6 +315,7 @@ class ImageTable:
         self.images: dict[str, ImageEntry] = {}
         self.blobs: dict[str, BlobServer] = {}
         self.marked: set[str] = set()
+        self.verdicts = Verdicts(self.cache_dir)
         self._by_dev_ino: dict[tuple[int, int], BlobServer] = {}
         self._lock = threading.RLock()
         heap.configure()  # bootstraps' buffers go back to the system when freed
@@ -223,7 +354,8 @@ class ImageTable:
         fd = self._adopt_fd(info.blob_id)
         try:
             cache = BlobCacheFile(
-                self.cache_dir, info, image.chunks_for_blob(idx), fd=fd, durable=self.durable
+                self.cache_dir, info, image.chunks_for_blob(idx), fd=fd, durable=self.durable,
+                readable=fd is not None or not self.restarted,
             )
         except BaseException:
             if fd is not None:
@@ -287,9 +419,25 @@ class ImageTable:
     # -- images ------------------------------------------------------------------------
 
     def _load(self, entry: ImageEntry) -> RafsImage:
-        with os.fdopen(open_private(entry.bootstrap, os.O_RDONLY), "rb") as f:
-            data = f.read()
-        return load_image(data)
+        """A stored bootstrap of the state file (opened without following a symlink),
+        checked against its name and validated."""
+        data = read_bootstrap_bounded(entry.bootstrap, private=True)
+        if hashlib.sha256(data).hexdigest() != entry.content_digest:
+            raise FormatError(f"{entry.bootstrap}: content does not match image {entry.fsid}")
+        return validate_bootstrap(data, self.verdicts, os.path.basename(entry.bootstrap))
+
+    def _check_stored(self, path: str, data: bytes) -> None:
+        """A `<sha256>.boot` in our cache dir must hold what its name says (a planted or
+        damaged copy would be mounted as the image the name promises)."""
+        name = os.path.basename(path)
+        if os.path.dirname(os.path.abspath(path)) != self.cache_dir or not _STORED_BOOT.fullmatch(
+                name):
+            return
+        if hashlib.sha256(data).hexdigest() != name[:-len(".boot")]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise FormatError(f"{path}: stored bootstrap does not match its sha256 name "
+                              "(removed; mount again to fetch it)")
 
     def register(
         self,
@@ -300,6 +448,7 @@ class ImageTable:
         amplify: int = DEFAULT_AMPLIFY,
         prefetch: dict[str, Any] | None = None,
         fsid: str | None = None,
+        loaded: LoadedBootstrap | None = None,
     ) -> dict[str, Any]:
         """Validate and register an image for `mountpoint`; return what to mount.
 
@@ -307,12 +456,18 @@ class ImageTable:
         :func:`requested_fsid`).  A name registered for other bytes is refused while it
         has mounts, and replaced when it has none.
 
+        `loaded`: the same file read already (by `resolve` in this process), taken
+        while the file is unchanged instead of reading it again; its parse is taken
+        only when it was the full validation (``loaded.full``), else `data` is
+        validated here as any other bootstrap.  What is registered and stored is
+        always the bytes that were validated.
+
         Raises FormatError for a bootstrap that fails validation, BackendError when a
         local blob is missing or truncated; nothing is registered then.
         """
         try:
             return self._register(bootstrap, backend, mountpoint, amplify=amplify,
-                                  prefetch=prefetch, fsid=fsid)
+                                  prefetch=prefetch, fsid=fsid, loaded=loaded)
         finally:
             heap.trim()  # the bootstrap and its parse are garbage now (heap.py)
 
@@ -325,10 +480,17 @@ class ImageTable:
         amplify: int,
         prefetch: dict[str, Any] | None,
         fsid: str | None,
+        loaded: LoadedBootstrap | None,
     ) -> dict[str, Any]:
-        with open(bootstrap, "rb") as f:
-            data = f.read()
-        image = load_image(data)
+        if loaded is not None and loaded.matches(bootstrap):
+            data = loaded.data
+            self._check_stored(bootstrap, data)
+            image = (loaded.image if loaded.full else
+                     validate_bootstrap(data, self.verdicts, os.path.basename(bootstrap)))
+        else:
+            data = read_bootstrap_bounded(bootstrap)
+            self._check_stored(bootstrap, data)
+            image = validate_bootstrap(data, self.verdicts, os.path.basename(bootstrap))
         named = fsid is not None
         fsid = fsid or image.fsid or hashlib.sha256(data).hexdigest()
         for b in image.blobs:
@@ -346,14 +508,15 @@ class ImageTable:
             boot = os.path.join(self.cache_dir, f"{fsid}.boot")
             if named:
                 self._replace_named(fsid, boot, data)
-            if not os.path.exists(boot):
+            if not _holds(boot, data):  # missing, or planted / damaged: ours replaces it
                 atomic_write(boot, data, mode=0o600)
             entry = self.images.get(fsid)
             new = entry is None
             if entry is None:
+                sha = hashlib.sha256(data).hexdigest()
                 entry = ImageEntry(
                     fsid, boot, [b.blob_id for b in image.blobs], dict(backend), amplify,
-                    prefetch=dict(prefetch or {}),
+                    prefetch=dict(prefetch or {}), digest="" if sha == fsid else sha,
                 )
             opened: list[str] = []
             try:
@@ -496,6 +659,49 @@ class ImageTable:
                     len(entry.blob_ids),
                     entry.mountpoints,
                 )
+
+    def stored_bootstrap(self, fsid: str) -> str | None:
+        """Path of a registered image's bootstrap copy if it still holds the bytes that
+        were validated (its sha256 is the entry's content digest); None otherwise
+        (logged)."""
+        entry = self.images.get(fsid)
+        if entry is None:
+            return None
+        try:
+            with os.fdopen(open_private(entry.bootstrap, os.O_RDONLY), "rb") as f:
+                ok = hashlib.file_digest(f, "sha256").hexdigest() == entry.content_digest
+        except OSError as exc:
+            log.error("stored bootstrap %s: %s", entry.bootstrap, exc)
+            return None
+        if not ok:
+            log.error("stored bootstrap %s changed since it was validated: not served",
+                      entry.bootstrap)
+            return None
+        return entry.bootstrap
+
+    def verify_cached(self) -> dict[str, Any]:
+        """Re-digest every present chunk of every blob served; drop bad ones for re-fetch
+        (and mark their blob again so the next read of them is filled)."""
+        out: dict[str, Any] = {"blobs": 0, "chunks": 0, "dropped": {}}
+        with self._lock:
+            servers = list(self.blobs.values())
+        for srv in servers:
+            with srv.cache.lock:
+                present = sum(1 for index, _, _ in srv.cache.chunks.extents()
+                              if index in srv.cache.map)
+            dropped = srv.cache.recheck()
+            out["blobs"] += 1
+            out["chunks"] += present
+            if not dropped:
+                continue
+            out["dropped"][srv.blob_id] = [c.index for c in dropped]
+            log.warning("blob %s: %d cached chunks failed their digest; dropped for re-fetch",
+                        srv.blob_id[:12], len(dropped))
+            with self._lock:
+                if srv.blob_id not in self.marked and self.mark is not None:
+                    self.mark(srv)
+                    self.marked.add(srv.blob_id)
+        return out
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -44,7 +44,8 @@ def prefetch_chunks(bootstrap: bytes) -> list[ChunkInfo]:
 
     A directory entry stands for every file below it, as in nydusd (nydus-snapshotter's
     `--prefetch-policy fs` puts the root nid there): expanded depth-first in dirent order,
-    each inode once.  Without a table, nothing is parsed (most images)."""
+    each inode once.  Most images have no prefetch table: that is read from the ext
+    superblock alone, without parsing the metadata a second time at every register."""
     if not has_prefetch_table(bootstrap):
         return []
     reader = BootstrapReader(bootstrap)

@@ -98,7 +98,10 @@ class LocalDirBackend:
         path = self.path(blob_id)
         try:
             with open(path, "rb") as f:
-                data = os.pread(f.fileno(), length, offset)
+                size = os.fstat(f.fileno()).st_size
+                # refuse before allocating: offsets and lengths come from bootstraps
+                ok = offset >= 0 and length >= 0 and offset + length <= size
+                data = os.pread(f.fileno(), length, offset) if ok else b""
         except OSError as exc:
             raise BackendError(f"blob {blob_id}: cannot read {path}: {exc.strerror}") from exc
         if len(data) != length:

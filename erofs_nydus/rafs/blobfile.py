@@ -155,7 +155,18 @@ def read_ci_table(backend: BlobBackend, blob: BlobInfo) -> list[tuple[int, int, 
     """The blob's own chunk-info array: (uoff, usize, coff, csize, flags) per chunk index;
     flags are the V2 entry's CI_V2_FLAG_* bits, -1 for V1 entries (which have none).
 
-    The 4 KiB CI header follows the (compressed) array in both layouts."""
+    The 4 KiB CI header follows the (compressed) array in both layouts.  Its sizes are
+    allocated below, so only those the (bounded) chunk count implies are read."""
+    entry_size = (R.CI_ENTRY_V2_SIZE if blob.features & R.BLOB_FEATURE_CHUNK_INFO_V2
+                  else R.CI_ENTRY_V1_SIZE)
+    usize = blob.ci_uncompressed_size
+    if blob.features & R.BLOB_FEATURE_CHUNKDICT_GENERATED:  # its own entry count
+        fits = usize % entry_size == 0 and usize <= R.MAX_CHUNKS_PER_BLOB * entry_size
+    else:
+        fits = usize == blob.chunk_count * entry_size
+    if not fits or blob.ci_compressed_size > 2 * usize + 4096:
+        raise FormatError(f"chunk-info sizes {blob.ci_compressed_size}/"
+                          f"{blob.ci_uncompressed_size} do not fit {blob.chunk_count} chunks")
     hdr_raw = _read(backend, blob.blob_id, blob.ci_offset + blob.ci_compressed_size,
                     R.BLOB_CI_HEADER_SIZE)
     hdr = parse(R.BlobCIHeader, hdr_raw, 0, "blob chunk-info header")

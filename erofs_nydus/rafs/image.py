@@ -44,6 +44,7 @@ class ChunkInfo:
 # uncompressed size, compressed size, CI index, compressed flag (61 bytes).
 PACKED_CHUNK = struct.Struct("<32sQQIIIB")
 _START = struct.Struct("<32xQ21x")  # uncompressed offset
+_USIZE = struct.Struct("<48xI9x")  # uncompressed size
 _EXTENT = struct.Struct("<32xQ8xI4xI1x")  # uncompressed offset, uncompressed size, CI index
 
 
@@ -112,6 +113,20 @@ class ChunkList(Sequence[ChunkInfo]):
         return cls(blob_index, compressor, digester, out,
                    array("Q", map(starts.__getitem__, order)))
 
+    def without_repeated_starts(self) -> ChunkList:
+        """This list keeping only the first chunk at each offset (a reader drops the
+        repeats of a bad chunk table, which it reports)."""
+        size = PACKED_CHUNK.size
+        src = memoryview(self._rec)
+        out = bytearray()
+        starts: array[int] = array("Q")
+        for i, start in enumerate(self.starts):
+            if not starts or starts[-1] != start:
+                out += src[i * size:(i + 1) * size]
+                starts.append(start)
+        src.release()
+        return ChunkList(self.blob_index, self.compressor, self.digester, out, starts)
+
     def records(self) -> bytes | bytearray:
         """The packed records (to compare two lists of one blob cheaply)."""
         return self._rec
@@ -162,6 +177,14 @@ class ChunkList(Sequence[ChunkInfo]):
         i = bisect.bisect_left(self.starts, offset)
         if i < len(self.starts) and self.starts[i] == offset:
             return self[i]
+        return None
+
+    def size_at(self, offset: int) -> int | None:
+        """Uncompressed size of the chunk starting at `offset`, or None (no ChunkInfo
+        built)."""
+        i = bisect.bisect_left(self.starts, offset)
+        if i < len(self.starts) and self.starts[i] == offset:
+            return int(_USIZE.unpack_from(self._rec, i * PACKED_CHUNK.size)[0])
         return None
 
     def materialize(self) -> list[ChunkInfo]:

@@ -10,6 +10,7 @@ import hashlib
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from erofs_nydus.errors import FormatError, SourceError, UnsupportedError
@@ -20,6 +21,7 @@ from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
 from erofs_nydus.rafs.image import PACKED_CHUNK, BlobInfo, ChunkInfo, ChunkList, RafsImage
 from erofs_nydus.rafs.tree import Inode, Node
 
+_BLOB_DATA_BITS = 40  # CI v1 comp_info stores 40-bit offsets: blob data below 1 TiB
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                 stat.S_IFIFO, stat.S_IFSOCK}
 _FT_OF_TYPE = {stat.S_IFREG: E.FT_REG_FILE, stat.S_IFDIR: E.FT_DIR, stat.S_IFCHR: E.FT_CHRDEV,
@@ -133,16 +135,26 @@ class BootstrapReader:
                 ci_compressor=R.COMPRESSOR_NAMES.get(e.ci_compressor, "unknown"),
                 blob_toc_size=e.blob_toc_size, blob_toc_digest=e.blob_toc_digest,
                 mapped_blkaddr=slot.mapped_blkaddr))
+        self._check_blob_limits(blobs, cs)
         # Packed per blob (ChunkList), never one object per chunk: a daemon keeps them.
         packed = [bytearray() for _ in blobs]
+        n_entries = ext.s_chunk_table_size // R.CHUNK_INFO_SIZE
+        # a bit per CI index to find one used twice: no object per chunk, and never more
+        # memory than the table's own size (a set where a blob claims far more chunks)
+        indexes: list[bytearray | set[int]] = [
+            bytearray((b.chunk_count + 7) >> 3) if b.chunk_count <= 64 * n_entries else set()
+            for b in blobs]
         ct_off, ct_size = ext.s_chunk_table_offset, ext.s_chunk_table_size
         if ct_size % R.CHUNK_INFO_SIZE or ct_off + ct_size > len(self.data) or (
                 ct_size and ct_off % BLOCK_SIZE):
             raise FormatError(f"{self.name}: chunk table at {ct_off:#x}+{ct_size} is invalid")
         prev_digest = b""
         pack = PACKED_CHUNK.pack
-        for i, (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index, _crc) in \
-                enumerate(R.CHUNK_INFO_PACK.iter_unpack(
+        max_chunk = R.MAX_CHUNK_SIZE
+        # the hot loop of every register: a message is formatted only for a problem, and
+        # no object is kept per chunk (a packed record each; the index set is transient)
+        for i, (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
+                _crc) in enumerate(R.CHUNK_INFO_PACK.iter_unpack(
                     memoryview(self.data)[ct_off:ct_off + ct_size])):
             if digest < prev_digest:
                 bad(f"chunk table entry {i}: chunk table not sorted by digest")
@@ -154,7 +166,7 @@ class BootstrapReader:
             if uoff % BLOCK_SIZE or uoff + usize > b.uncompressed_size:
                 bad(f"chunk table entry {i}: uncompressed range {uoff:#x}+{usize} outside blob")
                 continue
-            if not 0 < usize <= cs or not 0 < csize <= R.MAX_CHUNK_SIZE:
+            if not 0 < usize <= cs or not 0 < csize <= max_chunk:
                 bad(f"chunk table entry {i}: chunk sizes {csize}/{usize} invalid")
                 continue
             if cflags & ~R.CHUNK_FLAG_COMPRESSED:
@@ -166,23 +178,61 @@ class BootstrapReader:
             if not compressed and csize != usize:
                 bad(f"chunk table entry {i}: uncompressed chunk with compressed size {csize} "
                     f"!= {usize}")
-            if coff + csize > b.compressed_size:
+            if coff + csize > b.compressed_size or coff >> _BLOB_DATA_BITS:
                 bad(f"chunk table entry {i}: compressed range {coff:#x}+{csize} outside blob "
                     "data")
+                continue
+            if index >= b.chunk_count:
+                bad(f"chunk table entry {i}: chunk index {index} >= the blob's "
+                    f"{b.chunk_count} chunks")
+                continue
+            seen = indexes[blob_index]
+            if isinstance(seen, bytearray):
+                byte, bit = index >> 3, 1 << (index & 7)
+                twice = seen[byte] & bit
+                seen[byte] |= bit
+            else:
+                twice = index in seen
+                seen.add(index)
+            if twice:
+                # two records would share one presence bit in the daemon's chunk map
+                bad(f"chunk table entry {i}: chunk index {index} used twice in blob "
+                    f"{blob_index}")
+                continue
             packed[blob_index] += pack(digest, uoff, coff, usize, csize, index, compressed)
+        del indexes
         chunks = []
         for b, rec in zip(blobs, packed, strict=True):
             lst = ChunkList.from_unsorted(b.blob_index, b.compressor, b.digester, rec)
-            end, prev_start = -1, -1
+            end, prev_start, dup = -1, -1, False
             for _index, start, aligned in lst.extents():
                 if start == prev_start:
                     bad(f"blob {b.blob_index}: two chunks at offset {start:#x}")
-                elif start < end:
+                    dup = True
+                    continue
+                if start < end:
                     bad(f"blob {b.blob_index}: chunks at {prev_start:#x} and {start:#x} overlap")
                 prev_start, end = start, max(end, start + aligned)
+            if dup:  # keep the first of each offset (table order: the sort is stable)
+                lst = lst.without_repeated_starts()
             chunks.append(lst)
         return RafsImage(bootstrap_size=len(self.data), chunk_size=cs, flags=flags, blobs=blobs,
                          chunks=chunks, fsid=hashlib.sha256(self.data).hexdigest())
+
+    def _check_blob_limits(self, blobs: list[BlobInfo], chunk_size: int) -> None:
+        """Bounds the daemon sizes allocations by (chunk map bits, sparse cache file):
+        fatal, so nothing downstream ever sees an unbounded count or size."""
+        for b in blobs:
+            where = f"{self.name}: blob {b.blob_index} ({b.blob_id[:12]})"
+            if b.chunk_count > R.MAX_CHUNKS_PER_BLOB:
+                raise FormatError(f"{where}: chunk count {b.chunk_count} exceeds the limit "
+                                  f"{R.MAX_CHUNKS_PER_BLOB}")
+            # 4 KiB-aligned layout: every chunk takes at most chunk_size bytes of the space
+            if b.uncompressed_size > b.chunk_count * chunk_size:
+                raise FormatError(f"{where}: uncompressed size {b.uncompressed_size} exceeds "
+                                  f"{b.chunk_count} chunks of {chunk_size} bytes")
+            if b.compressed_size >> _BLOB_DATA_BITS:
+                raise FormatError(f"{where}: compressed size {b.compressed_size:#x} too large")
 
     def _check_chunk_flags(self, i: int, blob_index: int, cflags: int) -> None:
         for flag, what in R.REFUSED_CHUNK_FLAGS.items():
@@ -276,8 +326,9 @@ class BootstrapReader:
         size = ri.size
         if ri.datalayout == E.DATALAYOUT_CHUNK_BASED:
             raise FormatError(f"nid {ri.nid}: chunk-based directories/symlinks are not supported")
-        if size > 1 << 32:
-            raise FormatError(f"nid {ri.nid}: flat inode of {size} bytes is implausible")
+        if size > len(self.data):  # flat data lives in the bootstrap itself
+            raise FormatError(f"nid {ri.nid}: flat inode of {size} bytes is longer than the "
+                              "bootstrap")
         if ri.datalayout == E.DATALAYOUT_FLAT_PLAIN:
             head, tail = size, 0
         else:
@@ -327,7 +378,10 @@ class BootstrapReader:
                 out.append((name, nid, ftype))
         return out
 
-    def chunk_refs(self, ri: RawInode) -> list[ChunkInfo]:
+    def chunk_refs(self, ri: RawInode, keep: bool = True) -> list[ChunkInfo]:
+        """The chunks of a chunk-based inode, each checked against the chunk table.
+        `keep=False`: checked only, from the packed lists (no object per chunk; an
+        empty list is returned), for a walk that validates and throws the tree away."""
         chunk_size = self.image.chunk_size
         fmt = ri.i_u & 0xFFFF
         if not fmt & E.CHUNK_FORMAT_INDEXES or fmt & ~0x3F:
@@ -341,29 +395,45 @@ class BootstrapReader:
         if start + 8 * n > len(self.data):
             raise FormatError(f"nid {ri.nid}: chunk indexes beyond the bootstrap")
         mask = (1 << (self.sb.extra_devices).bit_length()) - 1 if self.sb.extra_devices else 0
-        out = []
+        out: list[ChunkInfo] = []
         for i in range(n):
             _adv, dev, blkaddr = E.CHUNK_INDEX_PACK.unpack_from(self.data, start + 8 * i)
             dev &= mask
-            c = self.chunk_at(dev - 1, blkaddr << BLOCK_BITS) if dev else None
-            if c is None:
+            c = self.chunk_at(dev - 1, blkaddr << BLOCK_BITS) if dev and keep else None
+            if c is not None:
+                usize: int | None = c.uncompressed_size
+                out.append(c)
+            else:
+                usize = self._size_at(dev - 1, blkaddr << BLOCK_BITS) if dev and not keep \
+                    else None
+            if usize is None:
                 raise FormatError(f"nid {ri.nid}: chunk {i} (device {dev}, block {blkaddr}) is "
                                   "not in the chunk table")
             want = min(chunk_size, ri.size - i * chunk_size)
-            if c.uncompressed_size != want:
-                raise FormatError(f"nid {ri.nid}: chunk {i} holds {c.uncompressed_size} bytes, "
+            if usize != want:
+                raise FormatError(f"nid {ri.nid}: chunk {i} holds {usize} bytes, "
                                   f"file needs {want}")
-            out.append(c)
         return out
 
+    def _size_at(self, blob_index: int, offset: int) -> int | None:
+        if not 0 <= blob_index < len(self.image.chunks):
+            return None
+        lst = self.image.chunks[blob_index]
+        if isinstance(lst, ChunkList):
+            return lst.size_at(offset)
+        c = self.chunk_at(blob_index, offset)
+        return None if c is None else c.uncompressed_size
+
     # -- whole tree ---------------------------------------------------------------------------
-    def tree(self) -> Node:
-        """Rebuild the file tree; hard links share one `Inode`."""
+    def tree(self, keep_chunks: bool = True) -> Node:
+        """Rebuild the file tree; hard links share one `Inode`.  `keep_chunks=False`:
+        files' chunks are checked but not listed (`chunk_refs`), for a validating walk."""
         root_ri = self.inode(self.sb.root_nid)
         if not stat.S_ISDIR(root_ri.mode):
             raise FormatError(f"root nid {self.sb.root_nid} is not a directory")
-        self.by_addr  # noqa: B018  (builds every chunk once: files share them, as before)
-        root = Node(b"", self._inode(root_ri))
+        if keep_chunks:
+            self.by_addr  # noqa: B018  (builds every chunk once: files share them, as before)
+        root = Node(b"", self._inode(root_ri, keep_chunks))
         seen: dict[int, Inode] = {self.sb.root_nid: root.inode}
         stack = [(root, root_ri, b"/")]
         while stack:
@@ -382,14 +452,14 @@ class BootstrapReader:
                 cri = self.inode(nid)
                 if _FT_OF_TYPE[stat.S_IFMT(cri.mode)] != ftype:
                     self._bad(f"{cpath!r}: dirent file type {ftype} does not match the inode")
-                child = Node(name, self._inode(cri))
+                child = Node(name, self._inode(cri, keep_chunks))
                 seen[nid] = child.inode
                 node.children[name] = child
                 if child.children is not None:
                     stack.append((child, cri, cpath + b"/"))
         return root
 
-    def _inode(self, ri: RawInode) -> Inode:
+    def _inode(self, ri: RawInode, keep_chunks: bool = True) -> Inode:
         ino = Inode(mode=ri.mode, uid=ri.uid, gid=ri.gid, mtime=ri.mtime,
                     mtime_nsec=ri.mtime_nsec, size=ri.size, xattrs=self.xattrs(ri),
                     implicit=bool(ri.reserved & E.I_RESERVED_IMPLICIT_DIR)
@@ -398,7 +468,7 @@ class BootstrapReader:
         if t == stat.S_IFREG:
             if ri.datalayout != E.DATALAYOUT_CHUNK_BASED:
                 raise FormatError(f"nid {ri.nid}: regular file is not chunk-based")
-            ino.chunks = self.chunk_refs(ri)
+            ino.chunks = self.chunk_refs(ri, keep_chunks)
         elif t == stat.S_IFLNK:
             ino.target = self.flat_data(ri)
         elif t in (stat.S_IFCHR, stat.S_IFBLK):
@@ -411,8 +481,8 @@ class BootstrapReader:
         opening the image found (superblocks, blob and chunk tables) without walking the
         whole tree."""
         if walk:
-            try:
-                self.tree()
+            try:  # checked from the packed lists: `image` stays packed for a daemon
+                self.tree(keep_chunks=False)
             except FormatError as exc:
                 self._bad(str(exc))
         return list(self._problems)
@@ -474,3 +544,50 @@ def open_bootstrap(path: str) -> BootstrapReader:
 def load_image(data: bytes) -> RafsImage:
     """Parse and validate a bootstrap; raise `FormatError` naming the first problem."""
     return read_image_meta(data)
+
+
+@dataclass(frozen=True)
+class LoadedBootstrap:
+    """A bootstrap file read and parsed, with the identity of the file it was read
+    from, so that a later user of the same path in the same process can take the parse
+    instead of repeating it (`matches`).
+
+    `full`: the parse was the full validation a mount needs (the daemon's
+    ``validate_bootstrap``: superblocks, tables and the whole tree, or a verdict that
+    these bytes passed it); False: only `load_image`'s checks (no tree walk), so a
+    mount must still validate `data` fully.  Made in-process only, never from a
+    request."""
+
+    path: str
+    data: bytes
+    image: RafsImage
+    ident: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    full: bool = False
+
+    def matches(self, path: str) -> bool:
+        """True while `path` is still the file this was read from, unchanged."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (os.path.abspath(path) == self.path
+                and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.ident)
+
+
+def load_bootstrap_file(
+    path: str, validate: Callable[[bytes, str], RafsImage] | None = None
+) -> LoadedBootstrap:
+    """`load_image` of the file at `path`, kept with the file's identity.  `validate`
+    (data, name) -> image: the caller's full validation instead (``full`` is then
+    True: pass only a function that walks the whole tree or knows these bytes did)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    data = read_bootstrap_bytes(path)  # its one-line errors (and this one's) first
+    if st is None:
+        st = os.stat(path)
+    image = validate(data, os.path.basename(path)) if validate else load_image(data)
+    return LoadedBootstrap(os.path.abspath(path), data, image,
+                           (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                           full=validate is not None)

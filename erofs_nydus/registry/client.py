@@ -263,6 +263,46 @@ class BlobSource:
             yield data
 
 
+_TLS_CONTEXTS: dict[tuple[object, ...], ssl.SSLContext] = {}
+_TLS_LOCK = threading.Lock()
+
+
+def shared_tls_context(verify: bool | str = True, trust_env: bool = True) -> ssl.SSLContext:
+    """The TLS context httpx makes for (`verify`, `trust_env`), made once per process
+    while its CA source (bundle file or directory) is unchanged.
+
+    Loading a CA bundle takes ~20 ms: every `RegistryClient` paid it, so every
+    `mount REF` a resident daemon resolves did, even over plain HTTP.  A context is
+    shared by the clients (SSLContext is safe to share); a changed CA source (path,
+    environment, or its mtime/size/inode) makes a new one."""
+    src: str | None = None
+    if verify is True:
+        if trust_env and os.environ.get("SSL_CERT_FILE"):
+            src = os.environ["SSL_CERT_FILE"]
+        elif trust_env and os.environ.get("SSL_CERT_DIR"):
+            src = os.environ["SSL_CERT_DIR"]
+        else:
+            import certifi
+
+            src = certifi.where()
+    elif isinstance(verify, str):
+        src = verify
+    try:
+        st = os.stat(src) if src is not None else None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
+    except OSError:
+        stamp = None
+    key = (verify, trust_env, src, stamp)
+    with _TLS_LOCK:
+        ctx = _TLS_CONTEXTS.get(key)
+        if ctx is None:
+            ctx = httpx.create_ssl_context(verify=verify, trust_env=trust_env)
+            if len(_TLS_CONTEXTS) >= 8:  # CA files that changed: drop the old contexts
+                _TLS_CONTEXTS.clear()
+            _TLS_CONTEXTS[key] = ctx
+        return ctx
+
+
 @dataclass(frozen=True, slots=True)
 class _HostAuth:
     scheme: str  # "basic" | "bearer"
@@ -322,7 +362,7 @@ class RegistryClient:
         self._creds_cache: dict[str, Credentials | None] = {}
         self._withheld: dict[str, str] = {}  # host -> why its realm got no credentials
         self._http = httpx.Client(
-            verify=verify,
+            verify=shared_tls_context(verify, trust_env) if transport is None else verify,
             transport=transport,
             trust_env=trust_env,
             follow_redirects=True,
@@ -1056,11 +1096,15 @@ class RegistryClient:
         pieces: Iterable[bytes],
         *,
         deadline: float | None = None,
+        digest: Callable[[], str] | None = None,
     ) -> tuple[str, int]:
         """Upload a blob while it is being produced: one PATCH whose body streams
         `pieces` (chunked transfer encoding), the sha256 computed on the way and sent
         with the closing PUT.  Returns (digest, size).  The bytes go out once, without
-        retry; a caller that still has them (a file) falls back to `push_blob`."""
+        retry; a caller that still has them (a file) falls back to `push_blob`.
+        `digest`: a caller that hashes the bytes itself (a blob writer) saves the second
+        sha256: called once the last piece is out, it gives the digest to send; the
+        registry checks it against what it received and refuses the upload if wrong."""
         image = as_image_reference(repo)
         dl = self._deadline(deadline)
         push = repository_scope(image.repository, ("pull", "push"))
@@ -1086,7 +1130,8 @@ class RegistryClient:
         def hashed() -> Iterator[bytes]:
             nonlocal size
             for piece in pieces:
-                hasher.update(piece)
+                if digest is None:
+                    hasher.update(piece)
                 size += len(piece)
                 yield piece
 
@@ -1098,15 +1143,15 @@ class RegistryClient:
         if response.status_code != 202:
             self._raise_upload(response, what)
         location = self._location(response, what)
-        digest = "sha256:" + hasher.hexdigest()
+        final = "sha256:" + hasher.hexdigest() if digest is None else check_digest(digest())
         response = self._request(
-            "PUT", image, location.copy_merge_params({"digest": digest}), scopes=[push],
+            "PUT", image, location.copy_merge_params({"digest": final}), scopes=[push],
             headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
             retry=False, dl=dl,
         )
         if response.status_code not in (201, 204):
             self._raise_upload(response, what)
-        return digest, size
+        return final, size
 
     def mount_blob(
         self,

@@ -22,7 +22,9 @@ builder/inflate.py and builder/blob.py).  On a registry target each layer's new 
 is streamed up while it is written (`RegistryClient.push_blob_stream`); other blobs
 (cached layers, chunk dictionaries, oci: targets, a failed stream) are uploaded by one
 uploader thread as soon as their layer is done, while other layers convert and the
-bootstraps merge.  A one-layer image without whiteouts skips the merge (the merged
+bootstraps merge.  A stream's end (its last bytes, the registry's digest check) runs in
+a thread of its own, and the bootstrap layer and config are pushed meanwhile: only the
+manifest waits for every blob.  A one-layer image without whiteouts skips the merge (the merged
 bootstrap is that layer's, byte for byte).  The output does not depend on the timing:
 layers are merged in manifest order, and every layer is built alone.  The first failure
 stops the other layers' downloads, aborts streams, cancels queued uploads, and joins every
@@ -52,6 +54,7 @@ from erofs_nydus.builder.create import write_file_atomic
 from erofs_nydus.builder.merge import merge_bootstraps
 from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.errors import UnsupportedError, UsageError
+from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
 from erofs_nydus.rafs.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
@@ -107,8 +110,8 @@ class IterStream(io.RawIOBase):
 @dataclass(slots=True)
 class ConvertOptions:
     chunk_size: int = 0x100000
-    compressor: str = "lz4"
-    digester: str = "sha256"
+    compressor: str = DEFAULT_COMPRESSOR
+    digester: str = DEFAULT_DIGESTER
     chunk_dicts: list[str] = field(default_factory=list)
     platform: str | None = None
     cache_dir: str = "/var/cache/erofs_nydus/convert"
@@ -173,14 +176,17 @@ class _Cancelled(Exception):
 class _StreamUpload:
     """A layer's new blob uploaded to a registry while the builder writes it
     (`RegistryClient.push_blob_stream`), fed in order from the blob writer through a
-    bounded queue; the upload thread starts with the first byte."""
+    bounded queue; the upload thread starts with the first byte.  The digest sent is
+    the blob id the writer computed over the same bytes (`finish`): no second sha256
+    (a wrong one would make the registry refuse the upload, and the file goes up)."""
 
     PIECE = 1 << 20  # bytes gathered per queue item
     _ABORT = object()
 
-    def __init__(self, push: Callable[[Iterator[bytes]], tuple[str, int]], label: str) -> None:
+    def __init__(self, push: Callable[..., tuple[str, int]], label: str) -> None:
         self._push = push
-        self._label = label
+        self.label = label
+        self.digest: str | None = None  # the blob's, known once the writer is done
         self._q: queue.Queue[Any] = queue.Queue(8)
         self._buf = bytearray()
         self._done = threading.Event()  # the upload thread ended (success or not)
@@ -192,6 +198,9 @@ class _StreamUpload:
         """The blob writer's tee: gather, hand over full pieces (blocks while full)."""
         if self._done.is_set():
             return
+        if not self._buf and len(data) >= self.PIECE:  # the writer's pieces: no copy
+            self._put(data)
+            return
         self._buf += data
         if len(self._buf) >= self.PIECE:
             self._put(bytes(self._buf))
@@ -199,7 +208,7 @@ class _StreamUpload:
 
     def _put(self, item: Any) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"upload {self._label}",
+            self._thread = threading.Thread(target=self._run, name=f"upload {self.label}",
                                             daemon=True)
             self._thread.start()
         while not self._done.is_set():
@@ -215,22 +224,28 @@ class _StreamUpload:
             if item is None:
                 return
             if item is self._ABORT:
-                raise _Cancelled(self._label)
+                raise _Cancelled(self.label)
             yield item
 
     def _run(self) -> None:
         try:
-            self.result = self._push(self._pieces())
+            self.result = self._push(self._pieces(), digest=self._digest)
         except BaseException as exc:  # the caller falls back to a plain upload
             self.error = exc
         finally:
             self._done.set()
 
-    def finish(self, ok: bool) -> tuple[str, int] | None:
-        """End the upload: complete it (`ok`) or abort it; join the thread.  Returns
-        (digest, size) when the whole blob went up."""
+    def _digest(self) -> str:
+        if self.digest is None:
+            raise _Cancelled(f"{self.label}: no blob digest")
+        return self.digest
+
+    def finish(self, ok: bool, digest: str | None = None) -> tuple[str, int] | None:
+        """End the upload: complete it (`ok`, the blob's `digest`) or abort it; join the
+        thread.  Returns (digest, size) when the whole blob went up."""
         if self._thread is None:
             return None
+        self.digest = digest
         if ok and self._buf:
             self._put(bytes(self._buf))
         self._buf.clear()
@@ -242,9 +257,10 @@ class _StreamUpload:
 def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: ConvertOptions,
                    progress: Progress | None, label: str,
                    cancel: threading.Event | None = None,
-                   stream: _StreamUpload | None = None) -> tuple[str, bool, list[str]]:
-    """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids).
-    `stream`: where the new blob is uploaded as it is written."""
+                   stream: _StreamUpload | None = None,
+                   ) -> tuple[str, bool, list[str], str | None]:
+    """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids,
+    the new blob's id).  `stream`: where the new blob is uploaded as it is written."""
     if layer.media_type in _ZSTD_LAYER_TYPES:
         raise UnsupportedError(f"{label}: zstd-compressed layers are not supported yet "
                                f"({layer.media_type})")
@@ -256,7 +272,7 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
     if os.path.exists(boot):
         img = read_bootstrap_file(boot)
         if all(os.path.exists(os.path.join(blob_dir, b.blob_id)) for b in img.blobs):
-            return boot, True, [b.blob_id for b in img.blobs]
+            return boot, True, [b.blob_id for b in img.blobs], None
     done = 0
 
     def counted() -> Iterator[bytes]:
@@ -275,7 +291,8 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
                          threads=opts.threads)
     res = create_image(source, boot, blob_dir, bopts, label=label,
                        blob_tee=stream.feed if stream is not None else None)
-    return boot, False, [b.blob_id for b in res.blobs]
+    return (boot, False, [b.blob_id for b in res.blobs],
+            res.new_blob.blob_id if res.new_blob is not None else None)
 
 
 def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
@@ -285,23 +302,14 @@ def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
     """Push a Nydus image: each blob of `bootstrap` (from `blob_dir`) as a nydus-blob
     layer, the bootstrap as the last tar.gz layer, `config` with matching rootfs and
     history, then the manifest.  `uploads`: blob id -> its upload already under way
-    (waited for here, not pushed again).  Returns (manifest digest, [(blob id, size)],
-    bootstrap layer digest)."""
+    (waited for here, not pushed again).  The bootstrap layer and the config go up
+    first, while those uploads finish: only the manifest needs every blob in place.
+    Returns (manifest digest, [(blob id, size)], bootstrap layer digest)."""
     img = read_bootstrap_file(bootstrap)
     layer_descs: list[Descriptor] = []
     blob_sizes: list[tuple[str, int]] = []
     for b in img.blobs:
-        path = os.path.join(blob_dir, b.blob_id)
-        size = os.path.getsize(path)
-        started = uploads.get(b.blob_id) if uploads is not None else None
-        if started is not None:
-            started.result()
-        else:
-            if progress:
-                progress(f"push blob {b.blob_id[:12]}", 0, size)
-            store.push_blob(ref, path, f"sha256:{b.blob_id}")
-            if progress:
-                progress(f"push blob {b.blob_id[:12]}", size, size)
+        size = os.path.getsize(os.path.join(blob_dir, b.blob_id))
         layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{b.blob_id}", size,
                                       {ANNOTATION_NYDUS_BLOB: "true"}))
         blob_sizes.append((b.blob_id, size))
@@ -320,6 +328,16 @@ def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
          "comment": "nydus bootstrap"}]
     config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
     cfg_digest = store.push_blob(ref, config_bytes, sha256_digest(config_bytes))
+    for blob_id, size in blob_sizes:
+        started = uploads.get(blob_id) if uploads is not None else None
+        if started is not None:
+            started.result()
+        else:
+            if progress:
+                progress(f"push blob {blob_id[:12]}", 0, size)
+            store.push_blob(ref, os.path.join(blob_dir, blob_id), f"sha256:{blob_id}")
+            if progress:
+                progress(f"push blob {blob_id[:12]}", size, size)
     manifest = build_image_manifest(Descriptor(OCI_CONFIG, cfg_digest, len(config_bytes)),
                                     layer_descs, media_type=OCI_MANIFEST)
     return store.put_manifest(ref, OCI_MANIFEST, manifest), blob_sizes, boot_digest
@@ -378,7 +396,9 @@ class _LayoutUndo:
 
 
 class _Uploads:
-    """Blob uploads on one thread, started as layers finish; `futures`: blob id -> upload."""
+    """Blob uploads on one thread, started as layers finish; `futures`: blob id -> upload.
+    A layer's streamed upload is ended by a thread of its own (`finish_stream`), so the
+    layer's thread goes on while the registry takes the last bytes."""
 
     def __init__(self, store: ImageStore, ref: Any, blob_dir: str,
                  progress: Progress | None, lock: threading.Lock) -> None:
@@ -387,18 +407,38 @@ class _Uploads:
         self.cancel = threading.Event()
         self.futures: dict[str, Future[Any]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
-
-    def done(self, blob_id: str) -> None:
-        """`blob_id` is already in the registry (streamed while it was written)."""
-        f: Future[Any] = Future()
-        f.set_result(f"sha256:{blob_id}")
-        with self.lock:
-            self.futures.setdefault(blob_id, f)
+        self._enders: list[threading.Thread] = []
 
     def start(self, blob_id: str) -> None:
         with self.lock:
             if blob_id not in self.futures:
                 self.futures[blob_id] = self._pool.submit(self._upload, blob_id)
+
+    def finish_stream(self, stream: _StreamUpload, blob_ids: list[str],
+                      new_blob: str | None) -> None:
+        """The layer that wrote `blob_ids` while `stream` uploaded them is built: end the
+        stream in a thread; a blob it did not carry whole goes up from its file there."""
+        pending: dict[str, Future[Any]] = {}
+        with self.lock:
+            for blob_id in blob_ids:
+                if blob_id not in self.futures:
+                    pending[blob_id] = self.futures[blob_id] = Future()
+        t = threading.Thread(target=self._end_stream, args=(stream, pending, new_blob),
+                             name=f"upload end {stream.label}", daemon=True)
+        self._enders.append(t)
+        t.start()
+
+    def _end_stream(self, stream: _StreamUpload, pending: dict[str, Future[Any]],
+                    new_blob: str | None) -> None:
+        streamed = stream.finish(True, f"sha256:{new_blob}" if new_blob else None)
+        for blob_id, fut in pending.items():
+            if streamed is not None and streamed[0] == f"sha256:{blob_id}":
+                fut.set_result(streamed[0])
+                continue
+            try:  # not streamed (or the stream failed): from the file, as `start` does
+                fut.set_result(self._upload(blob_id))
+            except BaseException as exc:
+                fut.set_exception(exc)
 
     def _upload(self, blob_id: str) -> str:
         if self.cancel.is_set():
@@ -415,8 +455,10 @@ class _Uploads:
         return out
 
     def close(self) -> None:
-        """Cancel what has not started, wait for what has (joins the thread)."""
+        """Cancel what has not started, wait for what has (joins the threads)."""
         self.cancel.set()
+        for t in self._enders:
+            t.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -453,20 +495,20 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
         stream = None
         if uploads is not None and push_stream is not None:
             stream = _StreamUpload(functools.partial(push_stream, uploads.ref), label)
-        ok = False
         try:
-            boot, was_cached, blob_ids = _convert_layer(
+            boot, was_cached, blob_ids, new_blob = _convert_layer(
                 store, ref, layer, opts, locked_progress if progress else None, label, cancel,
                 stream)
-            ok = True
-        finally:
-            streamed = stream.finish(ok) if stream is not None else None
-        if uploads is not None:
+        except BaseException:
+            if stream is not None:
+                stream.finish(False)  # aborted, its thread joined
+            raise
+        if stream is not None:
+            assert uploads is not None
+            uploads.finish_stream(stream, blob_ids, new_blob)  # in a thread of its own
+        elif uploads is not None:
             for blob_id in blob_ids:
-                if streamed is not None and streamed[0] == f"sha256:{blob_id}":
-                    uploads.done(blob_id)
-                else:
-                    uploads.start(blob_id)
+                uploads.start(blob_id)
         return boot, was_cached
 
     # a layer digest listed twice is converted once

@@ -23,6 +23,8 @@ import gzip
 import hashlib
 import io
 import os
+import re
+import stat
 import tarfile
 import tempfile
 import time
@@ -32,8 +34,13 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 from erofs_nydus.errors import ErofsNydusError, NotFoundError, RegistryError, UnsupportedError
-from erofs_nydus.fsutil import atomic_write, private_dir
-from erofs_nydus.rafs.reader import MAX_BOOTSTRAP_SIZE, BootstrapReader, read_bootstrap_bytes
+from erofs_nydus.fsutil import atomic_write, open_private, private_dir
+from erofs_nydus.rafs.image import RafsImage
+from erofs_nydus.rafs.reader import (
+    MAX_BOOTSTRAP_SIZE,
+    LoadedBootstrap,
+    load_bootstrap_file,
+)
 from erofs_nydus.registry import client
 from erofs_nydus.registry.backend import RegistryBackend
 from erofs_nydus.registry.client import (
@@ -66,6 +73,7 @@ __all__ = [
 BOOTSTRAP_NAME = "image/image.boot"  # convert.BOOTSTRAP_NAME
 NOT_NYDUS = "not a Nydus image; convert it first with erofs-nydus convert"
 LAYER_INDEX = "bootstrap-layers"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # All registry traffic of one resolve (manifest, bootstrap layer, blob checks): below the
 # daemon's 60 s idle exit (EROFS_NYDUS_IDLE_EXIT), which counts only registered images.
 RESOLVE_DEADLINE = 45.0
@@ -81,6 +89,9 @@ class RemoteImage:
     backend: dict[str, Any]
     blob_ids: list[str] = field(default_factory=list)
     bootstrap_fetched: int = 0  # bytes downloaded for the bootstrap layer (0: cached)
+    # the bootstrap's bytes and their validated parse, for a register in the same
+    # process (the daemon's `resolve` then `register`): parsed once, not twice
+    loaded: LoadedBootstrap | None = field(default=None, repr=False, compare=False)
 
 
 class InflateBound(io.RawIOBase):
@@ -154,18 +165,28 @@ def extract_bootstrap(layer_tgz: bytes | IO[bytes], **bounds: Any) -> bytes:
 
 
 def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
+    """The stored bootstrap a previous resolve extracted from this layer, if the index
+    names one and the file holds what its sha256 name says.  Both files are opened
+    without following symlinks, must be ours (`fsutil.open_private`) and are read
+    bounded: anything else is a miss, and the fetch that follows replaces them."""
     idx = os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1])
     try:
-        with open(idx, encoding="ascii") as f:
-            sha = f.read().strip()
-    except OSError:
-        return None
-    boot = os.path.join(cache_dir, f"{sha}.boot")
-    try:
-        with open(boot, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() == sha:
+        with os.fdopen(open_private(idx, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            sha = f.read(130).strip().decode("ascii", "replace")
+        if not _SHA256_HEX.fullmatch(sha):
+            return None
+        boot = os.path.join(cache_dir, f"{sha}.boot")
+        with os.fdopen(open_private(boot, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            h = hashlib.sha256()
+            left = MAX_BOOTSTRAP_SIZE + 1
+            while left > 0 and (block := f.read(min(left, 1 << 20))):
+                h.update(block)
+                left -= len(block)
+            if left > 0 and h.hexdigest() == sha:
                 return boot
-    except OSError:
+    except (OSError, ErofsNydusError):  # missing, a symlink, someone else's: a miss
         pass
     return None
 
@@ -258,6 +279,7 @@ def resolve_remote_image(
     mirrors: list[dict[str, Any]] | None = None,
     proxy: dict[str, Any] | None = None,
     resolve_deadline: float | None = None,
+    validate: Callable[[bytes, str], RafsImage] | None = None,
 ) -> RemoteImage:
     """Resolve `text`, fetch its bootstrap into `cache_dir`, return what to register.
 
@@ -270,6 +292,9 @@ def resolve_remote_image(
     `resolve_deadline` (default RESOLVE_DEADLINE): seconds for all of this call's
     registry traffic together, so a slow registry ends in one DeadlineExceededError
     line before the daemon that runs this gives up on being idle.
+    `validate` (data, name) -> image: how the bootstrap is parsed (default
+    `load_image`: no tree walk); the daemon passes its full validation, and
+    ``RemoteImage.loaded`` then carries that parse to its `register`.
     """
     total = RESOLVE_DEADLINE if resolve_deadline is None else resolve_deadline
     end = time.monotonic() + total
@@ -318,7 +343,8 @@ def resolve_remote_image(
         if boot_path is None:
             boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left,
                                                   mirrors=mirrors, proxy=proxy, backend=backend)
-        image = BootstrapReader(read_bootstrap_bytes(boot_path)).image
+        loaded = load_bootstrap_file(boot_path, validate)
+        image = loaded.image
         listed = {d.digest for d in layers}
         for b in image.blobs:
             digest = f"sha256:{b.blob_id}"
@@ -331,6 +357,7 @@ def resolve_remote_image(
             backend=backend,
             blob_ids=[b.blob_id for b in image.blobs],
             bootstrap_fetched=fetched,
+            loaded=loaded,
         )
     finally:
         store.close()

@@ -26,7 +26,6 @@ import os
 import time
 import urllib.parse
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from erofs_nydus.daemon.images import ImageEntry, ImageTable, TableSnapshot, prefetch_settings
@@ -43,6 +42,8 @@ log = logging.getLogger("erofs_nydus.daemon")
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # at the first info call
+
     try:
         return version("erofs_nydus")
     except PackageNotFoundError:

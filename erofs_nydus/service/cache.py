@@ -22,7 +22,7 @@ from typing import Any
 
 from erofs_nydus.errors import UsageError
 
-__all__ = ["CacheEntry", "CacheReport", "gc_cache", "scan_cache"]
+__all__ = ["CacheEntry", "CacheReport", "gc_cache", "scan_cache", "verify_cache"]
 
 STATE_FILE = "daemon-state.json"
 
@@ -190,3 +190,81 @@ def _gc_locked(
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f)
     return report, victims
+
+
+def verify_cache(cache_dir: str) -> dict[str, Any]:
+    """Re-digest every cached chunk of `cache_dir`; drop bad ones (clear their bits,
+    punch their ranges) so they are fetched again.
+
+    With a daemon running for the cache dir it does the work (it holds the chunk maps
+    and re-marks a blob that is no longer complete); without one, chunk lists come from
+    the stored bootstraps whose content matches their sha256 name.  Returns
+    {"blobs", "chunks", "dropped": {blob id: [chunk index]}, "unverifiable": [blob id]}.
+    """
+    from erofs_nydus.service.client import DaemonClient
+
+    cdir = os.path.abspath(cache_dir)
+    if not os.path.isdir(cdir):
+        raise UsageError(f"{cdir}: no such cache dir")
+    from erofs_nydus.daemon.blobcache import cache_dir_lock
+    from erofs_nydus.fsutil import private_dir
+
+    client = DaemonClient(cdir)
+    if not client.supervisor_running():
+        private_dir(cdir)  # we are about to write its chunk maps and cache files
+        # exclusive, as `cache gc`: a daemon starting now waits before it opens a file
+        with cache_dir_lock(cdir, exclusive=True):
+            if not client.supervisor_running():
+                return _verify_offline(cdir)
+    out = client.request("verify", timeout=3600.0)
+    out.setdefault("unverifiable", [])
+    return out
+
+
+def _verify_offline(cdir: str) -> dict[str, Any]:
+    import hashlib
+
+    from erofs_nydus.daemon.blobcache import BlobCacheFile
+    from erofs_nydus.daemon.images import read_bootstrap_bounded, validate_bootstrap
+    from erofs_nydus.errors import ErofsNydusError
+    from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+
+    blobs: dict[str, tuple[BlobInfo, dict[int, ChunkInfo]]] = {}
+    names = sorted(os.listdir(cdir))
+    for n in names:
+        fsid = n[: -len(".boot")]
+        if not n.endswith(".boot") or len(fsid) != 64:
+            continue
+        try:
+            data = read_bootstrap_bounded(os.path.join(cdir, n), private=True)
+            if hashlib.sha256(data).hexdigest() != fsid:
+                continue  # not what its name says: never a source of digests
+            image = validate_bootstrap(data, name=n)
+        except (OSError, ErofsNydusError):
+            continue
+        for b in image.blobs:
+            _info, chunks = blobs.setdefault(b.blob_id, (b, {}))
+            for c in image.chunks_for_blob(b.blob_index):
+                chunks.setdefault(c.index, c)
+    out: dict[str, Any] = {"blobs": 0, "chunks": 0, "dropped": {}, "unverifiable": []}
+    for n in names:
+        if not n.endswith(".blob.data"):
+            continue
+        bid = n[: -len(".blob.data")]
+        if bid not in blobs:
+            out["unverifiable"].append(bid)
+            continue
+        info, by_index = blobs[bid]
+        # opening re-digests already unless the daemon's seal still holds; then again
+        cache = BlobCacheFile(cdir, info, list(by_index.values()))
+        try:
+            dropped = list(cache.dropped)
+            out["chunks"] += len(dropped) + sum(1 for c in cache.chunks if cache.present(c))
+            if not cache.rechecked:
+                dropped = cache.recheck()
+        finally:
+            cache.close()
+        out["blobs"] += 1
+        if dropped:
+            out["dropped"][bid] = [c.index for c in dropped]
+    return out

@@ -8,15 +8,17 @@ import fcntl
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erofs_nydus import errors
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UnsafePathError
 from erofs_nydus.fsutil import open_private, private_dir
 from erofs_nydus.service.paths import RunPaths, check_peer_is_root
+
+if TYPE_CHECKING:  # imported where a daemon is started: `mount` to a running one needs none
+    import subprocess
 
 __all__ = [
     "DAEMON_ENV",
@@ -70,6 +72,10 @@ def _reap(cache_dir: str | None = None, wait_free: bool = False) -> None:
     """Collect the exit status of spawned daemons that have stopped (of one cache dir,
     or all), so none stays a zombie or is collected unreaped.  ``wait_free``: first
     wait briefly for those whose cache dir's lock is free (they are exiting)."""
+    if not _SPAWNED:
+        return
+    import subprocess
+
     for key in [cache_dir] if cache_dir is not None else list(_SPAWNED):
         if wait_free and not DaemonClient(key).supervisor_running():
             for p in _SPAWNED.get(key, []):
@@ -121,6 +127,8 @@ def spawn_daemon(cache_dir: str, log_path: str, module: str,
                  *args: str) -> subprocess.Popen[bytes]:
     """Start a daemon process (own session, stdio to ``log_path``, cwd ``/``,
     :func:`daemon_environ`) and remember it for reaping."""
+    import subprocess
+
     private_dir(cache_dir)
     logfd = open_private(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # 0600, no symlink
     with os.fdopen(logfd, "ab") as logf:
@@ -287,5 +295,7 @@ class DaemonClient:
                 )
             time.sleep(0.05)
         for proc in _SPAWNED.pop(self.paths.cache_dir, []):
+            import subprocess
+
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)  # reap the supervisors we started (no zombies)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -20,7 +21,9 @@ __all__ = [
     "BUFFERED_READ_AHEAD_KB",
     "READ_AHEAD_ENV",
     "FscacheClient",
-    "buffered_cache_requested",
+    "buffered_cache_env",
+    "buffered_cache_unsupported",
+    "enable_buffered_cache",
     "erofs_bdis",
     "fscache_cache_dir",
     "mount_fscache",
@@ -116,9 +119,15 @@ def fscache_cache_dir() -> str | None:
         return None
 
 
-def buffered_cache_requested() -> bool:
-    """``$EROFS_NYDUS_FSCACHE_BUFFERED`` is set to 1/true/yes/on."""
-    return os.environ.get(BUFFERED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def buffered_cache_env() -> bool | None:
+    """``$EROFS_NYDUS_FSCACHE_BUFFERED``: True for 1/true/yes/on, False for
+    0/false/no/off, None when unset (or anything else)."""
+    v = os.environ.get(BUFFERED_ENV, "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    return None
 
 
 def _set_inode_flag(path: str, flag: int) -> bool:
@@ -136,47 +145,68 @@ def _set_inode_flag(path: str, flag: int) -> bool:
         os.close(fd)
 
 
-def prepare_buffered_cache(cache_dir: str) -> bool:
-    """Let cachefiles' backing files be read through the page cache; True if in effect.
+def buffered_cache_unsupported(path: str) -> str | None:
+    """Why ext4 would not serve O_DIRECT reads of new files under ``path`` from the page
+    cache once their directory is ``chattr +j``; None when it would.
+
+    ext4 journals a file's data (and then reads it buffered even under O_DIRECT) when
+    the filesystem is mounted ``data=journal``, or the inode has FS_JOURNAL_DATA_FL
+    and the filesystem is mounted ``nodelalloc``: with delayed allocation (ext4's
+    default) the flag is ignored.  Other filesystems have no such mode."""
+    from erofs_nydus.mount import mount_containing
+
+    m = mount_containing(path)
+    if m is None:
+        return f"cannot read the mount options of {path}"
+    if m.fstype != "ext4":
+        return f"{path} is on {m.fstype or 'an unknown filesystem'}, not ext4"
+    if "data=journal" in m.options or "nodelalloc" in m.options:
+        return None
+    return (f"the ext4 at {m.mountpoint} is mounted with delalloc (mount it nodelalloc "
+            "for page-cache warm reads)")
+
+
+def enable_buffered_cache(cache_dir: str) -> str | None:
+    """Let cachefiles' backing files be read through the page cache; return why that is
+    not in effect, or None when it is.
 
     cachefiles opens its backing files with O_DIRECT, so a warm fscache read is one
     direct disk read per file (no readahead across files, unlike a file-backed mount
     of a materialized blob).  ext4 serves O_DIRECT with buffered I/O for inodes whose
-    data is journaled, so this marks the cachefiles directory (and every directory
-    below it, which new cache files inherit from) ``FS_JOURNAL_DATA_FL`` (``chattr
-    +j``).  That takes effect only when the filesystem is mounted ``nodelalloc`` (or
-    ``data=journal``); writes into the cache are then journaled (written twice).
-    Best effort: a warning says why it is not in effect."""
+    data is journaled, so where that takes effect (:func:`buffered_cache_unsupported`)
+    this marks the cachefiles directory (and every directory below it, which new
+    cache files inherit from) ``FS_JOURNAL_DATA_FL`` (``chattr +j``); writes into the
+    cache are then journaled (written twice).  Nothing is marked where it would not
+    take effect."""
     from erofs_nydus.mount import mount_containing
     from erofs_nydus.service.fscache_daemon import kernel_cache_dir
 
     kdir = kernel_cache_dir(cache_dir)
     os.makedirs(kdir, exist_ok=True)
+    why = buffered_cache_unsupported(kdir)
+    if why is not None:
+        return why
     m = mount_containing(kdir)
-    if m is None:
-        log.warning("buffered fscache cache: cannot read the mount options of %s", kdir)
-        return False
-    fstype, opts = m.fstype, m.options
-    if fstype != "ext4":
-        log.warning("buffered fscache cache: %s is on %s, not ext4: cachefiles reads it "
-                    "with O_DIRECT", kdir, fstype or "an unknown filesystem")
-        return False
-    if "data=journal" in opts:
-        return True  # every file's data is journaled already
+    if m is not None and "data=journal" in m.options:
+        return None  # every file's data is journaled already
     changed = 0
     try:
         for dirpath, _dirs, _files in os.walk(kdir):
             changed += _set_inode_flag(dirpath, FS_JOURNAL_DATA_FL)
     except OSError as e:
-        log.warning("buffered fscache cache: cannot chattr +j %s: %s", kdir, e)
-        return False
+        need = " (needs CAP_SYS_RESOURCE)" if e.errno == errno.EPERM else ""
+        return f"cannot chattr +j {kdir}: {e.strerror or e}{need}"
     if changed:
         log.info("buffered fscache cache: marked %d directories under %s +j", changed, kdir)
-    if "nodelalloc" not in opts:
-        log.warning("buffered fscache cache: %s is marked +j, but its ext4 is mounted with "
-                    "delalloc: cachefiles keeps O_DIRECT until it is mounted nodelalloc", kdir)
-        return False
-    return True
+    return None
+
+
+def prepare_buffered_cache(cache_dir: str) -> bool:
+    """:func:`enable_buffered_cache`; True if in effect (the reason why not is logged)."""
+    why = enable_buffered_cache(cache_dir)
+    if why is not None:
+        log.info("buffered fscache cache not in effect: %s", why)
+    return why is None
 
 
 def erofs_bdis() -> set[str]:
@@ -251,11 +281,12 @@ def mount_fscache(
     daemon's register answer (``fsid``, ``mount_fsid``, ...) plus ``buffered_cache``,
     ``bdi`` and ``read_ahead_kb`` (both ``None`` unless readahead was set).
 
-    ``buffered_cache`` (default: :func:`buffered_cache_requested`): first call
-    :func:`prepare_buffered_cache` on ``cache_dir``; the answer says whether it is in
-    effect.  ``read_ahead_kb``: readahead of the new mount's bdi, set after mounting
-    (best effort, a warning when it cannot be); ``None`` takes
-    ``$EROFS_NYDUS_FSCACHE_READ_AHEAD_KB``, else :data:`BUFFERED_READ_AHEAD_KB` when the
+    ``buffered_cache`` (default: ``$EROFS_NYDUS_FSCACHE_BUFFERED``, else on): first
+    call :func:`enable_buffered_cache` on ``cache_dir``; the answer's
+    ``buffered_cache`` says whether it is in effect and ``buffered_cache_off`` why not
+    (None when in effect or not asked for).  ``read_ahead_kb``: readahead of the new
+    mount's bdi, set after mounting (best effort, a warning when it cannot be); ``None``
+    takes ``$EROFS_NYDUS_FSCACHE_READ_AHEAD_KB``, else :data:`BUFFERED_READ_AHEAD_KB` when the
     buffered cache is in effect; ``0`` keeps the kernel's default (128 KiB).
     ``allow_suid_dev``: mount without ``nosuid,nodev``."""
     from erofs_nydus.fscache.device import unavailable_reason
@@ -276,9 +307,13 @@ def mount_fscache(
             "on tmpfs (no sync_fs); put --cache-dir on a disk filesystem"
         )
     if buffered_cache is None:
-        buffered_cache = buffered_cache_requested()
+        env = buffered_cache_env()
+        buffered_cache = True if env is None else env
     private_dir(cache_dir)  # before anything is made in it: 0700, ours
-    buffered = prepare_buffered_cache(cache_dir) if buffered_cache else False
+    off = enable_buffered_cache(cache_dir) if buffered_cache else None
+    if off is not None:
+        log.info("buffered fscache cache not in effect: %s", off)
+    buffered = bool(buffered_cache) and off is None
     client = FscacheClient(cache_dir)
     started = client.ensure_running()
     try:
@@ -304,4 +339,4 @@ def mount_fscache(
     ra: dict[str, Any] = {"bdi": None, "read_ahead_kb": None}
     if read_ahead_kb > 0:
         ra = _apply_read_ahead(os.path.abspath(mountpoint), bdis_before, read_ahead_kb)
-    return {**info, "buffered_cache": buffered, **ra}
+    return {**info, "buffered_cache": buffered, "buffered_cache_off": off, **ra}

@@ -27,6 +27,16 @@ with this request source:
     data, so the reader gets EIO.  The bootstrap object is written whole on its first READ.
   - CLOSE: the object's fd is closed (once no READ worker is using it).
 
+  An image stays registered while the kernel uses it.  ``detach`` of a mount that is
+  gone while objects of its image are still open (a superblock that outlives its mount
+  point: ``umount`` under an overlay that still has it as a lower layer, as
+  nydus-snapshotter's restart recovery does) only marks it *lingering*: it is served
+  on, still counts as a mount (``shutdown`` and SIGTERM refuse), and is detached when
+  the kernel has closed its objects and no mount has its fsid; with nothing left the
+  worker then stops.  ``cull`` removes the files kept for an fsid or blob id
+  (:func:`cull_files`) as soon as nothing registers, mounts or opens it - at once, or
+  when the last user goes.
+
   The control socket has the shell's operations (``ping``, ``resolve``, ``register``
   - which also picks the fsid to mount with -, ``detach``, ``status``, ``shutdown``)
   and ``drop_fds`` (close every anon fd: the kernel reopens on the next READ).
@@ -75,8 +85,8 @@ from erofs_nydus.service.shell import (
     too_long,
 )
 
-__all__ = ["FscacheShell", "FscacheWorker", "kernel_cache_dir", "pointer_path", "run_supervisor",
-           "run_worker"]
+__all__ = ["FscacheShell", "FscacheWorker", "cull_files", "kernel_cache_dir", "pointer_path",
+           "run_supervisor", "run_worker"]
 
 log = logging.getLogger("erofs_nydus.fscache")
 
@@ -95,6 +105,31 @@ def kernel_cache_dir(cache_dir: str) -> str:
 def pointer_path() -> str:
     """Where the (single, system-wide) fscache supervisor records its cache dir."""
     return os.environ.get("EROFS_NYDUS_FSCACHE_POINTER", _POINTER)
+
+
+def cull_files(cache_dir: str, name: str) -> list[str]:
+    """Remove what a cache dir keeps for an fsid or blob id `name`: our bootstrap copy,
+    our blob cache files and cachefiles' backing file of that cookie (an image later
+    registered under the same name must not read these bytes).  The caller has made
+    sure nothing uses `name`.  Returns the paths removed."""
+    from erofs_nydus.daemon.blobcache import cache_paths
+
+    if not name or "/" in name or name in (".", ".."):
+        return []
+    removed = []
+    for path in (os.path.join(cache_dir, f"{name}.boot"), *cache_paths(cache_dir, name)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    for dirpath, _dirs, files in os.walk(kernel_cache_dir(cache_dir)):
+        if f"D{name}" in files:  # cachefiles: "D" + a printable cookie key
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(dirpath, f"D{name}"))
+                removed.append(os.path.join(dirpath, f"D{name}"))
+    if removed:
+        log.info("culled the files of %.12s: %s", name,
+                 ", ".join(os.path.basename(p) for p in removed))
+    return removed
 
 
 def _round_up(n: int) -> int:
@@ -139,6 +174,11 @@ class FscacheWorker(ControlOps):
         self._stats_lock = threading.Lock()
         self.keys: dict[str, tuple[str, str | None]] = {}  # mountpoint -> (mount fsid, domain)
         self._keys_lock = threading.Lock()
+        # mountpoint -> fsid: detached while the kernel still used the image (see the doc)
+        self.lingering: dict[str, str] = {}
+        self.pending_culls: set[str] = set()  # fsids / blob ids to cull once unused
+        self._linger_lock = threading.RLock()
+        self._closed = threading.Event()  # a CLOSE came: re-check the lingering images
         self.stop = threading.Event()
         self.started = time.time()
         self.read_delay = float(os.environ.get("EROFS_NYDUS_FSCACHE_READ_DELAY", "0") or 0)
@@ -245,6 +285,7 @@ class FscacheWorker(ControlOps):
                 else:
                     self.count("close")
                     self.objects.remove(msg.object_id)
+                    self._closed.set()
 
     # -- OPEN ------------------------------------------------------------------------
 
@@ -253,11 +294,14 @@ class FscacheWorker(ControlOps):
         fsid = key.split(".", 1)[0]
         entry = self.table.images.get(fsid)
         if entry is not None and (key == fsid or key[len(fsid) + 1 :].isdigit()):
+            boot = self.table.stored_bootstrap(fsid)  # still the validated bytes
+            if boot is None:
+                return None
             try:
-                size = os.path.getsize(entry.bootstrap)
+                size = os.path.getsize(boot)
             except OSError:
                 return None
-            return "bootstrap", fsid, size, entry.bootstrap
+            return "bootstrap", fsid, size, boot
         srv = self.table.blobs.get(key)
         if srv is not None:
             return "blob", key, srv.cache.size, srv.cache.data_path
@@ -393,14 +437,127 @@ class FscacheWorker(ControlOps):
                         mountpoint: str) -> dict[str, Any]:
         domain = req.get("domain_id")
         key = self._mount_key(info["fsid"], mountpoint, None if domain is None else str(domain))
+        entry = self.table.images.get(info["fsid"])
+        with self._linger_lock:  # registered again: used again, nothing to cull
+            self.lingering.pop(mountpoint, None)
+            self.pending_culls.discard(info["fsid"])
+            self.pending_culls.difference_update(entry.blob_ids if entry else [])
         return {"fsid": info["fsid"], "mount_fsid": key, "domain_id": domain,
                 "blobs": len(info["devices"]), "bootstrap": info["bootstrap"]}
 
+    # -- liveness: an image is in use while mounted or while the kernel holds its objects
+
+    def kernel_uses(self, fsid: str, mounted: set[str] | None = None) -> bool:
+        """True while a mount has `fsid` (or ``<fsid>.<n>``) or the kernel holds an
+        object of that image: its bootstrap, or a blob of it no other image serves."""
+        mounted = _mounted_fsids() if mounted is None else mounted
+        if any(k == fsid or k.startswith(fsid + ".") for k in mounted):
+            return True
+        entry = self.table.images.get(fsid)
+        others = {b for f, e in list(self.table.images.items()) if f != fsid
+                  and f not in self.lingering.values() for b in e.blob_ids}
+        own = set(entry.blob_ids) - others if entry is not None else set()
+        return any((o.kind == "bootstrap" and o.target == fsid)
+                   or (o.kind == "blob" and o.target in own) for o in self.objects.snapshot())
+
+    def in_use(self, name: str, mounted: set[str] | None = None) -> bool:
+        """An fsid or blob id that is registered, mounted or open in the kernel."""
+        mounted = _mounted_fsids() if mounted is None else mounted
+        return (name in self.table.images or name in self.table.blobs
+                or any(k == name or k.startswith(name + ".") for k in mounted)
+                or any(o.target == name for o in self.objects.snapshot()))
+
+    def _sole_image_of(self, mountpoint: str) -> str | None:
+        """The fsid of the image at `mountpoint` if no other mountpoint uses it."""
+        for fsid, e in list(self.table.images.items()):
+            if mountpoint in e.mountpoints:
+                return fsid if e.mountpoints == [mountpoint] else None
+        return None
+
     def detach_hook(self, mountpoint: str) -> dict[str, Any]:
+        with self._linger_lock:
+            if mountpoint in self.lingering:
+                return {"remaining": len(self.table.mountpoints()), "lingering": True}
+            fsid = self._sole_image_of(mountpoint)
+            if fsid is not None and self.kernel_uses(fsid):
+                # its superblock lives on (e.g. an overlay's lower layer after umount):
+                # forgetting the image now would fail its reads, stopping would too
+                self.lingering[mountpoint] = fsid
+                log.info("%s detached while the kernel still uses image %.12s: serving it "
+                         "until its objects are closed", mountpoint, fsid)
+                return {"remaining": len(self.table.mountpoints()), "lingering": True}
+            return self._detach_now(mountpoint)
+
+    def _detach_now(self, mountpoint: str) -> dict[str, Any]:
         resp = super().detach_hook(mountpoint)
         with self._keys_lock:
             self.keys.pop(mountpoint, None)
+        with self._linger_lock:
+            self.lingering.pop(mountpoint, None)
+        self.run_culls()
         return resp
+
+    def reap_lingering(self) -> bool:
+        """Detach the lingering images the kernel let go of; True if that left nothing
+        registered (the worker then stops)."""
+        with self._linger_lock:
+            if not self.lingering:
+                return False
+            mounted = _mounted_fsids()
+            for mp, fsid in list(self.lingering.items()):
+                if self.kernel_uses(fsid, mounted):
+                    continue
+                log.info("%s: image %.12s no longer used by the kernel; detaching", mp, fsid)
+                try:
+                    self._detach_now(mp)
+                except DaemonError as exc:
+                    log.warning("deferred detach of %s: %s", mp, exc)
+                    self.lingering.pop(mp, None)
+            return not self.lingering and not self.table.images
+
+    def revive(self, mountpoint: str) -> dict[str, Any]:
+        """A lingering image registered again at `mountpoint` is in use again."""
+        with self._linger_lock:
+            fsid = self.lingering.pop(mountpoint, None)
+            entry = self.table.images.get(fsid) if fsid else None
+            if fsid is not None:
+                self.pending_culls.discard(fsid)
+                self.pending_culls.difference_update(entry.blob_ids if entry else [])
+                log.info("%s: image %.12s is registered again", mountpoint, fsid)
+            return {"revived": fsid is not None}
+
+    def cull(self, name: str) -> dict[str, Any]:
+        """Remove the files of fsid / blob id `name` now if unused, else once unused."""
+        if not name or "/" in name or name in (".", ".."):
+            raise DaemonError(f"cull: {name!r} is not a usable name")
+        with self._linger_lock:
+            self.pending_culls.add(name)
+            self.run_culls()
+            return {"culled": name not in self.pending_culls,
+                    "pending": name in self.pending_culls}
+
+    def run_culls(self) -> None:
+        with self._linger_lock:
+            if not self.pending_culls:
+                return
+            mounted = _mounted_fsids()
+            for name in sorted(self.pending_culls):
+                if not self.in_use(name, mounted):
+                    self.pending_culls.discard(name)
+                    cull_files(self.cache_dir, name)
+
+    def _linger_watch(self) -> None:
+        """Finish deferred detaches when the kernel closes objects (or a mount goes)."""
+        while not self.stop.is_set():
+            self._closed.wait(1.0)
+            self._closed.clear()
+            if self.stop.is_set():
+                return
+            if self.reap_lingering() and not self.resident:
+                log.info("no images left; stopping")
+                self.tell({"op": "shutdown"})
+                self.stop.set()
+                return
 
     def status_hook(self, st: dict[str, Any]) -> None:
         with self._stats_lock:
@@ -412,10 +569,17 @@ class FscacheWorker(ControlOps):
             "objects": len(self.objects),
             "opens_by_key": dict(self.objects.opens),
         }
+        with self._linger_lock:
+            st["lingering"] = sorted(self.lingering)
+            st["pending_culls"] = sorted(self.pending_culls)
 
     def mode_op(self, op: Any, req: dict[str, Any]) -> dict[str, Any]:
         if op == "drop_fds":
             return {"dropped": self.objects.remove_all()}
+        if op == "cull":
+            return self.cull(str(req.get("name", "")))
+        if op == "revive":
+            return self.revive(os.path.abspath(str(req.get("mountpoint", ""))))
         return super().mode_op(op, req)
 
     def _serve_conn(self, conn: socket.socket) -> None:
@@ -472,6 +636,7 @@ class FscacheWorker(ControlOps):
         idle = float(os.environ.get("EROFS_NYDUS_IDLE_EXIT", "60"))
         if idle > 0:
             threading.Thread(target=self._idle_watch, args=(idle,), daemon=True).start()
+        threading.Thread(target=self._linger_watch, name="linger", daemon=True).start()
         try:
             self.serve_device()
         finally:
@@ -483,6 +648,7 @@ class FscacheWorker(ControlOps):
                 time.sleep(0.05)
             self.plane.stop()
             self.pool.shutdown(wait=True)
+            self.run_culls()  # what the kernel let go of meanwhile
             self.objects.remove_all()
             self.table.close()
 
@@ -500,6 +666,7 @@ class FscacheWorker(ControlOps):
                 continue
             if isinstance(msg, p.CloseRequest):
                 self.objects.remove(msg.object_id)
+                self._closed.set()
             elif isinstance(msg, p.OpenRequest):
                 os.close(msg.fd)
                 with contextlib.suppress(OSError):

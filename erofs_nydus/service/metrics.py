@@ -1,25 +1,22 @@
 """The control API's Prometheus metrics: the daemon's counters, prefetch progress, cache
-fill and limits as metric families, built at scrape time (`prometheus_client`)."""
+fill and limits as metric families, built at scrape time (`prometheus_client`, imported
+at the first scrape: a daemon starts, and the `mount` that started it waits, without)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 
 from erofs_nydus.daemon.core import LATENCY_BUCKETS
 from erofs_nydus.rafs.backend import path_counters
 from erofs_nydus.service import logs
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
     from erofs_nydus.service.api import DaemonApi
 
 __all__ = ["PROM_CONTENT_TYPE", "DaemonMetrics"]
@@ -31,10 +28,25 @@ class DaemonMetrics:
     """A registry holding the daemon's collector; `render()` is the /metrics body."""
 
     def __init__(self, api: DaemonApi) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(api))
+        self.api = api
+        self._registry: CollectorRegistry | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry (made at the first scrape)."""
+        with self._lock:
+            if self._registry is None:
+                from prometheus_client import CollectorRegistry
+
+                reg = CollectorRegistry(auto_describe=False)
+                reg.register(_Collector(self.api))
+                self._registry = reg
+            return self._registry
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
 
@@ -45,6 +57,12 @@ class _Collector:
         self.api = api
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         m = self.api.table.metrics
         with m.lock:
             c = {k: getattr(m, k) for k in (
@@ -134,6 +152,8 @@ class _Collector:
 
 def _path_families(p: str) -> Iterator[Metric]:
     """Which network path (origin, each mirror, the proxy) served the registry reads."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     reads = CounterMetricFamily(f"{p}_backend_path_reads", "Registry range reads by path and "
                                 "result (miss: a mirror that did not hold the blob yet)",
                                 labels=["path", "result"])  # fmt: skip

@@ -20,13 +20,23 @@ state of its own, so a restarted nydusd answers for what its predecessor registe
 The daemon outlives this process: SIGTERM forgets the entries whose mount is gone and stops
 the daemon when nothing is left, while mounts that are still up keep being served.  If the
 daemon dies, this process exits (status 1) so that the snapshotter's recovery starts.
+
+"Gone" is the kernel's view, kept by the daemon: an entry whose mount was unmounted while its
+superblock lives on (the snapshotter's restart recovery unmounts every entry's mountpoint,
+also one an overlay still has as a lower layer, and its mount again then fails with EBUSY)
+still has cachefiles objects open, so the daemon keeps it *lingering* - served, and
+counted as a mount so that nothing stops the daemon - until the kernel closes them.  A
+removed entry's files (bootstrap copy, cachefiles' file) and a removed blob's files are
+culled once nothing uses them: at once, by the daemon when its last user goes, or here when
+no daemon runs - a snapshotter DELETE that finds no daemon still leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
+import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
@@ -37,6 +47,7 @@ __all__ = ["LABEL_ROOT", "FscacheBindings", "fscache_unusable"]
 log = logging.getLogger("erofs_nydus.nydusd")
 
 LABEL_ROOT = "/nydusd-fscache"
+CULL_WAIT = 20.0  # seconds a DELETE waits for a starting / stopping daemon
 
 
 def fscache_unusable(cache_dir: str) -> str | None:
@@ -98,6 +109,14 @@ class FscacheBindings:
                     out[mp] = img
         return out
 
+    def status(self) -> dict[str, Any]:
+        """The daemon's status; {} without daemon."""
+        c = self.client()
+        if not c.alive():
+            return {}
+        st: dict[str, Any] = c.request("status", timeout=10.0)
+        return st
+
     def bind(self, req: BlobRequest) -> None:
         """Register the entry's bootstrap as fsid `req.id` (idempotent for the same one)."""
         from erofs_nydus.fsutil import private_dir
@@ -114,6 +133,9 @@ class FscacheBindings:
         if c.alive():
             img = self.entries().get(label)
             if img is not None and img.get("fsid") == req.id:
+                # (a lingering entry - unmounted, its superblock still alive - is in use
+                # again: the daemon forgets that it was to go)
+                c.request("revive", mountpoint=label)
                 log.info("blob entry %s (domain %s) is registered already", req.id[:12],
                          req.domain_id[:12])
                 self.started = True
@@ -146,39 +168,68 @@ class FscacheBindings:
             gone = [lb for lb in entries if lb == _label(domain_id, str(blob_id))]
         else:
             gone = [lb for lb in entries if lb.rsplit("/", 1)[1] == blob_id]
+        if not entries and domain_id:  # no daemon: the entries its state file names
+            prefix = _label(domain_id, "x")[:-1]
+            gone = [lb for lb in self.saved_entries() if lb.startswith(prefix)
+                    and (not blob_id or lb == _label(domain_id, blob_id))]
         c = self.client()
         for lb in gone:
-            c.request("detach", mountpoint=lb)
+            if lb in entries:  # the daemon keeps it while the kernel uses it
+                c.request("detach", mountpoint=lb)
             log.info("blob entry %s removed", lb[len(LABEL_ROOT) + 1:])
-        if blob_id and not domain_id:
-            self._cull(blob_id)
+        # a removed entry's bootstrap files, a removed blob's files: once nothing uses them
+        for name in sorted({lb.rsplit("/", 1)[1] for lb in gone} | {blob_id or ""} - {""}):
+            self._cull(name)
         self.stop_if_idle()
 
-    def _cull(self, blob_id: str) -> None:
-        """Remove the files kept for `blob_id` when nothing serves or mounts it any more:
-        our bootstrap copy, our blob cache files and cachefiles' backing files of that
-        cookie (a later image under the same fsid must not read these bytes)."""
-        from erofs_nydus.daemon.blobcache import cache_paths
-        from erofs_nydus.service.fscache_daemon import kernel_cache_dir
+    def saved_entries(self) -> list[str]:
+        """Our labels in the daemon's state file (what a daemon that is not running
+        registered and did not detach: it died, or it lingered on to the end)."""
+        from erofs_nydus.daemon.images import STATE_FILE
+        from erofs_nydus.fsutil import open_private
 
-        if "/" in blob_id or blob_id in (".", "..") or blob_id in _mounted_fsids():
+        try:
+            with os.fdopen(open_private(os.path.join(self.cache_dir, STATE_FILE),
+                                        os.O_RDONLY), encoding="utf-8") as f:
+                doc = json.load(f)
+            images = doc.get("images", []) if isinstance(doc, dict) else []
+            return [mp for img in images if isinstance(img, dict)
+                    for mp in img.get("mountpoints", [])
+                    if isinstance(mp, str) and mp.startswith(LABEL_ROOT + "/")]
+        except (OSError, ValueError):
+            return []
+
+    def _cull(self, name: str) -> None:
+        """Remove the files kept for fsid / blob id `name` once nothing serves, mounts or
+        opens it: the daemon does it (now, or when its last user goes); without a daemon
+        we do, unless a mount has it."""
+        from erofs_nydus.service.client import DaemonUnreachable
+        from erofs_nydus.service.fscache_daemon import cull_files
+
+        if not name or "/" in name or name in (".", ".."):
             return
         c = self.client()
-        if c.alive():
-            st = c.request("status", timeout=10.0)
-            if blob_id in st.get("blobs", {}) or any(
-                    img.get("fsid") == blob_id for img in st.get("images", [])):
-                return
-        for path in (os.path.join(self.cache_dir, f"{blob_id}.boot"),
-                     *cache_paths(self.cache_dir, blob_id)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        kdir = kernel_cache_dir(self.cache_dir)
-        for dirpath, _dirs, files in os.walk(kdir):
-            if f"D{blob_id}" in files:  # cachefiles: "D" + a printable cookie key
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dirpath, f"D{blob_id}"))
-                    log.info("culled the kernel cache file of %s", blob_id[:12])
+        deadline = time.monotonic() + CULL_WAIT
+        while True:
+            if c.alive():
+                try:
+                    if c.request("cull", name=name).get("pending"):
+                        log.info("%s is still in use: its files go when the last user does",
+                                 name[:12])
+                    return
+                except DaemonUnreachable:  # it stopped meanwhile
+                    pass
+            # a daemon starting or stopping holds the lock: its answer, or its end
+            if not c.supervisor_running() or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if any(k == name or k.startswith(name + ".") for k in _mounted_fsids()):
+            return
+        if c.supervisor_running():
+            log.warning("%s: the fscache daemon neither answers nor stops; its files stay",
+                        name[:12])
+            return
+        cull_files(self.cache_dir, name)
 
     def stop_if_idle(self) -> bool:
         """Stop the daemon if it serves nothing; True if it is (now) stopped."""
@@ -209,5 +260,11 @@ class FscacheBindings:
             log.error("releasing fscache entries: %s", exc)
 
     def daemon_gone(self) -> bool:
-        """True if we registered entries and the daemon serving them died."""
-        return self.started and not self.client().supervisor_running()
+        """True if we registered entries and the daemon serving them died (one that
+        stopped because nothing was left - its last lingering entry went - did not)."""
+        if not self.started or self.client().supervisor_running():
+            return False
+        if not self.saved_entries():
+            self.started = False
+            return False
+        return True

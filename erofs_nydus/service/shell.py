@@ -46,8 +46,11 @@ from erofs_nydus.daemon.images import (
     prefetch_settings,
     request_number,
     requested_fsid,
+    validate_bootstrap,
 )
 from erofs_nydus.errors import DaemonError
+from erofs_nydus.rafs.image import RafsImage
+from erofs_nydus.rafs.reader import LoadedBootstrap
 from erofs_nydus.service import channel, logs
 from erofs_nydus.service.paths import (
     RunPaths,
@@ -379,6 +382,9 @@ def start_shell(cache_dir: str, open_source: Callable[[RunPaths], int | None],
     """Lock `cache_dir`, open the source (None: it failed and said why; exit 3) and the
     control listener, set the process limits, and serve.  0 when a supervisor already
     serves the cache dir."""
+    from erofs_nydus import as_program
+
+    as_program()  # this process is the daemon now, whichever mode: no trio, no httpx CLI
     paths = RunPaths.of(cache_dir)
     lock_fd = take_supervisor_lock(paths)
     if lock_fd is None:
@@ -466,6 +472,9 @@ class ControlOps:
     resident = False
     started = 0.0
     _reported_deadline = 0.0
+    # the bootstrap the last `resolve` read and fully validated, for the `register` of
+    # the same `mount REF` (taken once; used only while the file is unchanged)
+    _resolved: LoadedBootstrap | None = None
 
     def tell(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
         raise NotImplementedError
@@ -507,10 +516,11 @@ class ControlOps:
                     f"with --mode {self.mode} or use another cache dir")
             mp = os.path.abspath(str(req["mountpoint"]))
             self.register_check(req, mp)
+            loaded, self._resolved = self._resolved, None
             info = self.table.register(
                 str(req["bootstrap"]), dict(req["backend"]), mp,
                 amplify=request_number(req, "amplify", 1 << 20),
-                prefetch=prefetch_settings(req), fsid=requested_fsid(req),
+                prefetch=prefetch_settings(req), fsid=requested_fsid(req), loaded=loaded,
             )  # fmt: skip
             self.plane.registered(str(info["fsid"]))
             self.report_deadline()
@@ -526,6 +536,8 @@ class ControlOps:
             st["uptime"] = time.time() - self.started
             self.status_hook(st)
             return st
+        if op == "verify":  # `cache verify`: re-digest cached chunks (issue 11 (f))
+            return self.table.verify_cached()
         if op == "shutdown":
             mounts = self.table.mountpoints()
             if mounts and not req.get("force"):
@@ -562,8 +574,17 @@ class ControlOps:
 
     def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
         """Resolve an image reference and fetch its bootstrap into the cache dir, so that
-        `mount REF` needs no HTTP stack of its own (the daemon has one loaded)."""
+        `mount REF` needs no HTTP stack of its own (the daemon has one loaded).
+
+        The bootstrap is parsed here with the full validation a mount needs (and its
+        verdict remembered), and the parse kept for the `register` that follows: one
+        parse per `mount REF`, not two."""
         from erofs_nydus.registry.resolve import resolve_remote_image
+
+        verdicts = self.table.verdicts
+
+        def validate(data: bytes, name: str) -> RafsImage:
+            return validate_bootstrap(data, verdicts, name)
 
         plain = req.get("plain_http", "loopback")
         docker_config = req.get("docker_config")
@@ -578,7 +599,9 @@ class ControlOps:
             mirrors=req.get("mirrors"),
             proxy=req.get("proxy"),
             verify=str(req["verify"]) if req.get("verify") else True,
+            validate=validate,
         )
+        self._resolved = remote.loaded  # `mount REF` registers this bootstrap next
         return {
             "ref": remote.ref,
             "manifest_digest": remote.manifest_digest,

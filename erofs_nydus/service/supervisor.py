@@ -50,7 +50,7 @@ import traceback
 from typing import Any
 
 from erofs_nydus.fanotify import protocol as fp
-from erofs_nydus.fanotify.handler import init_group
+from erofs_nydus.fanotify.group import init_group
 from erofs_nydus.service import channel, shell
 from erofs_nydus.service.paths import RunPaths
 from erofs_nydus.service.procs import close_fds_except, exit_forked_child
@@ -100,8 +100,8 @@ class _Supervisor(Shell):
         return worker.run_worker(channel_fd)
 
     def spawn(self) -> tuple[Child, socket.socket]:
-        # import before forking: the child starts warm (`mount REF` resolves there)
-        from erofs_nydus.registry import resolve as remote_mount  # noqa: F401
+        # import before forking: the child starts warm (the registry stack it loads in
+        # the background once up, `daemon.images`)
         from erofs_nydus.service import worker  # noqa: F401
 
         return super().spawn()
@@ -545,9 +545,6 @@ def main(argv: list[str] | None = None) -> None:
     [--resident]`: what `mount` spawns (the `daemon` command without click's start-up)."""
     import argparse
 
-    from erofs_nydus import as_program
-
-    as_program()
     ap = argparse.ArgumentParser(prog="erofs-nydus daemon")
     ap.add_argument("cache_dir")
     ap.add_argument("--resident", action="store_true")

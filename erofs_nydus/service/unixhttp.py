@@ -7,6 +7,10 @@ killed predecessor is replaced (the caller holds whatever makes the path its own
 One daemon thread per connection, HTTP/1.1 keep-alive, no idle timeout; `start()`
 serves from a thread, `stop()` removes the socket only if it is still the one this
 process bound.  The subclasses supply the handler (routes) and their logger.
+
+`http.server` (with `http.client`, `email` and `ssl` behind it: ~20 ms) is imported at
+the first request, not when a daemon starts: a `UnixHttpHandler` subclass holds the
+routes, and the server puts `BaseHTTPRequestHandler` under it then (`handler_class`).
 """
 
 from __future__ import annotations
@@ -17,13 +21,32 @@ import os
 import socketserver
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from erofs_nydus.fsutil import private_dir
 from erofs_nydus.service.paths import note_bound, unlink_own_socket
 
-__all__ = ["UnixHttpHandler", "UnixHttpServer"]
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler as _HandlerBase
+else:
+    _HandlerBase = object  # BaseHTTPRequestHandler joins at the first request
+
+__all__ = ["UnixHttpHandler", "UnixHttpServer", "handler_class"]
+
+_made: dict[type, type] = {}
+_made_lock = threading.Lock()
+
+
+def handler_class(handler: type[UnixHttpHandler]) -> type[UnixHttpHandler]:
+    """`handler` with `http.server.BaseHTTPRequestHandler` under it (made once)."""
+    with _made_lock:
+        made = _made.get(handler)
+        if made is None:
+            from http.server import BaseHTTPRequestHandler
+
+            made = _made[handler] = type(handler.__name__, (handler, BaseHTTPRequestHandler),
+                                         {"__module__": handler.__module__})
+        return made
 
 
 class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -39,8 +62,12 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         private_dir(os.path.dirname(self.path), what="socket dir")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # left by a killed predecessor
-        super().__init__(self.path, handler)
+        self.handler = handler
+        super().__init__(self.path, socketserver.BaseRequestHandler)  # see finish_request
         self._thread: threading.Thread | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        handler_class(self.handler)(request, client_address, self)
 
     def server_bind(self) -> None:
         # Bound but not yet listening: nobody can connect before the mode is set.
@@ -71,8 +98,10 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         unlink_own_socket(self.path)
 
 
-class UnixHttpHandler(BaseHTTPRequestHandler):
-    """Request handler base: HTTP/1.1, access lines to the server's logger at debug."""
+class UnixHttpHandler(_HandlerBase):
+    """Request handler base: HTTP/1.1, access lines to the server's logger at debug.
+    A subclass holds the routes (``do_GET``...); the server serves it through
+    `handler_class`, which adds ``BaseHTTPRequestHandler`` as the HTTP base."""
 
     server: UnixHttpServer
     protocol_version = "HTTP/1.1"

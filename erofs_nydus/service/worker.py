@@ -296,6 +296,7 @@ def run_worker(channel_fd: int) -> int:
                     resident=hello.resident)
     # Restore before reading events: handed-over events may be for restored blobs.
     worker.table.kept_fds = kept
+    worker.table.restarted = bool(msg.get("restart"))
     worker.table.load_state()
     worker.table.close_kept_fds()
     if not msg.get("restart"):
