@@ -31,7 +31,7 @@ import queue
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import IO, Any, BinaryIO
@@ -129,7 +129,7 @@ class ChunkLookup:
         self._by_key: dict[tuple[bytes, int], ChunkInfo] = {}
         self.blobs: list[BlobInfo] = []
 
-    def add_blob(self, blob: BlobInfo, chunks: list[ChunkInfo]) -> None:
+    def add_blob(self, blob: BlobInfo, chunks: Sequence[ChunkInfo]) -> None:
         """Register a dictionary blob; its chunks are relabelled with a lookup-wide index."""
         if any(b.blob_id == blob.blob_id for b in self.blobs):
             return

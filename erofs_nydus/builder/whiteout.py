@@ -10,7 +10,7 @@ form, so `merge` only knows one.
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from erofs_nydus.errors import FormatError, UsageError
@@ -159,7 +159,7 @@ def merge_trees(layers: list[tuple[Node, list[BlobInfo]]], warn: Callable[[str],
 
 
 def add_blob_chunks(table: list[ChunkInfo], layers_chunks: list[tuple[list[BlobInfo],
-                    list[list[ChunkInfo]]]], blobs: list[BlobInfo]) -> list[ChunkInfo]:
+                    Sequence[Sequence[ChunkInfo]]]], blobs: list[BlobInfo]) -> list[ChunkInfo]:
     """Complete the chunk table with every known chunk of each kept blob, so the daemon
     knows each blob's whole layout (amplification, prefetch), not only referenced chunks."""
     index = {b.blob_id: b.blob_index for b in blobs}

@@ -21,18 +21,20 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 
 from erofs_nydus.daemon.chunkmap import ChunkMap, Seal
 from erofs_nydus.errors import DaemonError, FormatError
 from erofs_nydus.fsutil import open_private
 from erofs_nydus.layout.rafs import MAX_CHUNKS_PER_BLOB
 from erofs_nydus.rafs.codec import chunk_digest
-from erofs_nydus.rafs.image import BlobInfo, ChunkInfo
+from erofs_nydus.rafs.image import PACKED_CHUNK, BlobInfo, ChunkInfo, ChunkList
 
 __all__ = ["BlobCacheFile", "cache_dir_lock", "cache_paths", "punch_hole"]
 
@@ -111,7 +113,7 @@ class BlobCacheFile:
         self,
         cache_dir: str,
         blob: BlobInfo,
-        chunks: list[ChunkInfo],
+        chunks: Sequence[ChunkInfo],
         *,
         fd: int | None = None,
         durable: bool = True,
@@ -131,9 +133,10 @@ class BlobCacheFile:
         self.lock = threading.Lock()
         self._users = 0  # fills writing through self.fd right now (see acquire)
         self._closing = False
-        self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
+        # packed, sorted by offset: the one per-chunk structure a daemon keeps
+        self.chunks = ChunkList.build(chunks, blob.blob_index, blob.compressor, blob.digester)
         self._check_blob()
-        self._check_chunks()
+        self._check_chunks(self.chunks)
         nbits = blob.chunk_count  # bounded by _check_blob; every index is below it
         own_fd = fd is None
         if fd is None:
@@ -155,7 +158,7 @@ class BlobCacheFile:
                     if os.path.exists(p):
                         os.unlink(p)
             self.map = ChunkMap.open(self.map_path, nbits)
-            self._missing = sum(1 for c in self.chunks if c.index not in self.map)
+            self._missing = sum(1 for i, _, _ in self.chunks.extents() if i not in self.map)
             self.verify()
             # Present chunks are trusted only as far as this daemon verified them: a
             # seal that no longer matches the file (a crash, or a write by anyone else
@@ -193,52 +196,61 @@ class BlobCacheFile:
             raise DaemonError(f"blob {self.blob_id}: uncompressed size {self.size} does not "
                               f"fit {b.chunk_count} chunks of {b.chunk_size} bytes")
 
-    def _check_chunks(self) -> None:
+    def _check_chunks(self, chunks: ChunkList) -> None:
         end = 0
-        seen: set[int] = set()
-        for c in self.chunks:
-            if not 0 <= c.index < self.blob.chunk_count or c.index in seen:
+        count = self.blob.chunk_count
+        seen = bytearray((count + 7) >> 3)  # a bit per index: the size of the chunk map
+        for index, start, aligned in chunks.extents():
+            if not 0 <= index < count or seen[index >> 3] & (1 << (index & 7)):
                 # one presence bit per chunk: an alias would report a hole as present
-                raise DaemonError(f"blob {self.blob_id}: chunk index {c.index} out of range "
+                raise DaemonError(f"blob {self.blob_id}: chunk index {index} out of range "
                                   "or listed twice")
-            seen.add(c.index)
-            if c.uncompressed_offset % 4096 or c.uncompressed_offset < end:
+            seen[index >> 3] |= 1 << (index & 7)
+            if start % 4096 or start < end:
                 raise DaemonError(
-                    f"blob {self.blob_id}: chunk {c.index} at {c.uncompressed_offset} overlaps "
+                    f"blob {self.blob_id}: chunk {index} at {start} overlaps "
                     "or is not 4 KiB aligned"
                 )
-            end = c.uncompressed_offset + c.aligned_size
+            end = start + aligned
         if end > self.size:
             raise DaemonError(
                 f"blob {self.blob_id}: chunks end at {end}, past uncompressed size {self.size}"
             )
 
-    def add_chunks(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+    def add_chunks(self, chunks: Sequence[ChunkInfo]) -> list[ChunkInfo]:
         """Merge chunks another image lists for this blob; return the new ones.
 
         Two bootstraps may list different subsets of one blob's chunks (a merged
         image drops chunks only whited-out files used); serving the union keeps a
-        range from ever being answered without its chunk.
+        range from ever being answered without its chunk.  The blob's position in
+        the other image's blob table does not matter (`ChunkList.records`).
         """
+        other = ChunkList.build(chunks, self.blob.blob_index, self.blob.compressor,
+                                self.blob.digester)
+        self._check_chunks(other)  # on its own first: no index twice, none out of range
         with self.lock:
-            known = {c.index: c for c in self.chunks}
+            if other.records() == self.chunks.records():  # the same image again
+                return []
+            pos = {index: p for p, (index, _, _) in enumerate(self.chunks.extents())}
+            mine = self.chunks.records()
+            size = PACKED_CHUNK.size
             new = []
-            for c in chunks:
-                old = known.get(c.index)
+            added = bytearray()
+            for p, c in enumerate(other):
+                old = pos.get(c.index)
+                rec = other.records()[p * size:(p + 1) * size]
                 if old is None:
                     new.append(c)
-                    known[c.index] = c
-                elif old != c:
+                    pos[c.index] = -1
+                    added += rec
+                elif old >= 0 and mine[old * size:(old + 1) * size] != rec:
                     raise DaemonError(f"blob {self.blob_id}: images disagree about chunk {c.index}")
             if not new:
                 return []
-            merged = sorted(known.values(), key=lambda c: c.uncompressed_offset)
-            saved, self.chunks = self.chunks, merged
-            try:
-                self._check_chunks()
-            except DaemonError:
-                self.chunks = saved
-                raise
+            merged = ChunkList.from_unsorted(self.chunks.blob_index, self.chunks.compressor,
+                                             self.chunks.digester, bytes(mine) + bytes(added))
+            self._check_chunks(merged)
+            self.chunks = merged
             self._missing += sum(1 for c in new if c.index not in self.map)
             present = [c for c in new if c.index in self.map]
         # present already, but verified against another image's list: re-digest them
@@ -254,11 +266,9 @@ class BlobCacheFile:
         """Clear map bits whose chunk has a hole in the file; return how many were cleared."""
         cleared = 0
         with self.lock:
-            for c in self.chunks:
-                if c.index in self.map and _has_hole(
-                    self.fd, c.uncompressed_offset, c.uncompressed_offset + c.aligned_size
-                ):
-                    self.map.clear(c.index)
+            for index, start, aligned in self.chunks.extents():
+                if index in self.map and _has_hole(self.fd, start, start + aligned):
+                    self.map.clear(index)
                     self._missing += 1
                     cleared += 1
         return cleared
@@ -266,10 +276,16 @@ class BlobCacheFile:
     def _listed(self) -> bytes:
         """Fingerprint of the chunk list: what present bits were verified against."""
         h = hashlib.sha256()
-        for c in sorted(self.chunks, key=lambda c: c.index):
-            h.update(_LISTED.pack(c.index, c.uncompressed_offset, c.uncompressed_size,
-                                  c.compressed_offset, c.compressed_size, c.compressed,
-                                  c.digest))
+        recs = self.chunks.records()
+        size = PACKED_CHUNK.size
+        indexes = array("I", (index for index, _, _ in self.chunks.extents()))
+        order: Iterable[int] = range(len(indexes))  # usually in offset order already
+        if any(a > b for a, b in itertools.pairwise(indexes)):
+            order = sorted(order, key=indexes.__getitem__)
+        for p in order:  # by CI index, one record at a time (no ChunkInfo per chunk)
+            digest, uoff, coff, usize, csize, index, flag = PACKED_CHUNK.unpack_from(
+                recs, p * size)
+            h.update(_LISTED.pack(index, uoff, usize, coff, csize, bool(flag), digest))
         return h.digest()
 
     def _seal(self) -> Seal:
@@ -281,7 +297,7 @@ class BlobCacheFile:
         drop bad ones (clear the bit, punch the range) so they are fetched again.
         Return the dropped chunks."""
         dropped = []
-        for c in list(self.chunks if chunks is None else chunks):
+        for c in self.chunks if chunks is None else chunks:  # a ChunkList is immutable
             with self.lock:
                 if c.index not in self.map:
                     continue
@@ -323,7 +339,8 @@ class BlobCacheFile:
 
     def present_bytes(self) -> int:
         with self.lock:
-            return sum(c.aligned_size for c in self.chunks if c.index in self.map)
+            return sum(aligned for index, _, aligned in self.chunks.extents()
+                       if index in self.map)
 
     def write_chunk(self, chunk: ChunkInfo, data: bytes, fd: int | None = None) -> None:
         """pwrite verified chunk bytes (zero-padded to 4 KiB) at the chunk's offset.

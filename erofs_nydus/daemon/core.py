@@ -33,7 +33,7 @@ from erofs_nydus.daemon.blobcache import BlobCacheFile
 from erofs_nydus.errors import BackendError, DaemonError, DigestMismatchError, ErofsNydusError
 from erofs_nydus.rafs.backend import BlobBackend, counting_retries
 from erofs_nydus.rafs.codec import decode_chunk
-from erofs_nydus.rafs.image import ChunkInfo
+from erofs_nydus.rafs.image import ChunkInfo, ChunkList
 
 __all__ = ["DEFAULT_AMPLIFY", "BlobServer", "Metrics"]
 
@@ -101,8 +101,8 @@ class Metrics:
         return out
 
 
-def _view_of(chunks: list[ChunkInfo]) -> tuple[list[ChunkInfo], list[int]]:
-    return chunks, [c.uncompressed_offset for c in chunks]
+def _view_of(chunks: ChunkList) -> tuple[ChunkList, Sequence[int]]:
+    return chunks, chunks.starts
 
 
 class BlobServer:
@@ -125,11 +125,11 @@ class BlobServer:
         self.blob_id = cache.blob_id
         # (sorted chunks, their start offsets): replaced as one tuple by add_chunks, so a
         # lock-free reader never pairs one list's positions with the other's chunks
-        self._view: tuple[list[ChunkInfo], list[int]] = _view_of(cache.chunks)
+        self._view: tuple[ChunkList, Sequence[int]] = _view_of(cache.chunks)
         self._inflight: dict[int, Future[None]] = {}
         self.tracer: AccessHook | None = None  # set by the daemon (trace.py)
 
-    def add_chunks(self, chunks: list[ChunkInfo]) -> int:
+    def add_chunks(self, chunks: Sequence[ChunkInfo]) -> int:
         """Serve the union of this blob's chunk list and `chunks`; return how many were new."""
         new = self.cache.add_chunks(chunks)
         if new:
@@ -139,7 +139,7 @@ class BlobServer:
 
     # -- mapping ------------------------------------------------------------------
 
-    def _span(self, offset: int, length: int) -> tuple[list[ChunkInfo], int, int]:
+    def _span(self, offset: int, length: int) -> tuple[ChunkList, int, int]:
         """One snapshot of the sorted chunk list and the positions [lo, hi) in it that
         overlap [offset, offset+length)."""
         chunks, starts = self._view

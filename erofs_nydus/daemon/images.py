@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from erofs_nydus.daemon import heap
 from erofs_nydus.daemon.blobcache import BlobCacheFile, cache_dir_lock, cache_paths
 from erofs_nydus.daemon.core import DEFAULT_AMPLIFY, BlobServer, Metrics
 from erofs_nydus.errors import (
@@ -317,6 +318,7 @@ class ImageTable:
         self.verdicts = Verdicts(self.cache_dir)
         self._by_dev_ino: dict[tuple[int, int], BlobServer] = {}
         self._lock = threading.RLock()
+        heap.configure()  # bootstraps' buffers go back to the system when freed
         _preload_registry()
 
     # -- lookups (hot path) ------------------------------------------------------------
@@ -463,6 +465,23 @@ class ImageTable:
         Raises FormatError for a bootstrap that fails validation, BackendError when a
         local blob is missing or truncated; nothing is registered then.
         """
+        try:
+            return self._register(bootstrap, backend, mountpoint, amplify=amplify,
+                                  prefetch=prefetch, fsid=fsid, loaded=loaded)
+        finally:
+            heap.trim()  # the bootstrap and its parse are garbage now (heap.py)
+
+    def _register(
+        self,
+        bootstrap: str,
+        backend: dict[str, Any],
+        mountpoint: str,
+        *,
+        amplify: int,
+        prefetch: dict[str, Any] | None,
+        fsid: str | None,
+        loaded: LoadedBootstrap | None,
+    ) -> dict[str, Any]:
         if loaded is not None and loaded.matches(bootstrap):
             data = loaded.data
             self._check_stored(bootstrap, data)
@@ -556,9 +575,12 @@ class ImageTable:
             else:
                 raise DaemonError(f"{mountpoint} is not served by this daemon")
             used = {b for e in self.images.values() for b in e.blob_ids}
-            for bid in [b for b in self.blobs if b not in used]:
+            released = [b for b in self.blobs if b not in used]
+            for bid in released:
                 self._release_blob(bid)
             self.save_state(strict=False)
+            if released:
+                heap.trim()  # their chunk indexes
             return len(self.mountpoints())
 
     def _is_our_mount(self, mountpoint: str, entry: ImageEntry) -> bool:
@@ -600,6 +622,12 @@ class ImageTable:
 
     def load_state(self) -> None:
         """Rebuild images and blob servers after a daemon (re)start."""
+        try:
+            self._load_state()
+        finally:
+            heap.trim()  # the bootstraps and their parses are garbage now (heap.py)
+
+    def _load_state(self) -> None:
         try:
             with os.fdopen(open_private(self.state_path, os.O_RDONLY), encoding="utf-8") as f:
                 doc = json.load(f)
@@ -659,7 +687,8 @@ class ImageTable:
             servers = list(self.blobs.values())
         for srv in servers:
             with srv.cache.lock:
-                present = sum(1 for c in srv.cache.chunks if c.index in srv.cache.map)
+                present = sum(1 for index, _, _ in srv.cache.chunks.extents()
+                              if index in srv.cache.map)
             dropped = srv.cache.recheck()
             out["blobs"] += 1
             out["chunks"] += present

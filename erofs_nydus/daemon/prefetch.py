@@ -24,13 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from erofs_nydus.daemon import heap
 from erofs_nydus.daemon.core import BlobServer
 from erofs_nydus.errors import ErofsNydusError
 from erofs_nydus.layout import erofs as E
-from erofs_nydus.layout import parse
-from erofs_nydus.layout import rafs as R
 from erofs_nydus.rafs.image import ChunkInfo
-from erofs_nydus.rafs.reader import BootstrapReader
+from erofs_nydus.rafs.reader import BootstrapReader, has_prefetch_table
 
 __all__ = ["PrefetchJob", "PrefetchManager", "TokenBucket", "prefetch_chunks"]
 
@@ -45,11 +44,9 @@ def prefetch_chunks(bootstrap: bytes) -> list[ChunkInfo]:
 
     A directory entry stands for every file below it, as in nydusd (nydus-snapshotter's
     `--prefetch-policy fs` puts the root nid there): expanded depth-first in dirent order,
-    each inode once."""
-    # Most images have no prefetch table: say so from the ext superblock alone, without
-    # parsing the whole metadata (chunk table) a second time at every register.
-    ext = parse(R.SuperBlockExt, bootstrap, R.EXT_SUPERBLOCK_OFFSET, "RAFS ext superblock")
-    if not ext.s_prefetch_table_offset or not ext.s_prefetch_table_size:
+    each inode once.  Most images have no prefetch table: that is read from the ext
+    superblock alone, without parsing the metadata a second time at every register."""
+    if not has_prefetch_table(bootstrap):
         return []
     reader = BootstrapReader(bootstrap)
     out: list[ChunkInfo] = []
@@ -275,6 +272,8 @@ class PrefetchManager:
             except ErofsNydusError as exc:
                 log.warning("prefetch %s: cannot read the prefetch table: %s", fsid[:12], exc)
                 return None
+            finally:
+                heap.trim()  # the parse of the whole bootstrap (heap.py)
             units = _units(chunks, servers)
             if not units:
                 return None

@@ -80,7 +80,7 @@ def warm_image(
     if not wanted:
         scope = "all chunks" if everything else "all chunks (no prefetch table)"
         for idx in range(len(image.blobs)):
-            wanted[idx] = image.chunks_for_blob(idx)
+            wanted[idx] = list(image.chunks_for_blob(idx))
     cache_dir = private_dir(cache_dir)
     result = WarmResult(scope)
     metrics = Metrics()

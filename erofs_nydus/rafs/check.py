@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from erofs_nydus.errors import DigestMismatchError, ErofsNydusError, FormatError
@@ -44,7 +45,7 @@ def check_bootstrap(data: bytes, name: str, blob_dir: str | None = None) -> Chec
     return report
 
 
-def verify_blob(backend: LocalDirBackend, blob: BlobInfo, chunks: list[ChunkInfo],
+def verify_blob(backend: LocalDirBackend, blob: BlobInfo, chunks: Sequence[ChunkInfo],
                 report: CheckReport, blob_dir: str) -> None:
     """The blob file against its blob table entry: size, id rule, ToC and section digests,
     chunk-info table, inlined chunk digests, and every chunk against its digest."""
@@ -98,14 +99,14 @@ def read_chunk(backend: BlobBackend, blob_id: str, c: ChunkInfo, verify: bool = 
     return decode_chunk(raw, c) if verify else decompress_chunk(raw, c)
 
 
-def _verify_inlined_digests(raw: bytes, chunks: list[ChunkInfo]) -> None:
+def _verify_inlined_digests(raw: bytes, chunks: Sequence[ChunkInfo]) -> None:
     """blob.digest holds each chunk's digest at 32 * CI index."""
     for c in chunks:
         if raw[32 * c.index:32 * c.index + 32] != c.digest:
             raise FormatError(f"chunk {c.index}: blob.digest disagrees with the chunk table")
 
 
-def _verify_ci(backend: BlobBackend, blob: BlobInfo, chunks: list[ChunkInfo]) -> None:
+def _verify_ci(backend: BlobBackend, blob: BlobInfo, chunks: Sequence[ChunkInfo]) -> None:
     ci = read_ci_table(backend, blob)
     for c in chunks:
         if c.index >= len(ci):

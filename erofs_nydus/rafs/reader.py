@@ -7,9 +7,9 @@ section 7 and kernel-interfaces.md section C); `problems()` lists them one line 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ from erofs_nydus.layout import erofs as E
 from erofs_nydus.layout import parse
 from erofs_nydus.layout import rafs as R
 from erofs_nydus.layout.common import BLOCK_BITS, BLOCK_SIZE
-from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
+from erofs_nydus.rafs.image import PACKED_CHUNK, BlobInfo, ChunkInfo, ChunkList, RafsImage
 from erofs_nydus.rafs.tree import Inode, Node
 
 _BLOB_DATA_BITS = 40  # CI v1 comp_info stores 40-bit offsets: blob data below 1 TiB
@@ -70,6 +70,7 @@ class BootstrapReader:
         self.meta_base = self.sb.meta_blkaddr * BLOCK_SIZE
         self._problems: list[str] = []
         self.refused: list[str] = []
+        self._by_addr: dict[tuple[int, int], ChunkInfo] | None = None
         self.image = self._read_meta()
 
     # -- superblocks, blob table, chunk table -------------------------------------------------
@@ -135,21 +136,26 @@ class BootstrapReader:
                 blob_toc_size=e.blob_toc_size, blob_toc_digest=e.blob_toc_digest,
                 mapped_blkaddr=slot.mapped_blkaddr))
         self._check_blob_limits(blobs, cs)
-        chunks: list[list[ChunkInfo]] = [[] for _ in blobs]
-        indexes: list[set[int]] = [set() for _ in blobs]
+        # Packed per blob (ChunkList), never one object per chunk: a daemon keeps them.
+        packed = [bytearray() for _ in blobs]
+        n_entries = ext.s_chunk_table_size // R.CHUNK_INFO_SIZE
+        # a bit per CI index to find one used twice: no object per chunk, and never more
+        # memory than the table's own size (a set where a blob claims far more chunks)
+        indexes: list[bytearray | set[int]] = [
+            bytearray((b.chunk_count + 7) >> 3) if b.chunk_count <= 64 * n_entries else set()
+            for b in blobs]
         ct_off, ct_size = ext.s_chunk_table_offset, ext.s_chunk_table_size
         if ct_size % R.CHUNK_INFO_SIZE or ct_off + ct_size > len(self.data) or (
                 ct_size and ct_off % BLOCK_SIZE):
             raise FormatError(f"{self.name}: chunk table at {ct_off:#x}+{ct_size} is invalid")
-        self.by_addr: dict[tuple[int, int], ChunkInfo] = {}
         prev_digest = b""
-        by_addr = self.by_addr
-        refused_mask = sum(R.REFUSED_CHUNK_FLAGS)
+        pack = PACKED_CHUNK.pack
         max_chunk = R.MAX_CHUNK_SIZE
-        # the hot loop of every register: a message is formatted only for a problem
+        # the hot loop of every register: a message is formatted only for a problem, and
+        # no object is kept per chunk (a packed record each; the index set is transient)
         for i, (digest, blob_index, cflags, csize, usize, coff, uoff, _foff, index,
                 _crc) in enumerate(R.CHUNK_INFO_PACK.iter_unpack(
-                    self.data[ct_off:ct_off + ct_size])):
+                    memoryview(self.data)[ct_off:ct_off + ct_size])):
             if digest < prev_digest:
                 bad(f"chunk table entry {i}: chunk table not sorted by digest")
             prev_digest = digest
@@ -163,12 +169,8 @@ class BootstrapReader:
             if not 0 < usize <= cs or not 0 < csize <= max_chunk:
                 bad(f"chunk table entry {i}: chunk sizes {csize}/{usize} invalid")
                 continue
-            if cflags & refused_mask:
-                for flag, what in R.REFUSED_CHUNK_FLAGS.items():
-                    if cflags & flag:
-                        self._refuse(f"blob {blob_index} has {what}")
-            if cflags & ~R.CHUNK_FLAGS_KNOWN:
-                bad(f"chunk table entry {i}: unknown chunk flags {cflags:#x}")
+            if cflags & ~R.CHUNK_FLAG_COMPRESSED:
+                self._check_chunk_flags(i, blob_index, cflags)
             compressed = bool(cflags & R.CHUNK_FLAG_COMPRESSED)
             if compressed and b.compressor not in R.SUPPORTED_COMPRESSORS[1:]:
                 bad(f"chunk table entry {i}: compressed chunk in a blob with compressor "
@@ -185,26 +187,35 @@ class BootstrapReader:
                     f"{b.chunk_count} chunks")
                 continue
             seen = indexes[blob_index]
-            if index in seen:
+            if isinstance(seen, bytearray):
+                byte, bit = index >> 3, 1 << (index & 7)
+                twice = seen[byte] & bit
+                seen[byte] |= bit
+            else:
+                twice = index in seen
+                seen.add(index)
+            if twice:
                 # two records would share one presence bit in the daemon's chunk map
                 bad(f"chunk table entry {i}: chunk index {index} used twice in blob "
                     f"{blob_index}")
                 continue
-            seen.add(index)
-            key = (blob_index, uoff)
-            if key in by_addr:
-                bad(f"chunk table entry {i}: two chunks at blob {blob_index} offset {uoff:#x}")
-                continue
-            c = ChunkInfo(digest, blob_index, index, coff, csize, uoff, usize, compressed,
-                          b.compressor, b.digester)
-            by_addr[key] = c
-            chunks[blob_index].append(c)
-        for lst in chunks:
-            lst.sort(key=lambda c: c.uncompressed_offset)
-            for a, b2 in itertools.pairwise(lst):
-                if a.uncompressed_offset + a.aligned_size > b2.uncompressed_offset:
-                    bad(f"blob {a.blob_index}: chunks at {a.uncompressed_offset:#x} and "
-                        f"{b2.uncompressed_offset:#x} overlap")
+            packed[blob_index] += pack(digest, uoff, coff, usize, csize, index, compressed)
+        del indexes
+        chunks = []
+        for b, rec in zip(blobs, packed, strict=True):
+            lst = ChunkList.from_unsorted(b.blob_index, b.compressor, b.digester, rec)
+            end, prev_start, dup = -1, -1, False
+            for _index, start, aligned in lst.extents():
+                if start == prev_start:
+                    bad(f"blob {b.blob_index}: two chunks at offset {start:#x}")
+                    dup = True
+                    continue
+                if start < end:
+                    bad(f"blob {b.blob_index}: chunks at {prev_start:#x} and {start:#x} overlap")
+                prev_start, end = start, max(end, start + aligned)
+            if dup:  # keep the first of each offset (table order: the sort is stable)
+                lst = lst.without_repeated_starts()
+            chunks.append(lst)
         return RafsImage(bootstrap_size=len(self.data), chunk_size=cs, flags=flags, blobs=blobs,
                          chunks=chunks, fsid=hashlib.sha256(self.data).hexdigest())
 
@@ -222,6 +233,35 @@ class BootstrapReader:
                                   f"{b.chunk_count} chunks of {chunk_size} bytes")
             if b.compressed_size >> _BLOB_DATA_BITS:
                 raise FormatError(f"{where}: compressed size {b.compressed_size:#x} too large")
+
+    def _check_chunk_flags(self, i: int, blob_index: int, cflags: int) -> None:
+        for flag, what in R.REFUSED_CHUNK_FLAGS.items():
+            if cflags & flag:
+                self._refuse(f"blob {blob_index} has {what}")
+        if cflags & ~R.CHUNK_FLAGS_KNOWN:
+            self._bad(f"chunk table entry {i}: unknown chunk flags {cflags:#x}")
+
+    @property
+    def by_addr(self) -> dict[tuple[int, int], ChunkInfo]:
+        """(blob index, uncompressed offset) -> chunk, every chunk built once and kept
+        (tools that walk the whole tree; identities stay stable from then on)."""
+        if self._by_addr is None:
+            self._by_addr = {(c.blob_index, c.uncompressed_offset): c
+                             for lst in self.image.chunks
+                             for c in (lst.materialize() if isinstance(lst, ChunkList) else lst)}
+        return self._by_addr
+
+    def chunk_at(self, blob_index: int, offset: int) -> ChunkInfo | None:
+        """The chunk of blob `blob_index` at uncompressed `offset`: from `by_addr` once
+        built, else found in the packed list without building the others."""
+        if self._by_addr is not None:
+            return self._by_addr.get((blob_index, offset))
+        if not 0 <= blob_index < len(self.image.chunks):
+            return None
+        lst = self.image.chunks[blob_index]
+        if isinstance(lst, ChunkList):
+            return lst.find(offset)
+        return self.by_addr.get((blob_index, offset))
 
     # -- inodes and directories ---------------------------------------------------------------
     def inode(self, nid: int) -> RawInode:
@@ -338,7 +378,10 @@ class BootstrapReader:
                 out.append((name, nid, ftype))
         return out
 
-    def chunk_refs(self, ri: RawInode) -> list[ChunkInfo]:
+    def chunk_refs(self, ri: RawInode, keep: bool = True) -> list[ChunkInfo]:
+        """The chunks of a chunk-based inode, each checked against the chunk table.
+        `keep=False`: checked only, from the packed lists (no object per chunk; an
+        empty list is returned), for a walk that validates and throws the tree away."""
         chunk_size = self.image.chunk_size
         fmt = ri.i_u & 0xFFFF
         if not fmt & E.CHUNK_FORMAT_INDEXES or fmt & ~0x3F:
@@ -352,28 +395,45 @@ class BootstrapReader:
         if start + 8 * n > len(self.data):
             raise FormatError(f"nid {ri.nid}: chunk indexes beyond the bootstrap")
         mask = (1 << (self.sb.extra_devices).bit_length()) - 1 if self.sb.extra_devices else 0
-        out = []
+        out: list[ChunkInfo] = []
         for i in range(n):
             _adv, dev, blkaddr = E.CHUNK_INDEX_PACK.unpack_from(self.data, start + 8 * i)
             dev &= mask
-            c = self.by_addr.get((dev - 1, blkaddr << BLOCK_BITS)) if dev else None
-            if c is None:
+            c = self.chunk_at(dev - 1, blkaddr << BLOCK_BITS) if dev and keep else None
+            if c is not None:
+                usize: int | None = c.uncompressed_size
+                out.append(c)
+            else:
+                usize = self._size_at(dev - 1, blkaddr << BLOCK_BITS) if dev and not keep \
+                    else None
+            if usize is None:
                 raise FormatError(f"nid {ri.nid}: chunk {i} (device {dev}, block {blkaddr}) is "
                                   "not in the chunk table")
             want = min(chunk_size, ri.size - i * chunk_size)
-            if c.uncompressed_size != want:
-                raise FormatError(f"nid {ri.nid}: chunk {i} holds {c.uncompressed_size} bytes, "
+            if usize != want:
+                raise FormatError(f"nid {ri.nid}: chunk {i} holds {usize} bytes, "
                                   f"file needs {want}")
-            out.append(c)
         return out
 
+    def _size_at(self, blob_index: int, offset: int) -> int | None:
+        if not 0 <= blob_index < len(self.image.chunks):
+            return None
+        lst = self.image.chunks[blob_index]
+        if isinstance(lst, ChunkList):
+            return lst.size_at(offset)
+        c = self.chunk_at(blob_index, offset)
+        return None if c is None else c.uncompressed_size
+
     # -- whole tree ---------------------------------------------------------------------------
-    def tree(self) -> Node:
-        """Rebuild the file tree; hard links share one `Inode`."""
+    def tree(self, keep_chunks: bool = True) -> Node:
+        """Rebuild the file tree; hard links share one `Inode`.  `keep_chunks=False`:
+        files' chunks are checked but not listed (`chunk_refs`), for a validating walk."""
         root_ri = self.inode(self.sb.root_nid)
         if not stat.S_ISDIR(root_ri.mode):
             raise FormatError(f"root nid {self.sb.root_nid} is not a directory")
-        root = Node(b"", self._inode(root_ri))
+        if keep_chunks:
+            self.by_addr  # noqa: B018  (builds every chunk once: files share them, as before)
+        root = Node(b"", self._inode(root_ri, keep_chunks))
         seen: dict[int, Inode] = {self.sb.root_nid: root.inode}
         stack = [(root, root_ri, b"/")]
         while stack:
@@ -392,14 +452,14 @@ class BootstrapReader:
                 cri = self.inode(nid)
                 if _FT_OF_TYPE[stat.S_IFMT(cri.mode)] != ftype:
                     self._bad(f"{cpath!r}: dirent file type {ftype} does not match the inode")
-                child = Node(name, self._inode(cri))
+                child = Node(name, self._inode(cri, keep_chunks))
                 seen[nid] = child.inode
                 node.children[name] = child
                 if child.children is not None:
                     stack.append((child, cri, cpath + b"/"))
         return root
 
-    def _inode(self, ri: RawInode) -> Inode:
+    def _inode(self, ri: RawInode, keep_chunks: bool = True) -> Inode:
         ino = Inode(mode=ri.mode, uid=ri.uid, gid=ri.gid, mtime=ri.mtime,
                     mtime_nsec=ri.mtime_nsec, size=ri.size, xattrs=self.xattrs(ri),
                     implicit=bool(ri.reserved & E.I_RESERVED_IMPLICIT_DIR)
@@ -408,7 +468,7 @@ class BootstrapReader:
         if t == stat.S_IFREG:
             if ri.datalayout != E.DATALAYOUT_CHUNK_BASED:
                 raise FormatError(f"nid {ri.nid}: regular file is not chunk-based")
-            ino.chunks = self.chunk_refs(ri)
+            ino.chunks = self.chunk_refs(ri, keep_chunks)
         elif t == stat.S_IFLNK:
             ino.target = self.flat_data(ri)
         elif t in (stat.S_IFCHR, stat.S_IFBLK):
@@ -421,8 +481,8 @@ class BootstrapReader:
         opening the image found (superblocks, blob and chunk tables) without walking the
         whole tree."""
         if walk:
-            try:
-                self.tree()
+            try:  # checked from the packed lists: `image` stays packed for a daemon
+                self.tree(keep_chunks=False)
             except FormatError as exc:
                 self._bad(str(exc))
         return list(self._problems)
@@ -433,6 +493,17 @@ class BootstrapReader:
             return []
         raw = self.data[off:off + size]
         return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw) - 3, 4)]
+
+
+def has_prefetch_table(data: bytes) -> bool:
+    """Whether a bootstrap names a prefetch table, read from its ext superblock alone
+    (what `prefetch_nids` would find non-empty), without parsing the rest: a daemon asks
+    this of every image it registers, most of which have none."""
+    where = R.EXT_SUPERBLOCK_OFFSET + 40  # s_prefetch_table_offset, then its size
+    if len(data) < where + 12:
+        return False
+    off, size = struct.unpack_from("<QI", data, where)
+    return bool(off and size)
 
 
 def read_image_meta(data: bytes, name: str = "bootstrap", strict: bool = True) -> RafsImage:

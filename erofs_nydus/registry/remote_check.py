@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +114,7 @@ def _diff_id(tgz: bytes) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
-def _verify_remote_blob(store: ImageStore, ref: object, blob_id: str, chunks: list[ChunkInfo],
+def _verify_remote_blob(store: ImageStore, ref: object, blob_id: str, chunks: Sequence[ChunkInfo],
                         report: RemoteReport, size: int | None) -> None:
     # the whole data blob is held: bounded by its manifest descriptor's size
     data = store.get_blob(ref, f"sha256:{blob_id}", max_size=MAX_DATA_BLOB_IN_MEMORY,  # type: ignore[arg-type]
