@@ -214,3 +214,57 @@ def test_lean_entry_decides_as_click(image: BuiltImage, tmp_path: Path) -> None:
         assert (fast.returncode, fast.stdout, fast.stderr.rsplit("[click", 1)[0]) == (
             slow.returncode, slow.stdout, slow.stderr.rsplit("[click", 1)[0]), argv
         assert not is_mountpoint(mp)
+
+
+def test_mount_ref_falls_back_to_resolve_then_register_on_an_older_daemon(
+        tmp_path: Path) -> None:
+    """`mount REF` sends one `register_ref`; a daemon from before it answers "unknown
+    request" and then gets the two requests it knows.  The old daemon is a stand-in on
+    the control socket (fault injection: no real daemon of an older version here)."""
+    import socket
+    import threading
+
+    from erofs_nydus.cli.mounting import mount_image
+    from erofs_nydus.errors import DaemonError
+    from erofs_nydus.service.paths import RunPaths
+
+    cache, mp = tmp_path / "cache", tmp_path / "mnt"
+    cache.mkdir(mode=0o700)
+    mp.mkdir()
+    ops: list[dict[str, object]] = []
+    answers = {
+        "ping": {"ok": True, "pid": os.getpid(), "mounts": [], "resident": True},
+        "register_ref": {"ok": False, "error": "unknown request 'register_ref'",
+                         "type": "DaemonError"},
+        "resolve": {"ok": True, "bootstrap": str(tmp_path / "x.boot"),
+                    "backend": {"type": "registry", "host": "127.0.0.1:1", "repo": "r"}},
+        "register": {"ok": False, "error": "stand-in stops here", "type": "DaemonError"},
+    }
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(RunPaths.of(cache).socket)
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as f:
+                req = json.loads(f.readline())
+                ops.append(req)
+                conn.sendall(json.dumps(answers[str(req["op"])]).encode() + b"\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(DaemonError, match="stand-in stops here"):
+            mount_image("127.0.0.1:1/r:v1", str(mp), None, str(cache), "fanotify", 0, False,
+                        None, 30.0)
+    finally:
+        srv.close()
+    names = [o["op"] for o in ops]
+    assert names[names.index("register_ref"):] == ["register_ref", "resolve", "register"]
+    reg = ops[-1]
+    assert reg["bootstrap"] == str(tmp_path / "x.boot") and reg["mountpoint"] == str(mp)
+    assert reg["backend"]["retries"] == 3  # type: ignore[index]  # the config's, added here

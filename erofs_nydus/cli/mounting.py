@@ -142,22 +142,37 @@ def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: st
     ref = None if local is not None else _check_reference(bootstrap, blob_dir)
     started = client.ensure_running()
     try:
+        info = None
         if local is None:
-            # The daemon fetches the manifest and bootstrap: it has the HTTP stack
-            # loaded already, this short-lived process never imports it.
-            remote = client.request(
-                "resolve", ref=ref, **_resolve_args(platform, plain_http, read_deadline))
-            local = {**remote["backend"], "bootstrap": remote["bootstrap"]}
-        boot_path = str(local.pop("bootstrap"))
-        backend = apply_backend_config(local, current_config())
-        info = client.request(
-            "register",
-            bootstrap=boot_path,
-            backend=backend,
-            mountpoint=mp,
-            amplify=amplify,
-            **current_config().register_args(),
-        )
+            # The daemon fetches the manifest and bootstrap (it has the HTTP stack
+            # loaded already, this short-lived process never imports it) and registers
+            # the image, in one round trip.
+            overlay = apply_backend_config({"type": "registry"}, current_config())
+            del overlay["type"]
+            try:
+                info = client.request(
+                    "register_ref", ref=ref, backend_config=overlay, mountpoint=mp,
+                    amplify=amplify, **_resolve_args(platform, plain_http, read_deadline),
+                    **current_config().register_args())
+            except DaemonError as exc:
+                if str(exc) != "unknown request 'register_ref'":
+                    raise
+                # a daemon from before register_ref: resolve, then register
+                remote = client.request(
+                    "resolve", ref=ref, **_resolve_args(platform, plain_http, read_deadline))
+                local = {**remote["backend"], "bootstrap": remote["bootstrap"]}
+        if info is None:
+            assert local is not None
+            boot_path = str(local.pop("bootstrap"))
+            backend = apply_backend_config(local, current_config())
+            info = client.request(
+                "register",
+                bootstrap=boot_path,
+                backend=backend,
+                mountpoint=mp,
+                amplify=amplify,
+                **current_config().register_args(),
+            )
     except BaseException:
         if started:
             with contextlib.suppress(Exception):
