@@ -315,26 +315,29 @@ class BootstrapReader:
         """(name, nid, file_type) of a directory, checked for order and bounds."""
         data = self.flat_data(ri)
         out: list[tuple[bytes, int, int]] = []
+        prev = None
         for bstart in range(0, len(data), BLOCK_SIZE):
             blk = data[bstart:bstart + BLOCK_SIZE]
+            blen = len(blk)
             nameoff0 = int.from_bytes(blk[8:10], "little")
-            if nameoff0 == 0 or nameoff0 % E.DIRENT_SIZE or nameoff0 >= len(blk):
+            if nameoff0 == 0 or nameoff0 % E.DIRENT_SIZE or nameoff0 >= blen:
                 raise FormatError(f"nid {ri.nid}: bad dirent nameoff {nameoff0} in block "
                                   f"{bstart // BLOCK_SIZE}")
-            n = nameoff0 // E.DIRENT_SIZE
-            ents = [E.DIRENT_PACK.unpack_from(blk, i * E.DIRENT_SIZE) for i in range(n)]
+            ents = list(E.DIRENT_PACK.iter_unpack(blk[:nameoff0]))
+            n = len(ents)
             for i, (nid, nameoff, ftype, _r) in enumerate(ents):
-                end = ents[i + 1][1] if i + 1 < n else len(blk)
-                if not nameoff0 <= nameoff < end <= len(blk):
+                end = ents[i + 1][1] if i + 1 < n else blen
+                if not nameoff0 <= nameoff < end <= blen:
                     raise FormatError(f"nid {ri.nid}: dirent {i} name offsets out of order")
                 name = blk[nameoff:end]
                 if i + 1 == n:
                     name = name.split(b"\0", 1)[0]
                 if not name or len(name) > 255:
                     raise FormatError(f"nid {ri.nid}: dirent {i} has an invalid name length")
-                if out and out[-1][0] >= name:
-                    raise FormatError(f"nid {ri.nid}: dirents not sorted ({out[-1][0]!r} >= "
+                if prev is not None and prev >= name:
+                    raise FormatError(f"nid {ri.nid}: dirents not sorted ({prev!r} >= "
                                       f"{name!r})")
+                prev = name
                 out.append((name, nid, ftype))
         return out
 
