@@ -48,30 +48,27 @@ naming them; syntax errors name the line (from tomllib).
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
-
-import click
+import sys
+from typing import Any
 
 from erofs_nydus.errors import UsageError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "SHARED_OPTIONS",
     "Config",
     "apply_backend_config",
-    "config_options",
     "current_config",
     "default_config_path",
-    "effective_config",
     "load_config",
+    "merge_flags",
     "normalize_mirrors",
     "normalize_proxy",
     "parse_size",
     "to_toml",
+    "use_config",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/erofs-nydus/config.toml"
@@ -79,25 +76,39 @@ ENV_VAR = "EROFS_NYDUS_CONFIG"
 MODES = ("auto", "fanotify", "fscache")
 
 
-@dataclass
 class Config:
-    cache_dir: str | None = None
-    mode: str = "auto"
-    amplify: int = 1 << 20
-    prefetch: bool = True
-    prefetch_threads: int = 4
-    prefetch_bandwidth: int = 0
-    retries: int = 3
-    deadline: float = 30.0
-    credentials: str | None = None
-    plain_http: bool = False
-    fscache_buffered_cache: bool = True
-    mirrors: list[dict[str, Any]] = field(default_factory=list)
-    proxy: dict[str, Any] | None = None
-    source: str | None = None  # the file the settings came from
+    """The settings (a plain class, not a dataclass: `mount` loads this module on the
+    hot path, and `dataclasses` imports `inspect`)."""
+
+    def __init__(self) -> None:
+        self.cache_dir: str | None = None
+        self.mode: str = "auto"
+        self.amplify: int = 1 << 20
+        self.prefetch: bool = True
+        self.prefetch_threads: int = 4
+        self.prefetch_bandwidth: int = 0
+        self.retries: int = 3
+        self.deadline: float = 30.0
+        self.credentials: str | None = None
+        self.plain_http: bool = False
+        self.fscache_buffered_cache: bool = True
+        self.mirrors: list[dict[str, Any]] = []
+        self.proxy: dict[str, Any] | None = None
+        self.source: str | None = None  # the file the settings came from
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every setting, in declaration order (a deep copy)."""
+        import copy
+
+        return copy.deepcopy(vars(self))
 
     def register_args(self) -> dict[str, Any]:
         """Extra arguments of the daemon's register request."""
@@ -366,53 +377,19 @@ def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-# -- command-line flags ------------------------------------------------------------------
+# -- command-line flags (the click options are in `erofs_nydus.cli.options`) --------------
 
-
-class SizeParam(click.ParamType[int]):
-    name = "SIZE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-SIZE = SizeParam()
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Options that only exist for the config (mount has its own for the shared ones).
-_OWN_OPTIONS: list[Callable[[F], F]] = [
-    click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                 help=f"Settings file (default ${ENV_VAR}, else {DEFAULT_CONFIG_PATH})."),
-    click.option("--prefetch/--no-prefetch", "cfg_prefetch", default=None,
-                 help="Prefetch the image's prefetch table in the background [config: on]."),
-    click.option("--prefetch-threads", "cfg_prefetch_threads", type=click.IntRange(1, 256),
-                 help="Concurrent prefetch fills [config: 4]."),
-    click.option("--prefetch-bandwidth", "cfg_prefetch_bandwidth", type=SIZE,
-                 help="Prefetch bandwidth limit, bytes/s with K/M/G (0: none) [config: 0]."),
-    click.option("--retries", "cfg_retries", type=click.IntRange(0, 100),
-                 help="Registry: retries per range read [config: 3]."),
-    click.option("--credentials", "cfg_credentials", type=click.Path(),
-                 help="Registry: Docker config dir or config.json with credentials."),
-    click.option("--mirror", "cfg_mirrors", multiple=True, metavar="URL",
-                 help="Registry: a mirror (scheme://host[:port]) for blob reads, tried in "
-                 "order before the origin; nydusd's defaults [config: backend.mirrors]."),
-    click.option("--proxy", "cfg_proxy", metavar="URL",
-                 help="Registry: an HTTP proxy for blob reads, falling back to the origin "
-                 "[config: backend.proxy]."),
-]  # fmt: skip
 # Shared with `mount`'s own options: (param name, config field).
-_SHARED = (("cache_dir", "cache_dir"), ("mode", "mode"), ("amplify", "amplify"),
-           ("plain_http", "plain_http"), ("read_deadline", "deadline"))  # fmt: skip
+SHARED_OPTIONS = (("cache_dir", "cache_dir"), ("mode", "mode"), ("amplify", "amplify"),
+                  ("plain_http", "plain_http"), ("read_deadline", "deadline"))  # fmt: skip
+
+_CURRENT: list[Config] = []  # set by `use_config` (a program's one command)
 
 
-def effective_config(ctx: click.Context, kwargs: dict[str, Any]) -> Config:
-    """Pop this module's options from `kwargs`; merge file and flags; update the
-    shared options in `kwargs` where they were not given on the command line."""
+def merge_flags(kwargs: dict[str, Any], given: set[str]) -> Config:
+    """Pop the config options (``config_path``, ``cfg_*``) from a command's `kwargs`;
+    merge file and flags; update the shared options in `kwargs` (`SHARED_OPTIONS`) that
+    are not in `given` (the parameters given on the command line) from the file."""
     cfg = load_config(kwargs.pop("config_path", None))
     for name in list(kwargs):
         if name.startswith("cfg_"):
@@ -426,44 +403,31 @@ def effective_config(ctx: click.Context, kwargs: dict[str, Any]) -> Config:
                 raise UsageError(f"--{name[4:].rstrip('s')}: {exc}") from exc
             if v is not None:
                 setattr(cfg, name[4:], v)
-    for param, fname in _SHARED:
+    for param, fname in SHARED_OPTIONS:
         if param not in kwargs:
             continue
-        src = ctx.get_parameter_source(param)
-        given = src not in (
-            None,
-            click.core.ParameterSource.DEFAULT,
-            click.core.ParameterSource.DEFAULT_MAP,
-        )
-        if given and kwargs[param] is not None:
+        if param in given and kwargs[param] is not None:
             setattr(cfg, fname, kwargs[param])
         else:
             kwargs[param] = getattr(cfg, fname)
+    if cfg.credentials is not None and cfg.docker_config_dir():
+        os.environ["DOCKER_CONFIG"] = str(cfg.docker_config_dir())
     return cfg
 
 
-def config_options(f: F) -> F:
-    """Add the config options to a command.  The command gets the shared options
-    already merged with the file, and `current_config()` returns the whole."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        cfg = effective_config(ctx, kwargs)
-        ctx.meta["erofs_nydus.config"] = cfg
-        if cfg.credentials is not None and cfg.docker_config_dir():
-            os.environ["DOCKER_CONFIG"] = str(cfg.docker_config_dir())
-        return f(*args, **kwargs)
-
-    out: Callable[..., Any] = wrapper
-    for opt in reversed(_OWN_OPTIONS):
-        out = opt(out)
-    return out  # type: ignore[return-value]
+def use_config(cfg: Config) -> None:
+    """Make `cfg` what `current_config()` returns in this process (the click-free entry
+    of the hot commands; click commands keep theirs in the click context)."""
+    _CURRENT[:] = [cfg]
 
 
 def current_config() -> Config:
-    """The config `config_options` computed for the running command (or defaults)."""
-    ctx = click.get_current_context(silent=True)
+    """The config `config_options` (or `use_config`) set for the running command, else
+    the defaults."""
+    if _CURRENT:
+        return _CURRENT[0]
+    click = sys.modules.get("click")  # never imported for this
+    ctx = click.get_current_context(silent=True) if click is not None else None
     if ctx is not None:
         cfg = ctx.meta.get("erofs_nydus.config")
         if isinstance(cfg, Config):

@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -553,7 +552,7 @@ def kernel_config() -> dict[str, str] | None:
             text = g.read()
     except OSError:
         try:
-            text = Path(f"/boot/config-{platform.release()}").read_text(errors="replace")
+            text = Path(f"/boot/config-{os.uname().release}").read_text(errors="replace")
         except OSError:
             return None
     conf: dict[str, str] = {}
@@ -565,7 +564,7 @@ def kernel_config() -> dict[str, str] | None:
 
 
 def _kernel_version() -> tuple[int, int]:
-    rel = platform.release()
+    rel = os.uname().release
     nums: list[int] = []
     for part in rel.split(".")[:2]:
         digits = ""

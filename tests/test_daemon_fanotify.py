@@ -26,7 +26,7 @@ KiB = 1024
 
 
 def _fanotify_available() -> bool:
-    from erofs_nydus.cli.runtime import _fanotify_works
+    from erofs_nydus.cli.mounting import fanotify_works as _fanotify_works
 
     return _fanotify_works()
 

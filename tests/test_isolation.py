@@ -156,3 +156,30 @@ def test_spawned_daemon_that_stops_on_its_own_is_reaped(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, env=env, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "ResourceWarning" not in proc.stderr, proc.stderr
+
+
+def test_daemon_interpreter_runs_no_pth_code_and_keeps_the_site_path(tmp_path: Path) -> None:
+    """The daemon's interpreter is `-I -S`: no `.pth` file's code runs in it (nor
+    sitecustomize), yet its sys.path is exactly an `-I` interpreter's, so every
+    dependency imports as before.  Checked by running the daemon's boot code with a
+    probe in place of the module's main()."""
+    from erofs_nydus.service.client import daemon_command
+
+    argv = daemon_command("erofs_nydus.service.client")
+    assert argv[1:4] == ["-I", "-S", "-c"]
+    tail = "from erofs_nydus.service.client import main\nmain(sys.argv[1:])\n"
+    assert argv[4].endswith(tail)
+    probe = ("import json\n"
+             "import anyio, blake3, cffi, construct, crcmod, httpx, isal, lz4, zstandard\n"
+             "print(json.dumps([sys.path, sys.flags.no_site, sorted(sys.modules)]))\n")
+    proc = subprocess.run([*argv[:4], argv[4][:-len(tail)] + probe], capture_output=True,
+                          text=True, cwd="/", env={"PATH": os.defpath}, timeout=60, check=True)
+    path, no_site, modules = json.loads(proc.stdout)
+    code = ("import sys, json\n"
+            "print(json.dumps([sys.path, [m for m in sys.modules if m.startswith("
+            "('__editable', '_distutils_hack', 'sitecustomize'))]]))\n")
+    plain = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                           cwd="/", env={}, timeout=60, check=True)
+    want_path, pth_imports = json.loads(plain.stdout)  # what .pth code imports here
+    assert path == want_path and no_site == 1
+    assert not {"sitecustomize", "usercustomize", *pth_imports} & set(modules)

@@ -314,6 +314,44 @@ def test_daemon_resolve_validates_fully_for_the_register_that_follows(
         client.shutdown()
 
 
+@needs_fanotify
+def test_register_ref_resolves_and_registers_in_one_request(nydus_ref: str,
+                                                            tmp_path: Path) -> None:
+    """`mount REF` sends one `register_ref`: the daemon resolves the reference, fully
+    validates the bootstrap once (verdict on disk), and registers it with the
+    caller's backend settings on top of the resolved registry backend."""
+    import hashlib
+
+    from erofs_nydus.daemon.images import STATE_FILE, VERDICT_FILE
+    from erofs_nydus.mount import mount_erofs_file, umount
+
+    cache, mp = tmp_path / "cache", tmp_path / "mnt"
+    mp.mkdir()
+    client = DaemonClient(cache)
+    assert client.ensure_running()
+    try:
+        info = client.request("register_ref", ref=nydus_ref, mountpoint=str(mp),
+                              backend_config={"retries": 7}, amplify=0)
+        boot = Path(info["bootstrap"])
+        digest = hashlib.sha256(boot.read_bytes()).hexdigest()
+        assert (cache / VERDICT_FILE).read_text().split() == [digest]
+        state = json.loads((cache / STATE_FILE).read_text())
+        (entry,) = state["images"]
+        assert entry["backend"]["type"] == "registry" and entry["backend"]["retries"] == 7
+        assert entry["mountpoints"] == [str(mp)]
+        mount_erofs_file(info["bootstrap"], mp, info["devices"])
+        try:
+            assert (mp / "etc/keep").exists()
+        finally:
+            umount(mp)
+        client.request("detach", mountpoint=str(mp))
+        with pytest.raises(Exception, match="backend_config must be a JSON object"):
+            client.request("register_ref", ref=nydus_ref, mountpoint=str(mp),
+                           backend_config=[1])
+    finally:
+        client.shutdown()
+
+
 def test_backend_from_spec_is_lazy_and_shares_its_client(nydus_ref: str,
                                                          tmp_path: Path) -> None:
     remote = resolve_remote_image(nydus_ref, str(tmp_path / "c"))

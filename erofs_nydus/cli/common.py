@@ -7,8 +7,6 @@ import json
 import os
 from typing import Any
 
-import click
-
 from erofs_nydus.errors import UsageError
 
 
@@ -56,6 +54,8 @@ def write_json(obj: Any, dest: str | None) -> None:
     """`obj` as indented JSON to stdout (`dest` None or "-") or to the file `dest`."""
     text = json.dumps(obj, indent=2, sort_keys=False)
     if dest in (None, "-"):
+        import click  # this module is on the click-free path of `umount` (cache_dir_of)
+
         click.echo(text)
     else:
         assert dest is not None

@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from erofs_nydus.cli import main
-from erofs_nydus.config import SIZE, config_options, current_config, to_toml
+from erofs_nydus.cli.options import SIZE, config_options
+from erofs_nydus.config import current_config, to_toml
 from erofs_nydus.errors import UsageError
 
 

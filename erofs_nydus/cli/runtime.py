@@ -1,11 +1,12 @@
-"""Runtime commands: `mount`, `umount`, `mount-stats`, and the hidden `daemon` entry."""
+"""Runtime commands: `mount`, `umount`, `mount-stats`, and the hidden `daemon` entry.
+
+`mount` and `umount` are click wrappers around `cli.mounting` (which `cli.fast` runs
+without click for the common flags)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
 import sys
 from typing import Any
 
@@ -13,61 +14,10 @@ import click
 
 from erofs_nydus.cli import main
 from erofs_nydus.cli.common import cache_dir_of
-from erofs_nydus.config import apply_backend_config, config_options, current_config
-from erofs_nydus.errors import DaemonError, UnsupportedError, UsageError
-
-KERNEL_FANOTIFY = (6, 14)
-
-
-def _kernel_version() -> tuple[int, int]:
-    nums = []
-    for part in platform.release().split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit()) or "0"
-        nums.append(int(digits))
-    nums += [0, 0]
-    return nums[0], nums[1]
-
-
-def _fanotify_works() -> bool:
-    from erofs_nydus.fanotify.group import init_group
-
-    try:
-        fd = init_group()
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def _fscache_unavailable() -> str | None:
-    from erofs_nydus.fscache.device import unavailable_reason
-
-    return unavailable_reason()
-
-
-def pick_mode(mode: str) -> tuple[str, str]:
-    """Return (mode, reason) or raise UnsupportedError."""
-    ver = _kernel_version()
-    vs = f"{ver[0]}.{ver[1]}"
-    fscache_msg = (
-        f"fscache mode is not available on this kernel (Linux {vs} without /dev/cachefiles "
-        "on-demand support); use the VM harness (vm/) for fscache"
-    )
-    if mode == "fscache":
-        no_fscache = _fscache_unavailable()
-        if no_fscache is None:
-            return "fscache", f"Linux {vs} has /dev/cachefiles on-demand"
-        raise UnsupportedError(f"{fscache_msg}: {no_fscache}")
-    # fanotify first: where it works (the common case) fscache is never looked at
-    if ver >= KERNEL_FANOTIFY and _fanotify_works():
-        return "fanotify", f"Linux {vs} >= 6.14 has fanotify pre-content events"
-    if mode == "auto" and _fscache_unavailable() is None:
-        return "fscache", f"Linux {vs} has /dev/cachefiles on-demand (no fanotify pre-content)"
-    if mode == "fanotify":
-        raise UnsupportedError(
-            f"fanotify mode needs Linux >= 6.14 with pre-content fanotify and root (this is {vs})"
-        )
-    raise UnsupportedError(f"no on-demand mode works here: {fscache_msg}")
+from erofs_nydus.cli.mounting import mount_backend, mount_image, umount_image
+from erofs_nydus.cli.options import config_options
+from erofs_nydus.config import apply_backend_config, current_config
+from erofs_nydus.errors import DaemonError, UsageError
 
 
 @main.command("mount")
@@ -137,199 +87,8 @@ def mount_cmd(
     image, and mounts it with file-backed EROFS, one cache file per blob.  Returns
     once the mount is usable.  A second mount of the same image shares the cache.
     """
-    from erofs_nydus.mount import is_mountpoint
-
-    if cache_dir is None:
-        raise UsageError("give --cache-dir (or daemon.cache_dir in the config file)")
-    chosen, why = pick_mode(mode)
-    if mode == "auto":
-        click.echo(f"mode: {chosen} ({why})", err=True)
-    mp = os.path.realpath(mountpoint)
-    if is_mountpoint(mp):
-        raise UsageError(f"{mp} is already a mountpoint")
-    existed = os.path.isdir(cache_dir)
-    had = set(os.listdir(cache_dir)) if existed else set()
-    try:
-        if chosen == "fscache":
-            _mount_fscache(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
-                           read_deadline, domain_id, buffered_cache, allow_suid_dev)
-        else:
-            _mount_fanotify(bootstrap, mp, blob_dir, cache_dir, amplify, plain_http, platform,
-                            read_deadline, domain_id, buffered_cache, allow_suid_dev)
-    except BaseException as exc:
-        _forget_failed_start(cache_dir, existed, had, keep_log=isinstance(exc, DaemonError))
-        raise
-
-
-def _forget_failed_start(cache_dir: str, existed: bool, had: set[str], keep_log: bool) -> None:
-    """A mount failed: remove the daemon's lock and log files it left in the cache dir
-    (and the dir, if this mount made it and it is empty), unless they were there
-    before, a daemon still runs, or the error names the log (``keep_log``)."""
-    from erofs_nydus.service.client import DaemonClient
-
-    client = DaemonClient(cache_dir)
-    if os.path.basename(client.paths.lock) in had:
-        return
-    client.remove_stale_files(log=not keep_log and os.path.basename(client.paths.log) not in had)
-    if not existed:
-        with contextlib.suppress(OSError):
-            os.rmdir(cache_dir)  # only when empty
-
-
-def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
-                    plain_http: bool, platform: str | None, read_deadline: float,
-                    domain_id: str | None, buffered_cache: bool | None,
-                    allow_suid_dev: bool = False) -> None:
-    from erofs_nydus.mount import mount_erofs_file
-    from erofs_nydus.service.client import DaemonClient
-
-    if domain_id is not None:
-        raise UsageError("--domain-id is for --mode fscache")
-    if buffered_cache:  # given on the command line (the default applies to fscache only)
-        raise UsageError("--buffered-cache is for --mode fscache")
-    client = DaemonClient(cache_dir)
-    local = _local_backend(bootstrap, blob_dir)
-    ref = None if local is not None else _check_reference(bootstrap, blob_dir)
-    started = client.ensure_running()
-    try:
-        if local is None:
-            # The daemon fetches the manifest and bootstrap: it has the HTTP stack
-            # loaded already, this short-lived process never imports it.
-            remote = client.request(
-                "resolve", ref=ref, **_resolve_args(platform, plain_http, read_deadline))
-            local = {**remote["backend"], "bootstrap": remote["bootstrap"]}
-        boot_path = str(local.pop("bootstrap"))
-        backend = apply_backend_config(local, current_config())
-        info = client.request(
-            "register",
-            bootstrap=boot_path,
-            backend=backend,
-            mountpoint=mp,
-            amplify=amplify,
-            **current_config().register_args(),
-        )
-    except BaseException:
-        if started:
-            with contextlib.suppress(Exception):
-                client.shutdown()
-        raise
-    try:
-        mount_erofs_file(info["bootstrap"], mp, info["devices"], allow_suid_dev=allow_suid_dev)
-    except BaseException:
-        remaining = client.request("detach", mountpoint=mp)["remaining"]
-        if remaining == 0:
-            client.shutdown()
-        raise
-    click.echo(
-        f"mounted {bootstrap} at {mp} (fanotify, image {info['fsid'][:12]}, "
-        f"{len(info['devices'])} blob(s), cache {client.paths.cache_dir})"
-    )
-
-
-def _mount_fscache(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: str, amplify: int,
-                   plain_http: bool, platform: str | None, read_deadline: float,
-                   domain_id: str | None, buffered_cache: bool | None,
-                   allow_suid_dev: bool = False) -> None:
-    from erofs_nydus.service.fscache_client import buffered_cache_env, mount_fscache
-
-    if buffered_cache is None:  # not on the command line: environment, else the config
-        env = buffered_cache_env()
-        buffered_cache = current_config().fscache_buffered_cache if env is None else env
-    backend = _mount_backend(bootstrap, blob_dir, cache_dir, plain_http, platform, read_deadline)
-    boot_path = str(backend.pop("bootstrap"))
-    backend = apply_backend_config(backend, current_config())
-    info = mount_fscache(boot_path, mp, cache_dir, backend, amplify=amplify, domain_id=domain_id,
-                         extra=current_config().register_args(),
-                         buffered_cache=buffered_cache, allow_suid_dev=allow_suid_dev)
-    if info.get("buffered_cache_off"):
-        click.echo(f"fscache: warm reads bypass the page cache (O_DIRECT): "
-                   f"{info['buffered_cache_off']}; --no-buffered-cache or "
-                   "fscache.buffered_cache = false to not try", err=True)
-    dom = f", domain {domain_id}" if domain_id else ""
-    dom += ", buffered cache" if info["buffered_cache"] else ""
-    click.echo(f"mounted {bootstrap} at {mp} (fscache, fsid {info['mount_fsid'][:16]}{dom}, "
-               f"{info['blobs']} blob(s), cache {os.path.abspath(cache_dir)})")
-
-
-def _resolve_args(platform: str | None, plain_http: bool,
-                  read_deadline: float) -> dict[str, Any]:
-    """`resolve_remote_image` keyword arguments (also the daemon's `resolve` request)."""
-    cfg = current_config()
-    docker_config = cfg.docker_config_dir() or _caller_docker_config()
-    args: dict[str, Any] = {
-        "platform": platform, "plain_http": True if plain_http else "loopback",
-        "deadline": read_deadline, "retries": cfg.retries,
-        "docker_config": os.path.abspath(docker_config),
-        "mirrors": cfg.mirrors or None, "proxy": cfg.proxy}
-    # The caller's TLS roots (what httpx reads from these variables in this process)
-    # go with the request: the daemon's environment has none of them.
-    ca = os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")
-    if ca:
-        args["verify"] = os.path.abspath(ca)
-    return args
-
-
-def _caller_docker_config() -> str:
-    """This caller's registry auth file, named explicitly in each request: the daemon
-    runs with an allow-listed environment and must never fall back to the settings of
-    whoever started it.  `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`;
-    `$REGISTRY_AUTH_FILE` when that one does not exist (the order of
-    `registry.auth.docker_config_paths`, which this light process does not import)."""
-    env = os.environ
-    if env.get("DOCKER_CONFIG"):
-        first = os.path.join(env["DOCKER_CONFIG"], "config.json")
-    else:
-        home = env.get("HOME") or os.path.expanduser("~")
-        first = os.path.join(home, ".docker", "config.json")
-    auth_file = env.get("REGISTRY_AUTH_FILE")
-    if auth_file and not os.path.exists(first):
-        return auth_file
-    return first
-
-
-def _local_backend(bootstrap: str, blob_dir: str | None) -> dict[str, Any] | None:
-    """Backend spec plus "bootstrap" for a BOOTSTRAP file; None for a REF."""
-    if not os.path.isfile(bootstrap):
-        return None
-    if blob_dir is None:
-        raise UsageError("mounting a BOOTSTRAP file needs --blob-dir")
-    return {"type": "local", "dir": os.path.abspath(blob_dir),
-            "bootstrap": os.path.abspath(bootstrap)}
-
-
-def _check_reference(text: str, blob_dir: str | None) -> str:
-    """`text` as a reference the daemon can resolve (an OCI layout path made absolute);
-    UsageError when it is neither a file nor a reference."""
-    import dataclasses
-
-    from erofs_nydus.registry.reference import (
-        LayoutReference,
-        looks_like_reference,
-        parse_reference,
-    )
-
-    if not looks_like_reference(text):
-        raise UsageError(f"{text}: no such bootstrap file, nor an image reference")
-    if blob_dir is not None:
-        raise UsageError("--blob-dir is for BOOTSTRAP files; a REF's blobs come from its store")
-    ref = parse_reference(text)
-    if isinstance(ref, LayoutReference):
-        ref = dataclasses.replace(ref, path=os.path.abspath(ref.path))
-    return str(ref)
-
-
-def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_http: bool,
-                   platform: str | None, read_deadline: float) -> dict[str, Any]:
-    """Backend spec plus "bootstrap" (local path) for a BOOTSTRAP file or a REF,
-    resolved in this process (fscache mode: its daemon has no control socket)."""
-    local = _local_backend(bootstrap, blob_dir)
-    if local is not None:
-        return local
-    from erofs_nydus.registry.resolve import resolve_remote_image
-
-    remote = resolve_remote_image(_check_reference(bootstrap, blob_dir), cache_dir,
-                                  **_resolve_args(platform, plain_http, read_deadline))
-    return {**remote.backend, "bootstrap": remote.bootstrap}
+    mount_image(bootstrap, mountpoint, blob_dir, cache_dir, mode, amplify, plain_http,
+                platform, read_deadline, domain_id, buffered_cache, allow_suid_dev)
 
 
 @main.command("umount")
@@ -341,35 +100,7 @@ def _mount_backend(bootstrap: str, blob_dir: str | None, cache_dir: str, plain_h
 )
 def umount_cmd(mountpoint: str, cache_dir: str | None) -> None:
     """Unmount MOUNTPOINT; stop the daemon when it serves no other mount."""
-    from erofs_nydus.mount import is_mountpoint, umount
-    from erofs_nydus.service.client import DaemonClient
-
-    mp = os.path.realpath(mountpoint)
-    cdir = cache_dir_of(mp, cache_dir)
-    client = DaemonClient(cdir)
-    if is_mountpoint(mp):
-        umount(mp)
-    if not client.alive():
-        if client.supervisor_running():
-            raise DaemonError(f"daemon for {client.paths.cache_dir} is not answering")
-        click.echo(f"unmounted {mp}")
-        return
-    detached = client.request("detach", mountpoint=mp)
-    remaining = detached["remaining"]
-    if detached.get("lingering"):
-        click.echo(f"unmounted {mp}; its image is still in use (lazily unmounted, files "
-                   "open): the daemon serves it until the last file is closed")
-    elif remaining == 0 and detached.get("resident"):
-        click.echo(f"unmounted {mp}; resident daemon keeps running")
-    elif remaining == 0:
-        try:
-            client.shutdown()
-        except DaemonError as exc:  # a mount registered meanwhile keeps it running
-            click.echo(f"unmounted {mp}; daemon kept running: {exc}")
-            return
-        click.echo(f"unmounted {mp}; daemon stopped")
-    else:
-        click.echo(f"unmounted {mp}; daemon still serves {remaining} mount(s)")
+    umount_image(mountpoint, cache_dir)
 
 
 @main.command("mount-stats")
@@ -498,7 +229,7 @@ def warm_cmd(ref: str, cache_dir: str | None, blob_dir: str | None, everything: 
         except BlockingIOError:
             raise UsageError(f"a daemon serves {cache_dir}: warm it before mounting, or "
                              "warm another cache dir") from None
-        spec = _mount_backend(ref, blob_dir, cache_dir, plain_http, platform, read_deadline)
+        spec = mount_backend(ref, blob_dir, cache_dir, plain_http, platform, read_deadline)
         boot = str(spec.pop("bootstrap"))
         spec = apply_backend_config(spec, current_config())
         if mirrors_only and spec.get("type") == "registry":

@@ -137,6 +137,12 @@ class ChunkList(Sequence[ChunkInfo]):
         for uoff, usize, index in _EXTENT.iter_unpack(self._rec):
             yield index, uoff, (usize + 4095) & ~4095
 
+    def sizes(self) -> Iterator[tuple[int, int]]:
+        """(uncompressed offset, uncompressed size) of each chunk, without building
+        ChunkInfo values."""
+        for uoff, usize, _index in _EXTENT.iter_unpack(self._rec):
+            yield uoff, usize
+
     def _make(self, i: int) -> ChunkInfo:
         digest, uoff, coff, usize, csize, index, flag = PACKED_CHUNK.unpack_from(
             self._rec, i * PACKED_CHUNK.size)

@@ -355,26 +355,29 @@ class BootstrapReader:
         """(name, nid, file_type) of a directory, checked for order and bounds."""
         data = self.flat_data(ri)
         out: list[tuple[bytes, int, int]] = []
+        prev = None
         for bstart in range(0, len(data), BLOCK_SIZE):
             blk = data[bstart:bstart + BLOCK_SIZE]
+            blen = len(blk)
             nameoff0 = int.from_bytes(blk[8:10], "little")
-            if nameoff0 == 0 or nameoff0 % E.DIRENT_SIZE or nameoff0 >= len(blk):
+            if nameoff0 == 0 or nameoff0 % E.DIRENT_SIZE or nameoff0 >= blen:
                 raise FormatError(f"nid {ri.nid}: bad dirent nameoff {nameoff0} in block "
                                   f"{bstart // BLOCK_SIZE}")
-            n = nameoff0 // E.DIRENT_SIZE
-            ents = [E.DIRENT_PACK.unpack_from(blk, i * E.DIRENT_SIZE) for i in range(n)]
+            ents = list(E.DIRENT_PACK.iter_unpack(blk[:nameoff0]))
+            n = len(ents)
             for i, (nid, nameoff, ftype, _r) in enumerate(ents):
-                end = ents[i + 1][1] if i + 1 < n else len(blk)
-                if not nameoff0 <= nameoff < end <= len(blk):
+                end = ents[i + 1][1] if i + 1 < n else blen
+                if not nameoff0 <= nameoff < end <= blen:
                     raise FormatError(f"nid {ri.nid}: dirent {i} name offsets out of order")
                 name = blk[nameoff:end]
                 if i + 1 == n:
                     name = name.split(b"\0", 1)[0]
                 if not name or len(name) > 255:
                     raise FormatError(f"nid {ri.nid}: dirent {i} has an invalid name length")
-                if out and out[-1][0] >= name:
-                    raise FormatError(f"nid {ri.nid}: dirents not sorted ({out[-1][0]!r} >= "
+                if prev is not None and prev >= name:
+                    raise FormatError(f"nid {ri.nid}: dirents not sorted ({prev!r} >= "
                                       f"{name!r})")
+                prev = name
                 out.append((name, nid, ftype))
         return out
 
@@ -476,12 +479,114 @@ class BootstrapReader:
             ino.size = 0
         return ino
 
+    def tree_passes(self) -> bool:
+        """True when `tree()` would find nothing wrong, decided without building the tree.
+
+        The same checks as `tree()` and the methods it calls, in one loop: a regular
+        file without xattrs (most inodes) is checked inline (its inode fields and
+        chunk indexes); every other inode goes through `inode()` and `_inode()` as in
+        `tree()`, directories through `dirents()`.  False at the first failed check
+        (or any error): `tree()` then names the problem.  No check of `tree()` may be
+        missing here - a False is only ever slower, a True skips `tree()`."""
+        try:
+            return self._tree_passes()
+        except Exception:
+            return False
+
+    def _tree_passes(self) -> bool:
+        data, size_total = self.data, len(self.data)
+        meta_base = self.meta_base
+        cs = self.image.chunk_size
+        ndev = self.sb.extra_devices
+        mask = (1 << ndev.bit_length()) - 1 if ndev else 0
+        # by_addr as {device: {blkaddr: uncompressed size}} (int keys hash cheaply);
+        # device 0 and devices without a blob map to {} (no chunk there)
+        sizes: list[dict[int, int]] = [{} for _ in range(mask + 1)]
+        if self._by_addr is not None:
+            for (blob, uoff), c in self._by_addr.items():
+                sizes[blob + 1][uoff >> BLOCK_BITS] = c.uncompressed_size
+        else:  # from the packed lists: a daemon's image keeps no ChunkInfo per chunk
+            for lst in self.image.chunks:
+                if isinstance(lst, ChunkList):
+                    at = sizes[lst.blob_index + 1]
+                    for uoff, usize in lst.sizes():
+                        at[uoff >> BLOCK_BITS] = usize
+                else:
+                    for c in lst:
+                        sizes[c.blob_index + 1][c.uncompressed_offset >> BLOCK_BITS] = (
+                            c.uncompressed_size)
+        compact, extended = E.INODE_COMPACT_SIZE, E.INODE_EXTENDED_SIZE
+        ext_unpack, compact_unpack = (E.INODE_EXTENDED_PACK.unpack_from,
+                                      E.INODE_COMPACT_PACK.unpack_from)
+        iter_index = E.CHUNK_INDEX_PACK.iter_unpack
+        chunk_based, s_ifreg, s_ifmt = E.DATALAYOUT_CHUNK_BASED, stat.S_IFREG, stat.S_IFMT
+        fmt_indexes, blkbits_mask = E.CHUNK_FORMAT_INDEXES, E.CHUNK_FORMAT_BLKBITS_MASK
+        ft_of_type, is_dir_mode = _FT_OF_TYPE, stat.S_ISDIR
+        root_nid = self.sb.root_nid
+        root_ri = self.inode(root_nid)
+        if not is_dir_mode(root_ri.mode):
+            return False
+        self._inode(root_ri)
+        seen: dict[int, bool] = {root_nid: True}  # nid -> is a directory
+        stack = [root_ri]
+        while stack:
+            for name, nid, ftype in self.dirents(stack.pop()):
+                if name in (b".", b".."):
+                    continue
+                shared = seen.get(nid)
+                if shared is not None:
+                    if shared:  # a directory linked twice
+                        return False
+                    continue
+                off = meta_base + (nid << 5)  # E.ISLOT_BITS
+                if off + compact > size_total:
+                    return False
+                fmt = data[off] | data[off + 1] << 8
+                if fmt & 1:
+                    if off + extended > size_total:
+                        return False
+                    _f, icount, mode, _r, size, i_u = ext_unpack(data, off)[:6]
+                    isize = extended
+                else:
+                    _f, icount, mode, _n, size, _r, i_u = compact_unpack(data, off)[:7]
+                    isize = compact
+                if (s_ifmt(mode) != s_ifreg or icount or fmt >> 4
+                        or (fmt >> 1) & 7 != chunk_based or size >> 63):
+                    # anything but a plain chunk-based regular file: as `tree()` does
+                    cri = self.inode(nid)
+                    if ft_of_type[s_ifmt(cri.mode)] != ftype:
+                        return False
+                    self._inode(cri)
+                    isdir = is_dir_mode(cri.mode)
+                    seen[nid] = isdir
+                    if isdir:
+                        stack.append(cri)
+                    continue
+                if ftype != E.FT_REG_FILE:
+                    return False
+                seen[nid] = False
+                # chunk_refs(): 8-byte indexes, each naming a chunk of the right size
+                cfmt = i_u & 0xFFFF
+                if not cfmt & fmt_indexes or cfmt & ~0x3F or (
+                        BLOCK_SIZE << (cfmt & blkbits_mask)) < cs:
+                    return False
+                n = (size + cs - 1) // cs
+                start = (off + isize + 7) & ~7
+                if start + 8 * n > size_total:
+                    return False
+                left = size
+                for _adv, dev, blkaddr in iter_index(data[start:start + 8 * n]):
+                    if sizes[dev & mask].get(blkaddr) != (cs if left > cs else left):
+                        return False
+                    left -= cs
+        return True
+
     def problems(self, walk: bool = True) -> list[str]:
         """Everything wrong with the metadata, one line each.  `walk=False` lists only what
         opening the image found (superblocks, blob and chunk tables) without walking the
         whole tree."""
-        if walk:
-            try:  # checked from the packed lists: `image` stays packed for a daemon
+        if walk and not self.tree_passes():
+            try:  # name the problem; checked from the packed lists: `image` stays packed
                 self.tree(keep_chunks=False)
             except FormatError as exc:
                 self._bad(str(exc))

@@ -51,9 +51,32 @@ _LOCALE_ENV = ("PATH", "LANG", "LANGUAGE", "TZ")
 
 # Imports erofs_nydus from exactly the directory the caller's own package lives in
 # (and nothing else from next to it), then runs a module's main().  Run with -I, so
-# neither the cwd, $PYTHON*, nor the user site reach the root daemon's sys.path.
+# neither the cwd, $PYTHON*, nor the user site reach the root daemon's sys.path, and
+# with -S: no `.pth` file's code runs in the root daemon (they import whatever their
+# installer chose - an editable finder, CA injection, setuptools' shim - ~25 ms of
+# every start here).  The site-packages dirs an -I interpreter would have are added
+# here, with the directory lines of their .pth files (site.addpackage, without its
+# `import` lines), so the dependencies resolve as before.
 _BOOT = """\
-import importlib.util, sys
+import importlib.util, os, site, sys
+for d in site.getsitepackages():
+    if not os.path.isdir(d) or d in sys.path:
+        continue
+    sys.path.append(d)
+    for n in sorted(os.listdir(d)):
+        if not n.endswith(".pth") or n.startswith("."):
+            continue
+        try:
+            with open(os.path.join(d, n), encoding="locale") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            if line.startswith(("#", "import ", "import\t")) or not line.strip():
+                continue
+            p = os.path.abspath(os.path.join(d, line.rstrip()))
+            if os.path.exists(p) and p not in sys.path:
+                sys.path.append(p)
 spec = importlib.util.spec_from_file_location(
     "erofs_nydus", {init!r}, submodule_search_locations=[{pkg!r}])
 mod = importlib.util.module_from_spec(spec)
@@ -114,13 +137,13 @@ def daemon_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def daemon_command(module: str, *args: str) -> list[str]:
-    """argv running ``module.main(args)`` in an isolated interpreter (``-I``) that
-    imports erofs_nydus from where this process's erofs_nydus came from."""
+    """argv running ``module.main(args)`` in an isolated interpreter (``-I -S``: see
+    `_BOOT`) that imports erofs_nydus from where this process's erofs_nydus came from."""
     import erofs_nydus
 
     init = os.path.abspath(erofs_nydus.__file__ or "")
     code = _BOOT.format(init=init, pkg=os.path.dirname(init), module=module)
-    return [sys.executable, "-I", "-c", code, *args]
+    return [sys.executable, "-I", "-S", "-c", code, *args]
 
 
 def spawn_daemon(cache_dir: str, log_path: str, module: str,

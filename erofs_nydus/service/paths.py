@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
-import signal
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from erofs_nydus.errors import UnsafePathError
 from erofs_nydus.fsutil import open_private, private_dir
@@ -19,8 +17,13 @@ __all__ = ["RunPaths", "api_socket_path", "check_peer_is_root"]
 _SUN_PATH_MAX = 107
 
 
-@dataclass(frozen=True)
-class RunPaths:
+def _short_hash(path: str) -> str:
+    import hashlib  # only for a cache dir too long for a socket path
+
+    return hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+
+
+class RunPaths(NamedTuple):
     cache_dir: str
 
     @classmethod
@@ -42,7 +45,7 @@ class RunPaths:
         p = os.path.join(self.cache_dir, "daemon.sock")
         if len(os.fsencode(p)) <= _SUN_PATH_MAX:
             return p
-        h = hashlib.sha256(os.fsencode(self.cache_dir)).hexdigest()[:24]
+        h = _short_hash(self.cache_dir)
         return os.path.join("/run/erofs-nydus", f"{h}.sock")
 
 
@@ -53,7 +56,7 @@ def api_socket_path(cache_dir: str | os.PathLike[str]) -> str:
     p = os.path.join(cdir, "api.sock")
     if len(os.fsencode(p)) <= _SUN_PATH_MAX:
         return p
-    h = hashlib.sha256(os.fsencode(cdir)).hexdigest()[:24]
+    h = _short_hash(cdir)
     return os.path.join("/run/erofs-nydus", f"{h}.api.sock")
 
 
@@ -79,6 +82,8 @@ def take_supervisor_lock(paths: RunPaths) -> int | None:
         os.close(lock_fd)
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+    import signal
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     return lock_fd

@@ -514,21 +514,10 @@ class ControlOps:
             return {"pid": os.getpid(), "mounts": self.table.mountpoints(),
                     "resident": self.resident, "mode": self.mode}
         if op == "register":
-            if req.get("mode", "fanotify") != self.mode:
-                raise DaemonError(
-                    f"the daemon for {self.table.cache_dir} runs in {self.mode} mode; mount "
-                    f"with --mode {self.mode} or use another cache dir")
-            mp = os.path.abspath(str(req["mountpoint"]))
-            self.register_check(req, mp)
             loaded, self._resolved = self._resolved, None
-            info = self.table.register(
-                str(req["bootstrap"]), dict(req["backend"]), mp,
-                amplify=request_number(req, "amplify", 1 << 20),
-                prefetch=prefetch_settings(req), fsid=requested_fsid(req), loaded=loaded,
-            )  # fmt: skip
-            self.plane.registered(str(info["fsid"]))
-            self.report_deadline()
-            return self.registered_hook(info, req, mp)
+            return self.register(req, loaded)
+        if op == "register_ref":
+            return self.register_ref(req)
         if op == "resolve":
             return self.resolve(req)
         if op == "detach":
@@ -577,6 +566,39 @@ class ControlOps:
             self._reported_deadline = worst
             self.tell({"op": "deadline", "seconds": 2 * worst + 10})
 
+    def register(self, req: dict[str, Any], loaded: LoadedBootstrap | None) -> dict[str, Any]:
+        """Register `req["bootstrap"]` for `req["mountpoint"]` (`loaded`: that file as a
+        `resolve` in this process read and validated it)."""
+        if req.get("mode", "fanotify") != self.mode:
+            raise DaemonError(
+                f"the daemon for {self.table.cache_dir} runs in {self.mode} mode; mount "
+                f"with --mode {self.mode} or use another cache dir")
+        mp = os.path.abspath(str(req["mountpoint"]))
+        self.register_check(req, mp)
+        info = self.table.register(
+            str(req["bootstrap"]), dict(req["backend"]), mp,
+            amplify=request_number(req, "amplify", 1 << 20),
+            prefetch=prefetch_settings(req), fsid=requested_fsid(req), loaded=loaded,
+        )  # fmt: skip
+        self.plane.registered(str(info["fsid"]))
+        self.report_deadline()
+        return self.registered_hook(info, req, mp)
+
+    def register_ref(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`mount REF` in one round trip: `resolve` the reference (the `resolve`
+        arguments), then `register` its bootstrap (the `register` arguments but
+        ``bootstrap`` and ``backend``: the resolved ones, a registry backend updated
+        with the caller's ``backend_config`` - retries, mirrors, proxy, credentials)."""
+        overlay = req.get("backend_config") or {}
+        if not isinstance(overlay, dict):
+            raise DaemonError("backend_config must be a JSON object")
+        remote, loaded = self.resolve_and_load(req)
+        backend = dict(remote["backend"])
+        if backend.get("type") == "registry":
+            backend.update(overlay)
+        return self.register({**req, "bootstrap": remote["bootstrap"], "backend": backend},
+                             loaded)
+
     def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
         """Resolve an image reference and fetch its bootstrap into the cache dir, so that
         `mount REF` needs no HTTP stack of its own (the daemon has one loaded).
@@ -584,6 +606,12 @@ class ControlOps:
         The bootstrap is parsed here with the full validation a mount needs (and its
         verdict remembered), and the parse kept for the `register` that follows: one
         parse per `mount REF`, not two."""
+        remote, self._resolved = self.resolve_and_load(req)  # `mount REF` registers it next
+        return remote
+
+    def resolve_and_load(self, req: dict[str, Any]
+                         ) -> tuple[dict[str, Any], LoadedBootstrap | None]:
+        """`resolve`: its answer, and the bootstrap as read and validated."""
         from erofs_nydus.registry.resolve import resolve_remote_image
 
         verdicts = self.table.verdicts
@@ -606,7 +634,6 @@ class ControlOps:
             verify=str(req["verify"]) if req.get("verify") else True,
             validate=validate,
         )
-        self._resolved = remote.loaded  # `mount REF` registers this bootstrap next
         return {
             "ref": remote.ref,
             "manifest_digest": remote.manifest_digest,
@@ -614,4 +641,4 @@ class ControlOps:
             "backend": remote.backend,
             "blob_ids": remote.blob_ids,
             "bootstrap_fetched": remote.bootstrap_fetched,
-        }
+        }, remote.loaded
