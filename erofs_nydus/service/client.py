@@ -56,10 +56,25 @@ _LOCALE_ENV = ("PATH", "LANG", "LANGUAGE", "TZ")
 # installer chose - an editable finder, CA injection, setuptools' shim - ~25 ms of
 # every start here).  The site-packages dirs an -I interpreter would have are added
 # here, with the directory lines of their .pth files (site.addpackage, without its
-# `import` lines), so the dependencies resolve as before.
+# `import` lines), so the dependencies resolve as before; in a virtualenv (pyvenv.cfg
+# next to the interpreter, as site.venv() reads it) its own site-packages first.
 _BOOT = """\
 import importlib.util, os, site, sys
-for d in site.getsitepackages():
+prefixes = None
+exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+for cfg in (os.path.join(exe_dir, "pyvenv.cfg"),
+            os.path.join(os.path.dirname(exe_dir), "pyvenv.cfg")):
+    if os.path.isfile(cfg):  # a venv: what site.venv() does without -S, minus .pth code
+        system = False
+        with open(cfg, encoding="utf-8") as f:
+            for line in f:
+                key, eq, value = line.partition("=")
+                if eq and key.strip().lower() == "include-system-site-packages":
+                    system = value.strip().lower() == "true"
+        sys.prefix = sys.exec_prefix = os.path.dirname(exe_dir)
+        prefixes = [sys.prefix] + ([sys.base_prefix] if system else [])
+        break
+for d in site.getsitepackages(prefixes):
     if not os.path.isdir(d) or d in sys.path:
         continue
     sys.path.append(d)
