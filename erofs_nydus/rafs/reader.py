@@ -692,6 +692,15 @@ def load_bootstrap_file(
     data = read_bootstrap_bytes(path)  # its one-line errors (and this one's) first
     if st is None:
         st = os.stat(path)
+    return bootstrap_from_bytes(path, data, st, validate)
+
+
+def bootstrap_from_bytes(
+    path: str, data: bytes, st: os.stat_result,
+    validate: Callable[[bytes, str], RafsImage] | None = None,
+) -> LoadedBootstrap:
+    """`load_bootstrap_file` for bytes the caller already read from `path` (whose
+    `os.stat`/`os.fstat` is `st`): parsed once, not read again."""
     image = validate(data, os.path.basename(path)) if validate else load_image(data)
     return LoadedBootstrap(os.path.abspath(path), data, image,
                            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),

@@ -39,6 +39,7 @@ from erofs_nydus.rafs.image import RafsImage
 from erofs_nydus.rafs.reader import (
     MAX_BOOTSTRAP_SIZE,
     LoadedBootstrap,
+    bootstrap_from_bytes,
     load_bootstrap_file,
 )
 from erofs_nydus.registry import client
@@ -164,11 +165,13 @@ def extract_bootstrap(layer_tgz: bytes | IO[bytes], **bounds: Any) -> bytes:
     return out.getvalue()
 
 
-def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
-    """The stored bootstrap a previous resolve extracted from this layer, if the index
-    names one and the file holds what its sha256 name says.  Both files are opened
-    without following symlinks, must be ours (`fsutil.open_private`) and are read
-    bounded: anything else is a miss, and the fetch that follows replaces them."""
+def _cached_bootstrap(cache_dir: str, layer_digest: str
+                      ) -> tuple[str, bytes, os.stat_result] | None:
+    """The stored bootstrap a previous resolve extracted from this layer - (path, its
+    bytes, its fstat) - if the index names one and the file holds what its sha256 name
+    says.  Both files are opened without following symlinks, must be ours
+    (`fsutil.open_private`) and are read bounded: anything else is a miss, and the
+    fetch that follows replaces them."""
     idx = os.path.join(cache_dir, LAYER_INDEX, layer_digest.split(":", 1)[1])
     try:
         with os.fdopen(open_private(idx, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
@@ -177,15 +180,12 @@ def _cached_bootstrap(cache_dir: str, layer_digest: str) -> str | None:
             return None
         boot = os.path.join(cache_dir, f"{sha}.boot")
         with os.fdopen(open_private(boot, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BOOTSTRAP_SIZE:
                 return None
-            h = hashlib.sha256()
-            left = MAX_BOOTSTRAP_SIZE + 1
-            while left > 0 and (block := f.read(min(left, 1 << 20))):
-                h.update(block)
-                left -= len(block)
-            if left > 0 and h.hexdigest() == sha:
-                return boot
+            data = f.read(MAX_BOOTSTRAP_SIZE + 1)
+        if len(data) <= MAX_BOOTSTRAP_SIZE and hashlib.sha256(data).hexdigest() == sha:
+            return boot, data, st
     except (OSError, ErofsNydusError):  # missing, a symlink, someone else's: a miss
         pass
     return None
@@ -339,11 +339,14 @@ def resolve_remote_image(
             raise UnsupportedError(f"{ref}: {NOT_NYDUS}")
         boot_desc = layers[-1]
         fetched = 0
-        boot_path = _cached_bootstrap(cache_dir, boot_desc.digest)
-        if boot_path is None:
+        cached = _cached_bootstrap(cache_dir, boot_desc.digest)
+        if cached is not None:
+            boot_path = cached[0]
+            loaded = bootstrap_from_bytes(*cached, validate)  # read once, parsed once
+        else:
             boot_path, fetched = _fetch_bootstrap(store, ref, boot_desc, cache_dir, left,
                                                   mirrors=mirrors, proxy=proxy, backend=backend)
-        loaded = load_bootstrap_file(boot_path, validate)
+            loaded = load_bootstrap_file(boot_path, validate)
         image = loaded.image
         listed = {d.digest for d in layers}
         for b in image.blobs:
