@@ -197,16 +197,9 @@ def daemon_status(cache_dir: Path) -> dict[str, Any]:
 
 
 def fanotify_usable() -> bool:
-    if os.geteuid() != 0:
-        return False
-    from erofs_nydus.fanotify.handler import init_group
+    from erofs_nydus.cli.mounting import fanotify_works
 
-    try:
-        fd = init_group()
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+    return os.geteuid() == 0 and fanotify_works()
 
 
 def daemon_metrics(cache: Path) -> dict[str, float]:
