@@ -56,6 +56,11 @@ class DaemonError(ErofsNydusError):
     """The on-demand daemon could not start, serve, or be reached."""
 
 
+class DaemonStopping(DaemonError):
+    """The daemon is stopping (its last image went): the request was not served; a new
+    daemon serves it."""
+
+
 class BackendError(ErofsNydusError, OSError):
     """A blob backend (local dir, registry) could not deliver the requested bytes."""
 

@@ -114,6 +114,21 @@ def emit(value: Any) -> None:
     print("VM-RESULT " + json.dumps(value), flush=True)
 
 
+def run_group(fn: Any, spec: Any) -> None:
+    """Run a group and emit its result; if it raises, first print the tail of every
+    daemon.log under $SCRATCH (the VM keeps nothing once it powers off)."""
+    try:
+        result = fn(spec)
+    except BaseException:
+        for d, _s, names in os.walk(os.environ.get("SCRATCH", "/tmp")):
+            if "daemon.log" in names:
+                with open(os.path.join(d, "daemon.log"), errors="replace") as f:
+                    tail = f.read()[-3000:]
+                print(f"---- {d}/daemon.log (tail) ----\n{tail}", flush=True)
+        raise
+    emit(result)
+
+
 def _client(cache: str) -> Any:
     from erofs_nydus.service.fscache_client import FscacheClient
 

@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -283,3 +284,102 @@ def test_detach_without_open_objects_is_immediate(h: Harness) -> None:
     assert not (h.tmp / "cache" / f"{fsid}.boot").exists()
     with pytest.raises(DaemonError, match="not a usable name"):
         h.worker.dispatch({"op": "cull", "name": "../x"})
+
+
+def test_a_close_reaped_mid_register_keeps_the_new_registration(h: Harness) -> None:
+    """umount, then mount again at the same place: the old mount's CLOSE reaped while the
+    new `register` is half done (the table has it, `registered_hook` has not run) must
+    not detach the new registration and stop the worker under the mount being made
+    (test_fscache_vm's buffered pass: the next `status` found the daemon gone)."""
+    import threading
+
+    fsid, mp = h.info["fsid"], str(h.tmp / "mnt")
+    bfd, _ = h.anon()
+    h.handle(_open_msg(1, 90, fsid, fsid, bfd))
+    assert h.worker.dispatch({"op": "detach", "mountpoint": mp})["lingering"] is True
+    h.handle(_close_msg(2, 90))  # the kernel let go; the linger watch has not looked yet
+    reaped: list[bool] = []
+    real = h.worker.table.register
+
+    def register_then_reap(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        info: dict[str, Any] = real(*args, **kwargs)
+        t = threading.Thread(target=lambda: reaped.append(h.worker.reap_lingering()))
+        t.start()
+        t.join(0.5)  # the watch thread gets its chance right here
+        return info
+
+    h.worker.table.register = register_then_reap  # type: ignore[method-assign]
+    info = h.worker.dispatch({
+        "op": "register", "mode": "fscache", "bootstrap": str(h.boot),
+        "backend": {"type": "local", "dir": str(h.tmp / "blobs")}, "mountpoint": mp,
+    })  # fmt: skip
+    deadline = time.monotonic() + 5
+    while not reaped and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reaped == [False]
+    assert info["fsid"] == fsid and h.worker.table.images[fsid].mountpoints == [mp]
+    assert not h.worker.lingering and not h.worker.stop.is_set()
+
+
+def test_register_is_refused_once_the_worker_stops(h: Harness) -> None:
+    """After an accepted `shutdown` (or any stop decision) a registration is refused
+    with DaemonStopping - the client starts a new daemon - never accepted by a worker
+    that is about to exit under the mount."""
+    from erofs_nydus.errors import DaemonStopping
+
+    mp = str(h.tmp / "mnt")
+    req = {"op": "register", "mode": "fscache", "bootstrap": str(h.boot),
+           "backend": {"type": "local", "dir": str(h.tmp / "blobs")}, "mountpoint": mp}
+    h.worker.dispatch({"op": "detach", "mountpoint": mp})
+    assert h.worker.dispatch({"op": "shutdown"}) == {}
+    with pytest.raises(DaemonStopping, match="stopping"):
+        h.worker.dispatch(req)
+    assert not h.worker.table.images
+
+
+class _FlakyClient:
+    """A FscacheClient stand-in: the first register meets a daemon that is stopping."""
+
+    def __init__(self, first: Exception) -> None:
+        self.first: Exception | None = first
+        self.calls: list[str] = []
+        self.running = 3  # supervisor_running() answers True this many times
+
+    def ensure_running(self) -> bool:
+        self.calls.append("ensure_running")
+        return False
+
+    def supervisor_running(self) -> bool:
+        self.running -= 1
+        return self.running > 0
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        self.calls.append(op)
+        if self.first is not None:
+            exc, self.first = self.first, None
+            raise exc
+        return {"fsid": "f", **args}
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+@pytest.mark.parametrize("first", ["stopping", "reset"])
+def test_register_started_replaces_a_stopping_daemon_once(first: str) -> None:
+    from erofs_nydus.errors import DaemonStopping
+    from erofs_nydus.service.client import DaemonUnreachable
+    from erofs_nydus.service.fscache_client import register_started
+
+    exc = (DaemonStopping("stopping") if first == "stopping"
+           else DaemonUnreachable("reset by peer"))
+    c = _FlakyClient(exc)
+    info = register_started(c, mountpoint="/m")  # type: ignore[arg-type]
+    assert info == {"fsid": "f", "mountpoint": "/m"}
+    assert c.calls == ["ensure_running", "register", "ensure_running", "register"]
+    assert c.running <= 0  # it waited for the stopping supervisor to go first
+    # twice in a row: the error, no loop
+    c = _FlakyClient(exc)
+    c.first = None
+    c.request = lambda op, **a: (_ for _ in ()).throw(exc)  # type: ignore[method-assign]
+    with pytest.raises(type(exc)):
+        register_started(c, mountpoint="/m", stop_wait=0.1)  # type: ignore[arg-type]

@@ -42,10 +42,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run_group(name: str, images: Path, timeout: float = 900) -> dict[str, Any]:
     res = vs.run_python_in_vm(
         "import json, fscache_guest as g\n"
-        f"g.emit(g.{name}(json.load(open({str(images)!r}))))\n",
+        f"g.run_group(g.{name}, json.load(open({str(images)!r})))\n",
         timeout=timeout,
     )
-    assert res.returncode == 0, res.stdout[-6000:]
+    assert res.returncode == 0, res.stdout[-12000:]
     out: dict[str, Any] = vs.vm_result(res.stdout)
     print(f"{name}: {json.dumps(out)}", file=sys.stderr)
     return out

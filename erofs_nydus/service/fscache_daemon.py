@@ -66,11 +66,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from erofs_nydus.daemon.images import ImageTable
-from erofs_nydus.errors import DaemonError, ErofsNydusError, ProtocolError
+from erofs_nydus.errors import DaemonError, DaemonStopping, ErofsNydusError, ProtocolError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.device import bind_ondemand, open_device
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
 from erofs_nydus.fsutil import atomic_write, open_private, private_dir
+from erofs_nydus.rafs.reader import LoadedBootstrap
 from erofs_nydus.service import channel
 from erofs_nydus.service.api import ControlPlane
 from erofs_nydus.service.paths import RunPaths
@@ -178,7 +179,10 @@ class FscacheWorker(ControlOps):
         # mountpoint -> fsid: detached while the kernel still used the image (see the doc)
         self.lingering: dict[str, str] = {}
         self.pending_culls: set[str] = set()  # fsids / blob ids to cull once unused
+        # held by a registration and by every decision to stop because no image is left
+        # (linger reap, idle exit, shutdown): one never interleaves with the other
         self._linger_lock = threading.RLock()
+        self._closing = False  # a `shutdown` was accepted: register no more
         self._closed = threading.Event()  # a CLOSE came: re-check the lingering images
         self.stop = threading.Event()
         self.started = time.time()
@@ -222,8 +226,9 @@ class FscacheWorker(ControlOps):
             if op == "ping":
                 self.tell({"op": "pong"})
             elif op == "stop":  # SIGTERM/SIGINT to the supervisor
-                if self.on_stop():
-                    self.stop.set()
+                with self._linger_lock:
+                    if self.on_stop():
+                        self.stop.set()
             else:
                 log.error("unknown supervisor message %r", op)
 
@@ -434,6 +439,25 @@ class FscacheWorker(ControlOps):
             self.keys[mountpoint] = (key, domain)
             return key
 
+    def register(self, req: dict[str, Any], loaded: LoadedBootstrap | None) -> dict[str, Any]:
+        """Registration under the lock of the "nothing left: stop" decisions.  Without
+        it, a CLOSE of the image just unmounted, reaped between the table's register
+        and ``registered_hook``, detached the new registration of the same mountpoint
+        and stopped the worker under the mount being made."""
+        with self._linger_lock:
+            if self.stop.is_set() or self._closing:
+                raise DaemonStopping(
+                    f"the fscache daemon for {self.cache_dir} is stopping (no image left)")
+            return super().register(req, loaded)
+
+    def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("op") != "shutdown":
+            return super().dispatch(req)
+        with self._linger_lock:  # accepted: no registration slips in before the stop
+            resp = super().dispatch(req)
+            self._closing = True
+            return resp
+
     def registered_hook(self, info: dict[str, Any], req: dict[str, Any],
                         mountpoint: str) -> dict[str, Any]:
         domain = req.get("domain_id")
@@ -568,11 +592,13 @@ class FscacheWorker(ControlOps):
             self._closed.clear()
             if self.stop.is_set():
                 return
-            if self.reap_lingering() and not self.resident:
+            with self._linger_lock:
+                if not self.reap_lingering() or self.resident:
+                    continue
                 log.info("no images left; stopping")
-                self.tell({"op": "shutdown"})
                 self.stop.set()
-                return
+            self.tell({"op": "shutdown"})
+            return
 
     def status_hook(self, st: dict[str, Any]) -> None:
         with self._stats_lock:
@@ -637,11 +663,12 @@ class FscacheWorker(ControlOps):
     def _idle_watch(self, idle_timeout: float) -> None:
         idle_since = time.monotonic()
         while not self.stop.wait(min(2.0, idle_timeout)):
-            if self.table.images:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= idle_timeout:
-                log.info("no images for %.0f s; exiting", idle_timeout)
-                self.stop.set()
+            with self._linger_lock:
+                if self.table.images:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= idle_timeout:
+                    log.info("no images for %.0f s; exiting", idle_timeout)
+                    self.stop.set()
 
     def run(self) -> None:
         self.plane.start()
