@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_support import CLI, build_image, fanotify_usable, run_cli
@@ -187,3 +188,55 @@ def test_every_command_is_in_the_lazy_command_map() -> None:
         assert cli.main.commands[name].callback.__module__ == f"erofs_nydus.cli.{module}", name
     proc = _cli("--help")
     assert proc.returncode == 0 and all(name in proc.stdout for name in cli.COMMANDS)
+
+
+class _StoppingDaemon:
+    """A DaemonClient stand-in: the first request meets a daemon that is stopping."""
+
+    def __init__(self, first: Exception) -> None:
+        self.first: Exception | None = first
+        self.calls: list[str] = []
+        self.running = 3  # supervisor_running() answers True this many times
+
+    def ensure_running(self) -> bool:
+        self.calls.append("ensure_running")
+        return False
+
+    def supervisor_running(self) -> bool:
+        self.running -= 1
+        return self.running > 0
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        self.calls.append(op)
+        if self.first is not None:
+            exc, self.first = self.first, None
+            raise exc
+        return {"fsid": "f", **args}
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+@pytest.mark.parametrize("first", ["stopping", "reset"])
+def test_request_started_replaces_a_stopping_daemon_once(first: str) -> None:
+    """A daemon that stops with its last image between our ping and the `register`
+    (it answers DaemonStopping, or its closing listener resets the connection) is
+    waited for and the next one asked - once; twice in a row is the caller's error."""
+    from erofs_nydus.errors import DaemonStopping
+    from erofs_nydus.service.client import DaemonUnreachable, request_started
+
+    exc = (DaemonStopping("stopping") if first == "stopping"
+           else DaemonUnreachable("reset by peer"))
+    c = _StoppingDaemon(exc)
+    info, started = request_started(c, "register", mountpoint="/m")
+    assert info == {"fsid": "f", "mountpoint": "/m"} and started is False
+    assert c.calls == ["ensure_running", "register", "ensure_running", "register"]
+    assert c.running <= 0  # it waited for the stopping supervisor to go first
+
+    def always(op: str, **args: Any) -> dict[str, Any]:
+        raise exc
+
+    c = _StoppingDaemon(exc)
+    c.request = always  # type: ignore[method-assign]
+    with pytest.raises(type(exc)):
+        request_started(c, "register", mountpoint="/m", stop_wait=0.1)

@@ -136,3 +136,64 @@ def test_control_operations_are_the_same_in_both_modes(mode: str, inputs: dict[s
         assert worker.dispatch({"op": "shutdown"}) == {}
     finally:
         close()
+
+
+@pytest.mark.parametrize("mode", ["fanotify", "fscache"])
+def test_no_registration_once_the_worker_decided_to_stop(mode: str, inputs: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    """A decision to stop for want of images (idle exit, last lingering image reaped)
+    and a registration exclude each other: a `register` arriving while the table is
+    being found empty waits, then is refused with DaemonStopping (the client starts
+    the next daemon) - never accepted by a worker about to close its request source
+    under the new mount.  So is one after an accepted `shutdown`."""
+    import threading
+
+    from erofs_nydus.errors import DaemonStopping
+    from erofs_nydus.fsutil import private_dir
+
+    def register(worker: Any, mp: str) -> dict[str, Any]:
+        return dict(worker.dispatch({
+            "op": "register", "mode": mode, "bootstrap": inputs["boot"],
+            "backend": {"type": "local", "dir": inputs["blob_dir"]}, "mountpoint": mp}))
+
+    worker, close = _worker(mode, Path(private_dir(tmp_path / "cache")))
+    try:
+        checking, release = threading.Event(), threading.Event()
+
+        def empty_after_a_while() -> bool:  # the idle check, caught in the middle
+            checking.set()
+            release.wait(10)
+            return not worker.table.images
+
+        decided: list[bool] = []
+        stopper = threading.Thread(
+            target=lambda: decided.append(worker.stop_when(empty_after_a_while)))
+        stopper.start()
+        assert checking.wait(10)
+        outcome: list[BaseException | dict[str, Any]] = []
+
+        def try_register() -> None:
+            try:
+                outcome.append(register(worker, str(tmp_path / "mnt")))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        registrar = threading.Thread(target=try_register)
+        registrar.start()
+        registrar.join(0.5)  # it has had every chance to slip in
+        release.set()
+        stopper.join(10)
+        registrar.join(10)
+        assert decided == [True]
+        assert len(outcome) == 1 and isinstance(outcome[0], DaemonStopping), outcome
+        assert not worker.table.images
+    finally:
+        close()
+    worker, close = _worker(mode, Path(private_dir(tmp_path / "cache2")))
+    try:
+        assert worker.dispatch({"op": "shutdown"}) == {}
+        with pytest.raises(DaemonStopping, match="stopping"):
+            register(worker, str(tmp_path / "mnt2"))
+        assert not worker.table.images
+    finally:
+        close()

@@ -131,7 +131,7 @@ def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: st
                     domain_id: str | None, buffered_cache: bool | None,
                     allow_suid_dev: bool = False) -> None:
     from erofs_nydus.mount import mount_erofs_file
-    from erofs_nydus.service.client import DaemonClient
+    from erofs_nydus.service.client import DaemonClient, request_started
 
     if domain_id is not None:
         raise UsageError("--domain-id is for --mode fscache")
@@ -140,7 +140,7 @@ def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: st
     client = DaemonClient(cache_dir)
     local = _local_backend(bootstrap, blob_dir)
     ref = None if local is not None else _check_reference(bootstrap, blob_dir)
-    started = client.ensure_running()
+    started = False
     try:
         info = None
         if local is None:
@@ -150,8 +150,8 @@ def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: st
             overlay = apply_backend_config({"type": "registry"}, current_config())
             del overlay["type"]
             try:
-                info = client.request(
-                    "register_ref", ref=ref, backend_config=overlay, mountpoint=mp,
+                info, started = request_started(
+                    client, "register_ref", ref=ref, backend_config=overlay, mountpoint=mp,
                     amplify=amplify, **_resolve_args(platform, plain_http, read_deadline),
                     **current_config().register_args())
             except DaemonError as exc:
@@ -165,14 +165,12 @@ def _mount_fanotify(bootstrap: str, mp: str, blob_dir: str | None, cache_dir: st
             assert local is not None
             boot_path = str(local.pop("bootstrap"))
             backend = apply_backend_config(local, current_config())
-            info = client.request(
-                "register",
-                bootstrap=boot_path,
-                backend=backend,
-                mountpoint=mp,
-                amplify=amplify,
-                **current_config().register_args(),
-            )
+            args = {"bootstrap": boot_path, "backend": backend, "mountpoint": mp,
+                    "amplify": amplify, **current_config().register_args()}
+            if ref is None:
+                info, started = request_started(client, "register", **args)
+            else:  # an older daemon that has just resolved the REF for us
+                info = client.request("register", **args)
     except BaseException:
         if started:
             with contextlib.suppress(Exception):

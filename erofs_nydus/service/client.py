@@ -10,10 +10,10 @@ import os
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from erofs_nydus import errors
-from erofs_nydus.errors import DaemonError, ErofsNydusError, UnsafePathError
+from erofs_nydus.errors import DaemonError, DaemonStopping, ErofsNydusError, UnsafePathError
 from erofs_nydus.fsutil import open_private, private_dir
 from erofs_nydus.service.paths import RunPaths, check_peer_is_root
 
@@ -27,6 +27,7 @@ __all__ = [
     "daemon_command",
     "daemon_environ",
     "error_from_response",
+    "request_started",
     "spawn_daemon",
 ]
 
@@ -127,6 +128,40 @@ def _reap(cache_dir: str | None = None, wait_free: bool = False) -> None:
 
 
 atexit.register(_reap, wait_free=True)
+
+
+class _Startable(Protocol):
+    def ensure_running(self) -> bool: ...
+    def supervisor_running(self) -> bool: ...
+    def request(self, op: str, **args: Any) -> dict[str, Any]: ...
+    def shutdown(self) -> None: ...
+
+
+def request_started(client: _Startable, op: str, *, stop_wait: float = 20.0,
+                    **args: Any) -> tuple[dict[str, Any], bool]:
+    """Send `op` (a registration) to the daemon of `client`'s cache dir, started if
+    none runs; the answer and whether a daemon was started for it.  A daemon that
+    decides to stop (its last image went) between our ping and the request answers
+    ``DaemonStopping``, or resets the connection as its listener closes: it is waited
+    for and the next one asked, once.  A daemon started here for a request that fails is
+    stopped again."""
+    for attempt in (0, 1):
+        started = client.ensure_running()
+        try:
+            return client.request(op, **args), started
+        except (DaemonStopping, DaemonUnreachable):
+            if attempt:
+                raise
+            # not an error: wait for it to go, the next one serves
+            deadline = time.monotonic() + stop_wait
+            while client.supervisor_running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except Exception:
+            if started:
+                with contextlib.suppress(Exception):
+                    client.shutdown()
+            raise
+    raise AssertionError("unreachable")
 
 
 def error_from_response(resp: dict[str, Any]) -> ErofsNydusError:

@@ -12,9 +12,9 @@ import subprocess
 import time
 from typing import Any
 
-from erofs_nydus.errors import DaemonError, DaemonStopping, UnsupportedError
+from erofs_nydus.errors import DaemonError, UnsupportedError
 from erofs_nydus.fsutil import private_dir
-from erofs_nydus.service.client import DaemonClient, DaemonUnreachable, spawn_daemon
+from erofs_nydus.service.client import DaemonClient, request_started, spawn_daemon
 
 __all__ = [
     "BUFFERED_ENV",
@@ -28,7 +28,6 @@ __all__ = [
     "fscache_cache_dir",
     "mount_fscache",
     "prepare_buffered_cache",
-    "register_started",
     "set_read_ahead_kb",
 ]
 
@@ -264,30 +263,6 @@ def _apply_read_ahead(mountpoint: str, before: set[str], kb: int) -> dict[str, A
     return {"bdi": bdi, "read_ahead_kb": got}
 
 
-def register_started(client: FscacheClient, *, stop_wait: float = 20.0,
-                     **args: Any) -> dict[str, Any]:
-    """``register`` with the daemon of `client`'s cache dir, started if none runs.  A
-    daemon that stops with its last image between our ping and the register (it answers
-    ``DaemonStopping``, or the connection is reset as its listener closes) is waited for
-    and replaced once.  A daemon started here is stopped again if the register fails."""
-    for attempt in (0, 1):
-        started = client.ensure_running()
-        try:
-            return client.request("register", **args)
-        except (DaemonStopping, DaemonUnreachable) as exc:
-            if attempt:
-                raise
-            log.info("fscache daemon stopping while registering (%s); starting another", exc)
-            deadline = time.monotonic() + stop_wait
-            while client.supervisor_running() and time.monotonic() < deadline:
-                time.sleep(0.05)
-        except Exception:
-            if started:
-                client.shutdown()
-            raise
-    raise AssertionError("unreachable")
-
-
 def mount_fscache(
     bootstrap: str,
     mountpoint: str,
@@ -340,8 +315,8 @@ def mount_fscache(
         log.info("buffered fscache cache not in effect: %s", off)
     buffered = bool(buffered_cache) and off is None
     client = FscacheClient(cache_dir)
-    info = register_started(
-        client, mode="fscache", bootstrap=bootstrap, backend=backend,
+    info, _ = request_started(
+        client, "register", mode="fscache", bootstrap=bootstrap, backend=backend,
         mountpoint=mountpoint, amplify=amplify, domain_id=domain_id, **(extra or {}),
     )  # fmt: skip
     if read_ahead_kb is None:

@@ -179,10 +179,9 @@ class FscacheWorker(ControlOps):
         # mountpoint -> fsid: detached while the kernel still used the image (see the doc)
         self.lingering: dict[str, str] = {}
         self.pending_culls: set[str] = set()  # fsids / blob ids to cull once unused
-        # held by a registration and by every decision to stop because no image is left
-        # (linger reap, idle exit, shutdown): one never interleaves with the other
-        self._linger_lock = threading.RLock()
-        self._closing = False  # a `shutdown` was accepted: register no more
+        # also the gate (ControlOps): a registration and the decision to stop when the
+        # last lingering image goes never interleave
+        self._linger_lock = self.gate = threading.RLock()
         self._closed = threading.Event()  # a CLOSE came: re-check the lingering images
         self.stop = threading.Event()
         self.started = time.time()
@@ -226,9 +225,8 @@ class FscacheWorker(ControlOps):
             if op == "ping":
                 self.tell({"op": "pong"})
             elif op == "stop":  # SIGTERM/SIGINT to the supervisor
-                with self._linger_lock:
-                    if self.on_stop():
-                        self.stop.set()
+                if self.on_stop():
+                    self.stop.set()
             else:
                 log.error("unknown supervisor message %r", op)
 
@@ -440,23 +438,14 @@ class FscacheWorker(ControlOps):
             return key
 
     def register(self, req: dict[str, Any], loaded: LoadedBootstrap | None) -> dict[str, Any]:
-        """Registration under the lock of the "nothing left: stop" decisions.  Without
-        it, a CLOSE of the image just unmounted, reaped between the table's register
-        and ``registered_hook``, detached the new registration of the same mountpoint
-        and stopped the worker under the mount being made."""
-        with self._linger_lock:
-            if self.stop.is_set() or self._closing:
-                raise DaemonStopping(
-                    f"the fscache daemon for {self.cache_dir} is stopping (no image left)")
+        """Refused once the worker stops for any reason (the cache died too).  Under the
+        gate: without it, a CLOSE of the image just unmounted, reaped between the table's
+        register and ``registered_hook``, detached the new registration of the same
+        mountpoint and stopped the worker under the mount being made."""
+        with self.gate:
+            if self.stop.is_set():
+                raise DaemonStopping(f"the fscache daemon for {self.cache_dir} is stopping")
             return super().register(req, loaded)
-
-    def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("op") != "shutdown":
-            return super().dispatch(req)
-        with self._linger_lock:  # accepted: no registration slips in before the stop
-            resp = super().dispatch(req)
-            self._closing = True
-            return resp
 
     def registered_hook(self, info: dict[str, Any], req: dict[str, Any],
                         mountpoint: str) -> dict[str, Any]:
@@ -592,11 +581,10 @@ class FscacheWorker(ControlOps):
             self._closed.clear()
             if self.stop.is_set():
                 return
-            with self._linger_lock:
-                if not self.reap_lingering() or self.resident:
-                    continue
-                log.info("no images left; stopping")
-                self.stop.set()
+            if not self.stop_when(lambda: self.reap_lingering() and not self.resident):
+                continue
+            log.info("no images left; stopping")
+            self.stop.set()
             self.tell({"op": "shutdown"})
             return
 
@@ -663,12 +651,12 @@ class FscacheWorker(ControlOps):
     def _idle_watch(self, idle_timeout: float) -> None:
         idle_since = time.monotonic()
         while not self.stop.wait(min(2.0, idle_timeout)):
-            with self._linger_lock:
-                if self.table.images:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since >= idle_timeout:
-                    log.info("no images for %.0f s; exiting", idle_timeout)
-                    self.stop.set()
+            if self.table.images:
+                idle_since = time.monotonic()
+            elif (time.monotonic() - idle_since >= idle_timeout
+                  and self.stop_when(lambda: not self.table.images)):
+                log.info("no images for %.0f s; exiting", idle_timeout)
+                self.stop.set()
 
     def run(self) -> None:
         self.plane.start()

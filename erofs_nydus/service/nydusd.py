@@ -248,23 +248,11 @@ class NydusdService:
     def _register(client: Any, bootstrap: str, config: NydusdConfig,
                   target: str) -> dict[str, Any]:
         """Register the image with the cache dir's daemon (started if needed)."""
-        from erofs_nydus.service.client import DaemonUnreachable
+        from erofs_nydus.service.client import request_started
 
-        for attempt in (1, 2):
-            started = client.ensure_running()
-            try:
-                info: dict[str, Any] = client.request(
-                    "register", bootstrap=bootstrap, backend=config.backend, mountpoint=target)
-                return info
-            except DaemonUnreachable:  # it stopped with its last mount meanwhile
-                if attempt == 2:
-                    raise
-            except BaseException:
-                if started:  # a daemon we started for nothing must not stay behind
-                    with contextlib.suppress(DaemonError):
-                        client.shutdown()
-                raise
-        raise AssertionError("unreachable")
+        info, _ = request_started(client, "register", bootstrap=bootstrap,
+                                  backend=config.backend, mountpoint=target)
+        return info
 
     @staticmethod
     def _served_fsid(client: Any, target: str) -> str | None:

@@ -40,6 +40,7 @@ import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
+from erofs_nydus.service.client import request_started
 from erofs_nydus.service.nydusd_config import BlobRequest
 
 __all__ = ["LABEL_ROOT", "FscacheBindings", "fscache_unusable"]
@@ -140,16 +141,11 @@ class FscacheBindings:
                          req.domain_id[:12])
                 self.started = True
                 return
-        started = c.ensure_running()
         self.started = True
-        try:
-            info = c.request("register", mode="fscache", bootstrap=req.bootstrap,
-                             backend=req.config.backend, mountpoint=label,
-                             domain_id=req.domain_id, fsid=req.id, prefetch=req.prefetch)
-        except BaseException:
-            if started:  # a daemon we started for nothing must not stay behind
-                self.stop_if_idle()
-            raise
+        # (a daemon started for a registration that fails is stopped again)
+        info, _ = request_started(c, "register", mode="fscache", bootstrap=req.bootstrap,
+                                  backend=req.config.backend, mountpoint=label,
+                                  domain_id=req.domain_id, fsid=req.id, prefetch=req.prefetch)
         if info.get("fsid") != req.id:
             raise DaemonError(f"the fscache daemon of {self.cache_dir} registered the image as "
                               f"{info.get('fsid')!r}, not {req.id!r}: it predates named fsids")

@@ -36,6 +36,7 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from erofs_nydus.daemon.images import (
     requested_fsid,
     validate_bootstrap,
 )
-from erofs_nydus.errors import DaemonError
+from erofs_nydus.errors import DaemonError, DaemonStopping
 from erofs_nydus.rafs.image import RafsImage
 from erofs_nydus.rafs.reader import LoadedBootstrap
 from erofs_nydus.service import channel, logs
@@ -472,6 +473,14 @@ class ControlOps:
     resident = False
     started = 0.0
     _reported_deadline = 0.0
+    # Held by a registration and by every decision to stop for want of images (idle
+    # exit, last lingering image gone, `shutdown`, SIGTERM): a mount is never registered
+    # with a worker that has just decided to stop - it would lose its request source
+    # under the mount.  Once `stopping`, registrations are refused (DaemonStopping) and
+    # the client starts the next daemon.  A mode's __init__ may share it with its own
+    # locks (RLock: re-entered by hooks).
+    gate: threading.RLock
+    stopping = False
     # the bootstrap the last `resolve` read and fully validated, for the `register` of
     # the same `mount REF` (taken once; used only while the file is unchanged)
     _resolved: LoadedBootstrap | None = None
@@ -533,12 +542,15 @@ class ControlOps:
             return self.table.verify_cached()
         if op == "shutdown":
             self.settle()
-            mounts = self.table.mountpoints()
-            if mounts and not req.get("force"):
-                raise DaemonError(f"still serving {len(mounts)} mount(s): {', '.join(mounts)}")
-            if self.resident and not req.get("resident"):
-                raise DaemonError("a resident daemon keeps running without mounts; stop it "
-                                  "with SIGTERM to its supervisor")
+            with self.gate:
+                mounts = self.table.mountpoints()
+                if mounts and not req.get("force"):
+                    raise DaemonError(
+                        f"still serving {len(mounts)} mount(s): {', '.join(mounts)}")
+                if self.resident and not req.get("resident"):
+                    raise DaemonError("a resident daemon keeps running without mounts; stop "
+                                      "it with SIGTERM to its supervisor")
+                self.stopping = True  # the transport stops once the answer is sent
             return {}
         return self.mode_op(op, req)
 
@@ -546,7 +558,10 @@ class ControlOps:
         """The supervisor got SIGTERM/SIGINT: True (and "shutdown" told) when no mount
         is live, else refused ("stop_refused") - stopping would close the source
         under the mounts."""
-        mounts = self.table.mountpoints()
+        with self.gate:
+            mounts = self.table.mountpoints()
+            if not mounts:
+                self.stopping = True
         if mounts:
             wlog.warning("stop refused: %d mounts live; umount first (%s)",
                          len(mounts), ", ".join(mounts))
@@ -566,9 +581,24 @@ class ControlOps:
             self._reported_deadline = worst
             self.tell({"op": "deadline", "seconds": 2 * worst + 10})
 
+    def stop_when(self, cond: Callable[[], bool]) -> bool:
+        """Decide to stop if ``cond()`` holds, atomically with registrations; True when
+        stopping (now or before)."""
+        with self.gate:
+            if not self.stopping and cond():
+                self.stopping = True
+            return self.stopping
+
     def register(self, req: dict[str, Any], loaded: LoadedBootstrap | None) -> dict[str, Any]:
         """Register `req["bootstrap"]` for `req["mountpoint"]` (`loaded`: that file as a
         `resolve` in this process read and validated it)."""
+        with self.gate:
+            if self.stopping:
+                raise DaemonStopping(f"the daemon for {self.table.cache_dir} is stopping "
+                                     "(no image left); the next one serves this mount")
+            return self._register(req, loaded)
+
+    def _register(self, req: dict[str, Any], loaded: LoadedBootstrap | None) -> dict[str, Any]:
         if req.get("mode", "fanotify") != self.mode:
             raise DaemonError(
                 f"the daemon for {self.table.cache_dir} runs in {self.mode} mode; mount "

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -89,6 +90,7 @@ class Worker(ControlOps):
         self.started = time.time()
         # mountpoint -> bootstrap: unmounted (lazily) but the superblock still in use
         self.lingering: dict[str, str] = {}
+        self.gate = threading.RLock()  # registrations vs stop decisions (ControlOps)
         self.supervisor_counters: dict[str, float] = {}
         self._stop: anyio.Event | None = None
         # traces, prefetch, HTTP control API (api.py)
@@ -166,7 +168,7 @@ class Worker(ControlOps):
                 elif op == "stop":
                     # SIGTERM/SIGINT to the supervisor.  Stopping under a mount would
                     # close the fanotify group and let its holes read as zeros.
-                    if self.on_stop():
+                    if await anyio.to_thread.run_sync(self.on_stop):
                         tg.cancel_scope.cancel()
                         return
                 else:
@@ -219,7 +221,8 @@ class Worker(ControlOps):
                 except DaemonError as exc:
                     log.warning("deferred detach of %s: %s", mp, exc)
                 self.plane.detached()
-                if not self.table.images and not self.resident:
+                if not self.resident and await anyio.to_thread.run_sync(
+                        self.stop_when, lambda: not self.table.images):
                     log.info("no mounts left; stopping")
                     self._tell_supervisor({"op": "shutdown"})
                     assert self._stop is not None
@@ -262,7 +265,9 @@ class Worker(ControlOps):
             await anyio.sleep(min(5.0, idle_timeout))
             if self.table.images:
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= idle_timeout:
+            elif (time.monotonic() - idle_since >= idle_timeout
+                  and await anyio.to_thread.run_sync(
+                      self.stop_when, lambda: not self.table.images)):
                 log.info("no images for %.0f s; exiting", idle_timeout)
                 self._tell_supervisor({"op": "shutdown"})
                 assert self._stop is not None
