@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lz4.block
 
 from erofs_nydus.rafs.backend import LocalDirBackend
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
+
+if TYPE_CHECKING:
+    from erofs_nydus.service.client import DaemonClient
 
 
 @dataclass
@@ -194,6 +199,17 @@ def daemon_status(cache_dir: Path) -> dict[str, Any]:
     from erofs_nydus.service.client import DaemonClient
 
     return DaemonClient(cache_dir).request("status")
+
+
+def kill_daemon(client: DaemonClient) -> None:
+    """Teardown: kill -9 the cache dir's daemon if it still runs, every process of it at
+    once (keeper, supervisor, worker: one process group), as the keeper would replace a
+    lone supervisor."""
+    if client.supervisor_running():
+        pid = client.supervisor_pid()
+        if pid:
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 def fanotify_usable() -> bool:
