@@ -616,22 +616,24 @@ def test_fuzz_real_mounts(image: tuple[bytes, Path], fuzzed: tuple[dict[str, Any
                     continue  # an error is always allowed
                 assert got == want, f"{mutant.name}: {rel!r} read other bytes"
         finally:
-            res = cli("umount", str(mp), "--cache-dir", str(cache))
-            assert res.returncode == 0, res
+            _umount(mp, cache)
     _daemon_gone(cache)
+
+
+def _umount(mp: Path, cache: Path) -> None:
+    res = cli("umount", str(mp), "--cache-dir", str(cache))
+    assert res.returncode == 0, res
 
 
 def _daemon_gone(cache: Path) -> None:
     """The last umount stops the daemon: wait for it (and fail if it stays)."""
-    import time
+    from daemon_support import wait_for
 
     from erofs_nydus.service.client import DaemonClient
 
     client = DaemonClient(cache)
-    deadline = time.monotonic() + 90  # a loaded 2-core machine
-    while client.supervisor_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not client.supervisor_running()
+    # 90 s: a loaded 2-core machine
+    wait_for(lambda: not client.supervisor_running(), 90, f"the daemon of {cache} to stop")
 
 
 def test_cached_chunks_rechecked_for_an_image_that_describes_them_differently(
@@ -699,8 +701,7 @@ def _live_mount(image: tuple[bytes, Path], tmp_path: Path, *extra: str) -> Itera
     try:
         yield mp, cache
     finally:
-        res = cli("umount", str(mp), "--cache-dir", str(cache))
-        assert res.returncode == 0, res
+        _umount(mp, cache)
     _daemon_gone(cache)
 
 
