@@ -34,19 +34,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from coldstart import WORKLOAD, lazy_run  # noqa: E402
-from common import drop_caches, fmt_bytes, median, process_tree, rootfs, supervisor_pid  # noqa: E402
+from common import (  # noqa: E402
+    drop_caches,
+    fmt_bytes,
+    median,
+    process_tree,
+    rootfs,
+    run_rusage,
+    supervisor_pid,
+)
 from netns import CLI, Keeper, Net, manifest_sizes, push_rootfs, registry_nets, sh  # noqa: E402
 from registry_fixture import RegistryServer  # noqa: E402
 
@@ -61,15 +66,12 @@ def convert(server: RegistryServer, src: str, work: Path, variant: str) -> tuple
     """(wall seconds, CPU seconds: user + system of the convert process)."""
     compressor, digester = variant.split("+")
     cache = work / f"conv-{variant}"
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    sh([*CLI, "convert", "--source", src, "--target", server.ref(repo_of(variant)),
-        "--plain-http", "-q", "--cache-dir", str(cache),
-        "--compressor", compressor, "--digester", digester])
-    dt = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    dt, cpu, _rss = run_rusage([*CLI, "convert", "--source", src, "--target",
+                                server.ref(repo_of(variant)), "--plain-http", "-q",
+                                "--cache-dir", str(cache),
+                                "--compressor", compressor, "--digester", digester])
     shutil.rmtree(cache)
-    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return dt, cpu
 
 
 def layer_sizes(server: RegistryServer, repo_tag: str) -> list[int]:
@@ -112,9 +114,7 @@ def daemon_cpu(cache: Path) -> float:
 def read_tree(mnt: Path) -> float:
     """Seconds to read every regular file under `mnt` (`tar | cat`: GNU tar skips file
     data when it writes to /dev/null itself)."""
-    t0 = time.perf_counter()
-    subprocess.run(f"tar -C {mnt} -cf - . | cat > /dev/null", shell=True, check=True)
-    return time.perf_counter() - t0
+    return run_rusage(["sh", "-c", f"tar -C {mnt} -cf - . | cat > /dev/null"])[0]
 
 
 def requests_of(status: dict[str, Any]) -> int:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import daemon_memory, drop_caches, fmt_bytes, median, rootfs
+from common import daemon_memory, drop_caches, fmt_bytes, median, rootfs, run_rusage
 
 from erofs_nydus.mount import mounted
 from erofs_nydus.rafs.backend import LocalDirBackend
@@ -48,9 +48,7 @@ def status(mnt: Path) -> dict[str, object]:
 
 def read_all(root: Path) -> float:
     # not `tar -cf /dev/null`: GNU tar skips reading file data when writing to /dev/null
-    t0 = time.perf_counter()
-    subprocess.run(f"tar -C {root} -cf - . | cat > /dev/null", shell=True, check=True)
-    return time.perf_counter() - t0
+    return run_rusage(["sh", "-c", f"tar -C {root} -cf - . | cat > /dev/null"])[0]
 
 
 def main() -> None:

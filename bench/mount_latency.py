@@ -41,7 +41,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ROOT, drop_caches, median, rootfs  # noqa: E402
+from common import ROOT, drop_caches, median, rootfs, run_rusage  # noqa: E402
 
 CLI = [sys.executable, "-m", "erofs_nydus.cli"]
 # the CLI as the console script runs it, writing its sys.modules at exit
@@ -67,18 +67,9 @@ def timed(argv: list[str], modules_out: Path | None = None) -> tuple[float, floa
     if modules_out is not None:
         env["MODULES_OUT"] = str(modules_out)
         argv = [*HOOKED, *argv[len(CLI):]]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(argv)}\n{err[-3000:]}")
+    wall, cpu, _rss = run_rusage(argv, env=env)
     mods = len(json.loads(modules_out.read_text())) if modules_out is not None else 0
-    return wall, ru.ru_utime + ru.ru_stime, mods
+    return wall, cpu, mods
 
 
 def proc_cpu(pid: int) -> float:

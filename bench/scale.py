@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import daemon_memory, fmt_bytes, run_timed, supervisor_pid
+from common import daemon_memory, fmt_bytes, run_rusage, run_timed, supervisor_pid
 
 CLI = [sys.executable, "-m", "erofs_nydus.cli"]
 PER_DIR = 1000
@@ -98,9 +98,7 @@ def split_layers(src: Path, dest: Path, layers: int) -> list[Path]:
 
 
 def timed(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    run(argv)
-    return time.perf_counter() - t0
+    return run_rusage(argv)[0]
 
 
 def one_size(work: Path, files: int, file_bytes: int, layers: int) -> dict[str, float]:

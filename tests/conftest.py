@@ -1,3 +1,3 @@
 """Shared pytest configuration: fixture plugins live in their own modules."""
 
-pytest_plugins = ["fixtures_trees", "registry_fixture"]
+pytest_plugins = ["fixtures_trees", "registry_fixture", "daemon_support"]

@@ -306,16 +306,13 @@ endpoint = ["http://{self.registry_host}"]
         for mp in sorted((m for m in mps if m.startswith(str(self.base))), key=len,
                          reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
+        from daemon_support import kill_daemon
+
         from erofs_nydus.service.client import DaemonClient
         from erofs_nydus.service.fscache_client import FscacheClient
 
         cls = FscacheClient if self.fs_driver == "fscache" else DaemonClient
-        client = cls(self.cache_dir)
-        if client.supervisor_running():
-            pid = client.supervisor_pid()
-            if pid:  # the whole group: the keeper would replace a lone supervisor
-                with contextlib.suppress(OSError):
-                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+        kill_daemon(cls(self.cache_dir))
 
     def remove_tree(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)

@@ -1,22 +1,34 @@
-"""Helpers for daemon tests: synthetic blobs without the builder, and a counting backend."""
+"""Helpers for daemon tests: synthetic blobs without the builder, a counting backend, CLI
+mounts that are always cleaned up.
+
+Fixture (a plugin of conftest.py): ``mounts`` -> :class:`Mounts` under the test's
+tmp_path; at teardown every mount left is unmounted and each cache dir's daemon must
+have stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lz4.block
+import pytest
 
 from erofs_nydus.rafs.backend import LocalDirBackend
 from erofs_nydus.rafs.image import BlobInfo, ChunkInfo, RafsImage
+
+if TYPE_CHECKING:
+    from erofs_nydus.service.client import DaemonClient
 
 
 @dataclass
@@ -162,6 +174,82 @@ def build_image(src: str | os.PathLike[str], work: Path, *extra: str) -> BuiltIm
     return BuiltImage(boot, blob_dir)
 
 
+def small_image(tmp_path: Path, nfiles: int = 40) -> tuple[Path, BuiltImage]:
+    """`nfiles` random files of up to 300 kB (fixed seed) in tmp_path/src, built with
+    64 KiB chunks into tmp_path/img: (source dir, image)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    for i in range(nfiles):
+        (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
+    return src, build_image(src, tmp_path / "img", "--chunk-size", "0x10000")
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Mounts:
+    """Mount helper that always cleans up and checks nothing is left running."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.active: list[tuple[Path, Path]] = []
+        self.caches: set[Path] = set()
+
+    def mount(self, img: BuiltImage, name: str, cache: Path | None = None, *extra: str) -> Path:
+        from erofs_nydus.mount import is_mountpoint
+
+        mp = self.base / name
+        mp.mkdir(parents=True, exist_ok=True)
+        cache = cache or self.base / "cache"
+        run_cli(
+            "mount", str(img.bootstrap), str(mp), "--blob-dir", str(img.blob_dir),
+            "--cache-dir", str(cache), *extra,
+        )  # fmt: skip
+        assert is_mountpoint(mp)
+        self.active.append((mp, cache))
+        self.caches.add(cache)
+        return mp
+
+    def umount(self, mp: Path) -> str:
+        from erofs_nydus.mount import is_mountpoint
+
+        out = run_cli("umount", str(mp)).stdout
+        self.active = [(m, c) for m, c in self.active if m != mp]
+        assert not is_mountpoint(mp)
+        return out
+
+    def close(self) -> None:
+        from erofs_nydus.service.client import DaemonClient
+
+        for mp, cache in list(self.active):
+            run_cli("umount", str(mp), "--cache-dir", str(cache), check=False)
+        for cache in self.caches:
+            client = DaemonClient(cache)
+            wait_for(lambda c=client: not c.supervisor_running(), 20,
+                     f"the daemon for {cache} to stop")
+            assert not os.path.exists(client.paths.socket)
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[Mounts]:
+    with contextlib.closing(Mounts(tmp_path)) as m:
+        yield m
+
+
 _READER = """
 import os, sys
 try:
@@ -177,8 +265,6 @@ def read_or_fail(path: Path, timeout: float = 60.0) -> bytes:
     """Read `path` in a child process, so that a read the daemon never answers fails
     the test after `timeout` instead of hanging it (fanotify permission waits are
     killable); an I/O error comes back as OSError with the reader's errno."""
-    import pytest
-
     try:
         r = subprocess.run([sys.executable, "-c", _READER, str(path)], capture_output=True,
                            timeout=timeout, check=False)
@@ -194,6 +280,17 @@ def daemon_status(cache_dir: Path) -> dict[str, Any]:
     from erofs_nydus.service.client import DaemonClient
 
     return DaemonClient(cache_dir).request("status")
+
+
+def kill_daemon(client: DaemonClient) -> None:
+    """Teardown: kill -9 the cache dir's daemon if it still runs, every process of it at
+    once (keeper, supervisor, worker: one process group), as the keeper would replace a
+    lone supervisor."""
+    if client.supervisor_running():
+        pid = client.supervisor_pid()
+        if pid:
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 def fanotify_usable() -> bool:

@@ -18,11 +18,15 @@ import pytest
 import treeutil
 from daemon_support import (
     BuiltImage,
+    Mounts,
     build_image,
     daemon_status,
     fanotify_usable,
+    pid_alive,
     read_or_fail,
     run_cli,
+    small_image,
+    wait_for,
 )
 
 from erofs_nydus.mount import is_mountpoint
@@ -35,54 +39,6 @@ if not fanotify_usable():
 
 # The builder gives hard-linked symlinks/fifos distinct inodes (as Nydus does).
 BUILDER_DIFFS = (b"hard/fifo_h_a", b"hard/other/fifo_h_b", b"hard/sym_h_a", b"hard/sym_h_b")
-
-
-class Mounts:
-    """Mount helper that always cleans up and checks nothing is left running."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.active: list[tuple[Path, Path]] = []
-        self.caches: set[Path] = set()
-
-    def mount(self, img: BuiltImage, name: str, cache: Path | None = None, *extra: str) -> Path:
-        mp = self.base / name
-        mp.mkdir(parents=True, exist_ok=True)
-        cache = cache or self.base / "cache"
-        run_cli(
-            "mount", str(img.bootstrap), str(mp), "--blob-dir", str(img.blob_dir),
-            "--cache-dir", str(cache), *extra,
-        )  # fmt: skip
-        assert is_mountpoint(mp)
-        self.active.append((mp, cache))
-        self.caches.add(cache)
-        return mp
-
-    def umount(self, mp: Path) -> str:
-        out = run_cli("umount", str(mp)).stdout
-        self.active = [(m, c) for m, c in self.active if m != mp]
-        assert not is_mountpoint(mp)
-        return out
-
-    def close(self) -> None:
-        for mp, cache in list(self.active):
-            run_cli("umount", str(mp), "--cache-dir", str(cache), check=False)
-        for cache in self.caches:
-            client = DaemonClient(cache)
-            deadline = time.monotonic() + 20
-            while client.supervisor_running() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert not client.supervisor_running(), f"daemon for {cache} still running"
-            assert not os.path.exists(client.paths.socket)
-
-
-@pytest.fixture
-def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    m = Mounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +73,7 @@ def test_lazy_mount_full_compare_then_clean_umount(
     assert "daemon stopped" in mounts.umount(mp)
     for p in (pid, sup):
         assert p is not None
-        deadline = time.monotonic() + 10
-        while _alive(p) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(p), f"process {p} left behind"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        wait_for(lambda p=p: not pid_alive(p), 10, f"process {p} (left behind) to exit")
 
 
 def test_reading_one_small_file_is_lazy(
@@ -202,17 +147,8 @@ def test_second_mount_shares_cache(
     assert "daemon stopped" in mounts.umount(b)
 
 
-def _small_image(tmp_path: Path, nfiles: int = 40) -> tuple[Path, BuiltImage]:
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = random.Random(7)
-    for i in range(nfiles):
-        (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
-    return src, build_image(src, tmp_path / "img", "--chunk-size", "0x10000")
-
-
 def test_corrupted_blob_read_errors_never_wrong_bytes(tmp_path: Path, mounts: Mounts) -> None:
-    src, img = _small_image(tmp_path)
+    src, img = small_image(tmp_path)
     (blob,) = img.blobs
     data = bytearray(blob.read_bytes())
     for pos in range(1000, len(data), len(data) // 7):
@@ -236,7 +172,7 @@ def test_corrupted_blob_read_errors_never_wrong_bytes(tmp_path: Path, mounts: Mo
 
 
 def test_truncated_blob_read_errors(tmp_path: Path, mounts: Mounts) -> None:
-    src, img = _small_image(tmp_path)
+    src, img = small_image(tmp_path)
     mp = mounts.mount(img, "mnt", None, "--amplify", "0")
     (blob,) = img.blobs
     data = blob.read_bytes()
@@ -268,7 +204,7 @@ def test_bad_bootstrap_refused(tmp_path: Path) -> None:
 
 
 def test_missing_blob_refused(tmp_path: Path) -> None:
-    _src, img = _small_image(tmp_path, 3)
+    _src, img = small_image(tmp_path, 3)
     for b in img.blobs:
         b.unlink()
     (tmp_path / "mnt").mkdir()
@@ -282,7 +218,7 @@ def test_missing_blob_refused(tmp_path: Path) -> None:
 
 
 def test_fscache_mode_says_use_the_vm(tmp_path: Path) -> None:
-    _src, img = _small_image(tmp_path, 1)
+    _src, img = small_image(tmp_path, 1)
     (tmp_path / "mnt").mkdir()
     r = run_cli(
         "mount", str(img.bootstrap), str(tmp_path / "mnt"), "--blob-dir", str(img.blob_dir),
@@ -292,7 +228,7 @@ def test_fscache_mode_says_use_the_vm(tmp_path: Path) -> None:
 
 
 def test_kill_9_daemon_while_reader_blocked(tmp_path: Path, mounts: Mounts) -> None:
-    src, img = _small_image(tmp_path)
+    src, img = small_image(tmp_path)
     mp = mounts.mount(img, "mnt", None, "--amplify", "0")
     cache = mounts.base / "cache"
     first = sorted(src.iterdir())[:8]
@@ -326,7 +262,7 @@ def test_kill_9_daemon_while_reader_blocked(tmp_path: Path, mounts: Mounts) -> N
 
 
 def test_kill_9_daemon_between_reads(tmp_path: Path, mounts: Mounts) -> None:
-    src, img = _small_image(tmp_path)
+    src, img = small_image(tmp_path)
     mp = mounts.mount(img, "mnt")
     cache = mounts.base / "cache"
     files = sorted(src.iterdir())
@@ -397,7 +333,7 @@ def test_full_cache_disk_read_errors_daemon_keeps_serving(
 
 
 def test_umount_while_file_open_fails_cleanly(tmp_path: Path, mounts: Mounts) -> None:
-    src, img = _small_image(tmp_path, 5)
+    src, img = small_image(tmp_path, 5)
     mp = mounts.mount(img, "mnt")
     f = sorted(src.iterdir())[0]
     with open(mp / f.name, "rb") as held:
@@ -447,7 +383,7 @@ def test_concurrent_mounts_start_one_daemon(tmp_path: Path, mounts: Mounts) -> N
 
     from daemon_support import CLI
 
-    src, img = _small_image(tmp_path, 4)
+    src, img = small_image(tmp_path, 4)
     cache = mounts.base / "cache"
     procs = []
     for name in ("m1", "m2", "m3"):
@@ -514,10 +450,7 @@ def test_idle_daemon_exits_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyP
     client = DaemonClient(tmp_path / "cache")
     assert client.ensure_running() is True
     assert client.alive()
-    deadline = time.monotonic() + 30
-    while client.supervisor_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not client.supervisor_running()
+    wait_for(lambda: not client.supervisor_running(), 30, "the idle daemon to exit")
     assert not os.path.exists(client.paths.socket)
 
 

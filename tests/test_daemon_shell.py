@@ -31,14 +31,24 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from daemon_support import build_image, daemon_status, fanotify_usable, run_cli
-from test_daemon_mount import Mounts
+from daemon_support import (
+    build_image,
+    daemon_status,
+    fanotify_usable,
+    pid_alive,
+    run_cli,
+    small_image,
+    wait_for,
+)
 
 from erofs_nydus.service.client import DaemonClient
+
+if TYPE_CHECKING:
+    from daemon_support import BuiltImage, Mounts
 
 pytestmark = pytest.mark.kernel
 
@@ -46,31 +56,7 @@ if not fanotify_usable():
     pytest.skip("needs root and pre-content fanotify (Linux >= 6.14)", allow_module_level=True)
 
 
-@pytest.fixture
-def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    m = Mounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.close()
-
-
-def _wait_for(pred: object, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _big_file_image(tmp_path: Path, size: int = 8 << 20) -> tuple[Path, Path, object]:
+def _big_file_image(tmp_path: Path, size: int = 8 << 20) -> tuple[Path, Path, BuiltImage]:
     src = tmp_path / "src"
     src.mkdir()
     big = src / "big"
@@ -78,27 +64,38 @@ def _big_file_image(tmp_path: Path, size: int = 8 << 20) -> tuple[Path, Path, ob
     return src, big, build_image(src, tmp_path / "img")
 
 
+def _mount_one(mounts: Mounts, img: BuiltImage) -> tuple[Path, Path, DaemonClient]:
+    """`img` mounted at mnt without read amplification: (mountpoint, cache dir, the
+    cache dir's daemon client)."""
+    mp = mounts.mount(img, "mnt", None, "--amplify", "0")
+    cache = mounts.base / "cache"
+    return mp, cache, DaemonClient(cache)
+
+
+def _supervisor(client: DaemonClient) -> int:
+    sup = client.supervisor_pid()
+    assert sup is not None
+    return sup
+
+
 def test_sigterm_with_live_mounts_is_refused(tmp_path: Path, mounts: Mounts) -> None:
     """SIGTERM (what `systemctl stop` sends) must not let the fanotify group close
     under a mount: the supervisor refuses, logs why and keeps serving."""
     _src, big, img = _big_file_image(tmp_path)
-    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
-    cache = mounts.base / "cache"
-    client = DaemonClient(cache)
+    mp, cache, client = _mount_one(mounts, img)
     want = big.read_bytes()
     with open(mp / "big", "rb") as f:
         assert f.read(1 << 20) == want[: 1 << 20]
-    sup = client.supervisor_pid()
-    assert sup is not None
+    sup = _supervisor(client)
     os.kill(sup, signal.SIGTERM)
     log = Path(client.paths.log)
     refused = "not stopping: 1 mounts live; umount first"
-    _wait_for(lambda: refused in log.read_text(), what="refusal log")
-    assert _alive(sup) and client.alive()
+    wait_for(lambda: refused in log.read_text(), what="refusal log")
+    assert pid_alive(sup) and client.alive()
     assert (mp / "big").read_bytes() == want  # never zeros
     os.kill(sup, signal.SIGINT)
-    _wait_for(lambda: log.read_text().count(refused) >= 2,
-              what="second refusal")
+    wait_for(lambda: log.read_text().count(refused) >= 2,
+             what="second refusal")
     assert (mp / "big").read_bytes() == want
     assert daemon_status(cache)["fanotify"]["denied"] == 0
     assert "daemon stopped" in mounts.umount(mp)
@@ -107,21 +104,11 @@ def test_sigterm_with_live_mounts_is_refused(tmp_path: Path, mounts: Mounts) -> 
 def test_sigterm_without_mounts_stops(tmp_path: Path) -> None:
     client = DaemonClient(tmp_path / "cache")
     assert client.ensure_running() is True
-    sup = client.supervisor_pid()
-    assert sup is not None
+    sup = _supervisor(client)
     os.kill(sup, signal.SIGTERM)
-    _wait_for(lambda: not client.supervisor_running(), what="supervisor exit")
+    wait_for(lambda: not client.supervisor_running(), what="supervisor exit")
     assert not os.path.exists(client.paths.socket)
     client.shutdown()  # reaps the process we started
-
-
-def _small_image(tmp_path: Path, nfiles: int = 40) -> tuple[Path, object]:
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = random.Random(7)
-    for i in range(nfiles):
-        (src / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
-    return src, build_image(src, tmp_path / "img", "--chunk-size", "0x10000")
 
 
 def _read_all(paths: list[tuple[Path, Path]], timeout: float) -> dict[str, bytes | Exception]:
@@ -163,9 +150,8 @@ def test_stopped_worker_is_replaced_and_readers_get_eio(
     """A SIGSTOPped (stuck) daemon: after the read deadline the supervisor answers
     EIO itself, replaces the daemon, and later reads are served again."""
     monkeypatch.setenv("EROFS_NYDUS_READ_DEADLINE", "3")
-    src, img = _small_image(tmp_path)
-    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
-    cache = mounts.base / "cache"
+    src, img = small_image(tmp_path)
+    mp, cache, _client = _mount_one(mounts, img)
     files = sorted(src.iterdir())
     pid = daemon_status(cache)["pid"]
     os.kill(pid, signal.SIGSTOP)
@@ -174,14 +160,14 @@ def test_stopped_worker_is_replaced_and_readers_get_eio(
         results = _read_all(paths, timeout=60)
         _right_or_eio(results, paths)  # EIO for reads past the deadline, else re-served
         assert "daemon stuck" in Path(DaemonClient(cache).paths.log).read_text()
-        _wait_for(lambda: not _alive(pid), what="stuck daemon replaced")
+        wait_for(lambda: not pid_alive(pid), what="stuck daemon replaced")
         out = run_cli("ctl", "info", "--cache-dir", str(cache), timeout=60).stdout
         new = daemon_status(cache)["pid"]
         assert new != pid and f"pid: {new}" in out
         for f in files:
             assert (mp / f.name).read_bytes() == f.read_bytes()
     finally:
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     assert "daemon stopped" in mounts.umount(mp)
 
@@ -202,7 +188,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def many_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def many_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltImage]:
     base = tmp_path_factory.mktemp("many")
     src = base / "src"
     src.mkdir()
@@ -247,32 +233,29 @@ def _readers_while(mp: Path, src: Path, action: object, nthreads: int = 16) -> l
 
 
 def test_kill_9_supervisor_under_concurrent_readers(
-    many_files: tuple[Path, object], mounts: Mounts
+    many_files: tuple[Path, BuiltImage], mounts: Mounts
 ) -> None:
     """kill -9 of the supervisor (or the OOM killer): the keeper holds the group, kills
     the orphaned daemon, starts a new supervisor that answers the dead one's reads with
     EIO before reading new events.  No file ever reads back wrong; later reads work."""
     src, img = many_files
-    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
-    cache = mounts.base / "cache"
-    client = DaemonClient(cache)
-    sup = client.supervisor_pid()
-    assert sup is not None
+    mp, cache, client = _mount_one(mounts, img)
+    sup = _supervisor(client)
     old_daemon = daemon_status(cache)["pid"]
     def kill_twice() -> None:  # the successor too: the keeper starts another
         os.kill(sup, signal.SIGKILL)
-        _wait_for(lambda: client.supervisor_pid() not in (None, sup), what="new supervisor")
+        wait_for(lambda: client.supervisor_pid() not in (None, sup), what="new supervisor")
         second = client.supervisor_pid()
         assert second is not None
         time.sleep(0.3)
         os.kill(second, signal.SIGKILL)
-        _wait_for(lambda: client.supervisor_pid() not in (None, sup, second),
-                  what="third supervisor")
+        wait_for(lambda: client.supervisor_pid() not in (None, sup, second),
+                 what="third supervisor")
 
     wrong = _readers_while(mp, src, kill_twice, nthreads=64)
     assert wrong == []
     assert client.supervisor_running()
-    assert not _alive(old_daemon)
+    assert not pid_alive(old_daemon)
     assert daemon_status(cache)["pid"] != old_daemon
     for f in sorted(src.iterdir()):  # everything reads right afterwards (no zeros cached)
         assert (mp / f.name).read_bytes() == f.read_bytes(), f.name
@@ -288,19 +271,16 @@ def test_kill_9_supervisor_under_concurrent_readers(
 def test_kill_9_keeper_is_restarted(tmp_path: Path, mounts: Mounts) -> None:
     """The keeper dies: the supervisor starts a new one, and a later supervisor death
     is still survived."""
-    src, img = _small_image(tmp_path, 20)
-    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
-    cache = mounts.base / "cache"
-    client = DaemonClient(cache)
-    sup = client.supervisor_pid()
-    assert sup is not None
+    src, img = small_image(tmp_path, 20)
+    mp, cache, client = _mount_one(mounts, img)
+    sup = _supervisor(client)
     daemon = daemon_status(cache)["pid"]
     (keeper,) = [p for p in _children(sup) if p != daemon]
     os.kill(keeper, signal.SIGKILL)
-    _wait_for(lambda: len([p for p in _children(sup) if p not in (daemon, keeper)]) == 1,
-              what="new keeper")
+    wait_for(lambda: len([p for p in _children(sup) if p not in (daemon, keeper)]) == 1,
+             what="new keeper")
     os.kill(sup, signal.SIGKILL)
-    _wait_for(lambda: client.supervisor_pid() not in (None, sup), what="new supervisor")
+    wait_for(lambda: client.supervisor_pid() not in (None, sup), what="new supervisor")
     for f in sorted(src.iterdir()):
         assert (mp / f.name).read_bytes() == f.read_bytes(), f.name
     assert "daemon stopped" in mounts.umount(mp)
@@ -309,12 +289,9 @@ def test_kill_9_keeper_is_restarted(tmp_path: Path, mounts: Mounts) -> None:
 def test_kill_9_supervisor_with_reads_pending(tmp_path: Path, mounts: Mounts) -> None:
     """The reads the dead supervisor had taken from the queue and not answered: its
     successor answers them EIO (by fd number) before it reads anything new."""
-    src, img = _small_image(tmp_path)
-    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
-    cache = mounts.base / "cache"
-    client = DaemonClient(cache)
-    sup = client.supervisor_pid()
-    assert sup is not None
+    src, img = small_image(tmp_path)
+    mp, cache, client = _mount_one(mounts, img)
+    sup = _supervisor(client)
     files = sorted(src.iterdir())
     daemon = daemon_status(cache)["pid"]
     os.kill(daemon, signal.SIGSTOP)  # events reach it and stay unanswered
@@ -337,7 +314,7 @@ def test_kill_9_supervisor_with_reads_pending(tmp_path: Path, mounts: Mounts) ->
         for f in files:
             assert (mp / f.name).read_bytes() == f.read_bytes(), f.name
     finally:
-        if _alive(daemon):
+        if pid_alive(daemon):
             os.kill(daemon, signal.SIGKILL)
     assert "daemon stopped" in mounts.umount(mp)
 
@@ -396,7 +373,7 @@ def test_daemon_channel_never_drops_messages(tmp_path: Path) -> None:
 
 
 def test_low_open_file_limit_bounds_inflight_never_kills_daemon(
-    many_files: tuple[Path, object], mounts: Mounts
+    many_files: tuple[Path, BuiltImage], mounts: Mounts
 ) -> None:
     """A supervisor started with few fds allowed (hard limit 48): it keeps its
     in-flight events under the limit (the kernel queues the rest) instead of hitting
@@ -417,10 +394,10 @@ def test_low_open_file_limit_bounds_inflight_never_kills_daemon(
         daemon = subprocess.Popen([*CLI, "daemon", "--cache-dir", str(cache)],
                                   stdout=out, stderr=subprocess.STDOUT, preexec_fn=low_limit)
     try:
-        _wait_for(client.alive, what="daemon up")
-        mp = mounts.mount(img, "mnt", cache, "--amplify", "0")  # type: ignore[arg-type]
+        wait_for(client.alive, what="daemon up")
+        mp = mounts.mount(img, "mnt", cache, "--amplify", "0")
         pid = daemon_status(cache)["pid"]
-        files = sorted(src.iterdir())  # type: ignore[attr-defined]
+        files = sorted(src.iterdir())
         bad: list[str] = []
 
         def reader(k: int) -> None:
@@ -460,9 +437,7 @@ def test_lazy_umount_then_cli_umount_keeps_serving_open_file(
     import subprocess
 
     _src, big, img = _big_file_image(tmp_path)
-    mp = mounts.mount(img, "mnt", None, "--amplify", "0")  # type: ignore[arg-type]
-    cache = mounts.base / "cache"
-    client = DaemonClient(cache)
+    mp, cache, client = _mount_one(mounts, img)
     want = big.read_bytes()
     with open(mp / "big", "rb") as held:
         assert held.read(1 << 20) == want[: 1 << 20]
@@ -472,13 +447,13 @@ def test_lazy_umount_then_cli_umount_keeps_serving_open_file(
         assert "still in use" in out
         assert client.alive()
         assert held.read() == want[1 << 20 :]  # not zeros
-        again = run_cli("mount", str(img.bootstrap), str(mp),  # type: ignore[attr-defined]
-                        "--blob-dir", str(img.blob_dir),  # type: ignore[attr-defined]
+        again = run_cli("mount", str(img.bootstrap), str(mp),
+                        "--blob-dir", str(img.blob_dir),
                         "--cache-dir", str(cache), check=False)
         assert again.returncode != 0 and "still in use" in again.stderr, again.stderr
         assert "Traceback" not in again.stderr
     # the superblock goes with the last open file: then the daemon stops by itself
-    _wait_for(lambda: not client.supervisor_running(), what="daemon stop")
+    wait_for(lambda: not client.supervisor_running(), what="daemon stop")
 
 
 def test_daemon_answers_events_that_came_without_an_fd(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ reserves to its owner.  root can do anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,7 @@ import stat
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -614,22 +616,24 @@ def test_fuzz_real_mounts(image: tuple[bytes, Path], fuzzed: tuple[dict[str, Any
                     continue  # an error is always allowed
                 assert got == want, f"{mutant.name}: {rel!r} read other bytes"
         finally:
-            res = cli("umount", str(mp), "--cache-dir", str(cache))
-            assert res.returncode == 0, res
+            _umount(mp, cache)
     _daemon_gone(cache)
+
+
+def _umount(mp: Path, cache: Path) -> None:
+    res = cli("umount", str(mp), "--cache-dir", str(cache))
+    assert res.returncode == 0, res
 
 
 def _daemon_gone(cache: Path) -> None:
     """The last umount stops the daemon: wait for it (and fail if it stays)."""
-    import time
+    from daemon_support import wait_for
 
     from erofs_nydus.service.client import DaemonClient
 
     client = DaemonClient(cache)
-    deadline = time.monotonic() + 90  # a loaded 2-core machine
-    while client.supervisor_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not client.supervisor_running()
+    # 90 s: a loaded 2-core machine
+    wait_for(lambda: not client.supervisor_running(), 90, f"the daemon of {cache} to stop")
 
 
 def test_cached_chunks_rechecked_for_an_image_that_describes_them_differently(
@@ -681,6 +685,26 @@ def test_fscache_open_serves_only_the_validated_bootstrap(tmp_path: Path) -> Non
         h.close()
 
 
+@contextlib.contextmanager
+def _live_mount(image: tuple[bytes, Path], tmp_path: Path, *extra: str) -> Iterator[
+        tuple[Path, Path]]:
+    """`image` mounted in fanotify mode through the CLI, without prefetch: (mountpoint,
+    cache dir).  Unmounted after, which must succeed; then the daemon must stop."""
+    boot, blobs = image
+    src = tmp_path / "img.boot"
+    src.write_bytes(boot)
+    cache, mp = tmp_path / "cache", tmp_path / "mnt"
+    mp.mkdir()
+    res = cli("mount", str(src), str(mp), "--blob-dir", str(blobs), "--cache-dir", str(cache),
+              "--mode", "fanotify", "--no-prefetch", *extra)
+    assert res.returncode == 0, res
+    try:
+        yield mp, cache
+    finally:
+        _umount(mp, cache)
+    _daemon_gone(cache)
+
+
 def _read_uncached(path: Path) -> bytes:
     """Read a file of a mount after dropping its page cache (what a later reader sees)."""
     with open(path, "rb") as f:
@@ -697,15 +721,8 @@ def test_cache_verify_live_mount(image: tuple[bytes, Path], tmp_path: Path) -> N
         pytest.skip("needs root and pre-content fanotify (Linux >= 6.14)")
     from daemon_support import daemon_status
 
-    boot, blobs = image
-    src = tmp_path / "img.boot"
-    src.write_bytes(boot)
-    cache, mp = tmp_path / "cache", tmp_path / "mnt"
-    mp.mkdir()
-    res = cli("mount", str(src), str(mp), "--blob-dir", str(blobs), "--cache-dir", str(cache),
-              "--mode", "fanotify", "--no-prefetch")
-    assert res.returncode == 0, res
-    try:
+    boot, _blobs = image
+    with _live_mount(image, tmp_path) as (mp, cache):
         want = {n: (mp / n).read_bytes() for n in ("f0", "f1", "f2", "f3")}
         (blob,) = daemon_status(cache)["blobs"].values()
         assert blob["complete"] and not blob["marked"]
@@ -725,10 +742,6 @@ def test_cache_verify_live_mount(image: tuple[bytes, Path], tmp_path: Path) -> N
             assert _read_uncached(mp / n) == data, n
         res = cli("cache", "verify", "--cache-dir", str(cache))
         assert res.returncode == 0 and "0 dropped" in res.stdout, res
-    finally:
-        res = cli("umount", str(mp), "--cache-dir", str(cache))
-        assert res.returncode == 0, res
-    _daemon_gone(cache)
 
 
 @pytest.mark.kernel
@@ -747,16 +760,8 @@ def test_restarted_daemon_does_not_read_a_marked_cache_file_back(
 
     from erofs_nydus.service.client import DaemonClient
 
-    boot, blobs = image
-    src = tmp_path / "img.boot"
-    src.write_bytes(boot)
-    cache, mp = tmp_path / "cache", tmp_path / "mnt"
-    mp.mkdir()
-    res = cli("mount", str(src), str(mp), "--blob-dir", str(blobs), "--cache-dir", str(cache),
-              "--mode", "fanotify", "--no-prefetch", "--amplify", "0")
-    assert res.returncode == 0, res
-    client = DaemonClient(cache)
-    try:
+    with _live_mount(image, tmp_path, "--amplify", "0") as (mp, cache):
+        client = DaemonClient(cache)
         want = {n: hashlib.sha256(bytes([i])).digest() * (2500 * (i + 1))
                 for i, n in enumerate(("f0", "f1", "f2", "f3"))}
         assert (mp / "f0").read_bytes() == want["f0"]  # some chunks present, blob marked
@@ -782,10 +787,6 @@ def test_restarted_daemon_does_not_read_a_marked_cache_file_back(
         assert got == want
         log = (cache / "daemon.log").read_text(errors="replace")
         assert "not re-digested" in log
-    finally:
-        res = cli("umount", str(mp), "--cache-dir", str(cache))
-        assert res.returncode == 0, res
-    _daemon_gone(cache)
 
 
 def test_cache_file_beyond_the_filesystem_limit_is_one_line(tmp_path: Path) -> None:

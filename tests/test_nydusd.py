@@ -4,7 +4,6 @@ shared (images by the API), SIGTERM, kill -9 and restart with the same argv, fai
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -15,11 +14,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import BuiltImage, build_image, fanotify_usable, read_or_fail
+from daemon_support import BuiltImage, build_image, fanotify_usable, kill_daemon, read_or_fail
 
 from erofs_nydus.mount import is_mountpoint, umount
 from erofs_nydus.service.client import DaemonClient
@@ -68,6 +68,24 @@ def wait_state(sock: Path, state: str = "RUNNING", timeout: float = 60) -> dict[
     raise AssertionError(f"nydusd at {sock} not {state}: {last}")
 
 
+def refused_one_line(argv: list[str]) -> str:
+    """Run nydusd with `argv`, which it must refuse: non-zero exit, no traceback, one
+    line on stderr (returned)."""
+    p = subprocess.run([*NYDUSD, *argv], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0, p.stderr
+    assert p.stderr.strip() and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    return p.stderr.strip()
+
+
+def supervisor_stops(cache: Path, timeout: float = 30) -> bool:
+    """Wait up to `timeout` for the cache dir's daemon to stop; whether it did."""
+    deadline = time.monotonic() + timeout
+    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not DaemonClient(cache).supervisor_running()
+
+
 def localfs_config(img: BuiltImage, cache: Path) -> dict[str, Any]:
     return {"device": {"backend": {"type": "localfs", "config": {"dir": str(img.blob_dir)}},
                        "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
@@ -94,11 +112,7 @@ def test_argv_forms_and_ignored_flags() -> None:
 
 
 def test_bad_argv_is_one_line() -> None:
-    p = subprocess.run([*NYDUSD, "fuse", "--mountpoint", "/x"], capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode != 0
-    assert p.stderr.strip().count("\n") == 0 and "--apisock" in p.stderr
-    assert "Traceback" not in p.stderr
+    assert "--apisock" in refused_one_line(["fuse", "--mountpoint", "/x"])
 
 
 def test_version_git_commit_matches_api_field() -> None:
@@ -251,53 +265,76 @@ class Nydusd:
         return self.proc.wait(60)
 
 
+@dataclass
+class Rig:
+    """One scenario's image (built from `src`) and, under `base`, its cache dir, empty
+    mountpoint, API socket path and localfs config file; the nydusd processes started
+    here are killed at teardown, with the mounts and the daemon they leave."""
+
+    base: Path
+    img: BuiltImage
+    src: Path
+    procs: list[Nydusd] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cache, self.mnt = self.base / "cache", self.base / "mnt"
+        self.sock, self.config = self.base / "api.sock", self.base / "config.json"
+        self.mnt.mkdir()
+        self.config.write_text(json.dumps(localfs_config(self.img, self.cache)))
+
+    def argv(self, *extra: str, sock: Path | None = None,
+             bootstrap: Path | None = None) -> list[str]:
+        """Dedicated mode, the way the snapshotter starts it: the image in argv."""
+        return ["fuse", "--config", str(self.config),
+                "--bootstrap", str(bootstrap or self.img.bootstrap),
+                "--mountpoint", str(self.mnt), "--apisock", str(sock or self.sock), *extra]
+
+    def start(self, argv: list[str]) -> Nydusd:
+        d = Nydusd(self.base, argv).start()
+        self.procs.append(d)
+        return d
+
+    def serve(self, argv: list[str]) -> Nydusd:
+        """Start nydusd and wait until its API says RUNNING."""
+        d = self.start(argv)
+        wait_state(self.sock)
+        return d
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.proc is not None and p.proc.poll() is None:
+                p.stop(signal.SIGKILL)
+        for line in Path("/proc/mounts").read_text().splitlines():
+            mp = line.split()[1]
+            if mp.startswith(str(self.base)):
+                umount(mp, lazy=True)
+        kill_daemon(DaemonClient(self.cache))
+
+
 @pytest.fixture
-def image(tmp_path: Path) -> tuple[BuiltImage, Path]:
+def rig(tmp_path: Path) -> Iterator[Rig]:
     src = tmp_path / "src"
     (src / "etc").mkdir(parents=True)
     (src / "etc" / "greeting").write_text("hello from nydusd\n")
     (src / "big").write_bytes(os.urandom(3 << 20))
     (src / "other").write_bytes(os.urandom(1 << 20))
-    return build_image(src, tmp_path / "img"), src
-
-
-@pytest.fixture
-def cleanup(tmp_path: Path) -> Iterator[list[Nydusd]]:
-    procs: list[Nydusd] = []
-    yield procs
-    for p in procs:
-        if p.proc is not None and p.proc.poll() is None:
-            p.stop(signal.SIGKILL)
-    for line in Path("/proc/mounts").read_text().splitlines():
-        mp = line.split()[1]
-        if mp.startswith(str(tmp_path)):
-            umount(mp, lazy=True)
-    cache = tmp_path / "cache"
-    client = DaemonClient(cache)
-    if client.supervisor_running():
-        pid = client.supervisor_pid()
-        if pid:  # the whole group: the keeper would replace a lone supervisor
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
+    r = Rig(tmp_path, build_image(src, tmp_path / "img"), src)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 @kernel
-def test_dedicated_mount_api_and_sigterm(tmp_path: Path, image: tuple[BuiltImage, Path],
-                                         cleanup: list[Nydusd]) -> None:
-    img, src = image
-    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
-    mnt.mkdir()
-    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
-    d = Nydusd(tmp_path, ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
-                          str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock),
-                          "--thread-num", "2", "--log-level", "info"]).start()
-    cleanup.append(d)
+def test_dedicated_mount_api_and_sigterm(rig: Rig) -> None:
+    cache, mnt, sock = rig.cache, rig.mnt, rig.sock
+    d = rig.start(rig.argv("--thread-num", "2", "--log-level", "info"))
     # One idle keep-alive connection, as the snapshotter holds it, stays usable.
     conn = UnixHTTPConnection(str(sock))
     info = wait_state(sock)
     assert info["version"]["git_commit"] == build_info()["git_commit"]
     assert (mnt / "etc" / "greeting").read_text() == "hello from nydusd\n"
-    assert (mnt / "big").read_bytes() == (src / "big").read_bytes()
+    assert (mnt / "big").read_bytes() == (rig.src / "big").read_bytes()
     for _ in range(3):
         status, body = api(sock, "GET", "/api/v1/daemon", conn=conn)
         assert status == 200 and body["state"] == "RUNNING"
@@ -327,61 +364,38 @@ def test_dedicated_mount_api_and_sigterm(tmp_path: Path, image: tuple[BuiltImage
         raise AssertionError("connection still answered after exit")
     except (OSError, http.client.HTTPException):
         pass
-    deadline = time.monotonic() + 30
-    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not DaemonClient(cache).supervisor_running()
+    assert supervisor_stops(cache)
 
 
 @kernel
-def test_apisock_dir_is_private(tmp_path: Path, image: tuple[BuiltImage, Path],
-                                cleanup: list[Nydusd]) -> None:
-    img, _src = image
-    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
-    mnt.mkdir()
-    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
-    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
-            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock"]
+def test_apisock_dir_is_private(rig: Rig) -> None:
     # a socket dir anyone may write to: someone could swap the socket; refused, one line
-    (tmp_path / "open").mkdir(mode=0o777)
-    (tmp_path / "open").chmod(0o777)
-    p = subprocess.run([*NYDUSD, *argv, str(tmp_path / "open" / "api.sock"), "--log-file",
-                        str(tmp_path / "refused.log")], capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "socket dir" in p.stderr, p.stderr
-    assert not is_mountpoint(mnt)
+    (rig.base / "open").mkdir(mode=0o777)
+    (rig.base / "open").chmod(0o777)
+    line = refused_one_line([*rig.argv(sock=rig.base / "open" / "api.sock"), "--log-file",
+                             str(rig.base / "refused.log")])
+    assert "socket dir" in line
+    assert not is_mountpoint(rig.mnt)
     # a missing one is made private (0700), like the control API's
-    sock = tmp_path / "run" / "nydusd" / "api.sock"
-    d = Nydusd(tmp_path, [*argv, str(sock)]).start()
-    cleanup.append(d)
+    sock = rig.base / "run" / "nydusd" / "api.sock"
+    d = rig.start(rig.argv(sock=sock))
     wait_state(sock)
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert d.stop(signal.SIGTERM) == 0
-    assert not sock.exists() and not is_mountpoint(mnt)
+    assert not sock.exists() and not is_mountpoint(rig.mnt)
 
 
 @kernel
-def test_kill9_and_restart_adopts_the_mount(tmp_path: Path, image: tuple[BuiltImage, Path],
-                                            cleanup: list[Nydusd]) -> None:
-    img, src = image
-    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
-    mnt.mkdir()
-    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
-    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
-            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock)]
-    d = Nydusd(tmp_path, argv).start()
-    cleanup.append(d)
-    wait_state(sock)
+def test_kill9_and_restart_adopts_the_mount(rig: Rig) -> None:
+    mnt, src = rig.mnt, rig.src
+    d = rig.serve(rig.argv())
     assert (mnt / "etc" / "greeting").read_text() == "hello from nydusd\n"
     held = open(mnt / "etc" / "greeting")  # noqa: SIM115  (a container's open file)
     d.stop(signal.SIGKILL)
     # The mount is still served: a file never read before comes back with the right bytes.
     assert (mnt / "other").read_bytes() == (src / "other").read_bytes()
-    d2 = Nydusd(tmp_path, argv).start()  # the snapshotter's restart policy: same argv
-    cleanup.append(d2)
-    wait_state(sock)
+    d2 = rig.serve(rig.argv())  # the snapshotter's restart policy: same argv
     assert is_mountpoint(mnt)
     assert (mnt / "big").read_bytes() == (src / "big").read_bytes()
     assert held.read() == "hello from nydusd\n"
@@ -389,23 +403,19 @@ def test_kill9_and_restart_adopts_the_mount(tmp_path: Path, image: tuple[BuiltIm
     assert d2.stop() == 0
     assert not is_mountpoint(mnt)
     # the adopted image was cleaned up like one mounted by this process
-    deadline = time.monotonic() + 30
-    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not list(cache.glob("*.boot"))
+    supervisor_stops(rig.cache)
+    assert not list(rig.cache.glob("*.boot"))
 
 
 @kernel
-def test_shared_mode_mounts_by_api_and_failover_calls(
-        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
-    img, src = image
-    cache, root, sock = tmp_path / "cache", tmp_path / "root", tmp_path / "api.sock"
+def test_shared_mode_mounts_by_api_and_failover_calls(rig: Rig) -> None:
+    img, src, sock = rig.img, rig.src, rig.sock
+    root = rig.base / "root"
     root.mkdir()
     argv = ["fuse", "--mountpoint", str(root), "--apisock", str(sock), "--id", "shared_daemon"]
-    d = Nydusd(tmp_path, argv).start()
-    cleanup.append(d)
+    d = rig.start(argv)
     assert wait_state(sock)["id"] == "shared_daemon"
-    cfg = json.dumps(localfs_config(img, cache))
+    cfg = json.dumps(localfs_config(img, rig.cache))
     body = {"fs_type": "rafs", "source": str(img.bootstrap), "config": cfg}
     for sid in ("1", "2"):
         status, err = api(sock, "POST", f"/api/v1/mount?mountpoint=/{sid}/fs", body=body)
@@ -415,14 +425,12 @@ def test_shared_mode_mounts_by_api_and_failover_calls(
     status, err = api(sock, "POST", "/api/v1/mount?mountpoint=/1/fs", body=body)
     assert status == 409 and err["code"] == "AlreadyExists"
     status, err = api(sock, "POST", "/api/v1/mount?mountpoint=/3/fs",
-                      body={**body, "source": str(tmp_path / "missing.boot")})
+                      body={**body, "source": str(rig.base / "missing.boot")})
     assert status >= 400 and err["message"]
     assert not is_mountpoint(root / "3" / "fs")
     # restart policy: killed, restarted with the same argv, every mount re-POSTed: adopted
     d.stop(signal.SIGKILL)
-    d2 = Nydusd(tmp_path, argv).start()
-    cleanup.append(d2)
-    wait_state(sock)
+    d2 = rig.serve(argv)
     for sid in ("1", "2"):
         assert api(sock, "POST", f"/api/v1/mount?mountpoint=/{sid}/fs", body=body)[0] == 204
     assert (root / "1" / "fs" / "other").read_bytes() == (src / "other").read_bytes()
@@ -459,23 +467,17 @@ def kill_daemon_group(cache: Path) -> None:
     os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
+
+
 @kernel
-def test_supervisor_death_the_keeper_repairs_is_not_nydusds_death(
-        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+def test_supervisor_death_the_keeper_repairs_is_not_nydusds_death(rig: Rig) -> None:
     """kill -9 of the supervisor alone (what the OOM killer would pick first if it could)
     is repaired by the keeper, which holds the fanotify group meanwhile: the mount keeps
     serving right bytes, so nydusd must not exit - the snapshotter's recovery would
     restart it and replace a mount that works (and containers running on it).
     nydus-snapshotter takes a hang-up of nydusd's API socket as its death."""
-    img, src = image
-    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
-    mnt.mkdir()
-    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
-    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
-            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock)]
-    d = Nydusd(tmp_path, argv).start()
-    cleanup.append(d)
-    wait_state(sock)
+    cache, mnt, src = rig.cache, rig.mnt, rig.src
+    d = rig.serve(rig.argv())
     assert read_or_fail(mnt / "etc" / "greeting") == (src / "etc" / "greeting").read_bytes()
     old = DaemonClient(cache).supervisor_pid()
     assert old
@@ -484,86 +486,47 @@ def test_supervisor_death_the_keeper_repairs_is_not_nydusds_death(
     # never read before: served through the new supervisor and its daemon
     assert read_or_fail(mnt / "big") == (src / "big").read_bytes()
     assert d.proc is not None and d.proc.poll() is None
-    assert wait_state(sock)["state"] == "RUNNING"
+    assert wait_state(rig.sock)["state"] == "RUNNING"
     assert is_mountpoint(mnt)
     assert d.stop() == 0  # SIGTERM still unmounts and exits
     assert not is_mountpoint(mnt)
 
 
 @kernel
-def test_death_of_the_whole_daemon_ends_nydusd(
-        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+def test_death_of_the_whole_daemon_ends_nydusd(rig: Rig) -> None:
     """When nothing is left to serve the kernel (keeper, supervisor and daemon killed
     together), the process the snapshotter watches dies too, taking its mount along,
     and a restart with the same argv (the snapshotter's recovery) serves the image."""
-    img, src = image
-    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
-    mnt.mkdir()
-    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
-    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
-            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock)]
-    d = Nydusd(tmp_path, argv).start()
-    cleanup.append(d)
-    wait_state(sock)
-    kill_daemon_group(cache)
+    d = rig.serve(rig.argv())
+    kill_daemon_group(rig.cache)
     assert d.proc is not None
     assert d.proc.wait(60) != 0
-    assert not is_mountpoint(mnt)  # never a mount whose holes read as zeros
-    d2 = Nydusd(tmp_path, argv).start()
-    cleanup.append(d2)
-    wait_state(sock)
-    assert read_or_fail(mnt / "big") == (src / "big").read_bytes()
+    assert not is_mountpoint(rig.mnt)  # never a mount whose holes read as zeros
+    d2 = rig.serve(rig.argv())
+    assert read_or_fail(rig.mnt / "big") == (rig.src / "big").read_bytes()
     assert d2.stop() == 0
 
 
 @kernel
-def test_restart_after_the_mount_was_removed_mounts_again(
-        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
+def test_restart_after_the_mount_was_removed_mounts_again(rig: Rig) -> None:
     """The snapshotter's failover unmounts nydusd's mountpoint when it can; the daemon still
     has the image registered there: the restarted nydusd mounts it again."""
-    img, src = image
-    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
-    mnt.mkdir()
-    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
-    argv = ["fuse", "--config", str(tmp_path / "config.json"), "--bootstrap",
-            str(img.bootstrap), "--mountpoint", str(mnt), "--apisock", str(sock)]
-    d = Nydusd(tmp_path, argv).start()
-    cleanup.append(d)
-    wait_state(sock)
+    d = rig.serve(rig.argv())
     d.stop(signal.SIGKILL)
-    umount(mnt)
-    d2 = Nydusd(tmp_path, argv).start()
-    cleanup.append(d2)
-    wait_state(sock)
-    assert (mnt / "big").read_bytes() == (src / "big").read_bytes()
+    umount(rig.mnt)
+    d2 = rig.serve(rig.argv())
+    assert (rig.mnt / "big").read_bytes() == (rig.src / "big").read_bytes()
     assert d2.stop() == 0
-    assert not is_mountpoint(mnt)
+    assert not is_mountpoint(rig.mnt)
     # registered once: the daemon stopped with that unmount
-    deadline = time.monotonic() + 30
-    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not DaemonClient(cache).supervisor_running()
+    assert supervisor_stops(rig.cache)
 
 
 @kernel
-def test_bad_bootstrap_is_one_line_and_leaves_no_daemon(
-        tmp_path: Path, image: tuple[BuiltImage, Path], cleanup: list[Nydusd]) -> None:
-    img, _src = image
-    cache, mnt, sock = tmp_path / "cache", tmp_path / "mnt", tmp_path / "api.sock"
-    mnt.mkdir()
-    bad = tmp_path / "bad.boot"
+def test_bad_bootstrap_is_one_line_and_leaves_no_daemon(rig: Rig) -> None:
+    bad = rig.base / "bad.boot"
     bad.write_bytes(b"not an image" * 1000)
-    (tmp_path / "config.json").write_text(json.dumps(localfs_config(img, cache)))
-    p = subprocess.run([*NYDUSD, "fuse", "--config", str(tmp_path / "config.json"),
-                        "--bootstrap", str(bad), "--mountpoint", str(mnt), "--apisock",
-                        str(sock), "--log-file", str(tmp_path / "nydusd.log")],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0
-    assert p.stderr.strip() and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert p.stderr.strip() in (tmp_path / "nydusd.log").read_text()
-    assert not is_mountpoint(mnt) and not sock.exists()
-    deadline = time.monotonic() + 30
-    while DaemonClient(cache).supervisor_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not DaemonClient(cache).supervisor_running()
+    line = refused_one_line(rig.argv("--log-file", str(rig.base / "nydusd.log"), bootstrap=bad))
+    assert line in (rig.base / "nydusd.log").read_text()
+    assert not is_mountpoint(rig.mnt) and not rig.sock.exists()
+    assert supervisor_stops(rig.cache)
