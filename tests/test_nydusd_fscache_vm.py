@@ -54,7 +54,7 @@ def test_nydusd_singleton_fscache_like_the_snapshotter(tmp_path: Path) -> None:
     # the snapshotter's removal calls: entry, kernel cache file, bootstrap copy, blob caches
     fsid, blobs = ng.fscache_id("7"), json.loads(images.read_text())["a"]["blob_ids"]
     assert {f"D{fsid}", *(f"D{b}" for b in blobs)} <= set(r["cookies_after_umount"]), r
-    assert r["delete_domain"] == 204 and r["delete_boot"] == 204
+    assert r["delete_domain"] == 204 and r["delete_boot"] == 204, log
     assert r["cookies_after_delete"] == [] and r["boot_copy_after"] is False
     assert r["blob_files_after"] == [], r["blob_files_after"]
     assert r["daemon_after_delete"] is False  # nothing left to serve: no idle daemon

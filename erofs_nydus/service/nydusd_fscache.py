@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
-from erofs_nydus.service.client import request_started
+from erofs_nydus.service.client import DaemonUnreachable, request_started
 from erofs_nydus.service.nydusd_config import BlobRequest
 
 __all__ = ["LABEL_ROOT", "FscacheBindings", "fscache_unusable"]
@@ -199,7 +199,6 @@ class FscacheBindings:
         """Remove the files kept for fsid / blob id `name` once nothing serves, mounts or
         opens it: the daemon does it (now, or when its last user goes); without a daemon
         we do, unless a mount has it."""
-        from erofs_nydus.service.client import DaemonUnreachable
         from erofs_nydus.service.fscache_daemon import cull_files
 
         if not name or "/" in name or name in (".", ".."):
@@ -233,10 +232,12 @@ class FscacheBindings:
         if not c.alive():
             self.started = False
             return True
-        if c.request("ping").get("mounts"):
-            return False
         try:
+            if c.request("ping").get("mounts"):
+                return False
             c.shutdown()
+        except DaemonUnreachable:  # it stopped by itself meanwhile (its last image went)
+            pass
         except DaemonError:  # registered meanwhile
             return False
         self.started = False
