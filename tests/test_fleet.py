@@ -61,13 +61,19 @@ def start_mirror(workdir: Path, origin: RegistryServer, port: int | None = None)
 class FaultServer:
     """HTTP server on 127.0.0.1 forwarding to `upstream`.  `mode` applies to blob GETs
     with a Range header: "pass", "cut" (half the body, then close), "slow" (sleep
-    `delay` s before answering), "corrupt" (flip the first byte)."""
+    `delay` s before answering), "corrupt" (flip the first byte).  It counts, per blob
+    digest, the GETs it answered and the body bytes it sent (`blob_gets`, `blob_bytes`):
+    in front of an origin, what the origin paid for."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.mode = "pass"
         self.delay = 30.0
         self.range_gets = 0
+        self.blob_gets: dict[str, int] = {}  # GETs (ranged or not) per blob digest
+        self.blob_bytes: dict[str, int] = {}  # body bytes sent per blob digest
+        self.trickle = 0.0  # > 0: whole-blob GETs send 1 MiB, then sleep this long, ...
+        self._count_lock = threading.Lock()
         self._client = httpx.Client(timeout=60)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -83,6 +89,10 @@ class FaultServer:
         self._server.server_close()
         self._client.close()
 
+    def _count(self, counter: dict[str, int], dgst: str, n: int) -> None:
+        with self._count_lock:
+            counter[dgst] = counter.get(dgst, 0) + n
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fs = self
 
@@ -92,16 +102,30 @@ class FaultServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def send(self, data: bytes, dgst: str | None) -> None:
+                self.wfile.write(data)
+                self.wfile.flush()
+                if dgst is not None:
+                    fs._count(fs.blob_bytes, dgst, len(data))
+
             def do_GET(self) -> None:
-                ranged = "/blobs/" in self.path and "Range" in self.headers
+                head = self.command == "HEAD"
+                ranged = "/blobs/" in self.path and "Range" in self.headers and not head
                 mode = fs.mode if ranged else "pass"
+                dgst = None
+                if "/blobs/" in self.path and not head:
+                    dgst = self.path.rsplit("/", 1)[1].split(":")[-1]
+                    fs._count(fs.blob_gets, dgst, 1)
                 if ranged:
                     fs.range_gets += 1
                 if mode == "slow":
                     time.sleep(fs.delay)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                if fs.trickle and dgst is not None and not ranged:
+                    self.trickle(headers, dgst)
+                    return
                 try:
-                    with fs._client.stream("GET", fs.upstream + self.path,
+                    with fs._client.stream(self.command, fs.upstream + self.path,
                                            headers=headers) as r:  # fmt: skip
                         body = r.read()
                 except (httpx.HTTPError, RuntimeError):  # upstream gone, or closed
@@ -116,15 +140,37 @@ class FaultServer:
                 for k, v in r.headers.items():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
+                length = r.headers.get("Content-Length", "0") if head else str(len(body))
+                self.send_header("Content-Length", length)
                 self.end_headers()
-                if mode == "cut":
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
+                if head:  # headers only, or the connection's next answer is garbage
                     return
-                self.wfile.write(body)
+                try:
+                    if mode == "cut":
+                        self.send(body[: len(body) // 2], dgst)
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    else:
+                        self.send(body, dgst)
+                except OSError:  # the reader went away
+                    self.close_connection = True
+
+            def trickle(self, headers: dict[str, str], dgst: str) -> None:
+                """A whole-blob GET as over a slow link: 1 MiB, a pause, 1 MiB... read
+                from upstream as it goes (a dropped answer costs upstream nothing more)."""
+                try:
+                    with fs._client.stream("GET", fs.upstream + self.path,
+                                           headers=headers) as r:  # fmt: skip
+                        self.send_response(r.status_code)
+                        for k, v in r.headers.items():
+                            if k.lower() not in ("transfer-encoding", "connection"):
+                                self.send_header(k, v)
+                        self.end_headers()
+                        for piece in r.iter_bytes(1 << 20):
+                            self.send(piece, dgst)
+                            time.sleep(fs.trickle)
+                except (httpx.HTTPError, RuntimeError, OSError):  # either side went away
+                    self.close_connection = True
 
             do_HEAD = do_GET
 
@@ -743,6 +789,45 @@ def test_warm_mirrors_only_fills_a_pull_through_mirror(
     wait_for(lambda: all(stored(mirror, d) for d in blobs), "the mirror to store the blobs")
     proc = run_cli("warm", nydus_ref, "--mirrors-only", check=False)
     assert proc.returncode != 0 and "needs a mirror" in proc.stderr
+
+
+def test_warm_mirrors_only_costs_the_origin_one_copy_of_a_blob(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A cold pull-through mirror answers every read of a blob it is still storing with
+    a fresh fetch from the origin (dropped by us, paid for by the origin).  `warm
+    --mirrors-only` reading all of a blob's 24 ranges at once, and again each retry
+    round, made the origin send about 94 GETs and 4 copies of the blob.  Now one read
+    starts the store and one probe a round waits for it: the origin sees the store,
+    the first read's stream and one GET a round while the store (about 5 s) runs."""
+
+    def big(r: Path) -> None:
+        (r / "big.bin").write_bytes(os.urandom(48 << 20))  # incompressible: 24 units
+
+    layout = umoci_image(tmp_path / "img", [big])
+    src = registry.ref("fleet/big-src:v1")
+    skopeo_copy(f"oci:{layout}:latest", f"docker://{src}", fmt="v2s2")
+    ref = registry.ref("fleet/big-nydus:v1")
+    convert_image(src, ref, ConvertOptions(cache_dir=str(tmp_path / "conv"),
+                                           client_options={"plain_http": True}))  # fmt: skip
+    [blob_id] = data_blobs(ref)
+    counted = FaultServer(registry.url)  # the mirror's origin, counting what it sends
+    counted.trickle = 0.1  # the mirror stores the blob over about 5 s, as over a real link
+    mirror = RegistryServer(tmp_path / "mirror", extra_config={
+        "proxy": {"remoteurl": counted.url}}).start()  # fmt: skip
+    try:
+        out = run_cli("warm", ref, "--all", "--mirrors-only", "--mirror", mirror.url).stdout
+        assert "origin:" not in out and " 0 errors" in out, out
+        wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
+        size = (mirror.storage / "docker/registry/v2/blobs/sha256" / blob_id[:2] / blob_id
+                / "data").stat().st_size  # fmt: skip
+        gets, sent = counted.blob_gets[blob_id], counted.blob_bytes[blob_id]
+        # 2 (store + first read) + a probe a second while storing; before: 94, 4.1 copies
+        assert gets <= 15, (gets, sent / size)
+        assert sent <= 1.5 * size, (gets, sent / size)  # 1.25 copies here
+    finally:
+        mirror.stop()
+        counted.close()
 
 
 def test_closed_backend_reads_nothing_through_its_mirrors(
