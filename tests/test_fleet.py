@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ class FaultServer:
         self.range_gets = 0
         self.blob_gets: dict[str, int] = {}  # GETs (ranged or not) per blob digest
         self.blob_bytes: dict[str, int] = {}  # body bytes sent per blob digest
+        self.blob_ranged: dict[str, int] = {}  # of blob_gets, those with a Range header
         self.trickle = 0.0  # > 0: whole-blob GETs send 1 MiB, then sleep this long, ...
         self._count_lock = threading.Lock()
         self._client = httpx.Client(timeout=60)
@@ -102,6 +104,12 @@ class FaultServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except ConnectionError:  # the client hung up between requests
+                    pass
+
             def send(self, data: bytes, dgst: str | None) -> None:
                 self.wfile.write(data)
                 self.wfile.flush()
@@ -118,6 +126,7 @@ class FaultServer:
                     fs._count(fs.blob_gets, dgst, 1)
                 if ranged:
                     fs.range_gets += 1
+                    fs._count(fs.blob_ranged, dgst or "", 1)
                 if mode == "slow":
                     time.sleep(fs.delay)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
@@ -286,7 +295,7 @@ def backend(origin: str, *, mirrors: list[Any] = (), proxy: Any = None,  # type:
 
 
 def counts(path: str) -> dict[str, int]:
-    empty = {"reads": 0, "errors": 0, "misses": 0, "bytes": 0, "healthy": 1}
+    empty = {"reads": 0, "errors": 0, "misses": 0, "diverted": 0, "bytes": 0, "healthy": 1}
     return path_counters().get(path, empty)
 
 
@@ -425,10 +434,62 @@ def test_cold_mirror_far_range_goes_to_the_origin_meanwhile(
         assert counts(name)["healthy"] == 1
         assert counts("origin")["reads"] == origin_before + 1
         wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
-        assert be.read_range(blob_id, off, n) == data[off : off + n]
-        assert counts(name)["reads"] == 1 and counts("origin")["reads"] == origin_before + 1
+        # passed over (to the origin) until its back-off's probe finds the blob stored
+        wait_for(lambda: be.read_range(blob_id, off, n) == data[off : off + n]
+                 and counts(name)["reads"] == 1, "the mirror to serve the range")  # fmt: skip
+        c = counts(name)
+        assert counts("origin")["reads"] == origin_before + 1 + c["diverted"]
+        assert c["misses"] == 1 and c["errors"] == 0 and c["healthy"] == 1
     finally:
         be.close()
+
+
+def test_cold_mirror_is_passed_over_while_it_stores_the_blob(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """While a pull-through mirror stores a blob, it answers each read of it with a
+    fresh copy from the origin.  32 concurrent reads of different ranges of a cold blob
+    all went to the mirror and cost the origin 33 whole-blob GETs, 2.8 copies of the
+    blob.  Now the first read's 200 sends the blob's reads to the origin (ranged: only
+    the range) for a back-off, not a failure; one read a period probes the mirror, and
+    once it holds the blob (206) reads go there again: 2 GETs, 1.1 copies."""
+    size = 32 << 20
+    data = os.urandom(size)
+    with RegistryClient(plain_http=True, use_docker_config=False) as c:
+        blob_id = c.push_blob(registry.ref(REPO), data).split(":", 1)[1]
+    counted = FaultServer(registry.url)  # the origin, counting what it sends
+    counted.trickle = 0.125  # the mirror stores the blob over about 4 s
+    mirror = RegistryServer(tmp_path / "mirror", extra_config={
+        "proxy": {"remoteurl": counted.url}}).start()  # fmt: skip
+    name = f"mirror {mirror.url}"
+    be = backend(f"127.0.0.1:{counted.port}",
+                 mirrors=[{"host": mirror.url, "health_check_interval": 2}])  # fmt: skip
+    ranges = [(i * (size // 32) + i * 4096, 65536) for i in range(32)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda r: be.read_range(blob_id, *r), ranges))
+        assert got == [data[o : o + n] for o, n in ranges]
+        whole = counted.blob_gets[blob_id] - counted.blob_ranged.get(blob_id, 0)
+        c = counts(name)
+        # the store, the first read's stream, a probe or two (2 here; before: 33)
+        assert whole <= 4, (whole, c)
+        assert c["diverted"] >= 16 and c["errors"] == 0 and c["healthy"] == 1, c
+        wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
+        sent = counted.blob_bytes[blob_id]  # the store + what streamed before hang-ups
+        assert sent <= 1.25 * size, (whole, sent / size)  # 1.1 copies; before: 2.8
+        off, n = ranges[5]
+        wait_for(lambda: be.read_range(blob_id, off, n) == data[off : off + n]
+                 and counts(name)["reads"] > c["reads"], "a probe to find the blob stored")
+        gets = counted.blob_gets[blob_id]
+        with ThreadPoolExecutor(8) as pool:  # held by the mirror now: all read there
+            got = list(pool.map(lambda r: be.read_range(blob_id, *r), ranges))
+        assert got == [data[o : o + n] for o, n in ranges]
+        assert counted.blob_gets[blob_id] == gets  # none reached the origin
+        assert counts(name)["errors"] == 0
+    finally:
+        be.close()
+        mirror.stop()
+        counted.close()
 
 
 def test_cold_mirror_streams_the_whole_blob_when_the_origin_is_out_of_reach(
@@ -617,8 +678,9 @@ def test_mount_reads_through_a_pull_through_mirror(
         assert reads(m, "ok") >= 2 and reads(m, "error") == 0
         boot_layer = layer_ids(nydus_ref)[-1]
         assert f"blobs/sha256:{boot_layer}" in mirror.log()  # the bootstrap came this way
-        # the origin only read what the mirror did not hold yet (ranges far into a blob)
-        assert reads("origin", "ok") == reads(m, "miss")
+        # the origin only read what the mirror did not hold yet (ranges far into a blob,
+        # reads passed over it while it stored the blob)
+        assert reads("origin", "ok") == reads(m, "miss") + reads(m, "diverted")
         status = daemon_status(node.cache)
         assert status["images"][0]["backend"]["mirrors"][0]["host"] == mirror.url
         assert status["metrics"]["digest_failures"] == 0
