@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,20 @@ def start_mirror(workdir: Path, origin: RegistryServer, port: int | None = None)
 class FaultServer:
     """HTTP server on 127.0.0.1 forwarding to `upstream`.  `mode` applies to blob GETs
     with a Range header: "pass", "cut" (half the body, then close), "slow" (sleep
-    `delay` s before answering), "corrupt" (flip the first byte)."""
+    `delay` s before answering), "corrupt" (flip the first byte).  It counts, per blob
+    digest, the GETs it answered and the body bytes it sent (`blob_gets`, `blob_bytes`):
+    in front of an origin, what the origin paid for."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.mode = "pass"
         self.delay = 30.0
         self.range_gets = 0
+        self.blob_gets: dict[str, int] = {}  # GETs (ranged or not) per blob digest
+        self.blob_bytes: dict[str, int] = {}  # body bytes sent per blob digest
+        self.blob_ranged: dict[str, int] = {}  # of blob_gets, those with a Range header
+        self.trickle = 0.0  # > 0: whole-blob GETs send 1 MiB, then sleep this long, ...
+        self._count_lock = threading.Lock()
         self._client = httpx.Client(timeout=60)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -83,6 +91,10 @@ class FaultServer:
         self._server.server_close()
         self._client.close()
 
+    def _count(self, counter: dict[str, int], dgst: str, n: int) -> None:
+        with self._count_lock:
+            counter[dgst] = counter.get(dgst, 0) + n
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fs = self
 
@@ -92,16 +104,37 @@ class FaultServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except ConnectionError:  # the client hung up between requests
+                    pass
+
+            def send(self, data: bytes, dgst: str | None) -> None:
+                self.wfile.write(data)
+                self.wfile.flush()
+                if dgst is not None:
+                    fs._count(fs.blob_bytes, dgst, len(data))
+
             def do_GET(self) -> None:
-                ranged = "/blobs/" in self.path and "Range" in self.headers
+                head = self.command == "HEAD"
+                ranged = "/blobs/" in self.path and "Range" in self.headers and not head
                 mode = fs.mode if ranged else "pass"
+                dgst = None
+                if "/blobs/" in self.path and not head:
+                    dgst = self.path.rsplit("/", 1)[1].split(":")[-1]
+                    fs._count(fs.blob_gets, dgst, 1)
                 if ranged:
                     fs.range_gets += 1
+                    fs._count(fs.blob_ranged, dgst or "", 1)
                 if mode == "slow":
                     time.sleep(fs.delay)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                if fs.trickle and dgst is not None and not ranged:
+                    self.trickle(headers, dgst)
+                    return
                 try:
-                    with fs._client.stream("GET", fs.upstream + self.path,
+                    with fs._client.stream(self.command, fs.upstream + self.path,
                                            headers=headers) as r:  # fmt: skip
                         body = r.read()
                 except (httpx.HTTPError, RuntimeError):  # upstream gone, or closed
@@ -116,15 +149,37 @@ class FaultServer:
                 for k, v in r.headers.items():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
+                length = r.headers.get("Content-Length", "0") if head else str(len(body))
+                self.send_header("Content-Length", length)
                 self.end_headers()
-                if mode == "cut":
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
+                if head:  # headers only, or the connection's next answer is garbage
                     return
-                self.wfile.write(body)
+                try:
+                    if mode == "cut":
+                        self.send(body[: len(body) // 2], dgst)
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    else:
+                        self.send(body, dgst)
+                except OSError:  # the reader went away
+                    self.close_connection = True
+
+            def trickle(self, headers: dict[str, str], dgst: str) -> None:
+                """A whole-blob GET as over a slow link: 1 MiB, a pause, 1 MiB... read
+                from upstream as it goes (a dropped answer costs upstream nothing more)."""
+                try:
+                    with fs._client.stream("GET", fs.upstream + self.path,
+                                           headers=headers) as r:  # fmt: skip
+                        self.send_response(r.status_code)
+                        for k, v in r.headers.items():
+                            if k.lower() not in ("transfer-encoding", "connection"):
+                                self.send_header(k, v)
+                        self.end_headers()
+                        for piece in r.iter_bytes(1 << 20):
+                            self.send(piece, dgst)
+                            time.sleep(fs.trickle)
+                except (httpx.HTTPError, RuntimeError, OSError):  # either side went away
+                    self.close_connection = True
 
             do_HEAD = do_GET
 
@@ -240,7 +295,7 @@ def backend(origin: str, *, mirrors: list[Any] = (), proxy: Any = None,  # type:
 
 
 def counts(path: str) -> dict[str, int]:
-    empty = {"reads": 0, "errors": 0, "misses": 0, "bytes": 0, "healthy": 1}
+    empty = {"reads": 0, "errors": 0, "misses": 0, "diverted": 0, "bytes": 0, "healthy": 1}
     return path_counters().get(path, empty)
 
 
@@ -379,10 +434,62 @@ def test_cold_mirror_far_range_goes_to_the_origin_meanwhile(
         assert counts(name)["healthy"] == 1
         assert counts("origin")["reads"] == origin_before + 1
         wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
-        assert be.read_range(blob_id, off, n) == data[off : off + n]
-        assert counts(name)["reads"] == 1 and counts("origin")["reads"] == origin_before + 1
+        # passed over (to the origin) until its back-off's probe finds the blob stored
+        wait_for(lambda: be.read_range(blob_id, off, n) == data[off : off + n]
+                 and counts(name)["reads"] == 1, "the mirror to serve the range")  # fmt: skip
+        c = counts(name)
+        assert counts("origin")["reads"] == origin_before + 1 + c["diverted"]
+        assert c["misses"] == 1 and c["errors"] == 0 and c["healthy"] == 1
     finally:
         be.close()
+
+
+def test_cold_mirror_is_passed_over_while_it_stores_the_blob(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """While a pull-through mirror stores a blob, it answers each read of it with a
+    fresh copy from the origin.  32 concurrent reads of different ranges of a cold blob
+    all went to the mirror and cost the origin 33 whole-blob GETs, 2.8 copies of the
+    blob.  Now the first read's 200 sends the blob's reads to the origin (ranged: only
+    the range) for a back-off, not a failure; one read a period probes the mirror, and
+    once it holds the blob (206) reads go there again: 2 GETs, 1.1 copies."""
+    size = 32 << 20
+    data = os.urandom(size)
+    with RegistryClient(plain_http=True, use_docker_config=False) as c:
+        blob_id = c.push_blob(registry.ref(REPO), data).split(":", 1)[1]
+    counted = FaultServer(registry.url)  # the origin, counting what it sends
+    counted.trickle = 0.125  # the mirror stores the blob over about 4 s
+    mirror = RegistryServer(tmp_path / "mirror", extra_config={
+        "proxy": {"remoteurl": counted.url}}).start()  # fmt: skip
+    name = f"mirror {mirror.url}"
+    be = backend(f"127.0.0.1:{counted.port}",
+                 mirrors=[{"host": mirror.url, "health_check_interval": 2}])  # fmt: skip
+    ranges = [(i * (size // 32) + i * 4096, 65536) for i in range(32)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda r: be.read_range(blob_id, *r), ranges))
+        assert got == [data[o : o + n] for o, n in ranges]
+        whole = counted.blob_gets[blob_id] - counted.blob_ranged.get(blob_id, 0)
+        c = counts(name)
+        # the store, the first read's stream, a probe or two (2 here; before: 33)
+        assert whole <= 4, (whole, c)
+        assert c["diverted"] >= 16 and c["errors"] == 0 and c["healthy"] == 1, c
+        wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
+        sent = counted.blob_bytes[blob_id]  # the store + what streamed before hang-ups
+        assert sent <= 1.25 * size, (whole, sent / size)  # 1.1 copies; before: 2.8
+        off, n = ranges[5]
+        wait_for(lambda: be.read_range(blob_id, off, n) == data[off : off + n]
+                 and counts(name)["reads"] > c["reads"], "a probe to find the blob stored")
+        gets = counted.blob_gets[blob_id]
+        with ThreadPoolExecutor(8) as pool:  # held by the mirror now: all read there
+            got = list(pool.map(lambda r: be.read_range(blob_id, *r), ranges))
+        assert got == [data[o : o + n] for o, n in ranges]
+        assert counted.blob_gets[blob_id] == gets  # none reached the origin
+        assert counts(name)["errors"] == 0
+    finally:
+        be.close()
+        mirror.stop()
+        counted.close()
 
 
 def test_cold_mirror_streams_the_whole_blob_when_the_origin_is_out_of_reach(
@@ -571,8 +678,9 @@ def test_mount_reads_through_a_pull_through_mirror(
         assert reads(m, "ok") >= 2 and reads(m, "error") == 0
         boot_layer = layer_ids(nydus_ref)[-1]
         assert f"blobs/sha256:{boot_layer}" in mirror.log()  # the bootstrap came this way
-        # the origin only read what the mirror did not hold yet (ranges far into a blob)
-        assert reads("origin", "ok") == reads(m, "miss")
+        # the origin only read what the mirror did not hold yet (ranges far into a blob,
+        # reads passed over it while it stored the blob)
+        assert reads("origin", "ok") == reads(m, "miss") + reads(m, "diverted")
         status = daemon_status(node.cache)
         assert status["images"][0]["backend"]["mirrors"][0]["host"] == mirror.url
         assert status["metrics"]["digest_failures"] == 0
@@ -743,6 +851,45 @@ def test_warm_mirrors_only_fills_a_pull_through_mirror(
     wait_for(lambda: all(stored(mirror, d) for d in blobs), "the mirror to store the blobs")
     proc = run_cli("warm", nydus_ref, "--mirrors-only", check=False)
     assert proc.returncode != 0 and "needs a mirror" in proc.stderr
+
+
+def test_warm_mirrors_only_costs_the_origin_one_copy_of_a_blob(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A cold pull-through mirror answers every read of a blob it is still storing with
+    a fresh fetch from the origin (dropped by us, paid for by the origin).  `warm
+    --mirrors-only` reading all of a blob's 24 ranges at once, and again each retry
+    round, made the origin send about 94 GETs and 4 copies of the blob.  Now one read
+    starts the store and one probe a round waits for it: the origin sees the store,
+    the first read's stream and one GET a round while the store (about 5 s) runs."""
+
+    def big(r: Path) -> None:
+        (r / "big.bin").write_bytes(os.urandom(48 << 20))  # incompressible: 24 units
+
+    layout = umoci_image(tmp_path / "img", [big])
+    src = registry.ref("fleet/big-src:v1")
+    skopeo_copy(f"oci:{layout}:latest", f"docker://{src}", fmt="v2s2")
+    ref = registry.ref("fleet/big-nydus:v1")
+    convert_image(src, ref, ConvertOptions(cache_dir=str(tmp_path / "conv"),
+                                           client_options={"plain_http": True}))  # fmt: skip
+    [blob_id] = data_blobs(ref)
+    counted = FaultServer(registry.url)  # the mirror's origin, counting what it sends
+    counted.trickle = 0.1  # the mirror stores the blob over about 5 s, as over a real link
+    mirror = RegistryServer(tmp_path / "mirror", extra_config={
+        "proxy": {"remoteurl": counted.url}}).start()  # fmt: skip
+    try:
+        out = run_cli("warm", ref, "--all", "--mirrors-only", "--mirror", mirror.url).stdout
+        assert "origin:" not in out and " 0 errors" in out, out
+        wait_for(lambda: stored(mirror, blob_id), "the mirror to store the blob")
+        size = (mirror.storage / "docker/registry/v2/blobs/sha256" / blob_id[:2] / blob_id
+                / "data").stat().st_size  # fmt: skip
+        gets, sent = counted.blob_gets[blob_id], counted.blob_bytes[blob_id]
+        # 2 (store + first read) + a probe a second while storing; before: 94, 4.1 copies
+        assert gets <= 15, (gets, sent / size)
+        assert sent <= 1.5 * size, (gets, sent / size)  # 1.25 copies here
+    finally:
+        mirror.stop()
+        counted.close()
 
 
 def test_closed_backend_reads_nothing_through_its_mirrors(

@@ -247,7 +247,8 @@ def warm_cmd(ref: str, cache_dir: str | None, blob_dir: str | None, everything: 
     from erofs_nydus.rafs.backend import path_counters
 
     for path, v in sorted(path_counters().items()):
-        click.echo(f"  {path}: {v['reads']} reads, {v['bytes']} bytes, {v['errors']} errors")
+        click.echo(f"  {path}: {v['reads']} reads, {v['bytes']} bytes, {v['errors']} errors"
+                   + (f", {v['diverted']} diverted (storing)" if v["diverted"] else ""))
     if res.errors:
         for e in res.errors[:5]:
             click.echo(f"erofs-nydus: error: {e}", err=True)

@@ -101,8 +101,23 @@ def warm_image(
         try:
             pending = _units(chunks)
             end = time.monotonic() + retry_for
+            if retry_for > 0 and len(pending) > 1:
+                # A pull-through mirror answers each read of a blob it is still storing
+                # with a fresh fetch from the origin (dropped by us, paid for by the
+                # origin): one read starts the store, then one probe a round, the unit
+                # farthest into the blob, waits for it; the rest follow in parallel.
+                first, probe = pending[0], pending[-1]
+                missed = [first] if fill(first) is not None else []
+                while (err := fill(probe)) is not None and time.monotonic() + 1 <= end:
+                    time.sleep(1)
+                if err is not None:
+                    result.errors.append(err)
+                    result.errors += [f"blob {srv.blob_id[:12]}: {len(pending) - 1} more "
+                                      "ranges not tried"]  # fmt: skip
+                    continue
+                pending = missed + pending[1:-1]
             with ThreadPoolExecutor(max(1, threads)) as pool:
-                while True:
+                while pending:
                     errors = list(pool.map(fill, pending))
                     pending = [u for u, e in zip(pending, errors, strict=True) if e is not None]
                     if not pending or time.monotonic() + 1 > end:

@@ -46,25 +46,30 @@ _paths: dict[str, dict[str, int]] = {}
 
 
 def note_path(path: str, *, ok: bool | None = None, nbytes: int = 0,
-              healthy: bool | None = None, miss: bool = False) -> None:
+              healthy: bool | None = None, miss: bool = False,
+              diverted: bool = False) -> None:  # fmt: skip
     """Count a read served (`ok`) or failed by one network path of a backend ("origin",
     "mirror <url>", "proxy <url>"), or passed on because the path did not hold the blob
-    yet (`miss`), and/or record whether that path is in use."""
+    yet (`miss`: it answered with the whole blob), or passed over without asking it
+    (`diverted`: a mirror still storing the blob), and/or record whether that path is
+    in use."""
     with _paths_lock:
-        c = _paths.setdefault(path, {"reads": 0, "errors": 0, "misses": 0, "bytes": 0,
-                                     "healthy": 1})  # fmt: skip
+        c = _paths.setdefault(path, {"reads": 0, "errors": 0, "misses": 0, "diverted": 0,
+                                     "bytes": 0, "healthy": 1})  # fmt: skip
         if ok is not None:
             c["reads" if ok else "errors"] += 1
         if miss:
             c["misses"] += 1
+        if diverted:
+            c["diverted"] += 1
         c["bytes"] += nbytes
         if healthy is not None:
             c["healthy"] = int(healthy)
 
 
 def path_counters() -> dict[str, dict[str, int]]:
-    """Per path: reads served, errors, misses, bytes served, healthy (0/1), since the
-    process started."""
+    """Per path: reads served, errors, misses, diverted, bytes served, healthy (0/1),
+    since the process started."""
     with _paths_lock:
         return {k: dict(v) for k, v in _paths.items()}
 

@@ -25,6 +25,17 @@ answer is dropped at once and the read goes on to the next path, counted as a mi
 not a failure; the mirror serves the range once it has stored the blob.  Only when
 the origin then fails too (a node that reaches nothing but its mirror) is the whole
 blob streamed up to the range.
+
+While a pull-through mirror stores a blob, every further read of that blob it gets
+is copied from the origin to that reader (and not stored): each costs the origin
+what streams before we hang up.  So once a mirror answered a Range read of blob X
+with 200 (the whole blob: cold, storing), X's reads go past that mirror to the next
+path for a back-off period - a diversion, not a failure: no `failure_limit` count,
+no health check - and one read a period (1 s, doubling up to the mirror's
+`health_check_interval`) probes the mirror again with the range it needs; a 206
+ends the back-off.  The first read of a blob the mirror is not known to hold goes
+alone: reads of the same blob meanwhile wait for its answer's status line.  Counted
+per path as ``diverted`` (`ctl metrics`: ``result="diverted"``).
 """
 
 from __future__ import annotations
@@ -54,6 +65,10 @@ _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d+)$")
 MIRROR_SHARE = 0.5  # of the time left, at most, for one mirror or proxy attempt
 PING_TIMEOUT = 5.0
 MAX_SKIP = 1 << 20  # bytes of a whole-blob answer worth streaming past to reach a range
+BACKOFF_START = 1.0  # s a storing mirror is passed over for a blob before the first probe
+TRIAL_WAIT = 2.0  # s, at most, a read waits for the status of a blob's first mirror read
+_KNOWN_BLOBS = 4096  # blob states a mirror's Health keeps (least recently used go)
+_BLOB_PATH_RE = re.compile(r"/blobs/sha256:([0-9a-f]{64})$")
 _stream_all = threading.local()  # .on: no MAX_SKIP (the origin is not reachable)
 
 
@@ -89,17 +104,26 @@ class RangeStreamTransport(httpx.BaseTransport):
     ``Range: bytes=a-b`` GET becomes a 206 of that range, sliced while it streams."""
 
     def __init__(self, inner: httpx.BaseTransport, headers: dict[str, str] | None = None,
-                 max_skip: int | None = None) -> None:  # fmt: skip
+                 max_skip: int | None = None,
+                 on_answer: Callable[[str, bool], None] | None = None) -> None:  # fmt: skip
+        """`on_answer(blob_id, whole)`: called as soon as a Range GET of a blob has its
+        status, 206 (whole=False) or 200 (whole=True), before the body is read."""
         self._inner = inner
         self._headers = dict(headers or {})
         self._max_skip = max_skip
+        self._on_answer = on_answer
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         for k, v in self._headers.items():
             request.headers[k] = v
         response = self._inner.handle_request(request)
         m = _RANGE_RE.match(request.headers.get("Range", ""))
-        if request.method != "GET" or response.status_code != 200 or m is None:
+        if request.method != "GET" or m is None:
+            return response
+        blob = _BLOB_PATH_RE.search(request.url.path)
+        if self._on_answer is not None and blob and response.status_code in (200, 206):
+            self._on_answer(blob.group(1), response.status_code == 200)
+        if response.status_code != 200:
             return response
         start, end = int(m.group(1)), int(m.group(2)) + 1
         total = response.headers.get("Content-Length", "*")
@@ -132,11 +156,28 @@ class RangeStreamTransport(httpx.BaseTransport):
 # -- endpoints and their health ------------------------------------------------------------
 
 
+GO, WAIT, DIVERT = "go", "wait", "divert"  # what `Health.admit` tells a read
+
+
+@dataclass
+class _BlobState:
+    """What a mirror is known to do with one blob: "trial" (its first read is out,
+    answer not seen yet), "storing" (it answered 200: passed over until `due`, then
+    probed once a `period`) or "held" (it answered 206)."""
+
+    state: str
+    owner: int = 0  # thread of the trial read
+    event: threading.Event | None = None  # set when the trial's answer is known
+    period: float = BACKOFF_START
+    due: float = 0.0
+
+
 @dataclass
 class Health:
     """Whether a mirror or the proxy is used, shared by every endpoint of one URL in
     the process for its life (backends with different client options, and backends
-    made later, count its failures together)."""
+    made later, count its failures together), and which blobs a mirror is still
+    storing (passed over meanwhile, not counted as failures)."""
 
     kind: str  # "mirror" | "proxy"
     name: str
@@ -147,9 +188,70 @@ class Health:
     healthy: bool = True
     _checker: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _blobs: OrderedDict[str, _BlobState] = field(default_factory=OrderedDict)
 
     def ok(self) -> bool:
         return self.healthy
+
+    def admit(self, blob_id: str) -> tuple[str, threading.Event | None]:
+        """May a Range read of `blob_id` go to this mirror now?  GO (the blob is held
+        there, or this read is its first read or its probe), WAIT on the event (the
+        first read's answer is not known yet; then ask again), or DIVERT (storing)."""
+        now = time.monotonic()
+        with self._lock:
+            st = self._blobs.get(blob_id)
+            if st is None:
+                self._blobs[blob_id] = _BlobState("trial", threading.get_ident(),
+                                                  threading.Event())  # fmt: skip
+                self._trim()
+                return GO, None
+            self._blobs.move_to_end(blob_id)
+            if st.state == "held":
+                return GO, None
+            if st.state == "trial":
+                return WAIT, st.event
+            if now >= st.due:  # storing, and this read is the period's probe
+                st.due = now + st.period
+                return GO, None
+            return DIVERT, None
+
+    def answered(self, blob_id: str, whole: bool) -> None:
+        """A Range read of `blob_id` was answered 200 (`whole`: storing it) or 206."""
+        now = time.monotonic()
+        with self._lock:
+            st = self._blobs.get(blob_id)
+            if st is not None and st.event is not None:
+                st.event.set()
+            if not whole:
+                if st is not None and st.state == "storing":
+                    log.info("%s holds blob %s now: its reads go there again", self.name,
+                             blob_id[:12])  # fmt: skip
+                self._blobs[blob_id] = _BlobState("held")
+            elif st is None or st.state != "storing":
+                self._blobs[blob_id] = _BlobState("storing", due=now + BACKOFF_START)
+                log.info("%s is storing blob %s: its reads go to the next path meanwhile",
+                         self.name, blob_id[:12])  # fmt: skip
+            else:  # a probe found it still storing: back off longer
+                st.period = min(st.period * 2, max(self.interval, BACKOFF_START))
+                st.due = now + st.period
+            self._blobs.move_to_end(blob_id)
+            self._trim()
+
+    def release(self, blob_id: str) -> None:
+        """The read admitted for `blob_id` is over: a trial it started that got no
+        answer (an error before the status line) is forgotten, its waiters go on."""
+        with self._lock:
+            st = self._blobs.get(blob_id)
+            if st is not None and st.state == "trial" and st.owner == threading.get_ident():
+                del self._blobs[blob_id]
+                if st.event is not None:
+                    st.event.set()
+
+    def _trim(self) -> None:
+        while len(self._blobs) > _KNOWN_BLOBS:
+            _, old = self._blobs.popitem(last=False)
+            if old.event is not None:
+                old.event.set()
 
     def succeeded(self) -> None:
         with self._lock:
@@ -224,7 +326,8 @@ _HEALTH: dict[str, Health] = {}
 _ENDPOINTS_LOCK = threading.Lock()
 
 
-def _make_client(kind: str, s: dict[str, Any], options: dict[str, Any]) -> RegistryClient:
+def _make_client(kind: str, s: dict[str, Any], options: dict[str, Any],
+                 health: Health) -> RegistryClient:  # fmt: skip
     if kind == "mirror":
         return RegistryClient(
             plain_http=s["host"].startswith("http://"),
@@ -233,7 +336,8 @@ def _make_client(kind: str, s: dict[str, Any], options: dict[str, Any]) -> Regis
             docker_config=options.get("docker_config"),
             timeout=options.get("timeout", 30.0),
             retries=0,
-            transport=RangeStreamTransport(httpx.HTTPTransport(), s["headers"], MAX_SKIP),
+            transport=RangeStreamTransport(httpx.HTTPTransport(), s["headers"], MAX_SKIP,
+                                           health.answered),
             trust_env=False,
         )
     return RegistryClient(
@@ -270,7 +374,7 @@ def acquire_endpoint(kind: str, settings: dict[str, Any], options: dict[str, Any
             if health is None:
                 health = _HEALTH[name] = _make_health(kind, name, settings)
                 note_path(name, healthy=True)
-            client = _make_client(kind, settings, options)
+            client = _make_client(kind, settings, options, health)
             ep = _ENDPOINTS[key] = Endpoint(kind, url, settings, client, health)
         ep.users += 1
         return ep
@@ -339,9 +443,11 @@ class Router:
 
     def read(self, key: tuple[str, int, int], origin: ImageReference, deadline: float,
              read: Callable[[RegistryClient, ImageReference, float], T],
-             origin_client: Callable[[], RegistryClient]) -> T:  # fmt: skip
+             origin_client: Callable[[], RegistryClient], *, ranged: bool = True) -> T:  # fmt: skip
         """`read(client, ref, seconds)` along the paths; the origin gets what time is left.
-        `read` returns the bytes, or how many bytes it stored itself (a streamed download)."""
+        `read` returns the bytes, or how many bytes it stored itself (a streamed download).
+        `ranged`: `read` is a Range read of blob ``key[0]`` (passed over mirrors that are
+        storing that blob); False for whole-blob downloads."""
         end = time.monotonic() + deadline
         with self._lock:
             skip_others = key in self._origin_only
@@ -353,6 +459,12 @@ class Router:
                 if not ep.ok():
                     continue
                 budget = (end - time.monotonic()) * MIRROR_SHARE
+                gated = ranged and ep.kind == "mirror"
+                if gated and not self._admitted(ep, key[0], budget):
+                    note_path(ep.name, diverted=True)
+                    missed.append(ep)
+                    errors.append(f"{ep.name}: storing the blob, not served yet")
+                    continue
                 try:
                     data = read(ep.client, ep.ref_for(origin), budget)
                 except BlobNotCachedError as exc:
@@ -370,6 +482,9 @@ class Router:
                     if ep.kind == "proxy" and not ep.settings["fallback"]:
                         raise BackendError(f"{ep.name} (no fallback): {exc}") from exc
                     continue
+                finally:
+                    if gated:
+                        ep.health.release(key[0])
                 ep.succeeded()
                 note_path(ep.name, ok=True, nbytes=_size(data))
                 self._remember(key, ep)
@@ -398,6 +513,17 @@ class Router:
         note_path(ORIGIN, ok=True, nbytes=_size(data))
         self._remember(key, None)
         return data
+
+    @staticmethod
+    def _admitted(ep: Endpoint, blob_id: str, budget: float) -> bool:
+        """Whether a Range read of `blob_id` goes to mirror `ep` now (see `Health.admit`);
+        False: pass it over (it is storing the blob, or its first read's answer is not
+        back within the wait)."""
+        verdict, event = ep.health.admit(blob_id)
+        if verdict == WAIT and event is not None:
+            event.wait(max(min(budget, TRIAL_WAIT), 0.0))
+            verdict, event = ep.health.admit(blob_id)
+        return verdict == GO
 
     def _remember(self, key: tuple[str, int, int], ep: Endpoint | None) -> None:
         with self._lock:

@@ -254,7 +254,7 @@ def _download_layer(store: OCILayout | RegistryClient, ref: Reference, desc: Des
     via = RegistryBackend.from_spec({**backend, "mirrors": mirrors or [], "proxy": proxy})
     try:
         return via.router.read((desc.digest.split(":", 1)[1], 0, desc.size), ref, left(),
-                               download, lambda: store)  # fmt: skip
+                               download, lambda: store, ranged=False)  # fmt: skip
     finally:
         via.close()
 

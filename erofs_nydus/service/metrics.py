@@ -155,7 +155,8 @@ def _path_families(p: str) -> Iterator[Metric]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     reads = CounterMetricFamily(f"{p}_backend_path_reads", "Registry range reads by path and "
-                                "result (miss: a mirror that did not hold the blob yet)",
+                                "result (miss: a mirror that did not hold the blob yet; "
+                                "diverted: passed over a mirror still storing the blob)",
                                 labels=["path", "result"])  # fmt: skip
     nbytes = CounterMetricFamily(f"{p}_backend_path_bytes", "Bytes served by each registry path",
                                  labels=["path"])  # fmt: skip
@@ -166,6 +167,7 @@ def _path_families(p: str) -> Iterator[Metric]:
         reads.add_metric([path, "ok"], v["reads"])
         reads.add_metric([path, "error"], v["errors"])
         reads.add_metric([path, "miss"], v["misses"])
+        reads.add_metric([path, "diverted"], v["diverted"])
         nbytes.add_metric([path], v["bytes"])
         healthy.add_metric([path], v["healthy"])
     yield reads
