@@ -252,3 +252,45 @@ def test_delete_without_a_daemon_still_removes_the_files(tmp_path: Path) -> None
     (cache / STATE_FILE).write_text(json.dumps({"version": 1, "images": []}))
     b.started = True
     assert not b.daemon_gone() and not b.started
+
+
+def test_delete_while_the_daemon_stops_by_itself_removes_the_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshotter unmounts, then DELETEs: the kernel's last CLOSEs make the fscache
+    daemon stop by itself, and a request of the DELETE finds its socket reset (seen in
+    test_nydusd_fscache_vm: a 500 to the snapshotter).  The DELETE waits for it to go
+    and removes the files without it (fault injection: the daemon is a stand-in)."""
+    from erofs_nydus.service.client import DaemonUnreachable
+    from erofs_nydus.service.nydusd_fscache import FscacheBindings
+
+    cache = tmp_path / "cache"
+    kdir = cache / "fscache" / "cache" / "Ierofs,d" / "@4f"
+    kdir.mkdir(parents=True)
+    kept = [cache / f"{FSID}.boot", kdir / f"D{FSID}"]
+    for f in kept:
+        f.write_bytes(b"x")
+
+    class Stopping:
+        """Alive at first; its next request is reset; then it is gone."""
+
+        def __init__(self) -> None:
+            self.stopped = False
+            self.waited = 0
+
+        def alive(self) -> bool:
+            return not self.stopped
+
+        def request(self, op: str, **args: object) -> dict:
+            self.stopped = True
+            raise DaemonUnreachable(f"{op}: [Errno 104] Connection reset by peer")
+
+        def supervisor_running(self) -> bool:
+            self.waited += 1
+            return self.waited < 3  # it takes a moment to exit
+
+    daemon = Stopping()
+    b = FscacheBindings(str(cache))
+    monkeypatch.setattr(b, "client", lambda: daemon)
+    b.unbind(None, FSID)
+    assert daemon.waited >= 3  # waited for it to go
+    assert not any(f.exists() for f in kept), [f for f in kept if f.exists()]

@@ -154,9 +154,21 @@ class FscacheBindings:
 
     def unbind(self, domain_id: str | None, blob_id: str | None) -> None:
         """nydusd's three DELETE forms: domain (every entry in it), domain + id (that
-        entry), id alone (that entry, then its cache files, or a data blob's)."""
+        entry), id alone (that entry, then its cache files, or a data blob's).  A daemon
+        that stops by itself meanwhile (the kernel closed its last image's objects: the
+        snapshotter has just unmounted) is waited for, and the removal done without it."""
         if not domain_id and not blob_id:
             raise UsageError("DELETE /api/v2/blobs needs domain_id or blob_id")
+        try:
+            self._unbind(domain_id, blob_id)
+        except DaemonUnreachable:
+            c = self.client()
+            deadline = time.monotonic() + CULL_WAIT
+            while c.supervisor_running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._unbind(domain_id, blob_id)
+
+    def _unbind(self, domain_id: str | None, blob_id: str | None) -> None:
         entries = self.entries()
         if domain_id and not blob_id:
             gone = [lb for lb in entries if lb.startswith(_label(domain_id, "x")[:-1])]
