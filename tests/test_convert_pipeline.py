@@ -317,7 +317,8 @@ def test_failed_stream_upload_falls_back_to_the_file(
     failed = _break_stream_uploads(monkeypatch)
     target = registry.ref("pipeline/fallback:v1")
     ref = convert_image(pushed, target, _opts(tmp_path, "c", jobs=3))
-    assert len(failed) == len(ref.blobs)  # each blob went up again from its file
+    # every layer's new blob (a tiny one too) was streamed, failed, went up from its file
+    assert len(failed) == ref.layers_converted == 3
     monkeypatch.undo()
     report = check_remote(target, pushed, client_options={"plain_http": True})
     assert report.ok, report.problems
@@ -346,6 +347,67 @@ def test_stream_upload_with_the_callers_digest(registry: RegistryServer) -> None
             client.push_blob_stream(other, iter(pieces), digest=lambda: wrong)
         assert "\n" not in str(err.value)
         assert not client.blob_exists(other, wrong) and not client.blob_exists(other, right)
+
+
+def test_blob_written_before_sync_and_bootstrap(tmp_path: Path,
+                                                 no_leaked_threads: None) -> None:
+    """create_image(blob_written=...) names the new blob once its last byte is written,
+    before it is renamed into place and before the bootstrap exists; never when the
+    build stores no new blob."""
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(_tar_gz(_mixed_entries()))
+    seen: list[tuple[str, bool, bool]] = []
+    blobs, boot = tmp_path / "blobs", tmp_path / "b.boot"
+
+    def written(blob_id: str) -> None:
+        seen.append((blob_id, (blobs / blob_id).exists(), boot.exists()))
+
+    res = create_image(str(src), str(boot), str(blobs), BuildOptions(chunk_size=65536),
+                       blob_written=written)
+    assert res.new_blob is not None
+    assert seen == [(res.new_blob.blob_id, False, False)]
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(_tar_gz([]))
+    seen.clear()
+    res = create_image(str(empty), str(tmp_path / "e.boot"), str(blobs), BuildOptions(),
+                       blob_written=written)
+    assert res.new_blob is None and seen == []
+
+
+@pytest.mark.registry
+def test_stream_upload_ends_while_the_layer_bootstrap_is_built(
+        pushed: str, registry: RegistryServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, no_leaked_threads: None) -> None:
+    """A layer's streamed blob is completed in the registry (its digest checked there)
+    while the builder still builds the layer bootstrap, not after: the layer bootstrap
+    waits (up to 60 s) for the registry to have the layer's new blob.  Also a blob
+    smaller than one stream piece (the top layer's, ~100 bytes)."""
+    import time
+
+    import erofs_nydus.builder.create as create_mod
+
+    target = registry.ref("pipeline/early-end:v1")
+    real = create_mod.write_bootstrap
+    found: list[bool] = []
+    client = RegistryClient(plain_http=True)
+
+    def waiting(root: Node, blobs: list[object], *a: object, **kw: object) -> object:
+        blob_id = blobs[-1].blob_id  # type: ignore[attr-defined]
+        end = time.monotonic() + 60
+        while not client.blob_exists(target, f"sha256:{blob_id}") and time.monotonic() < end:
+            time.sleep(0.02)
+        found.append(client.blob_exists(target, f"sha256:{blob_id}"))
+        return real(root, blobs, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(create_mod, "write_bootstrap", waiting)
+    try:
+        res = convert_image(pushed, target, _opts(tmp_path, "c", jobs=2))
+    finally:
+        client.close()
+    assert found == [True] * 3 and res.layers_converted == 3
+    monkeypatch.undo()
+    again = convert_image(pushed, registry.ref("pipeline/early-end2:v1"), _opts(tmp_path, "d"))
+    assert again.manifest_digest == res.manifest_digest
 
 
 @pytest.mark.registry

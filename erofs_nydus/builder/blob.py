@@ -454,8 +454,13 @@ class BlobWriter:
         return chunks
 
     # -- finish -----------------------------------------------------------------------------
-    def finish(self) -> BlobInfo | None:
-        """Write the CI table and header, rename into place; None if no chunk was stored."""
+    def finish(self, written: Callable[[str], None] | None = None) -> BlobInfo | None:
+        """Write the CI table and header, rename into place; None if no chunk was stored.
+
+        `written(blob_id)` is called once the blob's last byte went to the file (and to
+        the tee), before the fsync and the rename: a streamed upload can end while the
+        blob is synced and the bootstrap is built.  The blob is in place only once this
+        returns."""
         try:
             self.flush()
         except OSError as exc:
@@ -491,6 +496,8 @@ class BlobWriter:
             self._write_blob(ci_bytes)
             self._write_blob(header)
             blob_id = self._hash.hexdigest()
+            if written is not None:
+                written(blob_id)
             self._close_files(sync=True)
             blob_tmp = self._tmp_paths[0]
             os.chmod(blob_tmp, 0o644)

@@ -187,13 +187,17 @@ def write_file_atomic(path: str, data: bytes) -> None:
 
 def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
                  opts: BuildOptions | None = None, label: str | None = None,
-                 blob_tee: Callable[[bytes], None] | None = None) -> BuildResult:
+                 blob_tee: Callable[[bytes], None] | None = None,
+                 blob_written: Callable[[str], None] | None = None) -> BuildResult:
     """Build `source` into `bootstrap` + a blob in `blob_dir`.
 
     `source` is a directory, a tar or tar.gz file, "-" (stdin), or an open binary
     stream of a tar/tar.gz (not closed here); `label` names it in error messages.
     `blob_tee` is given every byte of the new blob in order as it is written (convert
     streams it to the registry); the blob is only valid once this returns.
+    `blob_written(blob_id)` is called when the tee has seen the new blob's last byte
+    (`BlobWriter.finish`), before the blob is synced and the bootstrap built; not at
+    all when the build stores no new blob or fails before.
     """
     opts = opts or BuildOptions()
     opts.validate()
@@ -224,7 +228,7 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
             from erofs_nydus.builder.whiteout import normalize_whiteouts
 
             normalize_whiteouts(root, opts.whiteout_spec)
-        new_blob = writer.finish()
+        new_blob = writer.finish(blob_written)
     except BaseException:
         writer.abort()
         raise

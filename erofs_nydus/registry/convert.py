@@ -242,14 +242,16 @@ class _StreamUpload:
 
     def finish(self, ok: bool, digest: str | None = None) -> tuple[str, int] | None:
         """End the upload: complete it (`ok`, the blob's `digest`) or abort it; join the
-        thread.  Returns (digest, size) when the whole blob went up."""
-        if self._thread is None:
+        thread.  Returns (digest, size) when the whole blob went up.  A blob smaller
+        than a piece (no thread yet) goes up here when its digest is known."""
+        if self._thread is None and not (ok and digest and self._buf):
             return None
         self.digest = digest
         if ok and self._buf:
             self._put(bytes(self._buf))
         self._buf.clear()
         self._put(None if ok else self._ABORT)
+        assert self._thread is not None
         self._thread.join()
         return self.result if ok and self.error is None else None
 
@@ -258,9 +260,11 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
                    progress: Progress | None, label: str,
                    cancel: threading.Event | None = None,
                    stream: _StreamUpload | None = None,
+                   blob_written: Callable[[str], None] | None = None,
                    ) -> tuple[str, bool, list[str], str | None]:
     """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids,
-    the new blob's id).  `stream`: where the new blob is uploaded as it is written."""
+    the new blob's id).  `stream`: where the new blob is uploaded as it is written;
+    `blob_written(blob_id)`: called when its last byte was (see `create_image`)."""
     if layer.media_type in _ZSTD_LAYER_TYPES:
         raise UnsupportedError(f"{label}: zstd-compressed layers are not supported yet "
                                f"({layer.media_type})")
@@ -290,7 +294,8 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
                          digester=opts.digester, chunk_dicts=opts.chunk_dicts,
                          threads=opts.threads)
     res = create_image(source, boot, blob_dir, bopts, label=label,
-                       blob_tee=stream.feed if stream is not None else None)
+                       blob_tee=stream.feed if stream is not None else None,
+                       blob_written=blob_written)
     return (boot, False, [b.blob_id for b in res.blobs],
             res.new_blob.blob_id if res.new_blob is not None else None)
 
@@ -415,26 +420,31 @@ class _Uploads:
                 self.futures[blob_id] = self._pool.submit(self._upload, blob_id)
 
     def finish_stream(self, stream: _StreamUpload, blob_ids: list[str],
-                      new_blob: str | None) -> None:
-        """The layer that wrote `blob_ids` while `stream` uploaded them is built: end the
-        stream in a thread; a blob it did not carry whole goes up from its file there."""
+                      new_blob: str | None, installed: threading.Event | None = None) -> None:
+        """`stream` carried the whole of `blob_ids` (`new_blob`, the layer's new one): end
+        it in a thread; a blob it did not carry whole goes up from its file there, once
+        `installed` is set (the layer's files are in place; unset: they already are)."""
         pending: dict[str, Future[Any]] = {}
         with self.lock:
             for blob_id in blob_ids:
                 if blob_id not in self.futures:
                     pending[blob_id] = self.futures[blob_id] = Future()
-        t = threading.Thread(target=self._end_stream, args=(stream, pending, new_blob),
+        t = threading.Thread(target=self._end_stream,
+                             args=(stream, pending, new_blob, installed),
                              name=f"upload end {stream.label}", daemon=True)
-        self._enders.append(t)
+        with self.lock:
+            self._enders.append(t)
         t.start()
 
     def _end_stream(self, stream: _StreamUpload, pending: dict[str, Future[Any]],
-                    new_blob: str | None) -> None:
+                    new_blob: str | None, installed: threading.Event | None) -> None:
         streamed = stream.finish(True, f"sha256:{new_blob}" if new_blob else None)
         for blob_id, fut in pending.items():
             if streamed is not None and streamed[0] == f"sha256:{blob_id}":
                 fut.set_result(streamed[0])
                 continue
+            if installed is not None:
+                installed.wait()  # set when the layer's build returned or failed
             try:  # not streamed (or the stream failed): from the file, as `start` does
                 fut.set_result(self._upload(blob_id))
             except BaseException as exc:
@@ -457,7 +467,9 @@ class _Uploads:
     def close(self) -> None:
         """Cancel what has not started, wait for what has (joins the threads)."""
         self.cancel.set()
-        for t in self._enders:
+        with self.lock:
+            enders = list(self._enders)
+        for t in enders:
             t.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -495,19 +507,31 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
         stream = None
         if uploads is not None and push_stream is not None:
             stream = _StreamUpload(functools.partial(push_stream, uploads.ref), label)
+        installed = threading.Event()  # this layer's build returned (or failed)
+        ended: list[str] = []
+
+        def blob_written(blob_id: str) -> None:
+            # the new blob's last byte is in the stream: the registry checks its digest
+            # while the builder syncs the blob and builds the layer bootstrap
+            assert uploads is not None and stream is not None
+            ended.append(blob_id)
+            uploads.finish_stream(stream, [blob_id], blob_id, installed)
+
         try:
             boot, was_cached, blob_ids, new_blob = _convert_layer(
                 store, ref, layer, opts, locked_progress if progress else None, label, cancel,
-                stream)
+                stream, blob_written if stream is not None else None)
         except BaseException:
-            if stream is not None:
+            installed.set()
+            if stream is not None and not ended:
                 stream.finish(False)  # aborted, its thread joined
             raise
-        if stream is not None:
+        installed.set()
+        if stream is not None and not ended:
             assert uploads is not None
             uploads.finish_stream(stream, blob_ids, new_blob)  # in a thread of its own
         elif uploads is not None:
-            for blob_id in blob_ids:
+            for blob_id in blob_ids:  # the streamed blob's upload is already registered
                 uploads.start(blob_id)
         return boot, was_cached
 
