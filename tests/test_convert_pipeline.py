@@ -374,6 +374,66 @@ def test_blob_written_before_sync_and_bootstrap(tmp_path: Path,
     assert res.new_blob is None and seen == []
 
 
+def test_blob_sync_overlaps_the_bootstrap_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               no_leaked_threads: None) -> None:
+    """The new blob's fsync runs while the bootstrap is planned (the fsync waits, up to
+    60 s, for the plan to start; before, it ran first), and the bootstrap file is only
+    written once the blob is in place."""
+    import erofs_nydus.builder.create as create_mod
+
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(_tar_gz(_mixed_entries()))
+    planning = threading.Event()
+    synced_during_plan: list[bool] = []
+    real_fsync, real_plan = os.fsync, create_mod.write_bootstrap
+    blobs = tmp_path / "blobs"
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread().name == "blob-sync":
+            synced_during_plan.append(planning.wait(60))
+        real_fsync(fd)
+
+    def plan(*a: object, **kw: object) -> object:
+        planning.set()
+        return real_plan(*a, **kw)  # type: ignore[arg-type]
+
+    def write(path: str, data: bytes) -> None:  # the blob is in place by now
+        assert [p.name for p in blobs.iterdir() if not p.name.startswith(".")] == [
+            res_id[0]]
+        real_write(path, data)
+
+    res_id: list[str] = []
+    real_write = create_mod.write_file_atomic
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(create_mod, "write_bootstrap", plan)
+    monkeypatch.setattr(create_mod, "write_file_atomic", write)
+    res = create_image(str(src), str(tmp_path / "b.boot"), str(blobs),
+                       BuildOptions(chunk_size=65536), blob_written=res_id.append)
+    assert synced_during_plan == [True]
+    assert res.new_blob is not None and res_id == [res.new_blob.blob_id]
+
+
+def test_failed_background_blob_sync_leaves_nothing(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    no_leaked_threads: None) -> None:
+    """fsync of the new blob fails (fault injection: EIO) in its background thread: one
+    SourceError, no blob, no temporary file, no bootstrap."""
+    import errno
+
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(_tar_gz(_mixed_entries()))
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(SourceError, match=r"cannot write the blob in .*Input/output error"):
+        create_image(str(src), str(tmp_path / "b.boot"), str(tmp_path / "blobs"),
+                     BuildOptions(chunk_size=65536))
+    assert list((tmp_path / "blobs").iterdir()) == []
+    assert not (tmp_path / "b.boot").exists()
+
+
 @pytest.mark.registry
 def test_stream_upload_ends_while_the_layer_bootstrap_is_built(
         pushed: str, registry: RegistryServer, tmp_path: Path,

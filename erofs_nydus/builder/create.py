@@ -228,15 +228,24 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
             from erofs_nydus.builder.whiteout import normalize_whiteouts
 
             normalize_whiteouts(root, opts.whiteout_spec)
-        new_blob = writer.finish(blob_written)
+        # the blob's fsync and rename run in a thread while the bootstrap is planned
+        new_blob = writer.finish(blob_written, background=True)
     except BaseException:
         writer.abort()
         raise
-    blobs, table = _assign_blobs(root, writer, new_blob, lookup)
-    if new_blob is not None:
-        new_blob = blobs[-1]
-    plan = write_bootstrap(root, blobs, table, chunk_size=opts.chunk_size,
-                           compressor=opts.compressor, digester=opts.digester)
+    try:
+        blobs, table = _assign_blobs(root, writer, new_blob, lookup)
+        if new_blob is not None:
+            new_blob = blobs[-1]
+        plan = write_bootstrap(root, blobs, table, chunk_size=opts.chunk_size,
+                               compressor=opts.compressor, digester=opts.digester)
+    except BaseException:
+        try:
+            writer.installed()  # the blob is in place, as when planning failed before
+        except SourceError:
+            pass
+        raise
+    writer.installed()  # the blob is in place before a bootstrap names it
     try:
         write_file_atomic(bootstrap, plan.data)
     except BaseException:
