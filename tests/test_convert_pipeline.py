@@ -683,3 +683,27 @@ def test_zlib_fallback_inflates_and_checks_the_crc(tmp_path: Path,
     assert _build(tmp_path / "good.tar.gz", tmp_path / "zlib") == ref
     with pytest.raises(SourceError, match="corrupt"):
         _build(tmp_path / "bad.tar.gz", tmp_path / "bad")
+
+
+def test_convert_imports_only_what_its_start_needs() -> None:
+    """Importing the convert module (what `convert` does before its first fetch) loads
+    neither the merge, the optimizer, nor the resolver and its registry backend (~25 ms
+    of serial start); `extract_bootstrap` is still importable from it."""
+    code = (
+        "import json, sys\n"
+        "import erofs_nydus.registry.convert as c\n"
+        "before = sorted(m for m in sys.modules if m.startswith('erofs_nydus'))\n"
+        "from erofs_nydus.registry.convert import extract_bootstrap\n"
+        "from erofs_nydus.registry import resolve\n"
+        "print(json.dumps([before, extract_bootstrap is resolve.extract_bootstrap]))\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    import json
+
+    before, same = json.loads(out.stdout)
+    late = {"erofs_nydus.builder.merge", "erofs_nydus.builder.optimize",
+            "erofs_nydus.rafs.check", "erofs_nydus.registry.resolve",
+            "erofs_nydus.registry.backend", "erofs_nydus.registry.mirrors"}
+    assert late.isdisjoint(before), late & set(before)
+    assert "erofs_nydus.builder.create" in before and same

@@ -47,12 +47,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erofs_nydus.builder import BuildOptions, create_image
 from erofs_nydus.builder.create import write_file_atomic
-from erofs_nydus.builder.merge import merge_bootstraps
-from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.errors import UnsupportedError, UsageError
 from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
 from erofs_nydus.rafs.reader import read_bootstrap_file
@@ -74,8 +72,22 @@ from erofs_nydus.registry.manifest import (
     sha256_digest,
 )
 from erofs_nydus.registry.reference import parse_layout_reference
-from erofs_nydus.registry.resolve import extract_bootstrap as extract_bootstrap  # bounded
 from erofs_nydus.registry.store import ImageStore, open_image_store
+
+if TYPE_CHECKING:
+    from erofs_nydus.builder.optimize import OptimizeResult
+
+# Imported where used, not before the first byte is fetched (~25 ms of a convert's
+# serial start): the merge (loaded while the layers convert), the optimizer (only with
+# a trace) and the resolver (`extract_bootstrap`, still importable from here).
+
+
+def __getattr__(name: str) -> Any:
+    if name == "extract_bootstrap":  # the bounded bootstrap-layer reader
+        from erofs_nydus.registry.resolve import extract_bootstrap
+
+        return extract_bootstrap
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BOOTSTRAP_NAME = "image/image.boot"
 _TAR_LAYER_TYPES = {OCI_LAYER_TAR, OCI_LAYER_GZIP, DOCKER_LAYER_GZIP,
@@ -365,6 +377,8 @@ def _optimize_merged(merged: str, opts: ConvertOptions,
         key = hashlib.sha256(fsid.encode() + f.read()).hexdigest()
     out = os.path.join(os.path.dirname(merged), f"{key}.opt.boot")
     blob_dir = os.path.join(opts.cache_dir, "blobs")
+    from erofs_nydus.builder.optimize import optimize_image
+
     res = optimize_image(merged, blob_dir, out, blob_dir, trace=opts.prefetch_trace)
     return out, res
 
@@ -544,6 +558,8 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
         try:
             for digest, (i, layer) in sorted(unique.items(), key=lambda kv: kv[1][0]):
                 futures[digest] = pool.submit(one, i, layer)
+            # what the end needs, loaded while the layers convert (not before they start)
+            import erofs_nydus.builder.merge  # noqa: F401
             wait(list(futures.values()), return_when=FIRST_EXCEPTION)
             for f in futures.values():
                 if f.done() and not f.cancelled() and f.exception() is not None:
@@ -564,7 +580,11 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
                   progress: Progress | None = None,
                   warn: Callable[[str], None] | None = None) -> ConvertResult:
     # a bad trace file fails now, not after converting every layer
-    trace = load_trace(opts.prefetch_trace) if opts.prefetch_trace else None
+    trace = None
+    if opts.prefetch_trace:
+        from erofs_nydus.builder.optimize import load_trace
+
+        trace = load_trace(opts.prefetch_trace)
     undo = _LayoutUndo(target)
     src_store, src_ref = open_image_store(source, **opts.client_options)
     try:
@@ -594,6 +614,8 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
             "|".join([man.digest, *boots]).encode()).hexdigest() + ".boot")
         if not single_layer_merge_is_identity(boots, opts):
             # layer bootstraps come from our own cache: skip re-validating each one
+            from erofs_nydus.builder.merge import merge_bootstraps
+
             merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
         else:
             with open(boots[0], "rb") as f:
