@@ -707,3 +707,27 @@ def test_convert_imports_only_what_its_start_needs() -> None:
             "erofs_nydus.registry.backend", "erofs_nydus.registry.mirrors"}
     assert late.isdisjoint(before), late & set(before)
     assert "erofs_nydus.builder.create" in before and same
+
+
+@pytest.mark.registry
+def test_layers_start_largest_first(source_layout: Path, tmp_path: Path) -> None:
+    """Layers are started largest first (jobs end together rather than one big layer
+    converting alone at the end); the image is the same as in manifest order."""
+    from layers_support import layer_paths
+
+    sizes = [p.stat().st_size for p in layer_paths(source_layout)]
+    assert len(set(sizes)) == len(sizes) and sizes != sorted(sizes, reverse=True)
+    started: list[int] = []
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label.startswith("layer "):
+            n = int(label.split()[1].split("/")[0])
+            if n not in started:
+                started.append(n)
+
+    src = f"oci:{source_layout}:latest"
+    got = convert_image(src, f"oci:{tmp_path / 'o'}:n", _opts(tmp_path, "c", jobs=1),
+                        progress=progress)
+    assert started == sorted(range(1, len(sizes) + 1), key=lambda n: -sizes[n - 1])
+    ref = convert_image(src, f"oci:{tmp_path / 'r'}:n", _opts(tmp_path, "d", jobs=3))
+    assert got.manifest_digest == ref.manifest_digest

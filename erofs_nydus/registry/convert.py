@@ -556,7 +556,11 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
     with ThreadPoolExecutor(min(opts.jobs, max(1, len(unique))),
                             thread_name_prefix="layer") as pool:
         try:
-            for digest, (i, layer) in sorted(unique.items(), key=lambda kv: kv[1][0]):
+            # largest layer first (then manifest order): the last layers to start are the
+            # small ones, so the jobs end together instead of one big layer converting
+            # alone at the end; the output does not depend on the order
+            for digest, (i, layer) in sorted(unique.items(),
+                                             key=lambda kv: (-kv[1][1].size, kv[1][0])):
                 futures[digest] = pool.submit(one, i, layer)
             # what the end needs, loaded while the layers convert (not before they start)
             import erofs_nydus.builder.merge  # noqa: F401
