@@ -731,3 +731,72 @@ def test_layers_start_largest_first(source_layout: Path, tmp_path: Path) -> None
     assert started == sorted(range(1, len(sizes) + 1), key=lambda n: -sizes[n - 1])
     ref = convert_image(src, f"oci:{tmp_path / 'r'}:n", _opts(tmp_path, "d", jobs=3))
     assert got.manifest_digest == ref.manifest_digest
+
+
+def test_preloaded_layers_merge_to_the_same_bytes(source_layout: Path, tmp_path: Path) -> None:
+    """merge_bootstraps(loaded=...) with layers read ahead (`preload`) writes the bytes
+    of a merge that reads them itself, also with a layer listed twice (read again: the
+    merge changes the trees) and a damaged layer (not preloaded: the merge reports it
+    as before)."""
+    from layers_support import layer_paths
+
+    from erofs_nydus.builder.merge import merge_bootstraps, preload
+
+    boots = []
+    for i, src in enumerate(layer_paths(source_layout)):
+        boot = tmp_path / f"l{i}.boot"
+        create_image(str(src), str(boot), str(tmp_path / "blobs"), BuildOptions())
+        boots.append(str(boot))
+    for order in (boots, [boots[0], boots[1], boots[0], boots[2]]):
+        merge_bootstraps(order, str(tmp_path / "plain.boot"))
+        loaded = {}
+        for b in order:
+            got = preload(b)
+            assert got is not None
+            loaded[b] = got
+        merge_bootstraps(order, str(tmp_path / "ahead.boot"), loaded=loaded)
+        assert (tmp_path / "ahead.boot").read_bytes() == (tmp_path / "plain.boot").read_bytes()
+        assert loaded == {}  # each used once
+    bad = tmp_path / "bad.boot"
+    bad.write_bytes(Path(boots[1]).read_bytes()[:5000])
+    assert preload(str(bad)) is None
+    errors = []
+    for loaded in (None, {b: preload(b) for b in boots if b != str(bad)}):
+        with pytest.raises(ErofsNydusError) as err:
+            merge_bootstraps([boots[0], str(bad), boots[2]], str(tmp_path / "x.boot"),
+                             loaded=loaded)  # type: ignore[arg-type]
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.registry
+def test_convert_reads_each_layer_for_the_merge_as_it_is_built(
+        source_layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge's reading of the layer bootstraps (their trees) happens while the
+    layers convert: by the time the merge starts, every layer's tree is built, and the
+    merge builds none itself."""
+    import erofs_nydus.builder.merge as merge_mod
+    from erofs_nydus.rafs.reader import BootstrapReader
+
+    trees: list[str] = []
+    real_tree, real_merge = BootstrapReader.tree, merge_mod.merge_bootstraps
+
+    def tree(self: BootstrapReader, *a: object, **kw: object) -> Node:
+        trees.append("merge" if in_merge else "ahead")
+        return real_tree(self, *a, **kw)  # type: ignore[arg-type]
+
+    in_merge = False
+
+    def merge(*a: object, **kw: object) -> object:
+        nonlocal in_merge
+        in_merge = True
+        return real_merge(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BootstrapReader, "tree", tree)
+    monkeypatch.setattr(merge_mod, "merge_bootstraps", merge)
+    src = f"oci:{source_layout}:latest"
+    got = convert_image(src, f"oci:{tmp_path / 'o'}:n", _opts(tmp_path, "c", jobs=2))
+    assert in_merge and trees == ["ahead"] * 3
+    monkeypatch.undo()
+    ref = convert_image(src, f"oci:{tmp_path / 'r'}:n", _opts(tmp_path, "d", jobs=1))
+    assert got.manifest_digest == ref.manifest_digest

@@ -45,7 +45,7 @@ import shutil
 import tarfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,7 @@ from erofs_nydus.registry.reference import parse_layout_reference
 from erofs_nydus.registry.store import ImageStore, open_image_store
 
 if TYPE_CHECKING:
+    from erofs_nydus.builder.merge import LoadedLayer
     from erofs_nydus.builder.optimize import OptimizeResult
 
 # Imported where used, not before the first byte is fetched (~25 ms of a convert's
@@ -503,11 +504,15 @@ def single_layer_merge_is_identity(boots: list[str], opts: ConvertOptions) -> bo
 
 def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts: ConvertOptions,
                     progress: Progress | None, lock: threading.Lock,
-                    uploads: _Uploads | None) -> tuple[list[str], int]:
+                    uploads: _Uploads | None,
+                    layer_done: Callable[[str], None] | None = None,
+                    ) -> tuple[list[str], int]:
     """Convert `layers`, up to `opts.jobs` at once; with `uploads`, start uploading each
     layer's blobs as soon as the layer is done.  On the first failure the other layers
     stop reading their sources and every layer thread is joined before it is raised.
-    Returns (layer bootstraps in manifest order, how many were cached)."""
+    `layer_done(bootstrap)` runs on the calling thread as each layer is done, while
+    the others convert.  Returns (layer bootstraps in manifest order, how many were
+    cached)."""
     cancel = threading.Event()
 
     def locked_progress(label: str, done: int, total: int) -> None:
@@ -564,10 +569,15 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
                 futures[digest] = pool.submit(one, i, layer)
             # what the end needs, loaded while the layers convert (not before they start)
             import erofs_nydus.builder.merge  # noqa: F401
-            wait(list(futures.values()), return_when=FIRST_EXCEPTION)
-            for f in futures.values():
-                if f.done() and not f.cancelled() and f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
+            running = set(futures.values())
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in futures.values():
+                    if f.done() and not f.cancelled() and f.exception() is not None:
+                        raise f.exception()  # type: ignore[misc]
+                if layer_done is not None:
+                    for f in done:
+                        layer_done(f.result()[0])
             results = {d: f.result() for d, f in futures.items()}
             failed = False
         finally:
@@ -610,8 +620,21 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
         if trace is None:  # with a trace the optimized image has other blobs
             uploads = _Uploads(dst_store, dst_ref, os.path.join(opts.cache_dir, "blobs"),
                                progress, lock)
+        # the merge's reading of each layer bootstrap (and its tree) is done as the layer
+        # is built, while the others convert: the merge after the last one is shorter
+        ahead: dict[str, LoadedLayer] = {}
+        layer_done = None
+        if len(layers) > 1 or opts.chunk_dicts:
+            def layer_done(boot: str) -> None:
+                from erofs_nydus.builder.merge import preload
+
+                if boot not in ahead:
+                    got = preload(boot, validate=False)
+                    if got is not None:
+                        ahead[boot] = got
+
         boots, cached = _convert_layers(src_store, src_ref, layers, opts, progress, lock,
-                                        uploads)
+                                        uploads, layer_done)
         work = os.path.join(opts.cache_dir, "images")
         os.makedirs(work, exist_ok=True)
         merged = os.path.join(work, hashlib.sha256(
@@ -620,7 +643,8 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
             # layer bootstraps come from our own cache: skip re-validating each one
             from erofs_nydus.builder.merge import merge_bootstraps
 
-            merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
+            merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False,
+                             loaded=ahead)
         else:
             with open(boots[0], "rb") as f:
                 write_file_atomic(merged, f.read())
