@@ -800,3 +800,28 @@ def test_convert_reads_each_layer_for_the_merge_as_it_is_built(
     monkeypatch.undo()
     ref = convert_image(src, f"oci:{tmp_path / 'r'}:n", _opts(tmp_path, "d", jobs=1))
     assert got.manifest_digest == ref.manifest_digest
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_push_does_not_parse_the_bootstrap_again(tmp_path: Path, n_layers: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The push takes the image's blob table from the layer build (one layer) or the
+    merge (several) instead of parsing the bootstrap it just wrote; the pushed image
+    lists the same blobs as when it parsed it."""
+    import erofs_nydus.registry.convert as convert_mod
+    from erofs_nydus.rafs.reader import read_bootstrap_file
+
+    layout = umoci_image(tmp_path / "src", [base_step, upper_step, top_step][:n_layers])
+    parsed: list[str] = []
+
+    def spy(path: str) -> object:
+        parsed.append(path)
+        return read_bootstrap_file(path)
+
+    monkeypatch.setattr(convert_mod, "read_bootstrap_file", spy)
+    got = convert_image(f"oci:{layout}:latest", f"oci:{tmp_path / 'o'}:n",
+                        _opts(tmp_path, "c"))
+    assert parsed == []
+    want = [b.blob_id for b in read_bootstrap_file(got.bootstrap).blobs]
+    assert [b for b, _ in got.blobs] == want and len(want) >= 1

@@ -316,21 +316,25 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
 def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
                      config: dict[str, Any], progress: Progress | None = None,
                      uploads: Mapping[str, Future[Any]] | None = None,
+                     blob_ids: list[str] | None = None,
                      ) -> tuple[str, list[tuple[str, int]], str]:
     """Push a Nydus image: each blob of `bootstrap` (from `blob_dir`) as a nydus-blob
     layer, the bootstrap as the last tar.gz layer, `config` with matching rootfs and
     history, then the manifest.  `uploads`: blob id -> its upload already under way
     (waited for here, not pushed again).  The bootstrap layer and the config go up
     first, while those uploads finish: only the manifest needs every blob in place.
+    `blob_ids`: the bootstrap's blob table, in order, when the caller knows it (else
+    the bootstrap is parsed for it).
     Returns (manifest digest, [(blob id, size)], bootstrap layer digest)."""
-    img = read_bootstrap_file(bootstrap)
+    if blob_ids is None:
+        blob_ids = [b.blob_id for b in read_bootstrap_file(bootstrap).blobs]
     layer_descs: list[Descriptor] = []
     blob_sizes: list[tuple[str, int]] = []
-    for b in img.blobs:
-        size = os.path.getsize(os.path.join(blob_dir, b.blob_id))
-        layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{b.blob_id}", size,
+    for blob_id in blob_ids:
+        size = os.path.getsize(os.path.join(blob_dir, blob_id))
+        layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{blob_id}", size,
                                       {ANNOTATION_NYDUS_BLOB: "true"}))
-        blob_sizes.append((b.blob_id, size))
+        blob_sizes.append((blob_id, size))
     with open(bootstrap, "rb") as f:
         boot_bytes = f.read()
     tgz, diff_id = bootstrap_layer_bytes(boot_bytes)
@@ -506,13 +510,13 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
                     progress: Progress | None, lock: threading.Lock,
                     uploads: _Uploads | None,
                     layer_done: Callable[[str], None] | None = None,
-                    ) -> tuple[list[str], int]:
+                    ) -> tuple[list[str], int, dict[str, list[str]]]:
     """Convert `layers`, up to `opts.jobs` at once; with `uploads`, start uploading each
     layer's blobs as soon as the layer is done.  On the first failure the other layers
     stop reading their sources and every layer thread is joined before it is raised.
     `layer_done(bootstrap)` runs on the calling thread as each layer is done, while
     the others convert.  Returns (layer bootstraps in manifest order, how many were
-    cached)."""
+    cached, each layer bootstrap's blob ids in its blob table's order)."""
     cancel = threading.Event()
 
     def locked_progress(label: str, done: int, total: int) -> None:
@@ -520,7 +524,7 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
         with lock:
             progress(label, done, total)
 
-    def one(i: int, layer: Descriptor) -> tuple[str, bool]:
+    def one(i: int, layer: Descriptor) -> tuple[str, bool, list[str]]:
         label = f"layer {i + 1}/{len(layers)} {layer.digest[7:19]}"
         push_stream = getattr(uploads.store, "push_blob_stream", None) if uploads else None
         stream = None
@@ -552,11 +556,11 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
         elif uploads is not None:
             for blob_id in blob_ids:  # the streamed blob's upload is already registered
                 uploads.start(blob_id)
-        return boot, was_cached
+        return boot, was_cached, blob_ids
 
     # a layer digest listed twice is converted once
     unique = {layer.digest: (i, layer) for i, layer in reversed(list(enumerate(layers)))}
-    futures: dict[str, Future[tuple[str, bool]]] = {}
+    futures: dict[str, Future[tuple[str, bool, list[str]]]] = {}
     failed = True
     with ThreadPoolExecutor(min(opts.jobs, max(1, len(unique))),
                             thread_name_prefix="layer") as pool:
@@ -587,7 +591,7 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
                     f.cancel()
     boots = [results[layer.digest][0] for layer in layers]
     cached = sum(results[layer.digest][1] for layer in layers)
-    return boots, cached
+    return boots, cached, {boot: blobs for boot, _, blobs in results.values()}
 
 
 def convert_image(source: str, target: str, opts: ConvertOptions,
@@ -633,8 +637,8 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
                     if got is not None:
                         ahead[boot] = got
 
-        boots, cached = _convert_layers(src_store, src_ref, layers, opts, progress, lock,
-                                        uploads, layer_done)
+        boots, cached, layer_blobs = _convert_layers(src_store, src_ref, layers, opts,
+                                                     progress, lock, uploads, layer_done)
         work = os.path.join(opts.cache_dir, "images")
         os.makedirs(work, exist_ok=True)
         merged = os.path.join(work, hashlib.sha256(
@@ -643,17 +647,20 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
             # layer bootstraps come from our own cache: skip re-validating each one
             from erofs_nydus.builder.merge import merge_bootstraps
 
-            merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False,
-                             loaded=ahead)
+            res = merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False,
+                                   loaded=ahead)
+            blob_ids: list[str] | None = [b.blob_id for b in res.blobs]
         else:
             with open(boots[0], "rb") as f:
                 write_file_atomic(merged, f.read())
+            blob_ids = layer_blobs[boots[0]]
         boot, optimized = merged, None
         if trace is not None:
             boot, optimized = _optimize_merged(merged, opts, trace)
+            blob_ids = None  # other blobs: read from the optimized bootstrap
         digest, blob_sizes, boot_digest = push_nydus_image(
             dst_store, dst_ref, boot, os.path.join(opts.cache_dir, "blobs"), config, progress,
-            uploads.futures if uploads is not None else None)
+            uploads.futures if uploads is not None else None, blob_ids)
         return ConvertResult(target=target, manifest_digest=digest, bootstrap=boot,
                              blobs=blob_sizes, layers_converted=len(layers) - cached,
                              layers_cached=cached, bootstrap_layer_digest=boot_digest,
