@@ -49,11 +49,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.builder.create import write_file_atomic
 from erofs_nydus.errors import UnsupportedError, UsageError
 from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
-from erofs_nydus.rafs.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,
@@ -77,10 +74,13 @@ from erofs_nydus.registry.store import ImageStore, open_image_store
 if TYPE_CHECKING:
     from erofs_nydus.builder.merge import LoadedLayer
     from erofs_nydus.builder.optimize import OptimizeResult
+    from erofs_nydus.rafs.image import RafsImage
 
 # Imported where used, not before the first byte is fetched (~25 ms of a convert's
 # serial start): the merge (loaded while the layers convert), the optimizer (only with
-# a trace) and the resolver (`extract_bootstrap`, still importable from here).
+# a trace) and the resolver (`extract_bootstrap`, still importable from here).  The
+# builder and the bootstrap reader (~50 ms) are imported by a thread `convert_image`
+# starts first thing (`_import_builder`).
 
 
 def __getattr__(name: str) -> Any:
@@ -157,6 +157,25 @@ class ConvertResult:
 
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
+
+
+def _import_builder() -> None:
+    """Import the builder and the bootstrap reader (~50 ms: construct, the codecs, the
+    tree and bootstrap code) in a thread while the main thread opens the registry
+    clients (loading the CA bundle, ~20 ms, runs in OpenSSL without the GIL) and
+    fetches the manifest and config; a layer thread's own import then only waits for
+    what is left.  An import error is left for that import to raise."""
+    try:
+        import erofs_nydus.builder.create
+        import erofs_nydus.rafs.reader  # noqa: F401
+    except Exception:  # raised again, and reported, where the layer imports it
+        pass
+
+
+def read_bootstrap_file(path: str) -> RafsImage:
+    from erofs_nydus.rafs.reader import read_bootstrap_file as read
+
+    return read(path)
 
 
 def bootstrap_layer_bytes(bootstrap: bytes) -> tuple[bytes, str]:
@@ -301,6 +320,8 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
             if progress:
                 progress(label, done, layer.size)
             yield piece
+
+    from erofs_nydus.builder import BuildOptions, create_image
 
     source = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
     bopts = BuildOptions(chunk_size=opts.chunk_size, compressor=opts.compressor,
@@ -604,6 +625,7 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
 
         trace = load_trace(opts.prefetch_trace)
     undo = _LayoutUndo(target)
+    threading.Thread(target=_import_builder, name="import builder", daemon=True).start()
     src_store, src_ref = open_image_store(source, **opts.client_options)
     try:
         dst_store, dst_ref = open_image_store(target, create=True, **opts.client_options)
@@ -651,6 +673,8 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
                                    loaded=ahead)
             blob_ids: list[str] | None = [b.blob_id for b in res.blobs]
         else:
+            from erofs_nydus.builder.create import write_file_atomic
+
             with open(boots[0], "rb") as f:
                 write_file_atomic(merged, f.read())
             blob_ids = layer_blobs[boots[0]]
