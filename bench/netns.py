@@ -191,12 +191,15 @@ def convert_bench(server: RegistryServer, src: str, work: Path, runs: int,
                         "import erofs_nydus.cli, erofs_nydus.registry.convert"],
                        env=env, check=True, cwd=work)
     res: dict[str, list[tuple[float, float, int]]] = {k: [] for k in [*sides, "skopeo copy"]}
+    digests: dict[str, set[str]] = {k: set() for k in sides}  # pushed manifest digests
     for i in range(runs):
         for name, env in sides.items():
             cache = work / f"conv-cache{i}"
+            out = work / "convert-result.json"
             res[name].append(run_rusage(
                 [*CLI, "convert", "--source", src, "--target", target, "--plain-http", "-q",
-                 "--cache-dir", str(cache), *extra], env, cwd=work))
+                 "--cache-dir", str(cache), "--output-json", str(out), *extra], env, cwd=work))
+            digests[name].add(json.loads(out.read_text())["manifest_digest"])
             shutil.rmtree(cache)
         res["skopeo copy"].append(run_rusage(
             ["skopeo", "--insecure-policy", "copy", "-q", "--src-tls-verify=false",
@@ -216,6 +219,11 @@ def convert_bench(server: RegistryServer, src: str, work: Path, runs: int,
             f"{med(name, 1) / med('skopeo copy', 1):.2f}x CPU of skopeo")
         print(f"    {name:22s}: {med(name, 0):6.2f} s / {med(name, 1):5.2f} s   runs "
               + " ".join(f"{x[0]:.2f}" for x in res[name]) + ratio + rss)
+    for name, got in digests.items():
+        print(f"    manifest pushed by {name}: {', '.join(sorted(got))}")
+    if len(sides) > 1:
+        same = len(set().union(*digests.values())) == 1
+        print(f"    manifests {'identical' if same else 'DIFFER'} across the sides and runs")
     return target_repo
 
 

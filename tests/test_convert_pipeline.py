@@ -317,7 +317,8 @@ def test_failed_stream_upload_falls_back_to_the_file(
     failed = _break_stream_uploads(monkeypatch)
     target = registry.ref("pipeline/fallback:v1")
     ref = convert_image(pushed, target, _opts(tmp_path, "c", jobs=3))
-    assert len(failed) == len(ref.blobs)  # each blob went up again from its file
+    # every layer's new blob (a tiny one too) was streamed, failed, went up from its file
+    assert len(failed) == ref.layers_converted == 3
     monkeypatch.undo()
     report = check_remote(target, pushed, client_options={"plain_http": True})
     assert report.ok, report.problems
@@ -346,6 +347,127 @@ def test_stream_upload_with_the_callers_digest(registry: RegistryServer) -> None
             client.push_blob_stream(other, iter(pieces), digest=lambda: wrong)
         assert "\n" not in str(err.value)
         assert not client.blob_exists(other, wrong) and not client.blob_exists(other, right)
+
+
+def test_blob_written_before_sync_and_bootstrap(tmp_path: Path,
+                                                 no_leaked_threads: None) -> None:
+    """create_image(blob_written=...) names the new blob once its last byte is written,
+    before it is renamed into place and before the bootstrap exists; never when the
+    build stores no new blob."""
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(_tar_gz(_mixed_entries()))
+    seen: list[tuple[str, bool, bool]] = []
+    blobs, boot = tmp_path / "blobs", tmp_path / "b.boot"
+
+    def written(blob_id: str) -> None:
+        seen.append((blob_id, (blobs / blob_id).exists(), boot.exists()))
+
+    res = create_image(str(src), str(boot), str(blobs), BuildOptions(chunk_size=65536),
+                       blob_written=written)
+    assert res.new_blob is not None
+    assert seen == [(res.new_blob.blob_id, False, False)]
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(_tar_gz([]))
+    seen.clear()
+    res = create_image(str(empty), str(tmp_path / "e.boot"), str(blobs), BuildOptions(),
+                       blob_written=written)
+    assert res.new_blob is None and seen == []
+
+
+def test_blob_sync_overlaps_the_bootstrap_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               no_leaked_threads: None) -> None:
+    """The new blob's fsync runs while the bootstrap is planned (the fsync waits, up to
+    60 s, for the plan to start; before, it ran first), and the bootstrap file is only
+    written once the blob is in place."""
+    import erofs_nydus.builder.create as create_mod
+
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(_tar_gz(_mixed_entries()))
+    planning = threading.Event()
+    synced_during_plan: list[bool] = []
+    real_fsync, real_plan = os.fsync, create_mod.write_bootstrap
+    blobs = tmp_path / "blobs"
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread().name == "blob-sync":
+            synced_during_plan.append(planning.wait(60))
+        real_fsync(fd)
+
+    def plan(*a: object, **kw: object) -> object:
+        planning.set()
+        return real_plan(*a, **kw)  # type: ignore[arg-type]
+
+    def write(path: str, data: bytes) -> None:  # the blob is in place by now
+        assert [p.name for p in blobs.iterdir() if not p.name.startswith(".")] == [
+            res_id[0]]
+        real_write(path, data)
+
+    res_id: list[str] = []
+    real_write = create_mod.write_file_atomic
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(create_mod, "write_bootstrap", plan)
+    monkeypatch.setattr(create_mod, "write_file_atomic", write)
+    res = create_image(str(src), str(tmp_path / "b.boot"), str(blobs),
+                       BuildOptions(chunk_size=65536), blob_written=res_id.append)
+    assert synced_during_plan == [True]
+    assert res.new_blob is not None and res_id == [res.new_blob.blob_id]
+
+
+def test_failed_background_blob_sync_leaves_nothing(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    no_leaked_threads: None) -> None:
+    """fsync of the new blob fails (fault injection: EIO) in its background thread: one
+    SourceError, no blob, no temporary file, no bootstrap."""
+    import errno
+
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(_tar_gz(_mixed_entries()))
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(SourceError, match=r"cannot write the blob in .*Input/output error"):
+        create_image(str(src), str(tmp_path / "b.boot"), str(tmp_path / "blobs"),
+                     BuildOptions(chunk_size=65536))
+    assert list((tmp_path / "blobs").iterdir()) == []
+    assert not (tmp_path / "b.boot").exists()
+
+
+@pytest.mark.registry
+def test_stream_upload_ends_while_the_layer_bootstrap_is_built(
+        pushed: str, registry: RegistryServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, no_leaked_threads: None) -> None:
+    """A layer's streamed blob is completed in the registry (its digest checked there)
+    while the builder still builds the layer bootstrap, not after: the layer bootstrap
+    waits (up to 60 s) for the registry to have the layer's new blob.  Also a blob
+    smaller than one stream piece (the top layer's, ~100 bytes)."""
+    import time
+
+    import erofs_nydus.builder.create as create_mod
+
+    target = registry.ref("pipeline/early-end:v1")
+    real = create_mod.write_bootstrap
+    found: list[bool] = []
+    client = RegistryClient(plain_http=True)
+
+    def waiting(root: Node, blobs: list[object], *a: object, **kw: object) -> object:
+        blob_id = blobs[-1].blob_id  # type: ignore[attr-defined]
+        end = time.monotonic() + 60
+        while not client.blob_exists(target, f"sha256:{blob_id}") and time.monotonic() < end:
+            time.sleep(0.02)
+        found.append(client.blob_exists(target, f"sha256:{blob_id}"))
+        return real(root, blobs, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(create_mod, "write_bootstrap", waiting)
+    try:
+        res = convert_image(pushed, target, _opts(tmp_path, "c", jobs=2))
+    finally:
+        client.close()
+    assert found == [True] * 3 and res.layers_converted == 3
+    monkeypatch.undo()
+    again = convert_image(pushed, registry.ref("pipeline/early-end2:v1"), _opts(tmp_path, "d"))
+    assert again.manifest_digest == res.manifest_digest
 
 
 @pytest.mark.registry
@@ -561,3 +683,149 @@ def test_zlib_fallback_inflates_and_checks_the_crc(tmp_path: Path,
     assert _build(tmp_path / "good.tar.gz", tmp_path / "zlib") == ref
     with pytest.raises(SourceError, match="corrupt"):
         _build(tmp_path / "bad.tar.gz", tmp_path / "bad")
+
+
+def test_convert_imports_only_what_its_start_needs() -> None:
+    """Importing the convert module (what `convert` does before its first fetch) loads
+    neither the merge, the optimizer, nor the resolver and its registry backend (~25 ms
+    of serial start), nor the builder and the bootstrap reader (convert_image imports
+    them in a thread while the clients load the CA bundle); `extract_bootstrap` is
+    still importable from it."""
+    code = (
+        "import json, sys\n"
+        "import erofs_nydus.registry.convert as c\n"
+        "before = sorted(m for m in sys.modules if m.startswith('erofs_nydus'))\n"
+        "from erofs_nydus.registry.convert import extract_bootstrap\n"
+        "from erofs_nydus.registry import resolve\n"
+        "print(json.dumps([before, extract_bootstrap is resolve.extract_bootstrap]))\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    import json
+
+    before, same = json.loads(out.stdout)
+    late = {"erofs_nydus.builder.merge", "erofs_nydus.builder.optimize",
+            "erofs_nydus.rafs.check", "erofs_nydus.registry.resolve",
+            "erofs_nydus.registry.backend", "erofs_nydus.registry.mirrors",
+            "erofs_nydus.builder", "erofs_nydus.builder.create", "erofs_nydus.rafs.reader",
+            "erofs_nydus.layout"}
+    assert late.isdisjoint(before), late & set(before)
+    assert "erofs_nydus.registry.store" in before and same
+
+
+@pytest.mark.registry
+def test_layers_start_largest_first(source_layout: Path, tmp_path: Path) -> None:
+    """Layers are started largest first (jobs end together rather than one big layer
+    converting alone at the end); the image is the same as in manifest order."""
+    from layers_support import layer_paths
+
+    sizes = [p.stat().st_size for p in layer_paths(source_layout)]
+    assert len(set(sizes)) == len(sizes) and sizes != sorted(sizes, reverse=True)
+    started: list[int] = []
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label.startswith("layer "):
+            n = int(label.split()[1].split("/")[0])
+            if n not in started:
+                started.append(n)
+
+    src = f"oci:{source_layout}:latest"
+    got = convert_image(src, f"oci:{tmp_path / 'o'}:n", _opts(tmp_path, "c", jobs=1),
+                        progress=progress)
+    assert started == sorted(range(1, len(sizes) + 1), key=lambda n: -sizes[n - 1])
+    ref = convert_image(src, f"oci:{tmp_path / 'r'}:n", _opts(tmp_path, "d", jobs=3))
+    assert got.manifest_digest == ref.manifest_digest
+
+
+def test_preloaded_layers_merge_to_the_same_bytes(source_layout: Path, tmp_path: Path) -> None:
+    """merge_bootstraps(loaded=...) with layers read ahead (`preload`) writes the bytes
+    of a merge that reads them itself, also with a layer listed twice (read again: the
+    merge changes the trees) and a damaged layer (not preloaded: the merge reports it
+    as before)."""
+    from layers_support import layer_paths
+
+    from erofs_nydus.builder.merge import merge_bootstraps, preload
+
+    boots = []
+    for i, src in enumerate(layer_paths(source_layout)):
+        boot = tmp_path / f"l{i}.boot"
+        create_image(str(src), str(boot), str(tmp_path / "blobs"), BuildOptions())
+        boots.append(str(boot))
+    for order in (boots, [boots[0], boots[1], boots[0], boots[2]]):
+        merge_bootstraps(order, str(tmp_path / "plain.boot"))
+        loaded = {}
+        for b in order:
+            got = preload(b)
+            assert got is not None
+            loaded[b] = got
+        merge_bootstraps(order, str(tmp_path / "ahead.boot"), loaded=loaded)
+        assert (tmp_path / "ahead.boot").read_bytes() == (tmp_path / "plain.boot").read_bytes()
+        assert loaded == {}  # each used once
+    bad = tmp_path / "bad.boot"
+    bad.write_bytes(Path(boots[1]).read_bytes()[:5000])
+    assert preload(str(bad)) is None
+    errors = []
+    for loaded in (None, {b: preload(b) for b in boots if b != str(bad)}):
+        with pytest.raises(ErofsNydusError) as err:
+            merge_bootstraps([boots[0], str(bad), boots[2]], str(tmp_path / "x.boot"),
+                             loaded=loaded)  # type: ignore[arg-type]
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.registry
+def test_convert_reads_each_layer_for_the_merge_as_it_is_built(
+        source_layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge's reading of the layer bootstraps (their trees) happens while the
+    layers convert: by the time the merge starts, every layer's tree is built, and the
+    merge builds none itself."""
+    import erofs_nydus.builder.merge as merge_mod
+    from erofs_nydus.rafs.reader import BootstrapReader
+
+    trees: list[str] = []
+    real_tree, real_merge = BootstrapReader.tree, merge_mod.merge_bootstraps
+
+    def tree(self: BootstrapReader, *a: object, **kw: object) -> Node:
+        trees.append("merge" if in_merge else "ahead")
+        return real_tree(self, *a, **kw)  # type: ignore[arg-type]
+
+    in_merge = False
+
+    def merge(*a: object, **kw: object) -> object:
+        nonlocal in_merge
+        in_merge = True
+        return real_merge(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BootstrapReader, "tree", tree)
+    monkeypatch.setattr(merge_mod, "merge_bootstraps", merge)
+    src = f"oci:{source_layout}:latest"
+    got = convert_image(src, f"oci:{tmp_path / 'o'}:n", _opts(tmp_path, "c", jobs=2))
+    assert in_merge and trees == ["ahead"] * 3
+    monkeypatch.undo()
+    ref = convert_image(src, f"oci:{tmp_path / 'r'}:n", _opts(tmp_path, "d", jobs=1))
+    assert got.manifest_digest == ref.manifest_digest
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_push_does_not_parse_the_bootstrap_again(tmp_path: Path, n_layers: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The push takes the image's blob table from the layer build (one layer) or the
+    merge (several) instead of parsing the bootstrap it just wrote; the pushed image
+    lists the same blobs as when it parsed it."""
+    import erofs_nydus.registry.convert as convert_mod
+    from erofs_nydus.rafs.reader import read_bootstrap_file
+
+    layout = umoci_image(tmp_path / "src", [base_step, upper_step, top_step][:n_layers])
+    parsed: list[str] = []
+
+    def spy(path: str) -> object:
+        parsed.append(path)
+        return read_bootstrap_file(path)
+
+    monkeypatch.setattr(convert_mod, "read_bootstrap_file", spy)
+    got = convert_image(f"oci:{layout}:latest", f"oci:{tmp_path / 'o'}:n",
+                        _opts(tmp_path, "c"))
+    assert parsed == []
+    want = [b.blob_id for b in read_bootstrap_file(got.bootstrap).blobs]
+    assert [b for b, _ in got.blobs] == want and len(want) >= 1

@@ -206,3 +206,28 @@ def test_bad_first_header_is_a_one_line_source_error(tmp_path: Path) -> None:
         create_image(io.BytesIO(bytes(buf) + bytes(1024)), str(tmp_path / "b.boot"),
                      str(tmp_path / "blobs"), BuildOptions())
     assert "\n" not in str(err.value) and "bad checksum" in str(err.value)
+
+
+@pytest.mark.parametrize("odd", ODD_NUMBERS)
+def test_remembered_number_fields_decode_as_the_first_time(odd: bytes,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Number fields are remembered (`_octal_seen`): a field decodes the same the second
+    time, one the lean rules refuse is refused every time (never remembered), and at
+    most OCTAL_MEMO fields are kept."""
+    from erofs_nydus.builder import tarheader
+
+    monkeypatch.setattr(tarheader, "_octal_seen", {})
+    for width in (8, 12):
+        field = odd[:width].ljust(width, b"\0")
+        outcomes = []
+        for _ in range(2):
+            try:
+                outcomes.append(tarheader._octal(field))
+            except NotLean:
+                outcomes.append("not lean")
+        assert outcomes[0] == outcomes[1]
+        assert (field in tarheader._octal_seen) == (outcomes[0] != "not lean")
+    monkeypatch.setattr(tarheader, "OCTAL_MEMO", 3)
+    for n in range(10):
+        tarheader._octal(b"%07o\0" % (n + 100))
+    assert len(tarheader._octal_seen) == 3 and tarheader._octal(b"0000144\0") == 100

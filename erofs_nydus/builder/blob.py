@@ -187,6 +187,8 @@ class BlobWriter:
         self._blob_buf: list[bytes] = []
         self._blob_buf_bytes = 0
         self._cache_buf = bytearray()
+        self._installer: threading.Thread | None = None  # finish(background=True)
+        self._install_error: BaseException | None = None
 
     # -- temp files -------------------------------------------------------------------------
     def _open_tmp(self, directory: str, suffix: str) -> BinaryIO:
@@ -454,8 +456,16 @@ class BlobWriter:
         return chunks
 
     # -- finish -----------------------------------------------------------------------------
-    def finish(self) -> BlobInfo | None:
-        """Write the CI table and header, rename into place; None if no chunk was stored."""
+    def finish(self, written: Callable[[str], None] | None = None, *,
+               background: bool = False) -> BlobInfo | None:
+        """Write the CI table and header, rename into place; None if no chunk was stored.
+
+        `written(blob_id)` is called once the blob's last byte went to the file (and to
+        the tee), before the fsync and the rename: a streamed upload can end while the
+        blob is synced and the bootstrap is built.  The blob is in place once this
+        returns, or with `background`, once `installed()` returns: the fsync (tens of
+        ms of I/O wait for a layer's blob) and the rename then run in a thread while the
+        caller goes on (create_image plans the bootstrap meanwhile)."""
         try:
             self.flush()
         except OSError as exc:
@@ -491,18 +501,18 @@ class BlobWriter:
             self._write_blob(ci_bytes)
             self._write_blob(header)
             blob_id = self._hash.hexdigest()
-            self._close_files(sync=True)
-            blob_tmp = self._tmp_paths[0]
-            os.chmod(blob_tmp, 0o644)
-            self._install(blob_tmp, os.path.join(self.blob_dir, blob_id))
-            if self.cache_dir is not None:
-                cache_tmp = self._tmp_paths[1]
-                os.chmod(cache_tmp, 0o644)
-                self._install(cache_tmp, os.path.join(self.cache_dir, blob_id + ".blob.data"))
+            if written is not None:
+                written(blob_id)
+            if background:
+                self._installer = threading.Thread(target=self._install_in_thread,
+                                                   args=(blob_id,), name="blob-sync",
+                                                   daemon=True)
+                self._installer.start()
+            else:
+                self._sync_and_install(blob_id)
         except OSError as exc:
             self.abort()
             raise SourceError(f"cannot write the blob in {self.blob_dir}: {exc.strerror}") from exc
-        self._tmp_paths.clear()
         return BlobInfo(
             blob_id=blob_id, blob_index=self.blob_index, chunk_size=self.chunk_size,
             chunk_count=len(self._chunks), compressor=self.compressor, digester=self.digester,
@@ -510,6 +520,37 @@ class BlobWriter:
             ci_compressed_size=len(ci_bytes), ci_uncompressed_size=len(ci_raw),
             features=BLOB_FEATURE_ALIGNED, ci_compressor=ci_compressor,
         )
+
+    def _sync_and_install(self, blob_id: str) -> None:
+        self._close_files(sync=True)
+        blob_tmp = self._tmp_paths[0]
+        os.chmod(blob_tmp, 0o644)
+        self._install(blob_tmp, os.path.join(self.blob_dir, blob_id))
+        if self.cache_dir is not None:
+            cache_tmp = self._tmp_paths[1]
+            os.chmod(cache_tmp, 0o644)
+            self._install(cache_tmp, os.path.join(self.cache_dir, blob_id + ".blob.data"))
+        self._tmp_paths.clear()
+
+    def _install_in_thread(self, blob_id: str) -> None:
+        try:
+            self._sync_and_install(blob_id)
+        except BaseException as exc:  # raised by installed(), on the builder's thread
+            self._install_error = exc
+
+    def installed(self) -> None:
+        """Wait for the sync and rename `finish(background=True)` started; on failure,
+        remove the temporary files (`abort`) and raise it as SourceError."""
+        t, self._installer = self._installer, None
+        if t is not None:
+            t.join()
+        exc, self._install_error = self._install_error, None
+        if exc is not None:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise SourceError(f"cannot write the blob in {self.blob_dir}: "
+                                  f"{exc.strerror}") from exc
+            raise exc
 
     def _install(self, tmp: str, final: str) -> None:
         if not os.path.exists(final):
@@ -542,6 +583,9 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Remove every temporary file; safe to call more than once."""
+        if self._installer is not None:  # a background sync + rename: let it end first
+            self._installer.join()
+            self._installer = None
         self._stop_threads()
         try:
             self._close_files(sync=False)

@@ -187,13 +187,17 @@ def write_file_atomic(path: str, data: bytes) -> None:
 
 def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
                  opts: BuildOptions | None = None, label: str | None = None,
-                 blob_tee: Callable[[bytes], None] | None = None) -> BuildResult:
+                 blob_tee: Callable[[bytes], None] | None = None,
+                 blob_written: Callable[[str], None] | None = None) -> BuildResult:
     """Build `source` into `bootstrap` + a blob in `blob_dir`.
 
     `source` is a directory, a tar or tar.gz file, "-" (stdin), or an open binary
     stream of a tar/tar.gz (not closed here); `label` names it in error messages.
     `blob_tee` is given every byte of the new blob in order as it is written (convert
     streams it to the registry); the blob is only valid once this returns.
+    `blob_written(blob_id)` is called when the tee has seen the new blob's last byte
+    (`BlobWriter.finish`), before the blob is synced and the bootstrap built; not at
+    all when the build stores no new blob or fails before.
     """
     opts = opts or BuildOptions()
     opts.validate()
@@ -224,15 +228,24 @@ def create_image(source: str | BinaryIO, bootstrap: str, blob_dir: str,
             from erofs_nydus.builder.whiteout import normalize_whiteouts
 
             normalize_whiteouts(root, opts.whiteout_spec)
-        new_blob = writer.finish()
+        # the blob's fsync and rename run in a thread while the bootstrap is planned
+        new_blob = writer.finish(blob_written, background=True)
     except BaseException:
         writer.abort()
         raise
-    blobs, table = _assign_blobs(root, writer, new_blob, lookup)
-    if new_blob is not None:
-        new_blob = blobs[-1]
-    plan = write_bootstrap(root, blobs, table, chunk_size=opts.chunk_size,
-                           compressor=opts.compressor, digester=opts.digester)
+    try:
+        blobs, table = _assign_blobs(root, writer, new_blob, lookup)
+        if new_blob is not None:
+            new_blob = blobs[-1]
+        plan = write_bootstrap(root, blobs, table, chunk_size=opts.chunk_size,
+                               compressor=opts.compressor, digester=opts.digester)
+    except BaseException:
+        try:
+            writer.installed()  # the blob is in place, as when planning failed before
+        except SourceError:
+            pass
+        raise
+    writer.installed()  # the blob is in place before a bootstrap names it
     try:
         write_file_atomic(bootstrap, plan.data)
     except BaseException:

