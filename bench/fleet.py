@@ -454,6 +454,8 @@ def main() -> None:
     ap.add_argument("--nodes", default="2,4", help="comma-separated N values")
     ap.add_argument("--rate", default="100mbit", help="tc rate of the origin's link")
     ap.add_argument("--modes", default="direct,mirror,warm,proxy")
+    ap.add_argument("--json", metavar="FILE",
+                    help="also write the figures there (per MODE/N, and the image's sizes)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/fleet.py: run as root (mounts, fanotify, network namespaces)")
@@ -484,6 +486,10 @@ def main() -> None:
             for mode in modes:
                 figs[mode, n] = run_mode(fleet, mode, ref, work / f"{mode}-{n}", n, data_blobs)
         summary(figs, args.rate)
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "data_size": data_size, "rate": args.rate,
+                "figures": {f"{mode}/{n}": fig for (mode, n), fig in figs.items()}}))
     finally:
         if fleet is not None:
             fleet.close()
