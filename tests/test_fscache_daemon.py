@@ -19,7 +19,7 @@ from erofs_nydus.builder.create import BuildOptions, create_image
 from erofs_nydus.errors import DaemonError
 from erofs_nydus.fscache import protocol as p
 from erofs_nydus.fscache.objects import FsObject, ObjectTable
-from erofs_nydus.service.fscache_daemon import FscacheWorker, _mounted_fsids
+from erofs_nydus.service.fscache_daemon import FscacheWorker, mounted_fsids
 
 
 def _open_msg(msg_id: int, object_id: int, volume: str, key: str, fd: int) -> bytes:
@@ -111,7 +111,7 @@ def test_register_answers_the_mount_fsid(h: Harness) -> None:
     with pytest.raises(DaemonError, match="fscache mode"):
         h.worker.dispatch({"op": "register", "bootstrap": str(h.boot), "backend": {},
                            "mountpoint": "/x"})
-    assert isinstance(_mounted_fsids(), set)
+    assert isinstance(mounted_fsids(), set)
 
 
 def test_open_bootstrap_and_blob_sizes(h: Harness) -> None:

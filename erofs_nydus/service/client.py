@@ -29,6 +29,7 @@ __all__ = [
     "error_from_response",
     "request_started",
     "spawn_daemon",
+    "wait_stopped",
 ]
 
 
@@ -137,6 +138,17 @@ class _Startable(Protocol):
     def shutdown(self) -> None: ...
 
 
+def wait_stopped(client: _Startable, timeout: float) -> bool:
+    """Wait (at most `timeout` s) for the supervisor of `client`'s cache dir to exit;
+    True once none runs."""
+    deadline = time.monotonic() + timeout
+    while client.supervisor_running():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def request_started(client: _Startable, op: str, *, stop_wait: float = 20.0,
                     **args: Any) -> tuple[dict[str, Any], bool]:
     """Send `op` (a registration) to the daemon of `client`'s cache dir, started if
@@ -152,10 +164,7 @@ def request_started(client: _Startable, op: str, *, stop_wait: float = 20.0,
         except (DaemonStopping, DaemonUnreachable):
             if attempt:
                 raise
-            # not an error: wait for it to go, the next one serves
-            deadline = time.monotonic() + stop_wait
-            while client.supervisor_running() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_stopped(client, stop_wait)  # not an error: the next one serves
         except Exception:
             if started:
                 with contextlib.suppress(Exception):
@@ -360,13 +369,10 @@ class DaemonClient:
         if self.supervisor_running():
             with contextlib.suppress(DaemonUnreachable):
                 self.request("shutdown")
-        deadline = time.monotonic() + timeout
-        while self.supervisor_running():
-            if time.monotonic() > deadline:
-                raise DaemonError(
-                    f"daemon for {self.paths.cache_dir} did not stop; see {self.paths.log}"
-                )
-            time.sleep(0.05)
+        if not wait_stopped(self, timeout):
+            raise DaemonError(
+                f"daemon for {self.paths.cache_dir} did not stop; see {self.paths.log}"
+            )
         for proc in _SPAWNED.pop(self.paths.cache_dir, []):
             import subprocess
 

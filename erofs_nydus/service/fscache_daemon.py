@@ -86,8 +86,8 @@ from erofs_nydus.service.shell import (
     too_long,
 )
 
-__all__ = ["FscacheShell", "FscacheWorker", "cull_files", "kernel_cache_dir", "pointer_path",
-           "run_supervisor", "run_worker"]
+__all__ = ["FscacheShell", "FscacheWorker", "cull_files", "kernel_cache_dir", "mounted_as",
+           "mounted_fsids", "pointer_path", "run_supervisor", "run_worker", "usable_name"]
 
 log = logging.getLogger("erofs_nydus.fscache")
 
@@ -109,6 +109,16 @@ def pointer_path() -> str:
     return os.environ.get("EROFS_NYDUS_FSCACHE_POINTER", _POINTER)
 
 
+def usable_name(name: str) -> bool:
+    """An fsid or blob id that can name files in a cache dir (no path of its own)."""
+    return bool(name) and "/" not in name and name not in (".", "..")
+
+
+def mounted_as(name: str, mounted: set[str]) -> bool:
+    """Whether a mount in `mounted` (fsid= values) has fsid `name` or ``<name>.<n>``."""
+    return any(k == name or k.startswith(name + ".") for k in mounted)
+
+
 def cull_files(cache_dir: str, name: str) -> list[str]:
     """Remove what a cache dir keeps for an fsid or blob id `name`: our bootstrap copy,
     our blob cache files and cachefiles' backing file of that cookie (an image later
@@ -116,7 +126,7 @@ def cull_files(cache_dir: str, name: str) -> list[str]:
     sure nothing uses `name`.  Returns the paths removed."""
     from erofs_nydus.daemon.blobcache import cache_paths
 
-    if not name or "/" in name or name in (".", ".."):
+    if not usable_name(name):
         return []
     removed = []
     for path in (os.path.join(cache_dir, f"{name}.boot"), *cache_paths(cache_dir, name)):
@@ -138,22 +148,17 @@ def _round_up(n: int) -> int:
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 
-def _mounted_fsids() -> set[str]:
-    """fsid= values of the erofs mounts in this namespace (from super options)."""
-    out: set[str] = set()
+def mounted_fsids() -> set[str]:
+    """fsid= values of the erofs mounts in this namespace (their super options); empty
+    if mountinfo cannot be read."""
+    from erofs_nydus.mount import mount_table
+
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                _, sep, rest = line.partition(" - ")
-                parts = rest.split()
-                if not sep or len(parts) < 3 or parts[0] != "erofs":
-                    continue
-                for opt in parts[2].split(","):
-                    if opt.startswith("fsid="):
-                        out.add(opt[5:])
+        mounts = mount_table()
     except OSError:
-        pass
-    return out
+        return set()
+    return {o[5:] for m in mounts if m.fstype == "erofs" for o in m.options
+            if o.startswith("fsid=")}
 
 
 class FscacheWorker(ControlOps):
@@ -429,7 +434,7 @@ class FscacheWorker(ControlOps):
 
     def _mount_key(self, fsid: str, mountpoint: str, domain: str | None) -> str:
         with self._keys_lock:
-            used = _mounted_fsids() | {k for mp, (k, _) in self.keys.items() if mp != mountpoint}
+            used = mounted_fsids() | {k for mp, (k, _) in self.keys.items() if mp != mountpoint}
             key, n = fsid, 0
             while key in used:
                 n += 1
@@ -451,11 +456,9 @@ class FscacheWorker(ControlOps):
                         mountpoint: str) -> dict[str, Any]:
         domain = req.get("domain_id")
         key = self._mount_key(info["fsid"], mountpoint, None if domain is None else str(domain))
-        entry = self.table.images.get(info["fsid"])
         with self._linger_lock:  # registered again: used again, nothing to cull
             self.lingering.pop(mountpoint, None)
-            self.pending_culls.discard(info["fsid"])
-            self.pending_culls.difference_update(entry.blob_ids if entry else [])
+            self._keep(info["fsid"])
         return {"fsid": info["fsid"], "mount_fsid": key, "domain_id": domain,
                 "blobs": len(info["devices"]), "bootstrap": info["bootstrap"]}
 
@@ -464,8 +467,8 @@ class FscacheWorker(ControlOps):
     def kernel_uses(self, fsid: str, mounted: set[str] | None = None) -> bool:
         """True while a mount has `fsid` (or ``<fsid>.<n>``) or the kernel holds an
         object of that image: its bootstrap, or a blob of it no other image serves."""
-        mounted = _mounted_fsids() if mounted is None else mounted
-        if any(k == fsid or k.startswith(fsid + ".") for k in mounted):
+        mounted = mounted_fsids() if mounted is None else mounted
+        if mounted_as(fsid, mounted):
             return True
         entry = self.table.images.get(fsid)
         others = {b for f, e in list(self.table.images.items()) if f != fsid
@@ -476,9 +479,9 @@ class FscacheWorker(ControlOps):
 
     def in_use(self, name: str, mounted: set[str] | None = None) -> bool:
         """An fsid or blob id that is registered, mounted or open in the kernel."""
-        mounted = _mounted_fsids() if mounted is None else mounted
+        mounted = mounted_fsids() if mounted is None else mounted
         return (name in self.table.images or name in self.table.blobs
-                or any(k == name or k.startswith(name + ".") for k in mounted)
+                or mounted_as(name, mounted)
                 or any(o.target == name for o in self.objects.snapshot()))
 
     def _sole_image_of(self, mountpoint: str) -> str | None:
@@ -517,7 +520,7 @@ class FscacheWorker(ControlOps):
         with self._linger_lock:
             if not self.lingering:
                 return False
-            mounted = _mounted_fsids()
+            mounted = mounted_fsids()
             for mp, fsid in list(self.lingering.items()):
                 if self.kernel_uses(fsid, mounted):
                     continue
@@ -547,16 +550,20 @@ class FscacheWorker(ControlOps):
         """A lingering image registered again at `mountpoint` is in use again."""
         with self._linger_lock:
             fsid = self.lingering.pop(mountpoint, None)
-            entry = self.table.images.get(fsid) if fsid else None
             if fsid is not None:
-                self.pending_culls.discard(fsid)
-                self.pending_culls.difference_update(entry.blob_ids if entry else [])
+                self._keep(fsid)
                 log.info("%s: image %.12s is registered again", mountpoint, fsid)
             return {"revived": fsid is not None}
 
+    def _keep(self, fsid: str) -> None:
+        """Image `fsid` is in use again: its files and its blobs' are not to be culled."""
+        entry = self.table.images.get(fsid)
+        self.pending_culls.discard(fsid)
+        self.pending_culls.difference_update(entry.blob_ids if entry else [])
+
     def cull(self, name: str) -> dict[str, Any]:
         """Remove the files of fsid / blob id `name` now if unused, else once unused."""
-        if not name or "/" in name or name in (".", ".."):
+        if not usable_name(name):
             raise DaemonError(f"cull: {name!r} is not a usable name")
         with self._linger_lock:
             self.pending_culls.add(name)
@@ -568,7 +575,7 @@ class FscacheWorker(ControlOps):
         with self._linger_lock:
             if not self.pending_culls:
                 return
-            mounted = _mounted_fsids()
+            mounted = mounted_fsids()
             for name in sorted(self.pending_culls):
                 if not self.in_use(name, mounted):
                     self.pending_culls.discard(name)

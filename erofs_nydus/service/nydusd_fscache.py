@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from erofs_nydus.errors import DaemonError, ErofsNydusError, UsageError
-from erofs_nydus.service.client import DaemonUnreachable, request_started
+from erofs_nydus.service.client import DaemonUnreachable, request_started, wait_stopped
 from erofs_nydus.service.nydusd_config import BlobRequest
 
 __all__ = ["LABEL_ROOT", "FscacheBindings", "fscache_unusable"]
@@ -72,18 +72,6 @@ def _label(domain: str, fsid: str) -> str:
         if not v or "/" in v or v in (".", ".."):
             raise UsageError(f"blob request {what} {v!r} is not a usable name")
     return f"{LABEL_ROOT}/{domain}/{fsid}"
-
-
-def _mounted_fsids() -> set[str]:
-    """The ``fsid=`` of every erofs mount in this namespace."""
-    from erofs_nydus.mount import mount_table
-
-    try:
-        mounts = mount_table()
-    except OSError:
-        return set()
-    return {o[5:] for m in mounts if m.fstype == "erofs" for o in m.options
-            if o.startswith("fsid=")}
 
 
 class FscacheBindings:
@@ -162,10 +150,7 @@ class FscacheBindings:
         try:
             self._unbind(domain_id, blob_id)
         except DaemonUnreachable:
-            c = self.client()
-            deadline = time.monotonic() + CULL_WAIT
-            while c.supervisor_running() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_stopped(self.client(), CULL_WAIT)
             self._unbind(domain_id, blob_id)
 
     def _unbind(self, domain_id: str | None, blob_id: str | None) -> None:
@@ -211,9 +196,14 @@ class FscacheBindings:
         """Remove the files kept for fsid / blob id `name` once nothing serves, mounts or
         opens it: the daemon does it (now, or when its last user goes); without a daemon
         we do, unless a mount has it."""
-        from erofs_nydus.service.fscache_daemon import cull_files
+        from erofs_nydus.service.fscache_daemon import (
+            cull_files,
+            mounted_as,
+            mounted_fsids,
+            usable_name,
+        )
 
-        if not name or "/" in name or name in (".", ".."):
+        if not usable_name(name):
             return
         c = self.client()
         deadline = time.monotonic() + CULL_WAIT
@@ -230,7 +220,7 @@ class FscacheBindings:
             if not c.supervisor_running() or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        if any(k == name or k.startswith(name + ".") for k in _mounted_fsids()):
+        if mounted_as(name, mounted_fsids()):
             return
         if c.supervisor_running():
             log.warning("%s: the fscache daemon neither answers nor stops; its files stay",
@@ -258,8 +248,10 @@ class FscacheBindings:
     def release_unmounted(self) -> None:
         """On exit: forget entries whose mount is gone; stop the daemon if nothing is left
         (mounts still up stay served)."""
+        from erofs_nydus.service.fscache_daemon import mounted_fsids
+
         try:
-            live = _mounted_fsids()
+            live = mounted_fsids()
             c = self.client()
             for lb, img in self.entries().items():
                 if img.get("fsid") not in live:
